@@ -1,0 +1,16 @@
+// Host functions of qwen_fast._C. Schemas: torch_bindings.cpp. Implementations: cpu/ and cuda/, registered per
+// dispatch key next to their code.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace qwen_fast {
+
+// Writes key/value [N, Hkv, D] into the paged caches [num_blocks, block_size, Hkv, D] at slot_mapping [N] (int64);
+// a negative slot is skipped.
+void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                           at::Tensor& value_cache, const at::Tensor& slot_mapping);
+void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
+                            at::Tensor& value_cache, const at::Tensor& slot_mapping);
+
+}  // namespace qwen_fast
