@@ -1,0 +1,24 @@
+"""qwen_fast: fast kernels for Qwen3-MoE-style inference (routing, grouped-GEMM MoE, GQA attention, paged KV cache).
+
+Every op runs on one of four backends, chosen per call from the tensors' device: `cuda` and `cpu` (the C++
+extension), `triton`, and `torch` (the pure-PyTorch reference, `qwen_fast.reference`). `qwen_fast.backends()`
+reports what is built and usable here; `qwen_fast.use_backend(name)` or QWEN_FAST_BACKEND=<name> forces one.
+"""
+
+from . import _native, reference  # noqa: F401  (_native loads the extension before the ops register fakes)
+from .ops import OPS, record_backends, reshape_and_cache, use_backend
+from .ops.report import backends as _backends
+
+__version__ = "0.1.0"
+
+
+def backends() -> dict[str, dict[str, str]]:
+    """Per op, per backend ("cuda", "triton", "cpu", "torch"): "usable on cpu", "built; no CUDA device here", or
+    why it cannot run here ("not implemented", "the C++ extension is not built (...)", ...).
+
+    >>> print(qwen_fast.ops.report.format_backends(qwen_fast.backends()))
+    """
+    return _backends(OPS)
+
+
+__all__ = ["backends", "record_backends", "reference", "reshape_and_cache", "use_backend"]

@@ -1,0 +1,102 @@
+"""Triton reshape_and_cache: write new K/V rows into the paged caches.
+
+Algorithm: program (t, h) owns token t's head h, a row of D elements. It reads slot = slot_mapping[t]; a negative
+slot is padding and the program exits. Otherwise the row goes to block slot // block_size, offset
+slot % block_size, of key_cache and value_cache [num_blocks, block_size, Hkv, D]. The row is loaded into registers
+as one BLOCK_D vector (D rounded up to a power of two, masked) and stored; nothing else is held. Offsets are
+computed in int64 (slot * strides passes 2^31 for large pools).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .compile_spec import TRITON_DTYPE, CompileSpec
+
+
+@triton.jit
+def _reshape_and_cache_kernel(
+    key,
+    value,
+    key_cache,
+    value_cache,
+    slot_mapping,
+    token_stride,
+    head_stride,
+    block_stride,
+    page_stride,
+    cache_head_stride,
+    block_size,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    slot = tl.load(slot_mapping + token)
+    if slot >= 0:
+        block = slot // block_size
+        offset = slot % block_size
+        dims = tl.arange(0, BLOCK_D)
+        mask = dims < HEAD_DIM
+        src = token * token_stride + head * head_stride + dims
+        dst = block * block_stride + offset * page_stride + head * cache_head_stride + dims
+        tl.store(key_cache + dst, tl.load(key + src, mask=mask), mask=mask)
+        tl.store(value_cache + dst, tl.load(value + src, mask=mask), mask=mask)
+
+
+def _config(head_dim: int) -> dict:
+    block_d = triton.next_power_of_2(head_dim)
+    return {"BLOCK_D": block_d, "num_warps": 1 if block_d <= 128 else 2}
+
+
+def reshape_and_cache(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Launcher; arguments as qwen_fast.reshape_and_cache (checked there). Mutates key_cache and value_cache."""
+    num_tokens, num_heads, head_dim = key.shape
+    if num_tokens == 0:
+        return
+    config = _config(head_dim)
+    _reshape_and_cache_kernel[(num_tokens, num_heads)](
+        key,
+        value,
+        key_cache,
+        value_cache,
+        slot_mapping,
+        key.stride(0),
+        key.stride(1),
+        key_cache.stride(0),
+        key_cache.stride(1),
+        key_cache.stride(2),
+        key_cache.shape[1],
+        HEAD_DIM=head_dim,
+        BLOCK_D=config["BLOCK_D"],
+        num_warps=config["num_warps"],
+    )
+
+
+def compile_specs() -> list[CompileSpec]:
+    specs = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        for head_dim in (64, 96, 128, 256):
+            config = _config(head_dim)
+            pointer = "*" + TRITON_DTYPE[dtype]
+            signature = {name: pointer for name in ("key", "value", "key_cache", "value_cache")}
+            signature["slot_mapping"] = "*i64"
+            for name in ("token_stride", "head_stride", "block_stride", "page_stride", "cache_head_stride"):
+                signature[name] = "i64"
+            signature |= {"block_size": "i32", "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr"}
+            specs.append(
+                CompileSpec(
+                    _reshape_and_cache_kernel,
+                    signature,
+                    {"HEAD_DIM": head_dim, "BLOCK_D": config["BLOCK_D"]},
+                    num_warps=config["num_warps"],
+                    label=f"{TRITON_DTYPE[dtype]} D={head_dim}",
+                )
+            )
+    return specs
