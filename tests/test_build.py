@@ -1,0 +1,47 @@
+"""The extension is built, loads, and registers every schema in csrc/torch_bindings.cpp with its kernels."""
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+import qwen_fast
+from qwen_fast import _native
+
+CSRC = Path(__file__).resolve().parents[1] / "csrc"
+
+
+def _declared(pattern: str, files) -> set[str]:
+    return {name for path in files for name in re.findall(pattern, path.read_text())}
+
+
+SCHEMAS = _declared(r'm\.def\(\s*"(\w+)\(', [CSRC / "torch_bindings.cpp"])
+CPU_IMPLS = _declared(r'm\.impl\("(\w+)"', sorted((CSRC / "cpu").glob("*.cpp")))
+CUDA_IMPLS = _declared(r'm\.impl\("(\w+)"', sorted((CSRC / "cuda").glob("*.cu")))
+
+
+def test_extension_loads():
+    assert _native.LOAD_ERROR is None, f"qwen_fast._C failed to load: {_native.LOAD_ERROR}"
+    assert SCHEMAS, "no schemas found in csrc/torch_bindings.cpp"
+
+
+@pytest.mark.parametrize("op", sorted(SCHEMAS))
+def test_schema_registered_with_cpu_kernel_and_fake(op):
+    assert hasattr(torch.ops.qwen_fast, op), f"torch.ops.qwen_fast.{op} is not registered"
+    assert op in CPU_IMPLS, f"{op} has a schema but no CPU implementation in csrc/cpu/"
+    assert _native.has_kernel(op, "CPU")
+    entry = torch._library.simple_registry.singleton.find(f"qwen_fast::{op}")
+    assert entry.fake_impl.kernel is not None, f"qwen_fast::{op} has no fake (register it in qwen_fast/ops/)"
+
+
+def test_cuda_kernels_all_or_none():
+    """A CUDA build registers every CUDA implementation in csrc/cuda/; a CPU-only build registers none."""
+    registered = {op for op in CUDA_IMPLS if _native.has_kernel(op, "CUDA")}
+    assert registered in (set(), CUDA_IMPLS), f"partial CUDA registration: {registered} of {CUDA_IMPLS}"
+    if torch.version.cuda is None:
+        assert registered == set()
+
+
+def test_every_native_op_is_a_public_op():
+    assert SCHEMAS <= set(qwen_fast.ops.OPS), f"schemas without a public op: {SCHEMAS - set(qwen_fast.ops.OPS)}"
