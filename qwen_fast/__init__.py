@@ -6,7 +6,19 @@ reports what is built and usable here; `qwen_fast.use_backend(name)` or QWEN_FAS
 """
 
 from . import _native, reference  # noqa: F401  (_native loads the extension before the ops register fakes)
-from .ops import OPS, record_backends, reshape_and_cache, use_backend
+from .ops import (
+    OPS,
+    flash_attn_func,
+    flash_attn_varlen_func,
+    flash_attn_with_kvcache,
+    fused_experts,
+    fused_moe,
+    fused_topk,
+    moe_align_block_size,
+    record_backends,
+    reshape_and_cache,
+    use_backend,
+)
 from .ops.report import backends as _backends
 
 __version__ = "0.1.0"
@@ -21,4 +33,17 @@ def backends() -> dict[str, dict[str, str]]:
     return _backends(OPS)
 
 
-__all__ = ["backends", "record_backends", "reference", "reshape_and_cache", "use_backend"]
+__all__ = [
+    "backends",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
+    "fused_experts",
+    "fused_moe",
+    "fused_topk",
+    "moe_align_block_size",
+    "record_backends",
+    "reference",
+    "reshape_and_cache",
+    "use_backend",
+]

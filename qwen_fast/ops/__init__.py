@@ -1,16 +1,39 @@
 """The functional API: input checks at the boundary, then per-call backend dispatch (see _dispatch.py)."""
 
 from ._dispatch import BACKENDS, Op, forced_backend, record_backends, use_backend
-from .kv_cache import RESHAPE_AND_CACHE, reshape_and_cache
+from .attention import FLASH_ATTN, FLASH_ATTN_VARLEN, flash_attn_func, flash_attn_varlen_func
+from .kv_cache import FLASH_ATTN_WITH_KVCACHE, RESHAPE_AND_CACHE, flash_attn_with_kvcache, reshape_and_cache
+from .moe import FUSED_EXPERTS, FUSED_MOE, fused_experts, fused_moe
+from .moe_align import MOE_ALIGN_BLOCK_SIZE, moe_align_block_size
+from .routing import FUSED_TOPK, fused_topk
 
 # Every public op, by name: what qwen_fast.backends() reports on.
-OPS: dict[str, Op] = {op.name: op for op in (RESHAPE_AND_CACHE,)}
+OPS: dict[str, Op] = {
+    op.name: op
+    for op in (
+        FUSED_TOPK,
+        MOE_ALIGN_BLOCK_SIZE,
+        FUSED_EXPERTS,
+        FUSED_MOE,
+        FLASH_ATTN,
+        FLASH_ATTN_VARLEN,
+        FLASH_ATTN_WITH_KVCACHE,
+        RESHAPE_AND_CACHE,
+    )
+}
 
 __all__ = [
     "BACKENDS",
     "OPS",
     "Op",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
     "forced_backend",
+    "fused_experts",
+    "fused_moe",
+    "fused_topk",
+    "moe_align_block_size",
     "record_backends",
     "reshape_and_cache",
     "use_backend",

@@ -68,7 +68,7 @@ def _triton_problem(device: torch.device) -> str | None:
     if device.type == "cpu":
         if os.environ.get("TRITON_INTERPRET") == "1":
             return None
-        return "triton runs CPU tensors only under TRITON_INTERPRET=1 (Triton's interpreter)"
+        return "triton runs CPU tensors only under TRITON_INTERPRET=1"
     return f"triton does not run on {device.type} tensors"
 
 

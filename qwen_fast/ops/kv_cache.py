@@ -5,8 +5,9 @@ import torch
 from qwen_fast import _native
 from qwen_fast.reference import kv_cache as reference
 
-from ._checks import FLOAT_DTYPES, check_last_dim_contiguous, check_shape, check_tensor
+from ._checks import FLOAT_DTYPES, check_int, check_last_dim_contiguous, check_shape, check_tensor
 from ._dispatch import NATIVE_FIRST, Op
+from .attention import check_attention_options, check_heads
 
 
 def _fake_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping) -> None:
@@ -107,3 +108,113 @@ def reshape_and_cache(
         if last >= capacity:
             raise ValueError(f"slot_mapping holds slot {last}, past the cache's {capacity} slots")
     RESHAPE_AND_CACHE(device, key, value, key_cache, value_cache, slot_mapping)
+
+
+FLASH_ATTN_WITH_KVCACHE = Op("flash_attn_with_kvcache", {"torch": reference.flash_attn_with_kvcache}, NATIVE_FIRST)
+
+
+def _check_kvcache_args(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> int:
+    """Checks flash_attn_with_kvcache's tensors; returns the cache capacity per sequence."""
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    batch, device = q.shape[0], q.device
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=device)
+    check_tensor("v_cache", v_cache, dtypes=(q.dtype,), device=device)
+    check_shape("v_cache", v_cache, k_cache.shape, "k_cache's shape")
+    check_heads(q, k_cache, v_cache)
+    if block_table is not None:
+        check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), device=device)
+        if block_table.shape[0] != batch:
+            raise ValueError(f"block_table [B, max_blocks] = {tuple(block_table.shape)} must have q's B = {batch} rows")
+        capacity = block_table.shape[1] * k_cache.shape[1]
+    else:
+        if k_cache.shape[0] != batch:
+            raise ValueError(
+                f"a contiguous k_cache [B, S_max, Hkv, D] = {tuple(k_cache.shape)} must have q's B = {batch} "
+                "(pass block_table for a paged cache)"
+            )
+        capacity = k_cache.shape[1]
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (new keys and values to append) or both be None")
+    if k is not None:
+        check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=device)
+        check_tensor("v", v, dtypes=(q.dtype,), device=device)
+        check_shape("k", k, (batch, k.shape[1], *k_cache.shape[2:]), "[B, Sq_new, Hkv, D] =")
+        check_shape("v", v, k.shape, "k's shape")
+        if cache_seqlens is None:
+            raise ValueError("cache_seqlens is required with new k/v: it says where to append them")
+    return capacity
+
+
+def _check_used_blocks(block_table, num_blocks, block_size, cache_seqlens, num_new) -> None:
+    """The block_table entries a sequence uses lie in [0, num_blocks); entries past its length may hold anything.
+    Checked on CPU only (on CUDA it would need a host sync)."""
+    if block_table.device.type != "cpu" or block_table.numel() == 0 or torch.compiler.is_compiling():
+        return
+    if cache_seqlens is None:
+        lengths = torch.full((block_table.shape[0],), block_table.shape[1] * block_size)
+    else:
+        lengths = torch.as_tensor(cache_seqlens).expand(block_table.shape[0]) + num_new
+    used = torch.arange(block_table.shape[1])[None, :] * block_size < lengths[:, None]
+    bad = used & ((block_table < 0) | (block_table >= num_blocks))
+    if bad.any():
+        row, col = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"block_table[{row}, {col}] = {int(block_table[row, col])} is used but not a block of k_cache "
+            f"(which has {num_blocks})"
+        )
+
+
+def flash_attn_with_kvcache(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    k: torch.Tensor | None = None,
+    v: torch.Tensor | None = None,
+    cache_seqlens: torch.Tensor | int | None = None,
+    block_table: torch.Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = True,
+    window_size: tuple[int, int] = (-1, -1),
+) -> torch.Tensor:
+    """Append new k/v to a paged or contiguous cache, then attend over it (flash-attn's `flash_attn_with_kvcache`).
+
+    Args:
+        q: [B, Sq, Hq, D] float32/float16/bfloat16.
+        k_cache, v_cache: [num_blocks, block_size, Hkv, D] with block_table (paged), else [B, S_max, Hkv, D]; q's
+            dtype. Mutated when k/v are given.
+        k, v: [B, Sq_new, Hkv, D] or None: written at positions cache_seqlens[b] ... before attending.
+        cache_seqlens: int32 [B] or an int: valid entries per sequence before this call (None: the whole cache).
+        block_table: int32 [B, max_blocks_per_seq] or None.
+        softmax_scale, causal (default True, bottom-right aligned), window_size: as flash_attn_func.
+
+    Returns:
+        [B, Sq, Hq, D] in q's dtype.
+
+    Example (decode one token for 2 sequences holding 4 and 8 tokens, pages of 4 slots):
+        >>> k_cache, v_cache = torch.zeros(8, 4, 1, 64), torch.zeros(8, 4, 1, 64)
+        >>> block_table = torch.tensor([[3, 0, 0], [1, 2, 7]], dtype=torch.int32)
+        >>> seqlens = torch.tensor([4, 8], dtype=torch.int32)
+        >>> q, k, v = torch.randn(2, 1, 8, 64), torch.randn(2, 1, 1, 64), torch.randn(2, 1, 1, 64)
+        >>> qwen_fast.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, seqlens, block_table).shape
+        torch.Size([2, 1, 8, 64])
+    """
+    capacity = _check_kvcache_args(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+    num_new = 0 if k is None else k.shape[1]
+    if isinstance(cache_seqlens, torch.Tensor):
+        check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
+        check_shape("cache_seqlens", cache_seqlens, q.shape[:1], "[B] =")
+        if q.device.type == "cpu" and cache_seqlens.numel() and not torch.compiler.is_compiling():
+            low, high = int(cache_seqlens.min()), int(cache_seqlens.max())
+            if low < 0 or high + num_new > capacity:
+                raise ValueError(
+                    f"cache_seqlens must lie in [0, {capacity - num_new}] so that {num_new} new tokens fit the "
+                    f"cache's {capacity} slots per sequence, got [{low}, {high}]"
+                )
+    elif cache_seqlens is not None:
+        check_int("cache_seqlens", cache_seqlens, low=0, high=capacity - num_new)
+    check_attention_options(softmax_scale, causal, window_size)
+    if block_table is not None:
+        _check_used_blocks(block_table, k_cache.shape[0], k_cache.shape[1], cache_seqlens, num_new)
+    return FLASH_ATTN_WITH_KVCACHE(
+        q.device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal, tuple(window_size)
+    )

@@ -4,3 +4,25 @@ Each function has the name and signature of the public API (see qwen_fast/__init
 plainest PyTorch that states the math, with transformers' dtype casts spelled out. These are the specification:
 every kernel is tested against them, and they are tested against transformers' own modules.
 """
+
+from .attention import flash_attn_func, flash_attn_varlen_func
+from .kv_cache import flash_attn_with_kvcache, reshape_and_cache
+from .moe import fused_experts, fused_moe
+from .moe_align import moe_align_block_size
+from .norm import rms_norm
+from .rope import apply_rotary_emb, compute_cos_sin_cache
+from .routing import fused_topk
+
+__all__ = [
+    "apply_rotary_emb",
+    "compute_cos_sin_cache",
+    "flash_attn_func",
+    "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
+    "fused_experts",
+    "fused_moe",
+    "fused_topk",
+    "moe_align_block_size",
+    "reshape_and_cache",
+    "rms_norm",
+]

@@ -1,0 +1,156 @@
+"""flash_attn_func and flash_attn_varlen_func: GQA attention with flash-attn's signatures and semantics."""
+
+import math
+
+import torch
+
+from qwen_fast.reference import attention as reference
+
+from ._checks import FLOAT_DTYPES, check_int, check_last_dim_contiguous, check_shape, check_tensor
+from ._dispatch import NATIVE_FIRST, Op
+
+FLASH_ATTN = Op("flash_attn_func", {"torch": reference.flash_attn_func}, NATIVE_FIRST)
+FLASH_ATTN_VARLEN = Op("flash_attn_varlen_func", {"torch": reference.flash_attn_varlen_func}, NATIVE_FIRST)
+
+
+def check_attention_options(softmax_scale: object, causal: object, window_size: object) -> None:
+    if softmax_scale is not None:
+        if isinstance(softmax_scale, bool) or not isinstance(softmax_scale, (int, float)):
+            raise TypeError(f"softmax_scale must be a float or None, got {type(softmax_scale).__name__}")
+        if not math.isfinite(softmax_scale) or softmax_scale <= 0:
+            raise ValueError(f"softmax_scale must be finite and > 0, got {softmax_scale}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__} {causal!r}")
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise ValueError(f"window_size must be a pair (left, right), got {window_size!r}")
+    for side, value in zip(("left", "right"), window_size, strict=True):
+        check_int(f"window_size {side}", value, low=-1)
+
+
+def check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """q [..., Hq, D], k and v [..., Hkv, D] with Hq a multiple of Hkv, one head dim, contiguous last dims."""
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hkv == 0 or hq % hkv:
+        raise ValueError(f"the query heads Hq={hq} must be a nonzero multiple of the key/value heads Hkv={hkv}")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"k's head dim {k.shape[-1]} must equal q's head dim {q.shape[-1]}")
+    for name, tensor in (("q", q), ("k", k), ("v", v)):
+        check_last_dim_contiguous(name, tensor)
+
+
+def flash_attn_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+) -> torch.Tensor:
+    """Attention over a dense batch, flash-attn's `flash_attn_func` (no dropout, softcap or alibi).
+
+    GQA/MQA: query head h reads key/value head h // (Hq // Hkv). Causal masking with Sq != Sk is aligned
+    bottom-right; window_size = (left, right) limits keys to [i + Sk - Sq - left, i + Sk - Sq + right] (-1:
+    unbounded). Softmax and accumulation in fp32; a query row with no visible key outputs 0.
+
+    Args:
+        q: [B, Sq, Hq, D] float32/float16/bfloat16.
+        k, v: [B, Sk, Hkv, D], q's dtype.
+        softmax_scale: default D ** -0.5.
+        causal, window_size: masking as above.
+
+    Returns:
+        [B, Sq, Hq, D] in q's dtype.
+
+    Example:
+        >>> q, k, v = torch.randn(2, 5, 8, 64), torch.randn(2, 7, 2, 64), torch.randn(2, 7, 2, 64)
+        >>> qwen_fast.flash_attn_func(q, k, v, causal=True).shape
+        torch.Size([2, 5, 8, 64])
+    """
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device)
+    check_tensor("v", v, dtypes=(q.dtype,), device=q.device)
+    check_shape("v", v, k.shape, "[B, Sk, Hkv, D] = k's shape")
+    if k.shape[0] != q.shape[0]:
+        raise ValueError(f"k [B, Sk, Hkv, D] = {tuple(k.shape)} must have q's batch size B = {q.shape[0]}")
+    check_heads(q, k, v)
+    check_attention_options(softmax_scale, causal, window_size)
+    return FLASH_ATTN(q.device, q, k, v, softmax_scale, causal, tuple(window_size))
+
+
+def check_cu_seqlens(name: str, cu_seqlens: object, total: int, max_name: str, max_seqlen: int, device) -> None:
+    """int32 [B + 1], starting at 0, non-decreasing, ending at <= `total`, no sequence longer than `max_seqlen`
+    (the values are checked on CPU only: on CUDA that would cost a host sync)."""
+    check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
+    if cu_seqlens.shape[0] < 1:
+        raise ValueError(f"{name} must hold B + 1 >= 1 offsets, got shape {tuple(cu_seqlens.shape)}")
+    if device.type != "cpu" or torch.compiler.is_compiling():
+        return
+    offsets = cu_seqlens.tolist()
+    if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:], strict=False)) or offsets[-1] > total:
+        raise ValueError(f"{name} must start at 0, be non-decreasing and end at <= {total} tokens, got {offsets}")
+    longest = max((b - a for a, b in zip(offsets, offsets[1:], strict=False)), default=0)
+    if longest > max_seqlen:
+        raise ValueError(f"{max_name}={max_seqlen} is shorter than the longest sequence in {name} ({longest})")
+
+
+def flash_attn_varlen_func(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+) -> torch.Tensor:
+    """Attention over sequences packed along the token dimension, flash-attn's `flash_attn_varlen_func`.
+
+    Sequence b owns queries cu_seqlens_q[b]:cu_seqlens_q[b+1] and keys cu_seqlens_k[b]:cu_seqlens_k[b+1]; masking
+    is per sequence, as in flash_attn_func. Empty sequences are allowed.
+
+    Args:
+        q: [Tq, Hq, D] float32/float16/bfloat16.
+        k, v: [Tk, Hkv, D], q's dtype.
+        cu_seqlens_q, cu_seqlens_k: int32 [B + 1] offsets, starting at 0, non-decreasing.
+        max_seqlen_q, max_seqlen_k: the longest query / key sequence (ints >= 0).
+        softmax_scale, causal, window_size: as flash_attn_func.
+
+    Returns:
+        [Tq, Hq, D] in q's dtype.
+
+    Example:
+        >>> cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+        >>> q, k, v = torch.randn(7, 4, 64), torch.randn(7, 1, 64), torch.randn(7, 1, 64)
+        >>> qwen_fast.flash_attn_varlen_func(q, k, v, cu, cu, 4, 4, causal=True).shape
+        torch.Size([7, 4, 64])
+    """
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
+    check_tensor("k", k, ndim=3, dtypes=(q.dtype,), device=q.device)
+    check_tensor("v", v, dtypes=(q.dtype,), device=q.device)
+    check_shape("v", v, k.shape, "[Tk, Hkv, D] = k's shape")
+    check_heads(q, k, v)
+    check_int("max_seqlen_q", max_seqlen_q, low=0)
+    check_int("max_seqlen_k", max_seqlen_k, low=0)
+    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q, q.device)
+    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k, q.device)
+    if cu_seqlens_k.shape != cu_seqlens_q.shape:
+        raise ValueError(
+            f"cu_seqlens_k {tuple(cu_seqlens_k.shape)} and cu_seqlens_q {tuple(cu_seqlens_q.shape)} "
+            "must both hold B + 1 offsets"
+        )
+    check_attention_options(softmax_scale, causal, window_size)
+    return FLASH_ATTN_VARLEN(
+        q.device,
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale,
+        causal,
+        tuple(window_size),
+    )

@@ -1,0 +1,122 @@
+"""fused_experts (grouped SwiGLU experts with a weighted fp32 combine) and fused_moe (routing + experts)."""
+
+import torch
+
+from qwen_fast.reference import moe as reference
+
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_shape, check_tensor
+from ._dispatch import NATIVE_FIRST, Op
+from .moe_align import check_expert_ids
+from .routing import check_routing_args
+
+FUSED_EXPERTS = Op("fused_experts", {"torch": reference.fused_experts}, NATIVE_FIRST)
+FUSED_MOE = Op("fused_moe", {"torch": reference.fused_moe}, NATIVE_FIRST)
+
+
+def check_expert_weights(hidden_states: object, w13: object, w2: object) -> None:
+    """hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], one dtype and device."""
+    check_tensor("hidden_states", hidden_states, ndim=2, dtypes=FLOAT_DTYPES)
+    dtype, device = hidden_states.dtype, hidden_states.device
+    check_tensor("w13", w13, ndim=3, dtypes=(dtype,), device=device)
+    check_tensor("w2", w2, ndim=3, dtypes=(dtype,), device=device)
+    num_experts, two_i, hidden = w13.shape
+    if hidden != hidden_states.shape[1]:
+        raise ValueError(
+            f"w13 [E, 2I, H] = {tuple(w13.shape)} must match hidden_states [T, H] = {tuple(hidden_states.shape)} in H"
+        )
+    if two_i % 2 or two_i == 0:
+        raise ValueError(
+            f"w13 [E, 2I, H] must have an even, nonzero 2I (gate rows then up rows), got {tuple(w13.shape)}"
+        )
+    check_shape("w2", w2, (num_experts, hidden, two_i // 2), "[E, H, I] from w13 [E, 2I, H] =")
+
+
+def fused_experts(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Each token through its k experts (SwiGLU), outputs weighted and summed in fp32 (vLLM's `fused_experts`).
+
+    For e = topk_ids[t, j]: y = (silu(x @ w13[e, :I].T) * (x @ w13[e, I:].T)) @ w2[e].T, and
+    out[t] = sum_j topk_weights[t, j] * y, accumulated in fp32 in a fixed order (deterministic). The weights are
+    transformers 5.x's `gate_up_proj` and `down_proj`, read in place. Math: qwen_fast.reference.moe.
+
+    Args:
+        hidden_states: [T, H] float32/float16/bfloat16.
+        w13: [E, 2I, H], hidden_states' dtype: gate rows, then up rows.
+        w2: [E, H, I], hidden_states' dtype.
+        topk_weights: [T, k] float (fp32 from fused_topk, or the model dtype).
+        topk_ids: [T, k] int32/int64 expert ids in [0, E).
+
+    Returns:
+        [T, H] in hidden_states' dtype.
+
+    Example:
+        >>> x, w13, w2 = torch.randn(3, 8), torch.randn(4, 8, 8), torch.randn(4, 8, 4)
+        >>> weights, ids = qwen_fast.fused_topk(torch.randn(3, 4), topk=2)
+        >>> qwen_fast.fused_experts(x, w13, w2, weights, ids).shape
+        torch.Size([3, 8])
+    """
+    check_expert_weights(hidden_states, w13, w2)
+    device = hidden_states.device
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, device=device)
+    check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, device=device)
+    check_shape("topk_weights", topk_weights, topk_ids.shape, "[T, k] = topk_ids' shape")
+    if topk_ids.shape[0] != hidden_states.shape[0]:
+        raise ValueError(
+            f"topk_ids [T, k] = {tuple(topk_ids.shape)} must have hidden_states' T = {hidden_states.shape[0]} rows"
+        )
+    num_experts = w13.shape[0]
+    if topk_ids.shape[1] > num_experts:
+        raise ValueError(
+            f"topk_ids has k = {topk_ids.shape[1]} choices per token but there are only {num_experts} experts"
+        )
+    check_expert_ids("topk_ids", topk_ids, num_experts)
+    return FUSED_EXPERTS(device, hidden_states, w13, w2, topk_weights, topk_ids)
+
+
+def fused_moe(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    gating_output: torch.Tensor,
+    topk: int,
+    renormalize: bool = True,
+    **routing_kwargs,
+) -> torch.Tensor:
+    """A routed MoE layer in one call: fused_topk on `gating_output`, then fused_experts (no shared experts).
+
+    Args:
+        hidden_states: [T, H] float32/float16/bfloat16.
+        w13: [E, 2I, H] and w2: [E, H, I], hidden_states' dtype (transformers' gate_up_proj and down_proj).
+        gating_output: [T, E] float router logits.
+        topk, renormalize, **routing_kwargs: as fused_topk (scoring_func, e_score_correction_bias,
+            num_expert_group, topk_group, routed_scaling_factor).
+
+    Returns:
+        [T, H] in hidden_states' dtype.
+
+    Example:
+        >>> x, w13, w2 = torch.randn(3, 8), torch.randn(4, 8, 8), torch.randn(4, 8, 4)
+        >>> qwen_fast.fused_moe(x, w13, w2, torch.randn(3, 4), topk=2).shape
+        torch.Size([3, 8])
+    """
+    allowed = {"scoring_func", "e_score_correction_bias", "num_expert_group", "topk_group", "routed_scaling_factor"}
+    unknown = sorted(set(routing_kwargs) - allowed)
+    if unknown:
+        raise TypeError(f"fused_moe got unknown routing arguments {unknown}; allowed: {sorted(allowed)}")
+    routing = {
+        "scoring_func": "softmax",
+        "e_score_correction_bias": None,
+        "num_expert_group": None,
+        "topk_group": None,
+        "routed_scaling_factor": 1.0,
+    } | routing_kwargs
+    check_expert_weights(hidden_states, w13, w2)
+    check_routing_args(gating_output, topk, renormalize, **routing)
+    check_tensor("gating_output", gating_output, device=hidden_states.device)
+    check_shape("gating_output", gating_output, (hidden_states.shape[0], w13.shape[0]), "[T, E] =")
+    return FUSED_MOE(hidden_states.device, hidden_states, w13, w2, gating_output, topk, renormalize, **routing_kwargs)

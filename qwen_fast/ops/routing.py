@@ -1,0 +1,117 @@
+"""fused_topk: top-k expert routing from router logits (softmax, or sigmoid + bias + group-limited top-k)."""
+
+import math
+
+import torch
+
+from qwen_fast.reference import routing as reference
+
+from ._checks import FLOAT_DTYPES, check_int, check_shape, check_tensor
+from ._dispatch import NATIVE_FIRST, Op
+
+FUSED_TOPK = Op("fused_topk", {"torch": reference.fused_topk}, NATIVE_FIRST)
+
+
+def check_routing_args(
+    gating_output: object,
+    topk: object,
+    renormalize: object,
+    scoring_func: object,
+    e_score_correction_bias: object,
+    num_expert_group: object,
+    topk_group: object,
+    routed_scaling_factor: object,
+) -> None:
+    """The checks of fused_topk, shared with fused_moe."""
+    check_tensor("gating_output", gating_output, ndim=2, dtypes=FLOAT_DTYPES)
+    num_experts = gating_output.shape[1]
+    if num_experts == 0:
+        raise ValueError(f"gating_output must have at least one expert column, got shape {tuple(gating_output.shape)}")
+    check_int("topk", topk, low=1, high=num_experts)
+    if not isinstance(renormalize, bool):
+        raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__} {renormalize!r}")
+    if scoring_func not in ("softmax", "sigmoid"):
+        raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', got {scoring_func!r}")
+    if e_score_correction_bias is not None:
+        check_tensor(
+            "e_score_correction_bias", e_score_correction_bias, ndim=1, dtypes=FLOAT_DTYPES, device=gating_output.device
+        )
+        check_shape("e_score_correction_bias", e_score_correction_bias, (num_experts,), "[E] with E =")
+    if (num_expert_group is None) != (topk_group is None):
+        raise ValueError(
+            f"num_expert_group and topk_group go together, got num_expert_group={num_expert_group!r}, "
+            f"topk_group={topk_group!r}"
+        )
+    if num_expert_group is not None:
+        check_int("num_expert_group", num_expert_group, low=1, high=num_experts)
+        if num_experts % num_expert_group:
+            raise ValueError(f"num_expert_group={num_expert_group} must divide the number of experts {num_experts}")
+        check_int("topk_group", topk_group, low=1, high=num_expert_group)
+        reachable = topk_group * (num_experts // num_expert_group)
+        if topk > reachable:
+            raise ValueError(
+                f"topk={topk} exceeds the {reachable} experts of topk_group={topk_group} groups of "
+                f"{num_experts // num_expert_group}"
+            )
+    if isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, (int, float)):
+        raise TypeError(f"routed_scaling_factor must be a float, got {type(routed_scaling_factor).__name__}")
+    if not math.isfinite(routed_scaling_factor) or routed_scaling_factor <= 0:
+        raise ValueError(f"routed_scaling_factor must be finite and > 0, got {routed_scaling_factor}")
+
+
+def fused_topk(
+    gating_output: torch.Tensor,
+    topk: int,
+    renormalize: bool = True,
+    *,
+    scoring_func: str = "softmax",
+    e_score_correction_bias: torch.Tensor | None = None,
+    num_expert_group: int | None = None,
+    topk_group: int | None = None,
+    routed_scaling_factor: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick `topk` experts per token from router logits and weigh them (vLLM's `fused_topk` / `grouped_topk`).
+
+    Scores are softmax (or sigmoid) over all E experts in fp32; `e_score_correction_bias` is added for selection
+    only; with `num_expert_group`, only the best `topk_group` groups (group score = sum of its top-2 selection
+    scores) are eligible; ties go to the lower expert index; weights come from the unbiased scores, renormalized
+    to sum 1 in fp32 if `renormalize`, then multiplied by `routed_scaling_factor`. Math: qwen_fast.reference.routing.
+
+    Args:
+        gating_output: [T, E] float32/float16/bfloat16 router logits.
+        topk: k, 1 <= k <= E.
+        renormalize: divide the k weights by their sum (Qwen3 `norm_topk_prob`; Mixtral always).
+        scoring_func: "softmax" or "sigmoid" (DeepSeek-V3).
+        e_score_correction_bias: [E] float or None (DeepSeek-V3 selection bias).
+        num_expert_group, topk_group: group-limited top-k (both or neither); E % num_expert_group == 0.
+        routed_scaling_factor: multiplies the final weights.
+
+    Returns:
+        topk_weights: [T, k] float32, topk_ids: [T, k] int32, in descending order of selection score.
+
+    Example:
+        >>> weights, ids = qwen_fast.fused_topk(torch.randn(4, 128), topk=8)
+        >>> weights.dtype, ids.dtype, tuple(ids.shape)
+        (torch.float32, torch.int32, (4, 8))
+    """
+    check_routing_args(
+        gating_output,
+        topk,
+        renormalize,
+        scoring_func,
+        e_score_correction_bias,
+        num_expert_group,
+        topk_group,
+        routed_scaling_factor,
+    )
+    return FUSED_TOPK(
+        gating_output.device,
+        gating_output,
+        topk,
+        renormalize,
+        scoring_func=scoring_func,
+        e_score_correction_bias=e_score_correction_bias,
+        num_expert_group=num_expert_group,
+        topk_group=topk_group,
+        routed_scaling_factor=routed_scaling_factor,
+    )

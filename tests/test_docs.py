@@ -1,0 +1,23 @@
+"""The examples in the docstrings of the public functions and the references run and print what they claim."""
+
+import doctest
+import importlib
+
+import pytest
+import torch
+
+import qwen_fast
+
+MODULES = [
+    f"qwen_fast.{group}.{stem}"
+    for group in ("ops", "reference")
+    for stem in ("routing", "moe_align", "moe", "attention", "kv_cache")
+] + ["qwen_fast.ops._dispatch"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    module = importlib.import_module(name)
+    result = doctest.testmod(module, extraglobs={"torch": torch, "qwen_fast": qwen_fast}, verbose=False)
+    assert result.failed == 0, f"{result.failed} of {result.attempted} doctest examples failed in {name}"
+    assert result.attempted > 0, f"{name} has no docstring example"
