@@ -12,7 +12,7 @@ MODULES = [
     f"qwen_fast.{group}.{stem}"
     for group in ("ops", "reference")
     for stem in ("routing", "moe_align", "moe", "attention", "kv_cache")
-] + ["qwen_fast.ops._dispatch"]
+] + ["qwen_fast.ops._dispatch", "qwen_fast.reference.rope", "qwen_fast.reference.norm"]
 
 
 @pytest.mark.parametrize("name", MODULES)

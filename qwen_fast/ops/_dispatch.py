@@ -58,6 +58,9 @@ def record_backends() -> Iterator[list[tuple[str, str]]]:
         _trace = previous
 
 
+# The availability probes below ask the extension's registry and the environment. Under torch.compile they are
+# evaluated once while tracing (assume_constant_result), so a compiled graph holds the backend chosen then.
+@torch.compiler.assume_constant_result
 def _triton_problem(device: torch.device) -> str | None:
     try:
         import triton  # noqa: F401
@@ -72,6 +75,7 @@ def _triton_problem(device: torch.device) -> str | None:
     return f"triton does not run on {device.type} tensors"
 
 
+@torch.compiler.assume_constant_result
 def _native_problem(op: str, backend: str, device: torch.device) -> str | None:
     key = backend.upper()
     if device.type != backend:

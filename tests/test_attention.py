@@ -1,0 +1,258 @@
+"""qwen_fast.reference.attention against torch SDPA, explicit masks, and transformers' attention functions."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from numerics import assert_close, assert_within_budget
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
+from transformers.models.qwen3_moe.modeling_qwen3_moe import eager_attention_forward
+
+import qwen_fast
+from qwen_fast.reference.attention import flash_attn_func, flash_attn_varlen_func
+
+LOW_PRECISION = [torch.float16, torch.bfloat16]
+ALL_DTYPES = [torch.float32, *LOW_PRECISION]
+
+
+def _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype=torch.float32, head_dim_v=None):
+    q = torch.randn(batch, seqlen_q, heads_q, head_dim).to(dtype)
+    k = torch.randn(batch, seqlen_k, heads_kv, head_dim).to(dtype)
+    v = torch.randn(batch, seqlen_k, heads_kv, head_dim_v or head_dim).to(dtype)
+    return q, k, v
+
+
+def _sdpa(q, k, v, mask=None, is_causal=False, scale=None):
+    """torch SDPA in flash-attn's [B, S, H, D] layout, GQA through enable_gqa."""
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, is_causal=is_causal, scale=scale,
+        enable_gqa=True,
+    )  # fmt: skip
+    return out.transpose(1, 2)
+
+
+def _flash_mask(seqlen_q, seqlen_k, causal, window_size):
+    """bool [Sq, Sk] from flash-attn's documented rule, written with tril/triu (independent of the reference)."""
+    left, right = window_size
+    if causal:
+        right = 0
+    shift = seqlen_k - seqlen_q  # query i sits on key diagonal i + shift
+    mask = torch.ones(seqlen_q, seqlen_k, dtype=torch.bool)
+    if right >= 0:
+        mask = mask.tril(diagonal=shift + right)
+    if left >= 0:
+        mask = mask.triu(diagonal=shift - left)
+    return mask
+
+
+def _check(out, ref_fn, inputs):
+    """fp32: tight; fp16/bf16: the flash-attn budget against ref_fn on fp32 copies and in the inputs' dtype."""
+    if out.dtype == torch.float32:
+        assert_close(out, ref_fn(*inputs))
+    else:
+        assert_within_budget(out, ref_fn(*[x.float() for x in inputs]), ref_fn(*inputs))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("heads_q, heads_kv", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(1, 1), (7, 97), (97, 7), (97, 97)])
+def test_noncausal_matches_sdpa(seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype):
+    q, k, v = _qkv(2, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype)
+    _check(flash_attn_func(q, k, v), _sdpa, (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("heads_q, heads_kv", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("seqlen", [1, 7, 97])
+def test_causal_square_matches_sdpa_is_causal(seqlen, heads_q, heads_kv, dtype):
+    q, k, v = _qkv(2, seqlen, seqlen, heads_q, heads_kv, 64, dtype)
+    _check(flash_attn_func(q, k, v, causal=True), lambda *x: _sdpa(*x, is_causal=True), (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("window_size", [(-1, -1), (0, 0), (3, -1), (-1, 2), (5, 1), (200, 200)])
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(1, 97), (7, 97), (97, 7), (97, 96)])
+def test_mask_matches_explicit_boolean_mask(seqlen_q, seqlen_k, window_size, causal, dtype):
+    """Bottom-right causal alignment and windows against SDPA with the documented mask (fully masked rows give 0)."""
+    q, k, v = _qkv(2, seqlen_q, seqlen_k, 8, 2, 64, dtype)
+    mask = _flash_mask(seqlen_q, seqlen_k, causal, window_size)
+    out = flash_attn_func(q, k, v, causal=causal, window_size=window_size)
+    assert not out.isnan().any()
+    assert (out[:, ~mask.any(dim=1)] == 0).all()
+    _check(out, lambda *x: _sdpa(*x, mask=mask), (q, k, v))
+
+
+def test_causal_with_more_queries_than_keys_zeroes_the_first_rows():
+    q, k, v = _qkv(1, 9, 4, 4, 1, 64)
+    out = flash_attn_func(q, k, v, causal=True)
+    assert torch.equal(out[:, :5], torch.zeros_like(out[:, :5]))
+    assert_close(out[:, 5:], _sdpa(q[:, 5:], k, v, is_causal=True))  # the last 4 queries: square causal
+
+
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_softmax_scale_and_value_head_dim(scale):
+    q, k, v = _qkv(2, 7, 13, 8, 2, 64, head_dim_v=32)
+    out = flash_attn_func(q, k, v, softmax_scale=scale, causal=True)
+    assert out.shape == (2, 7, 8, 32)
+    assert_close(out, _sdpa(q, k, v, mask=_flash_mask(7, 13, True, (-1, -1)), scale=scale))
+
+
+class _HFAttentionStub(torch.nn.Module):
+    """The attributes transformers' attention functions read from the attention module."""
+
+    def __init__(self, num_key_value_groups):
+        super().__init__()
+        self.num_key_value_groups = num_key_value_groups
+        self.is_causal = True
+        self.layer_idx = 0
+
+
+def _hf_attention(fn, q, k, v, mask, scaling):
+    """transformers' attention function on [B, H, S, D] inputs; returns [B, S, Hq, D]."""
+    module = _HFAttentionStub(q.shape[2] // k.shape[2]).eval()
+    out, _ = fn(module, q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), mask, scaling=scaling, dropout=0.0)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("heads_q, heads_kv", [(4, 4), (8, 2), (8, 1)])
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(1, 97), (7, 97), (97, 97)])
+@pytest.mark.parametrize("implementation", ["sdpa", "eager"])
+def test_causal_matches_transformers(implementation, seqlen_q, seqlen_k, heads_q, heads_kv, dtype):
+    """The queries are the last Sq positions (decode / chunked prefill): transformers' q_offset = Sk - Sq."""
+    q, k, v = _qkv(2, seqlen_q, seqlen_k, heads_q, heads_kv, 64, dtype)
+    scaling = 64**-0.5
+    mask = sdpa_mask(2, seqlen_q, seqlen_k, q_offset=seqlen_k - seqlen_q, allow_is_causal_skip=False)
+
+    def reference(q, k, v):
+        if implementation == "sdpa":
+            return _hf_attention(sdpa_attention_forward, q, k, v, mask, scaling)
+        additive = torch.zeros(mask.shape, dtype=q.dtype).masked_fill(~mask, torch.finfo(q.dtype).min)
+        return _hf_attention(eager_attention_forward, q, k, v, additive, scaling)
+
+    _check(flash_attn_func(q, k, v, softmax_scale=scaling, causal=True), reference, (q, k, v))
+
+
+@pytest.mark.parametrize("sliding_window", [1, 4, 50])
+@pytest.mark.parametrize("seqlen_q, seqlen_k", [(7, 97), (97, 97)])
+def test_transformers_sliding_window_is_window_minus_one(seqlen_q, seqlen_k, sliding_window):
+    """transformers' sliding_window=W (causal) keeps keys with i - j < W: flash-attn window_size=(W - 1, 0)."""
+    q, k, v = _qkv(2, seqlen_q, seqlen_k, 8, 2, 64)
+    mask = sdpa_mask(
+        2, seqlen_q, seqlen_k, q_offset=seqlen_k - seqlen_q, allow_is_causal_skip=False,
+        mask_function=sliding_window_causal_mask_function(sliding_window),
+    )  # fmt: skip
+    hf = _hf_attention(sdpa_attention_forward, q, k, v, mask, None)
+    assert_close(flash_attn_func(q, k, v, causal=True, window_size=(sliding_window - 1, -1)), hf)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("causal, window_size", [(False, (-1, -1)), (True, (-1, -1)), (True, (4, 0)), (False, (2, 3))])
+@pytest.mark.parametrize(
+    "lens_q, lens_k",
+    [([5], [5]), ([3, 0, 7, 1], [3, 0, 7, 97]), ([1, 1, 1], [13, 1, 0]), ([0, 0], [0, 0]), ([97, 2], [7, 2])],
+)
+def test_varlen_matches_per_sequence(lens_q, lens_k, causal, window_size, dtype):
+    heads_q, heads_kv, head_dim = 8, 2, 64
+    q = torch.randn(sum(lens_q), heads_q, head_dim).to(dtype)
+    k = torch.randn(sum(lens_k), heads_kv, head_dim).to(dtype)
+    v = torch.randn(sum(lens_k), heads_kv, head_dim).to(dtype)
+    cu_q = torch.tensor([0, *lens_q], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+    cu_k = torch.tensor([0, *lens_k], dtype=torch.int32).cumsum(0, dtype=torch.int32)
+
+    out = flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), causal=causal, window_size=window_size
+    )  # fmt: skip
+    assert out.shape == q.shape and out.dtype == dtype and not out.isnan().any()
+    for b in range(len(lens_q)):
+        q_b, k_b, v_b = q[cu_q[b] : cu_q[b + 1]], k[cu_k[b] : cu_k[b + 1]], v[cu_k[b] : cu_k[b + 1]]
+        expected = flash_attn_func(q_b[None], k_b[None], v_b[None], causal=causal, window_size=window_size)[0]
+        if lens_k[b] == 0:
+            assert (expected == 0).all()
+        assert_close(out[cu_q[b] : cu_q[b + 1]], expected)
+
+
+# --- bad input: named, value-bearing errors from qwen_fast.flash_attn_func and flash_attn_varlen_func ----------------
+
+
+def _dense(B=2, Sq=5, Sk=7, Hq=8, Hkv=2, D=64):
+    return {"q": torch.randn(B, Sq, Hq, D), "k": torch.randn(B, Sk, Hkv, D), "v": torch.randn(B, Sk, Hkv, D)}
+
+
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        (lambda a: {"q": a["q"][0]}, ValueError, r"q must have 4 dimensions, got shape \(5, 8, 64\)"),
+        (lambda a: {"q": a["q"].int()}, TypeError, "q must be float32 or float16 or bfloat16, got torch.int32"),
+        (lambda a: {"k": a["k"].half()}, TypeError, "k must be float32, got torch.float16"),
+        (lambda a: {"v": a["v"][:, :6]}, ValueError, r"v must be \[B, Sk, Hkv, D\] = k's shape \(2, 7, 2, 64\)"),
+        (lambda a: {"k": a["k"][:1], "v": a["v"][:1]}, ValueError, "must have q's batch size B = 2"),
+        (
+            lambda a: {"k": torch.randn(2, 7, 3, 64), "v": torch.randn(2, 7, 3, 64)},
+            ValueError,
+            "query heads Hq=8 must be a nonzero multiple of the key/value heads Hkv=3",
+        ),
+        (
+            lambda a: {"k": a["k"][..., :32], "v": a["v"][..., :32]},
+            ValueError,
+            "k's head dim 32 must equal q's head dim 64",
+        ),
+        (
+            lambda a: {"q": a["q"].transpose(2, 3).contiguous().transpose(2, 3)},
+            ValueError,
+            "q must be contiguous in its last dimension",
+        ),
+        (lambda a: {"softmax_scale": -1.0}, ValueError, "softmax_scale must be finite and > 0, got -1.0"),
+        (lambda a: {"softmax_scale": "0.1"}, TypeError, "softmax_scale must be a float or None, got str"),
+        (lambda a: {"causal": 1}, TypeError, "causal must be a bool, got int 1"),
+        (lambda a: {"window_size": (4,)}, ValueError, r"window_size must be a pair \(left, right\), got \(4,\)"),
+        (lambda a: {"window_size": (-2, 0)}, ValueError, r"window_size left must be in \[-1, inf\], got -2"),
+        (lambda a: {"v": a["v"].to("meta")}, ValueError, "v must be on cpu like the other inputs, got meta"),
+    ],
+)
+def test_flash_attn_func_bad_input(change, error, message):
+    args = _dense()
+    with pytest.raises(error, match=message):
+        qwen_fast.flash_attn_func(**(args | change(args)))
+
+
+def _varlen():
+    cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
+    return {
+        "q": torch.randn(7, 4, 64),
+        "k": torch.randn(7, 1, 64),
+        "v": torch.randn(7, 1, 64),
+        "cu_seqlens_q": cu,
+        "cu_seqlens_k": cu.clone(),
+        "max_seqlen_q": 4,
+        "max_seqlen_k": 4,
+    }
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"cu_seqlens_q": torch.tensor([0, 3, 3, 7])}, TypeError, "cu_seqlens_q must be int32, got torch.int64"),
+        (
+            {"cu_seqlens_q": torch.tensor([1, 3, 3, 7], dtype=torch.int32)},
+            ValueError,
+            r"cu_seqlens_q must start at 0, be non-decreasing and end at <= 7 tokens, got \[1, 3, 3, 7\]",
+        ),
+        ({"cu_seqlens_k": torch.tensor([0, 5, 3, 7], dtype=torch.int32)}, ValueError, "cu_seqlens_k must start at 0"),
+        ({"cu_seqlens_k": torch.tensor([0, 3, 3, 9], dtype=torch.int32)}, ValueError, "end at <= 7 tokens"),
+        (
+            {"cu_seqlens_k": torch.tensor([0, 7], dtype=torch.int32), "max_seqlen_k": 7},
+            ValueError,
+            "must both hold B \\+ 1 offsets",
+        ),
+        ({"max_seqlen_q": 3}, ValueError, r"max_seqlen_q=3 is shorter than the longest sequence in cu_seqlens_q \(4\)"),
+        ({"max_seqlen_k": -1}, ValueError, r"max_seqlen_k must be in \[0, inf\], got -1"),
+        ({"q": torch.randn(7, 4, 64).half()}, TypeError, "k must be float16, got torch.float32"),
+        ({"window_size": [1, 2, 3]}, ValueError, "window_size must be a pair"),
+    ],
+)
+def test_flash_attn_varlen_func_bad_input(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        qwen_fast.flash_attn_varlen_func(**(_varlen() | kwargs))

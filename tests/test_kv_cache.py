@@ -1,0 +1,329 @@
+"""qwen_fast.reference.kv_cache: cache writes slot by slot, and attention over paged / contiguous caches."""
+
+import pytest
+import torch
+from numerics import assert_close
+
+import qwen_fast
+from qwen_fast.reference.attention import flash_attn_func
+from qwen_fast.reference.kv_cache import flash_attn_with_kvcache, reshape_and_cache
+
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("block_size", [1, 5, 16])
+@pytest.mark.parametrize("num_tokens", [0, 1, 7, 97])
+def test_reshape_and_cache_writes_slots_and_skips_negative(num_tokens, block_size, dtype):
+    num_blocks, heads_kv, head_dim = 101, 2, 64
+    key_cache = torch.randn(num_blocks, block_size, heads_kv, head_dim).to(dtype)
+    value_cache = torch.randn(num_blocks, block_size, heads_kv, head_dim).to(dtype)
+    key_before, value_before = key_cache.clone(), value_cache.clone()
+    key = torch.randn(num_tokens, heads_kv, head_dim).to(dtype)
+    value = torch.randn(num_tokens, heads_kv, head_dim).to(dtype)
+    slots = torch.randperm(num_blocks * block_size)[:num_tokens]
+    slots[::3] = -1  # padding tokens
+
+    reshape_and_cache(key, value, key_cache, value_cache, slots)
+
+    expected_key, expected_value = key_before.clone(), value_before.clone()
+    for n, slot in enumerate(slots.tolist()):
+        if slot >= 0:
+            expected_key[slot // block_size, slot % block_size] = key[n]
+            expected_value[slot // block_size, slot % block_size] = value[n]
+    assert torch.equal(key_cache, expected_key) and torch.equal(value_cache, expected_value)
+    if num_tokens > 0:  # the padding tokens' rows were not written anywhere
+        assert not (key_cache.flatten(0, 1) == key[0]).all(dim=(1, 2)).any()
+
+
+def _make_cache(paged, seqlens_total, batch, block_size, heads_kv, head_dim, dtype):
+    """Random caches and (when paged) a shuffled block table with room for every sequence's final length."""
+    if not paged:
+        s_max = max(seqlens_total) + 3
+        shape = (batch, s_max, heads_kv, head_dim)
+        return torch.randn(shape).to(dtype), torch.randn(shape).to(dtype), None
+    blocks_per_seq = max(-(-n // block_size) for n in seqlens_total) + 1
+    num_blocks = batch * blocks_per_seq + 2
+    block_table = torch.randperm(num_blocks)[: batch * blocks_per_seq].view(batch, blocks_per_seq).int()
+    shape = (num_blocks, block_size, heads_kv, head_dim)
+    return torch.randn(shape).to(dtype), torch.randn(shape).to(dtype), block_table
+
+
+def _slot(block_table, block_size, b, p):
+    """(page, row) of position p of sequence b; a contiguous cache is page b."""
+    if block_table is None:
+        return b, p
+    return int(block_table[b, p // block_size]), p % block_size
+
+
+def _read_sequence(cache, block_table, block_size, b, length):
+    """[length, Hkv, D]: positions 0 .. length - 1 of sequence b, read one slot at a time."""
+    rows = [cache[_slot(block_table, block_size, b, p)] for p in range(length)]
+    return torch.stack(rows) if rows else cache.new_empty(0, *cache.shape[2:])
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("heads_q, heads_kv, window_size", [(4, 4, (-1, -1)), (8, 1, (6, 0))])
+@pytest.mark.parametrize("num_new", [0, 1, 7])
+@pytest.mark.parametrize("paged, block_size", [(False, None), (True, 1), (True, 5), (True, 16)])
+def test_with_kvcache_matches_flash_attn_over_gathered_keys(
+    paged, block_size, num_new, heads_q, heads_kv, window_size, dtype
+):
+    # With new keys the queries are the new tokens; without, 3 queries read the cache (the first rows of short
+    # sequences, and all of the empty one's, see no key and give 0).
+    batch, head_dim, seqlen_q = 4, 64, num_new or 3
+    cache_seqlens = torch.tensor([0, 1, 40, 97], dtype=torch.int32)
+    totals = [n + num_new for n in cache_seqlens.tolist()]
+    k_cache, v_cache, block_table = _make_cache(paged, totals, batch, block_size, heads_kv, head_dim, dtype)
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    q = torch.randn(batch, seqlen_q, heads_q, head_dim).to(dtype)
+    k_new = torch.randn(batch, num_new, heads_kv, head_dim).to(dtype) if num_new else None
+    v_new = torch.randn(batch, num_new, heads_kv, head_dim).to(dtype) if num_new else None
+
+    out = flash_attn_with_kvcache(
+        q, k_cache, v_cache, k_new, v_new, cache_seqlens=cache_seqlens, block_table=block_table,
+        causal=True, window_size=window_size,
+    )  # fmt: skip
+
+    expected_k_cache, expected_v_cache = k_before.clone(), v_before.clone()
+    for b in range(batch):
+        old = cache_seqlens[b].item()
+        for i in range(num_new):  # the new tokens land at positions old .. old + num_new - 1
+            page, row = _slot(block_table, block_size, b, old + i)
+            expected_k_cache[page, row], expected_v_cache[page, row] = k_new[b, i], v_new[b, i]
+        # the keys of sequence b, read position by position from the updated cache
+        keys = _read_sequence(expected_k_cache, block_table, block_size, b, totals[b])
+        values = _read_sequence(expected_v_cache, block_table, block_size, b, totals[b])
+        expected = flash_attn_func(q[b : b + 1], keys[None], values[None], causal=True, window_size=window_size)
+        assert_close(out[b : b + 1], expected)
+    assert torch.equal(k_cache, expected_k_cache) and torch.equal(v_cache, expected_v_cache)
+
+
+@pytest.mark.parametrize("block_size", [1, 5, 16])
+def test_with_kvcache_int_and_none_seqlens(block_size):
+    """cache_seqlens as an int, and None (the whole cache, all block_table pages, is valid)."""
+    batch, blocks_per_seq, heads_kv, head_dim = 3, 4, 2, 64
+    k_cache = torch.randn(batch * blocks_per_seq, block_size, heads_kv, head_dim)
+    v_cache = torch.randn(batch * blocks_per_seq, block_size, heads_kv, head_dim)
+    block_table = torch.randperm(batch * blocks_per_seq).view(batch, blocks_per_seq).int()
+    q = torch.randn(batch, 2, 8, head_dim)
+
+    full = flash_attn_with_kvcache(q, k_cache, v_cache, block_table=block_table, causal=False)
+    gathered_k = k_cache[block_table.long()].flatten(1, 2)  # [B, blocks_per_seq * block_size, Hkv, D]
+    gathered_v = v_cache[block_table.long()].flatten(1, 2)
+    assert_close(full, flash_attn_func(q, gathered_k, gathered_v))
+
+    length = blocks_per_seq * block_size - 1
+    partial = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=length, block_table=block_table)
+    assert_close(partial, flash_attn_func(q, gathered_k[:, :length], gathered_v[:, :length], causal=True))
+
+    contiguous = flash_attn_with_kvcache(q, gathered_k, gathered_v, cache_seqlens=length)
+    assert_close(contiguous, partial)
+
+
+def test_with_kvcache_prefill_into_empty_cache_equals_causal_attention():
+    """A whole prompt written into an empty paged cache: same as causal attention over the prompt itself."""
+    batch, seqlen, heads_kv, head_dim, block_size = 2, 97, 2, 128, 5
+    k_cache = torch.zeros(60, block_size, heads_kv, head_dim)
+    v_cache = torch.zeros(60, block_size, heads_kv, head_dim)
+    block_table = torch.randperm(60)[:40].view(batch, 20).int()
+    q = torch.randn(batch, seqlen, 16, head_dim)
+    k, v = torch.randn(batch, seqlen, heads_kv, head_dim), torch.randn(batch, seqlen, heads_kv, head_dim)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, torch.zeros(batch, dtype=torch.int32), block_table)
+    assert_close(out, flash_attn_func(q, k, v, causal=True))
+
+
+# --- reshape_and_cache: every backend against the reference, opcheck, torch.compile, bad input ---------------------
+
+KV_BACKENDS = ["cpu", "torch", pytest.param("triton", marks=pytest.mark.interpret)]
+
+
+def _cache_inputs(num_tokens, heads, head_dim, num_blocks, block_size, dtype, strided=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    if strided:  # key and value as views into one fused projection, as in an attention layer
+        qkv = torch.randn(num_tokens, 3, heads, head_dim, generator=gen).to(dtype)
+        key, value = qkv[:, 1], qkv[:, 2]
+    else:
+        key = torch.randn(num_tokens, heads, head_dim, generator=gen).to(dtype)
+        value = torch.randn(num_tokens, heads, head_dim, generator=gen).to(dtype)
+    key_cache = torch.randn(num_blocks, block_size, heads, head_dim, generator=gen).to(dtype)
+    value_cache = torch.randn(num_blocks, block_size, heads, head_dim, generator=gen).to(dtype)
+    capacity = num_blocks * block_size
+    slots = torch.randperm(capacity, generator=gen)[:num_tokens]
+    slots[::3] = -1  # padding tokens
+    return key, value, key_cache, value_cache, slots.to(torch.int64)
+
+
+@pytest.mark.parametrize("backend", KV_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "num_tokens,heads,head_dim,num_blocks,block_size",
+    [(0, 4, 64, 3, 16), (1, 1, 64, 1, 1), (7, 4, 128, 9, 1), (33, 4, 96, 5, 16), (20, 2, 64, 7, 5)],
+)
+@pytest.mark.parametrize("strided", [False, True])
+def test_reshape_and_cache_matches_reference(
+    backend, dtype, num_tokens, heads, head_dim, num_blocks, block_size, strided
+):
+    inputs = _cache_inputs(num_tokens, heads, head_dim, num_blocks, block_size, dtype, strided)
+    key, value, key_cache, value_cache, slots = inputs
+    expected_k, expected_v = key_cache.clone(), value_cache.clone()
+    reshape_and_cache(key, value, expected_k, expected_v, slots)
+    with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
+        qwen_fast.reshape_and_cache(key, value, key_cache, value_cache, slots)
+    assert calls == [("reshape_and_cache", backend)]
+    assert torch.equal(key_cache, expected_k) and torch.equal(value_cache, expected_v)  # a copy is exact
+
+
+def test_reshape_and_cache_opcheck_native():
+    torch.library.opcheck(torch.ops.qwen_fast.reshape_and_cache.default, _cache_inputs(9, 2, 64, 4, 5, torch.float16))
+
+
+@pytest.mark.interpret
+def test_reshape_and_cache_opcheck_triton():
+    torch.library.opcheck(
+        torch.ops.qwen_fast_triton.reshape_and_cache.default, _cache_inputs(9, 2, 64, 4, 5, torch.float16)
+    )
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_reshape_and_cache_compiles_fullgraph(backend):
+    key, value, key_cache, value_cache, slots = _cache_inputs(9, 2, 64, 4, 5, torch.float32)
+    expected_k, expected_v = key_cache.clone(), value_cache.clone()
+    reshape_and_cache(key, value, expected_k, expected_v, slots)
+
+    @torch.compile(fullgraph=True, backend="eager" if backend == "torch" else "inductor")
+    def write(k, v, kc, vc, s):
+        qwen_fast.reshape_and_cache(k, v, kc, vc, s)
+        return kc.sum() + vc.sum()
+
+    torch._dynamo.reset()
+    with qwen_fast.use_backend(backend):
+        write(key, value, key_cache, value_cache, slots)
+    assert torch.equal(key_cache, expected_k) and torch.equal(value_cache, expected_v)
+
+
+def _replace(inputs, **changes):
+    names = ("key", "value", "key_cache", "value_cache", "slot_mapping")
+    values = dict(zip(names, inputs, strict=True)) | changes
+    return [values[n] for n in names]
+
+
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        (lambda i: {"key": i[0].numpy()}, TypeError, "key must be a torch.Tensor, got ndarray"),
+        (lambda i: {"key": i[0][0]}, ValueError, r"key must have 3 dimensions, got shape \(2, 64\)"),
+        (lambda i: {"key": i[0].int()}, TypeError, "key must be float32 or float16 or bfloat16, got torch.int32"),
+        (lambda i: {"value": i[1].half()}, TypeError, "value must be float32, got torch.float16"),
+        (lambda i: {"value": i[1][:, :1]}, ValueError, r"value must be .* \(9, 2, 64\), got \(9, 1, 64\)"),
+        (lambda i: {"key_cache": i[2][..., :32], "value_cache": i[3][..., :32]}, ValueError, "does not match key"),
+        (
+            lambda i: {"value_cache": i[3][:2]},
+            ValueError,
+            r"value_cache must be .*\(4, 5, 2, 64\), got \(2, 5, 2, 64\)",
+        ),
+        (lambda i: {"slot_mapping": i[4].int()}, TypeError, "slot_mapping must be int64, got torch.int32"),
+        (lambda i: {"slot_mapping": i[4][:3]}, ValueError, r"slot_mapping must be \[N\].*\(9,\), got \(3,\)"),
+        (lambda i: {"slot_mapping": i[4] + 20}, ValueError, r"slot_mapping holds slot \d+, past the cache's 20 slots"),
+        (
+            lambda i: {"key": i[0].transpose(1, 2).contiguous().transpose(1, 2)},
+            ValueError,
+            "key must be contiguous in its last",
+        ),
+        (
+            lambda i: {"value": i[1].transpose(0, 1).contiguous().transpose(0, 1)},
+            ValueError,
+            "must have the strides of key",
+        ),
+        (lambda i: {"key": i[0].to("meta")}, ValueError, "value must be on meta like the other inputs, got cpu"),
+    ],
+)
+def test_reshape_and_cache_bad_input(change, error, message):
+    inputs = _cache_inputs(9, 2, 64, 4, 5, torch.float32)
+    with pytest.raises(error, match=message):
+        qwen_fast.reshape_and_cache(*_replace(inputs, **change(inputs)))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reshape_and_cache_on_gpu(backend, dtype):
+    inputs = [t.cuda() for t in _cache_inputs(300, 4, 128, 40, 16, dtype, strided=True)]
+    key, value, key_cache, value_cache, slots = inputs
+    expected_k, expected_v = key_cache.clone(), value_cache.clone()
+    reshape_and_cache(key, value, expected_k, expected_v, slots)
+    with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
+        qwen_fast.reshape_and_cache(key, value, key_cache, value_cache, slots)
+    assert calls == [("reshape_and_cache", backend)]
+    assert torch.equal(key_cache, expected_k) and torch.equal(value_cache, expected_v)
+
+
+# --- bad input: named, value-bearing errors from qwen_fast.flash_attn_with_kvcache -----------------------------------
+
+
+def _paged():
+    return {
+        "q": torch.randn(2, 1, 8, 64),
+        "k_cache": torch.zeros(8, 4, 1, 64),
+        "v_cache": torch.zeros(8, 4, 1, 64),
+        "k": torch.randn(2, 1, 1, 64),
+        "v": torch.randn(2, 1, 1, 64),
+        "cache_seqlens": torch.tensor([3, 8], dtype=torch.int32),
+        "block_table": torch.tensor([[3, -1, -1], [1, 2, 7]], dtype=torch.int32),
+    }
+
+
+def test_flash_attn_with_kvcache_ignores_unused_block_table_entries():
+    out = qwen_fast.flash_attn_with_kvcache(**_paged())
+    assert out.shape == (2, 1, 8, 64) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"q": torch.randn(2, 8, 64)}, ValueError, r"q must have 4 dimensions, got shape \(2, 8, 64\)"),
+        ({"k_cache": torch.zeros(8, 4, 1, 64).half()}, TypeError, "k_cache must be float32, got torch.float16"),
+        ({"v_cache": torch.zeros(8, 4, 1, 32)}, ValueError, r"v_cache must be k_cache's shape \(8, 4, 1, 64\)"),
+        (
+            {"k_cache": torch.zeros(8, 4, 3, 64), "v_cache": torch.zeros(8, 4, 3, 64)},
+            ValueError,
+            "query heads Hq=8 must be a nonzero multiple of the key/value heads Hkv=3",
+        ),
+        ({"block_table": torch.tensor([[3, 0, 0]], dtype=torch.int32)}, ValueError, "must have q's B = 2 rows"),
+        (
+            {"block_table": torch.tensor([[3, 0, 0], [1, 2, 7]])},
+            TypeError,
+            "block_table must be int32, got torch.int64",
+        ),
+        (
+            {"block_table": torch.tensor([[3, 0, 0], [1, 2, 8]], dtype=torch.int32)},
+            ValueError,
+            r"block_table\[1, 2\] = 8 is used but not a block of k_cache \(which has 8\)",
+        ),
+        ({"k": None}, ValueError, "k and v must be given together"),
+        (
+            {"k": torch.randn(2, 1, 2, 64), "v": torch.randn(2, 1, 2, 64)},
+            ValueError,
+            r"k must be \[B, Sq_new, Hkv, D\] = \(2, 1, 1, 64\), got \(2, 1, 2, 64\)",
+        ),
+        ({"cache_seqlens": None}, ValueError, "cache_seqlens is required with new k/v"),
+        (
+            {"cache_seqlens": torch.tensor([3, 12], dtype=torch.int32)},
+            ValueError,
+            r"cache_seqlens must lie in \[0, 11\] so that 1 new tokens fit the cache's 12 slots per sequence, "
+            r"got \[3, 12\]",
+        ),
+        ({"cache_seqlens": torch.tensor([4, 8])}, TypeError, "cache_seqlens must be int32, got torch.int64"),
+        ({"cache_seqlens": torch.tensor([4], dtype=torch.int32)}, ValueError, r"cache_seqlens must be \[B\] = \(2,\)"),
+        ({"cache_seqlens": 12}, ValueError, r"cache_seqlens must be in \[0, 11\], got 12"),
+        (
+            {"block_table": None},
+            ValueError,
+            r"a contiguous k_cache \[B, S_max, Hkv, D\] = \(8, 4, 1, 64\) must have q's B = 2",
+        ),
+        ({"causal": None}, TypeError, "causal must be a bool, got NoneType"),
+    ],
+)
+def test_flash_attn_with_kvcache_bad_input(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        qwen_fast.flash_attn_with_kvcache(**(_paged() | kwargs))

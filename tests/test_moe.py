@@ -1,0 +1,283 @@
+"""qwen_fast.reference.moe (fused_experts, fused_moe) against transformers' own MoE blocks, and its own properties.
+
+transformers' experts (all three of its CPU implementations: eager, grouped_mm, batched_mm) run each expert's GEMMs
+in the model dtype, multiply by the routing weight in the promoted dtype (bf16 for Qwen3/Qwen2/OLMoE, whose routers
+cast the weights to the model dtype; fp32 for Mixtral and DeepSeek-V3) and accumulate in the model dtype (eager:
+index_add_ per expert) or sum over k (grouped_mm, batched_mm). The reference combines in fp32 and rounds once, so it
+matches in fp32 tightly and in bf16 within the table. Shared experts are added with transformers' own submodules:
+Qwen2-MoE adds shared_expert(x) * sigmoid(shared_expert_gate(x)), DeepSeek-V3 adds shared_experts(x).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from numerics import assert_close
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+from transformers import DeepseekV3Config, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+from transformers.models.olmoe.modeling_olmoe import OlmoeSparseMoeBlock
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+import qwen_fast
+from qwen_fast.reference.moe import fused_experts, fused_moe
+from qwen_fast.reference.routing import fused_topk
+
+HIDDEN, INTER = 64, 32  # hidden_size, moe_intermediate_size
+
+DEEPSEEK_ROUTING = dict(scoring_func="sigmoid", num_expert_group=8, topk_group=4, routed_scaling_factor=2.5)
+
+
+def _qwen2_shared(block, x):
+    return F.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
+
+
+# family -> (block factory, top-k, renormalize, fused_topk kwargs, shared-expert output or None)
+FAMILIES = {
+    "qwen3_moe-norm": (lambda: Qwen3MoeSparseMoeBlock(Qwen3MoeConfig(
+        hidden_size=HIDDEN, moe_intermediate_size=INTER, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True)),
+        8, True, {}, None),
+    "qwen3_moe-nonorm": (lambda: Qwen3MoeSparseMoeBlock(Qwen3MoeConfig(
+        hidden_size=HIDDEN, moe_intermediate_size=INTER, num_experts=128, num_experts_per_tok=8, norm_topk_prob=False)),
+        8, False, {}, None),
+    "qwen2_moe": (lambda: Qwen2MoeSparseMoeBlock(Qwen2MoeConfig(
+        hidden_size=HIDDEN, moe_intermediate_size=INTER, shared_expert_intermediate_size=2 * INTER, num_experts=60,
+        num_experts_per_tok=4, norm_topk_prob=False)),
+        4, False, {}, _qwen2_shared),
+    "mixtral": (lambda: MixtralSparseMoeBlock(MixtralConfig(
+        hidden_size=HIDDEN, intermediate_size=INTER, num_local_experts=8, num_experts_per_tok=2)),
+        2, True, {}, None),
+    "olmoe": (lambda: OlmoeSparseMoeBlock(OlmoeConfig(
+        hidden_size=HIDDEN, intermediate_size=INTER, num_experts=64, num_experts_per_tok=8, norm_topk_prob=False)),
+        8, False, {}, None),
+    "deepseek_v3": (lambda: DeepseekV3MoE(DeepseekV3Config(
+        hidden_size=HIDDEN, moe_intermediate_size=INTER, n_routed_experts=64, n_group=8, topk_group=4,
+        num_experts_per_tok=8, routed_scaling_factor=2.5, norm_topk_prob=True, n_shared_experts=1)),
+        8, True, DEEPSEEK_ROUTING, lambda block, x: block.shared_experts(x)),
+}  # fmt: skip
+
+
+def _build(family: str, dtype: torch.dtype, impl: str):
+    make, *spec = FAMILIES[family]
+    block = make()
+    block.experts.config._experts_implementation = impl
+    with torch.no_grad():
+        for p in block.parameters():  # N(0, 1/fan_in): activations stay O(1) through every layer
+            p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    block.to(dtype)
+    if family == "deepseek_v3":  # an fp32 buffer in transformers (_keep_in_fp32_modules_strict)
+        block.gate.e_score_correction_bias = 0.1 * torch.randn(block.gate.num_experts)
+    return block, *spec
+
+
+@pytest.mark.parametrize("impl", ["eager", "grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_matches_transformers_block(family, dtype, impl):
+    block, topk, renormalize, routing_kwargs, shared_fn = _build(family, dtype, impl)
+    x = torch.randn(2, 24, HIDDEN, dtype=dtype)
+    with torch.no_grad():
+        hf_out = block(x).view(-1, HIDDEN)
+        x = x.view(-1, HIDDEN)
+        logits, hf_weights, hf_ids = block.gate(x)  # HF's own router: logits, weights (cast or not), ids
+        shared = shared_fn(block, x) if shared_fn else torch.zeros_like(x)
+    w13, w2 = block.experts.gate_up_proj.detach(), block.experts.down_proj.detach()
+
+    # 1. The experts alone, under transformers' own routing (its weights, in their dtype): every token.
+    assert_close(fused_experts(x, w13, w2, hf_weights, hf_ids) + shared, hf_out)
+
+    # 2. The whole layer: fused_topk + fused_experts. HF casts the routing weights to the model dtype for
+    #    Qwen3/Qwen2/OLMoE and keeps fp32 for Mixtral/DeepSeek-V3: reproduce its cast.
+    if family == "deepseek_v3":
+        routing_kwargs = dict(routing_kwargs, e_score_correction_bias=block.gate.e_score_correction_bias)
+    weights, ids = fused_topk(logits, topk, renormalize, **routing_kwargs)
+    out = fused_experts(x, w13, w2, weights.to(hf_weights.dtype), ids) + shared
+    # bf16 logits tie often and torch.topk breaks ties its own way (tested in test_routing.py): compare the tokens
+    # routed to the same experts, which must be nearly all of them (all of them in fp32).
+    same = (ids.long().sort(-1).values == hf_ids.long().sort(-1).values).all(-1)
+    assert same.all() if dtype == torch.float32 else same.float().mean() >= 0.75
+    assert_close(out[same], hf_out[same])
+    if dtype == torch.float32:  # the cast is a no-op: this is fused_moe
+        moe = fused_moe(x, w13, w2, logits, topk, renormalize, **routing_kwargs)
+        assert torch.equal(moe + shared, out)
+
+
+# ---------------------------------------------------------------- properties of the reference itself
+
+
+def _experts(num_experts: int, dtype: torch.dtype = torch.float32, hidden: int = HIDDEN, inter: int = INTER):
+    """Seeded w13 [E, 2I, H] and w2 [E, H, I] with N(0, 1/fan_in) entries, in `dtype`."""
+    w13 = torch.randn(num_experts, 2 * inter, hidden) / hidden**0.5
+    w2 = torch.randn(num_experts, hidden, inter) / inter**0.5
+    return w13.to(dtype), w2.to(dtype)
+
+
+def _dense(x, w13, w2, topk_weights, topk_ids):
+    """Every expert on every token (einsum, GEMMs and activation in the weights' dtype), then the k picked ones
+    weighted and summed in fp64: the same math with no grouping by expert."""
+    inter = w2.shape[2]
+    gate_up = torch.einsum("th,eoh->teo", x.to(w13.dtype), w13)  # [T, E, 2I]
+    act = F.silu(gate_up[..., :inter]) * gate_up[..., inter:]
+    y = torch.einsum("tei,ehi->teh", act, w2)  # [T, E, H]
+    picked = y.gather(1, topk_ids.long()[..., None].expand(-1, -1, y.shape[-1]))  # [T, k, H]
+    return (topk_weights.double()[..., None] * picked.double()).sum(1).to(x.dtype)
+
+
+def _routing(case: str):
+    """(T, E, topk_ids) for a named routing; ids are distinct within a token except where stated."""
+    if case == "T1-E61-k8":
+        return 1, 61, torch.randperm(61)[:8].view(1, 8)
+    if case == "no-tokens":
+        return 0, 16, torch.empty(0, 4, dtype=torch.int32)
+    if case == "k=E":
+        return 9, 8, torch.rand(9, 8).argsort(-1).int()
+    if case == "one-expert":  # every token on expert 3
+        return 20, 8, torch.full((20, 1), 3, dtype=torch.int32)
+    if case == "all-share-one":  # every token has expert 5 among its two
+        other = torch.randint(0, 60, (17,))
+        return 17, 61, torch.stack([torch.full((17,), 5), other + (other >= 5)], dim=1)[:, torch.randperm(2)]
+    if case == "few-experts":  # 58 of 61 experts get no token; int64 ids
+        return 33, 61, torch.tensor([[2, 40, 60]]).expand(33, 3)[:, torch.randperm(3)]
+    if case == "random":
+        return 40, 61, torch.rand(40, 61).argsort(-1)[:, :6].int()
+    raise ValueError(case)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", ["T1-E61-k8", "no-tokens", "k=E", "one-expert", "all-share-one", "few-experts",
+                                  "random"])  # fmt: skip
+def test_matches_dense_formula(case, dtype):
+    num_tokens, num_experts, topk_ids = _routing(case)
+    hidden, inter = 40, 24  # not multiples of any tile
+    x = torch.randn(num_tokens, hidden, dtype=dtype)
+    w13, w2 = _experts(num_experts, dtype, hidden, inter)
+    topk_weights = torch.rand(topk_ids.shape)
+    out = fused_experts(x, w13, w2, topk_weights, topk_ids)
+    assert out.shape == (num_tokens, hidden) and out.dtype == dtype
+    assert_close(out, _dense(x, w13, w2, topk_weights, topk_ids))
+
+
+def test_deterministic_and_weights_dtype():
+    x, (w13, w2) = torch.randn(64, HIDDEN).bfloat16(), _experts(61, torch.bfloat16)
+    weights, ids = fused_topk(torch.randn(64, 61), 8)
+    out = fused_experts(x, w13, w2, weights, ids)
+    assert torch.equal(out, fused_experts(x, w13, w2, weights, ids))  # same bits, run to run
+    # Routing weights in the model dtype (as transformers' Qwen3 router returns them) are used as their fp32 value.
+    low = weights.bfloat16()
+    assert torch.equal(fused_experts(x, w13, w2, low, ids), fused_experts(x, w13, w2, low.float(), ids))
+    assert torch.equal(fused_experts(x, w13, w2, weights, ids.long()), out)
+
+
+class _WeightOps(TorchDispatchMode):
+    """Records every aten op that receives a tensor sharing storage with the given weights."""
+
+    def __init__(self, *weights: torch.Tensor):
+        super().__init__()
+        self.storages = {w.untyped_storage().data_ptr() for w in weights}
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        for a in pytree.tree_leaves((args, kwargs or {})):
+            if isinstance(a, torch.Tensor) and a.untyped_storage().data_ptr() in self.storages:
+                self.ops.add(func.overloadpacket.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+def test_weights_read_in_place(layout):
+    """The weights only ever reach views and GEMMs: never clone/contiguous/copy (a copy of [E, 2I, H] per call)."""
+    w13, w2 = _experts(8)
+    if layout == "transposed":  # the same values, stored [E, H, 2I]
+        w13 = w13.transpose(1, 2).contiguous().transpose(1, 2)
+    x = torch.randn(10, HIDDEN)
+    weights, ids = fused_topk(torch.randn(10, 8), 3)
+    with _WeightOps(w13, w2) as mode:
+        out = fused_experts(x, w13, w2, weights, ids)
+    assert mode.ops == {"select", "t", "mm"}
+    assert_close(out, fused_experts(x, w13.contiguous(), w2, weights, ids))
+
+
+def test_fused_moe_is_topk_then_experts():
+    x, (w13, w2) = torch.randn(32, HIDDEN), _experts(64)
+    logits = torch.randn(32, 64)
+    bias = 0.1 * torch.randn(64)
+    for renormalize, kwargs in [(True, {}), (False, {}), (True, dict(DEEPSEEK_ROUTING, e_score_correction_bias=bias))]:
+        weights, ids = fused_topk(logits, 8, renormalize, **kwargs)
+        expected = fused_experts(x, w13, w2, weights, ids)
+        assert torch.equal(fused_moe(x, w13, w2, logits, 8, renormalize, **kwargs), expected)
+    assert fused_moe(x[:0], w13, w2, logits[:0], 8).shape == (0, HIDDEN)
+
+
+# --- bad input: named, value-bearing errors from qwen_fast.fused_experts and qwen_fast.fused_moe ---------------------
+
+
+def _experts_args(T=3, H=8, I=4, E=4, k=2):  # noqa: E741
+    weights, ids = qwen_fast.reference.fused_topk(torch.randn(T, E), k)
+    return {
+        "hidden_states": torch.randn(T, H),
+        "w13": torch.randn(E, 2 * I, H),
+        "w2": torch.randn(E, H, I),
+        "topk_weights": weights,
+        "topk_ids": ids,
+    }
+
+
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        (lambda a: {"hidden_states": a["hidden_states"][0]}, ValueError, "hidden_states must have 2 dimensions"),
+        (lambda a: {"hidden_states": a["hidden_states"].long()}, TypeError, "hidden_states must be .* got torch.int64"),
+        (lambda a: {"w13": a["w13"].half()}, TypeError, "w13 must be float32, got torch.float16"),
+        (lambda a: {"w13": a["w13"][..., :6]}, ValueError, r"w13 \[E, 2I, H\] = \(4, 8, 6\) must match hidden_states"),
+        (lambda a: {"w13": a["w13"][:, :7]}, ValueError, r"w13 \[E, 2I, H\] must have an even, nonzero 2I"),
+        (lambda a: {"w2": a["w2"][:, :, :3]}, ValueError, r"w2 must be \[E, H, I\] .*\(4, 8, 4\), got \(4, 8, 3\)"),
+        (lambda a: {"w2": a["w2"][:3]}, ValueError, r"w2 must be \[E, H, I\] .*\(4, 8, 4\), got \(3, 8, 4\)"),
+        (
+            lambda a: {"topk_ids": a["topk_ids"].float()},
+            TypeError,
+            "topk_ids must be int32 or int64, got torch.float32",
+        ),
+        (lambda a: {"topk_weights": a["topk_weights"][:, :1]}, ValueError, r"topk_weights must be \[T, k\]"),
+        (
+            lambda a: {"topk_ids": a["topk_ids"][:2], "topk_weights": a["topk_weights"][:2]},
+            ValueError,
+            "must have hidden_states' T = 3 rows",
+        ),
+        (lambda a: {"topk_ids": a["topk_ids"] + 4}, ValueError, r"topk_ids must lie in \[0, 4\)"),
+        (
+            lambda a: {"topk_ids": torch.zeros(3, 5, dtype=torch.int32), "topk_weights": torch.ones(3, 5)},
+            ValueError,
+            "k = 5 choices per token but there are only 4 experts",
+        ),
+        (lambda a: {"w2": a["w2"].to("meta")}, ValueError, "w2 must be on cpu like the other inputs, got meta"),
+    ],
+)
+def test_fused_experts_bad_input(change, error, message):
+    args = _experts_args()
+    with pytest.raises(error, match=message):
+        qwen_fast.fused_experts(**(args | change(args)))
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"gating_output": torch.randn(3, 5)}, ValueError, r"gating_output must be \[T, E\] = \(3, 4\), got \(3, 5\)"),
+        ({"gating_output": torch.randn(2, 4)}, ValueError, r"gating_output must be \[T, E\] = \(3, 4\), got \(2, 4\)"),
+        ({"topk": 5}, ValueError, r"topk must be in \[1, 4\], got 5"),
+        ({"scoring_func": "tanh"}, ValueError, "scoring_func must be 'softmax' or 'sigmoid', got 'tanh'"),
+        ({"num_groups": 2}, TypeError, r"fused_moe got unknown routing arguments \['num_groups'\]"),
+    ],
+)
+def test_fused_moe_bad_input(kwargs, error, message):
+    args = _experts_args()
+    call = {
+        "hidden_states": args["hidden_states"],
+        "w13": args["w13"],
+        "w2": args["w2"],
+        "gating_output": torch.randn(3, 4),
+        "topk": 2,
+    } | kwargs
+    with pytest.raises(error, match=message):
+        qwen_fast.fused_moe(**call)

@@ -1,0 +1,148 @@
+"""qwen_fast.reference.moe_align.moe_align_block_size: its documented layout, checked two ways.
+
+1. Invariants of the contract (every flat index exactly once, runs padded to block_size, expert_ids consistent with
+   the entries, sizes and fill values as documented).
+2. Bit-for-bit equality with the layout written out in plain Python lists, one expert at a time.
+"""
+
+import math
+
+import pytest
+import torch
+
+import qwen_fast
+from qwen_fast.reference.moe_align import moe_align_block_size
+
+
+def _plain_python(topk_ids: torch.Tensor, block_size: int, num_experts: int):
+    """The documented layout, built with lists."""
+    flat = topk_ids.flatten().tolist()
+    n = len(flat)
+    size = n + min(num_experts, n) * (block_size - 1)
+    sorted_ids, expert_ids = [], []
+    for e in range(num_experts):
+        mine = [i for i, x in enumerate(flat) if x == e]
+        if not mine:
+            continue
+        padded = math.ceil(len(mine) / block_size) * block_size
+        sorted_ids += mine + [n] * (padded - len(mine))
+        expert_ids += [e] * (padded // block_size)
+    used = len(sorted_ids)
+    sorted_ids += [n] * (size - used)
+    expert_ids += [-1] * (math.ceil(size / block_size) - len(expert_ids))
+    return sorted_ids, expert_ids, used
+
+
+def _check_invariants(topk_ids, block_size, num_experts, sorted_ids, expert_ids, num_post_padded):
+    flat = topk_ids.flatten().long()
+    n = flat.numel()
+    size = n + min(num_experts, n) * (block_size - 1)
+    assert sorted_ids.dtype == expert_ids.dtype == num_post_padded.dtype == torch.int32
+    assert sorted_ids.shape == (size,)
+    assert expert_ids.shape == ((size + block_size - 1) // block_size,)
+    assert num_post_padded.shape == (1,)
+
+    used = num_post_padded.item()
+    counts = torch.bincount(flat, minlength=num_experts)
+    padded = (counts + block_size - 1) // block_size * block_size
+    assert used == padded.sum().item() and used % block_size == 0 and used <= size
+
+    real = sorted_ids[:used][sorted_ids[:used] != n].long()
+    assert torch.equal(real.sort().values, torch.arange(n)), "every flat index exactly once"
+    assert (sorted_ids[used:] == n).all(), "sentinel past num_tokens_post_padded"
+    assert (expert_ids[used // block_size :] == -1).all(), "-1 past the used blocks"
+
+    blocks = sorted_ids[:used].view(-1, block_size).long()
+    block_experts = expert_ids[: used // block_size].long()
+    assert (block_experts[1:] >= block_experts[:-1]).all(), "ascending experts"
+    for block, expert in zip(blocks.tolist(), block_experts.tolist(), strict=True):
+        entries = [i for i in block if i != n]
+        assert entries, "no block is all padding"
+        assert entries == block[: len(entries)], "padding only at the end of a run"
+        assert all(flat[i] == expert for i in entries), "expert_ids[b] is the expert of block b's entries"
+    for e in range(num_experts):
+        mine = (block_experts == e).nonzero().flatten()
+        assert mine.numel() == padded[e].item() // block_size, "ceil(count / block_size) blocks per expert"
+        entries = blocks[mine].flatten()
+        entries = entries[entries != n]
+        assert (entries[1:] > entries[:-1]).all(), "ascending flat index within an expert"
+
+
+def _routing(case: str) -> tuple[torch.Tensor, int]:
+    """(topk_ids, num_experts) for a named routing."""
+    if case == "random":  # prime expert count, k distinct experts per token
+        return torch.rand(37, 61).argsort(-1)[:, :4].int(), 61
+    if case == "decode":  # T = 1, Qwen3-30B-A3B's 128 experts / top-8: fewer pairs than experts
+        return torch.randperm(128)[:8].view(1, 8).int(), 128
+    if case == "one-expert":  # every token on expert 3
+        return torch.full((50, 1), 3, dtype=torch.int32), 8
+    if case == "few-experts":  # 61 of 64 experts get nothing; int64 ids
+        return torch.tensor([2, 7, 40])[torch.randint(0, 3, (29, 2))], 64
+    if case == "k=E":
+        return torch.rand(5, 16).argsort(-1).int(), 16
+    if case == "no-tokens":
+        return torch.empty(0, 8, dtype=torch.int32), 128
+    raise ValueError(case)
+
+
+CASES = ["random", "decode", "one-expert", "few-experts", "k=E", "no-tokens"]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+def test_layout(case, block_size):
+    topk_ids, num_experts = _routing(case)
+    sorted_ids, expert_ids, num_post_padded = moe_align_block_size(topk_ids, block_size, num_experts)
+    _check_invariants(topk_ids, block_size, num_experts, sorted_ids, expert_ids, num_post_padded)
+    expected_sorted, expected_experts, expected_used = _plain_python(topk_ids, block_size, num_experts)
+    assert sorted_ids.tolist() == expected_sorted
+    assert expert_ids.tolist() == expected_experts
+    assert num_post_padded.tolist() == [expected_used]
+
+
+def test_docstring_example():
+    topk_ids = torch.tensor([[2, 0], [2, 3], [0, 2]], dtype=torch.int32)
+    sorted_ids, expert_ids, num_post_padded = moe_align_block_size(topk_ids, 2, 4)
+    assert sorted_ids.tolist() == [1, 4, 0, 2, 5, 6, 3, 6, 6, 6]
+    assert expert_ids.tolist() == [0, 2, 2, 3, -1]
+    assert num_post_padded.tolist() == [8]
+
+
+def test_int32_and_int64_ids_agree():
+    topk_ids = torch.rand(20, 61).argsort(-1)[:, :6]
+    for a, b in zip(moe_align_block_size(topk_ids, 16, 61), moe_align_block_size(topk_ids.int(), 16, 61), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+def test_buffer_bound_is_tight(block_size):
+    """Every expert with one pair: the bound N + min(E, N) * (block_size - 1) is reached exactly."""
+    topk_ids = torch.arange(12, dtype=torch.int32).view(3, 4)
+    sorted_ids, expert_ids, num_post_padded = moe_align_block_size(topk_ids, block_size, 12)
+    assert num_post_padded.item() == sorted_ids.numel() == 12 * block_size
+    assert expert_ids.tolist() == list(range(12))
+
+
+# --- bad input: named, value-bearing errors from qwen_fast.moe_align_block_size --------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"topk_ids": torch.zeros(3, 2)}, TypeError, "topk_ids must be int32 or int64, got torch.float32"),
+        (
+            {"topk_ids": torch.zeros(6, dtype=torch.int32)},
+            ValueError,
+            r"topk_ids must have 2 dimensions, got shape \(6,\)",
+        ),
+        ({"block_size": 0}, ValueError, r"block_size must be in \[1, inf\], got 0"),
+        ({"block_size": 16.0}, TypeError, "block_size must be an int, got float"),
+        ({"num_experts": 0}, ValueError, r"num_experts must be in \[1, inf\], got 0"),
+        ({"num_experts": 3}, ValueError, r"topk_ids must lie in \[0, 3\) \(num_experts=3\), got ids in \[0, 7\]"),
+        ({"topk_ids": torch.tensor([[0, -1]], dtype=torch.int32)}, ValueError, r"got ids in \[-1, 0\]"),
+    ],
+)
+def test_moe_align_block_size_bad_input(kwargs, error, message):
+    args = {"topk_ids": torch.tensor([[0, 7], [3, 5], [1, 2]], dtype=torch.int32), "block_size": 4, "num_experts": 8}
+    with pytest.raises(error, match=message):
+        qwen_fast.moe_align_block_size(**(args | kwargs))

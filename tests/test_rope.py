@@ -1,0 +1,218 @@
+"""qwen_fast.reference.rope and .norm against transformers' Qwen3 / Qwen3-MoE rotary embedding, RMSNorm, attention."""
+
+import functools
+import math
+
+import pytest
+import torch
+from numerics import assert_close, assert_within_budget
+from transformers import Qwen3Config, Qwen3MoeConfig
+from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+from transformers.models.qwen3 import modeling_qwen3
+from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+from qwen_fast.reference.attention import flash_attn_func
+from qwen_fast.reference.norm import rms_norm
+from qwen_fast.reference.rope import apply_rotary_emb, compute_cos_sin_cache
+
+ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+# family -> (config class, attention class, rotary embedding class, RMSNorm class, apply_rotary_pos_emb)
+FAMILIES = {
+    "qwen3_moe": (
+        Qwen3MoeConfig, modeling_qwen3_moe.Qwen3MoeAttention, modeling_qwen3_moe.Qwen3MoeRotaryEmbedding,
+        modeling_qwen3_moe.Qwen3MoeRMSNorm, modeling_qwen3_moe.apply_rotary_pos_emb,
+    ),
+    "qwen3": (
+        Qwen3Config, modeling_qwen3.Qwen3Attention, modeling_qwen3.Qwen3RotaryEmbedding,
+        modeling_qwen3.Qwen3RMSNorm, modeling_qwen3.apply_rotary_pos_emb,
+    ),
+}  # fmt: skip
+
+QWEN3_235B_YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768}
+ROPES = {  # name -> (rope_parameters without rope_theta, max_position_embeddings)
+    "default": ({"rope_type": "default"}, 40960),
+    "yarn_qwen3_235b": (QWEN3_235B_YARN, 131072),
+    "yarn_no_truncate": ({**QWEN3_235B_YARN, "truncate": False}, 131072),
+    "yarn_betas": ({**QWEN3_235B_YARN, "beta_fast": 16, "beta_slow": 2}, 131072),
+    "yarn_attention_factor": ({**QWEN3_235B_YARN, "attention_factor": 1.0}, 131072),
+    "yarn_mscale": ({**QWEN3_235B_YARN, "mscale": 0.707, "mscale_all_dim": 1.0}, 131072),
+    "yarn_factor8": ({"rope_type": "yarn", "factor": 8.0, "original_max_position_embeddings": 4096}, 32768),
+}
+POSITIONS = [0, 1, 2, 7, 97, 4095, 4096, 32767, 32768, 40959, 131071]
+
+
+def _config(family, head_dim=64, rope="default", theta=1e6, heads_q=4, heads_kv=2, dtype=torch.float32):
+    rope_parameters, max_positions = ROPES[rope]
+    return FAMILIES[family][0](
+        hidden_size=96, num_attention_heads=heads_q, num_key_value_heads=heads_kv, head_dim=head_dim,
+        max_position_embeddings=max_positions, rope_parameters={**rope_parameters, "rope_theta": theta},
+        attn_implementation="sdpa", dtype=dtype,
+    )  # fmt: skip
+
+
+@functools.cache
+def _long_cache(head_dim, rope, dtype=torch.float32, theta=1e6):
+    """compute_cos_sin_cache over 131072 positions, shared by the tests (it is the slow part)."""
+    return compute_cos_sin_cache(head_dim, 131072, rope_scaling={**ROPES[rope][0], "rope_theta": theta}, dtype=dtype)
+
+
+@pytest.mark.parametrize("rope", list(ROPES))
+@pytest.mark.parametrize("head_dim, theta", [(64, 1e4), (128, 1e6)])
+def test_inv_freq_and_attention_factor_match_rope_init_functions(head_dim, theta, rope):
+    """Recover inv_freq (the angle at position 1) and the attention factor (the radius) from the public cache."""
+    config = _config("qwen3_moe", head_dim, rope, theta)
+    init = ROPE_INIT_FUNCTIONS.get(config.rope_parameters["rope_type"])
+    if init is None:
+        init = modeling_qwen3_moe.Qwen3MoeRotaryEmbedding.compute_default_rope_parameters
+    inv_freq, attention_factor = init(config)
+    cos, sin = compute_cos_sin_cache(head_dim, 2, rope_scaling=config.rope_parameters, dtype=torch.float64).chunk(2, -1)
+    assert_close(torch.atan2(sin[1], cos[1]).float(), inv_freq)
+    assert_close(torch.hypot(sin, cos).float(), torch.full_like(cos, attention_factor, dtype=torch.float32))
+    if rope == "yarn_qwen3_235b":
+        assert attention_factor == pytest.approx(0.1 * math.log(4) + 1)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("rope", list(ROPES))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_cos_sin_cache_matches_rotary_embedding_module(family, rope, dtype):
+    """Same fp32 operations as the module (inv_freq, p * inv_freq, cos/sin, x attention factor, cast): same bits."""
+    head_dim = 128
+    config = _config(family, head_dim, rope, dtype=dtype)
+    rotary = FAMILIES[family][2](config)
+    positions = torch.tensor([p for p in POSITIONS if p < config.max_position_embeddings])
+    cos, sin = rotary(torch.zeros(1, dtype=dtype), positions[None])  # [1, P, D], halves duplicated
+    cache = _long_cache(head_dim, rope, dtype)
+    half = head_dim // 2
+    assert cache.dtype == dtype
+    assert torch.equal(cache[positions, :half], cos[0, :, :half]) and torch.equal(cos[0, :, :half], cos[0, :, half:])
+    assert torch.equal(cache[positions, half:], sin[0, :, :half]) and torch.equal(sin[0, :, :half], sin[0, :, half:])
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_rms_norm_matches_transformers(family, dtype):
+    norm = FAMILIES[family][3](64, eps=1e-6).to(dtype)
+    torch.nn.init.normal_(norm.weight)
+    x = (3 * torch.randn(7, 4, 64)).to(dtype)
+    assert torch.equal(rms_norm(x, norm.weight, 1e-6), norm(x))
+    mixed = FAMILIES[family][3](64, eps=1e-5)  # fp32 weight meeting low-precision activations: fp32 out
+    assert torch.equal(rms_norm(x, mixed.weight, 1e-5), mixed(x))
+
+
+def _hf_qk(attention, rotary, hidden, position_ids):
+    """transformers' q/k path: projection, q_norm/k_norm over head_dim, apply_rotary_pos_emb; [B, H, S, D]."""
+    shape = (*hidden.shape[:-1], -1, attention.head_dim)
+    q = attention.q_norm(attention.q_proj(hidden).view(shape)).transpose(1, 2)
+    k = attention.k_norm(attention.k_proj(hidden).view(shape)).transpose(1, 2)
+    cos, sin = rotary(hidden, position_ids)
+    apply_rotary_pos_emb = FAMILIES["qwen3_moe" if "Moe" in type(attention).__name__ else "qwen3"][4]
+    return apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def _our_qk(attention, hidden, position_ids, cache, eps):
+    """The same with the references; [B, S, H, D]."""
+    shape = (*hidden.shape[:-1], -1, attention.head_dim)
+    q = rms_norm(attention.q_proj(hidden).view(shape), attention.q_norm.weight, eps)
+    k = rms_norm(attention.k_proj(hidden).view(shape), attention.k_norm.weight, eps)
+    return apply_rotary_emb(position_ids, q, k, cache)
+
+
+def _modules(family, rope, head_dim, heads_q, heads_kv, dtype):
+    config = _config(family, head_dim, rope, heads_q=heads_q, heads_kv=heads_kv, dtype=dtype)
+    _, attention_cls, rotary_cls, _, _ = FAMILIES[family]
+    attention = attention_cls(config, layer_idx=0)
+    for parameter in attention.parameters():  # seeded random weights, norms included
+        torch.nn.init.normal_(parameter, std=0.2 if parameter.dim() > 1 else 1.0)
+    return config, attention.to(dtype).eval(), rotary_cls(config)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("rope", ["default", "yarn_qwen3_235b"])
+@pytest.mark.parametrize("head_dim, heads_q, heads_kv", [(64, 4, 4), (128, 8, 2), (64, 8, 1)])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_qk_norm_and_rope_match_transformers(family, head_dim, heads_q, heads_kv, rope, dtype):
+    config, attention, rotary = _modules(family, rope, head_dim, heads_q, heads_kv, dtype)
+    hidden = torch.randn(2, 7, config.hidden_size).to(dtype)
+    position_ids = torch.tensor([[0, 1, 2, 3, 4, 5, 6], [40000, 40001, 40002, 40003, 131000, 131001, 131002]])
+    q_hf, k_hf = _hf_qk(attention, rotary, hidden, position_ids)
+    q_hf, k_hf = q_hf.transpose(1, 2), k_hf.transpose(1, 2)
+
+    # A cache in the model dtype reproduces transformers' arithmetic exactly.
+    cache = _long_cache(head_dim, rope, dtype)
+    q, k = _our_qk(attention, hidden, position_ids, cache, config.rms_norm_eps)
+    assert q.dtype == k.dtype == dtype
+    assert torch.equal(q, q_hf) and torch.equal(k, k_hf)
+
+    # The default fp32 cache rotates in fp32 (one rounding): within the dtype's tolerance of transformers.
+    cache32 = _long_cache(head_dim, rope)
+    q32, k32 = _our_qk(attention, hidden, position_ids, cache32, config.rms_norm_eps)
+    assert_close(q32, q_hf)
+    assert_close(k32, k_hf)
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("is_neox", [True, False])
+@pytest.mark.parametrize("rope", ["default", "yarn_qwen3_235b"])
+def test_rotation_is_complex_multiplication(rope, is_neox, dtype):
+    """Pair (a, b) turned by angle t, scaled by m, is (a + ib) m e^{it}; neox pairs (i, i + D/2), else (2i, 2i + 1)."""
+    head_dim, num_tokens = 64, 97
+    cache = _long_cache(head_dim, rope)
+    positions = torch.randint(0, 131072, (num_tokens,))
+    query = torch.randn(num_tokens, 8, head_dim).to(dtype)
+    key = torch.randn(num_tokens, 1, head_dim).to(dtype)
+    q_rot, k_rot = apply_rotary_emb(positions, query, key, cache, is_neox=is_neox)
+
+    cos, sin = cache[positions].chunk(2, dim=-1)
+    phase = torch.complex(cos, sin)[:, None, :]  # [T, 1, D/2]
+    for x, rotated in ((query, q_rot), (key, k_rot)):
+        x = x.float()
+        if is_neox:
+            z = torch.complex(x[..., : head_dim // 2], x[..., head_dim // 2 :]) * phase
+            expected = torch.cat((z.real, z.imag), dim=-1)
+        else:
+            z = torch.view_as_complex(x.reshape(*x.shape[:-1], head_dim // 2, 2).contiguous()) * phase
+            expected = torch.view_as_real(z).flatten(-2)
+        assert rotated.dtype == dtype and rotated.shape == x.shape
+        assert_close(rotated, expected)
+
+
+def test_key_may_be_none_and_inputs_are_not_modified():
+    cache = compute_cos_sin_cache(64, 16)
+    query = torch.randn(5, 2, 64)
+    before = query.clone()
+    q_rot, k_rot = apply_rotary_emb(torch.arange(5) + 3, query, None, cache)
+    assert k_rot is None and torch.equal(query, before) and not torch.equal(q_rot, query)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("rope", ["default", "yarn_qwen3_235b"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_attention_layer_matches_transformers(family, rope, dtype):
+    """A whole Qwen3 attention layer (sdpa, causal prefill at an offset) from the references."""
+    head_dim, heads_q, heads_kv = 64, 8, 2
+    config, attention, rotary = _modules(family, rope, head_dim, heads_q, heads_kv, torch.float32)
+    hidden = torch.randn(2, 13, config.hidden_size)
+    position_ids = torch.arange(13)[None].repeat(2, 1) + torch.tensor([[0], [70000]])
+
+    def hf(attention, hidden):
+        out, _ = attention(hidden, rotary(hidden, position_ids), attention_mask=None)
+        return out
+
+    def ours(attention, hidden):
+        cache = _long_cache(head_dim, rope, hidden.dtype)
+        q, k = _our_qk(attention, hidden, position_ids, cache, config.rms_norm_eps)
+        v = attention.v_proj(hidden).view(*hidden.shape[:-1], heads_kv, head_dim)
+        out = flash_attn_func(q, k, v, softmax_scale=attention.scaling, causal=True)
+        return attention.o_proj(out.flatten(-2))
+
+    low = FAMILIES[family][1](config, layer_idx=0).to(dtype).eval()
+    low.load_state_dict(attention.state_dict())
+    out = ours(low, hidden.to(dtype))
+    if dtype == torch.float32:
+        assert_close(out, hf(attention, hidden))
+    else:
+        assert_within_budget(out, hf(attention, hidden), hf(low, hidden.to(dtype)))

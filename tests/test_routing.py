@@ -1,0 +1,304 @@
+"""qwen_fast.reference.routing.fused_topk against transformers' own routers, and its own properties.
+
+What transformers 5.23 does (pinned by the tests below):
+- Qwen3-MoE, Qwen2-MoE, OLMoE: logits in the model dtype, softmax(dtype=float32), torch.topk, divide by the sum iff
+  norm_topk_prob, then cast the weights to the model dtype (bf16 weights in a bf16 model).
+- Mixtral: softmax(logits.float()), torch.topk, always renormalize, the weights stay fp32.
+- DeepSeek-V3: logits computed in fp32 (both operands upcast), sigmoid, + e_score_correction_bias (an fp32 buffer,
+  zeros by default), group score = sum of the top-2 per group, unsorted top-k over the kept groups, weights gathered
+  from the unbiased scores, / (sum + 1e-20) iff norm_topk_prob, x routed_scaling_factor always.
+torch.topk breaks ties arbitrarily (not to the lower index), and bf16 logits tie often, so the comparison with
+transformers accepts a different pick only where the selection scores are exactly equal.
+"""
+
+import pytest
+import torch
+from numerics import assert_close
+from transformers import DeepseekV3Config, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+from transformers.models.mixtral.modeling_mixtral import MixtralTopKRouter
+from transformers.models.olmoe.modeling_olmoe import OlmoeTopKRouter
+from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
+from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
+
+import qwen_fast
+from qwen_fast.reference.routing import fused_topk
+
+HIDDEN = 64
+TOKENS = 64
+
+
+def _canonical(ids: torch.Tensor, weights: torch.Tensor, choice: torch.Tensor):
+    """Reorder each row of (ids, weights) by selection score descending, ties by ascending id (fused_topk's order)."""
+    ids = ids.long()
+    by_id = ids.argsort(dim=-1)
+    ids, weights = ids.gather(1, by_id), weights.gather(1, by_id)
+    by_score = torch.sort(choice.gather(1, ids), dim=-1, descending=True, stable=True).indices
+    return ids.gather(1, by_score), weights.gather(1, by_score)
+
+
+def assert_same_routing(ids, weights, hf_ids, hf_weights, choice) -> None:
+    """fused_topk's (ids, weights) vs transformers' (any order). choice: [T, E] fp32 selection scores.
+
+    Position by position, both picks have exactly the same selection score (both are a top-k of `choice`); the ids
+    may differ only where that score is shared with another expert (a tie transformers broke its own way); the
+    weights agree within the table for their dtype.
+    """
+    ids = ids.long()
+    hf_ids, hf_weights = _canonical(hf_ids, hf_weights, choice)
+    picked = choice.gather(1, ids)
+    assert torch.equal(picked, choice.gather(1, hf_ids)), "the selected scores differ: not the same top-k"
+    tied = (choice.unsqueeze(1) == picked.unsqueeze(2)).sum(dim=-1) > 1  # [T, k]
+    assert ((ids == hf_ids) | tied).all(), "ids differ where there is no tie"
+    assert_close(weights.to(hf_weights.dtype), hf_weights)
+
+
+def _randomize(module: torch.nn.Module) -> None:
+    """Seeded N(0, 1/fan_in) weights, so router logits are O(1)."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+
+
+# family -> (router class, config, renormalize in HF, whether HF casts the weights to the model dtype)
+SOFTMAX_ROUTERS = {
+    "qwen3_moe-norm": (Qwen3MoeTopKRouter, lambda: Qwen3MoeConfig(num_experts=128, num_experts_per_tok=8,
+                                                                  norm_topk_prob=True), True, True),
+    "qwen3_moe-nonorm": (Qwen3MoeTopKRouter, lambda: Qwen3MoeConfig(num_experts=128, num_experts_per_tok=8,
+                                                                    norm_topk_prob=False), False, True),
+    "qwen2_moe": (Qwen2MoeTopKRouter, lambda: Qwen2MoeConfig(num_experts=60, num_experts_per_tok=4), False, True),
+    "qwen2_moe-norm": (Qwen2MoeTopKRouter, lambda: Qwen2MoeConfig(num_experts=60, num_experts_per_tok=4,
+                                                                  norm_topk_prob=True), True, True),
+    "mixtral": (MixtralTopKRouter, lambda: MixtralConfig(num_local_experts=8, num_experts_per_tok=2), True, False),
+    "olmoe": (OlmoeTopKRouter, lambda: OlmoeConfig(num_experts=64, num_experts_per_tok=8), False, True),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", list(SOFTMAX_ROUTERS))
+def test_softmax_router_matches_transformers(family, dtype):
+    router_cls, make_config, renormalize, casts = SOFTMAX_ROUTERS[family]
+    config = make_config()
+    config.hidden_size = HIDDEN
+    router = router_cls(config)
+    _randomize(router)
+    router.to(dtype)
+    x = torch.randn(TOKENS, HIDDEN, dtype=dtype)
+    with torch.no_grad():
+        logits, hf_weights, hf_ids = router(x)
+
+    assert logits.dtype == dtype  # logits in the model dtype
+    assert hf_weights.dtype == (dtype if casts else torch.float32)  # the cast HF does (or not, Mixtral)
+    weights, ids = fused_topk(logits, config.num_experts_per_tok, renormalize)
+    assert weights.dtype == torch.float32 and ids.dtype == torch.int32
+    choice = torch.softmax(logits.float(), dim=-1)
+    assert_same_routing(ids, weights, hf_ids, hf_weights, choice)
+
+
+def _deepseek_router(dtype: torch.dtype, norm: bool, bias: bool) -> DeepseekV3TopkRouter:
+    """DeepSeek-V3's routing at its real expert counts: 256 experts in 8 groups, 4 groups kept, top-8, x 2.5."""
+    config = DeepseekV3Config(hidden_size=HIDDEN, n_routed_experts=256, n_group=8, topk_group=4,
+                              num_experts_per_tok=8, routed_scaling_factor=2.5, norm_topk_prob=norm)  # fmt: skip
+    router = DeepseekV3TopkRouter(config)
+    _randomize(router)
+    router.to(dtype)
+    # transformers keeps this buffer in fp32 (_keep_in_fp32_modules_strict); module.to() would not.
+    router.e_score_correction_bias = (0.1 * torch.randn(256)) if bias else torch.zeros(256)
+    return router
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "zero-bias"])
+@pytest.mark.parametrize("norm", [True, False], ids=["norm", "nonorm"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_deepseek_v3_router_matches_transformers(dtype, norm, bias):
+    router = _deepseek_router(dtype, norm, bias)
+    x = torch.randn(TOKENS, HIDDEN, dtype=dtype)
+    with torch.no_grad():
+        logits, hf_weights, hf_ids = router(x)
+    assert logits.dtype == torch.float32  # DeepSeek-V3 computes its router logits in fp32 even in a bf16 model
+    assert hf_weights.dtype == torch.float32
+
+    kwargs = dict(scoring_func="sigmoid", num_expert_group=8, topk_group=4, routed_scaling_factor=2.5)
+    # With zero bias, transformers still adds its (zero) buffer: passing None must give the same routing.
+    e_bias = router.e_score_correction_bias if bias else None
+    weights, ids = fused_topk(logits, 8, norm, e_score_correction_bias=e_bias, **kwargs)
+    choice = logits.sigmoid() + router.e_score_correction_bias
+    assert_same_routing(ids, weights, hf_ids, hf_weights, choice)
+
+    # The inputs exercise the group limit: a plain top-8 picks other experts for some tokens.
+    _, plain_ids = fused_topk(logits, 8, norm, scoring_func="sigmoid", e_score_correction_bias=e_bias)
+    assert (plain_ids.sort(-1).values != ids.sort(-1).values).any(-1).any()
+
+
+def test_group_score_is_top2_sum_as_transformers():
+    """Group score = largest + second largest (not the max, as vLLM without a bias and DeepSeek-V2 use)."""
+    # Group 0 has the single best expert (sigmoid(3) = 0.95, then 0.007s); group 1 has two good ones (0.62 + 0.62).
+    logits = torch.tensor([[3.0, -5.0, -5.0, -5.0, 0.5, 0.5, -5.0, -5.0]])
+    weights, ids = fused_topk(logits, 2, False, scoring_func="sigmoid", num_expert_group=2, topk_group=1)
+    assert ids.tolist() == [[4, 5]]
+    assert torch.equal(weights, logits.sigmoid()[:, 4:6])
+
+    # The same in transformers: hidden = ones and a diagonal router weight make its logits exactly these.
+    config = DeepseekV3Config(hidden_size=8, n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=2,
+                              routed_scaling_factor=1.0, norm_topk_prob=False)  # fmt: skip
+    router = DeepseekV3TopkRouter(config)
+    with torch.no_grad():
+        router.weight.copy_(torch.diag(logits[0]))
+        hf_logits, hf_weights, hf_ids = router(torch.ones(1, 8))
+    assert torch.equal(hf_logits, logits)
+    assert hf_ids.sort(-1).values.tolist() == [[4, 5]]
+
+
+# ---------------------------------------------------------------- properties of the reference itself
+
+
+def _brute_force(logits, k, renormalize, scoring_func, bias, groups, topk_group, scale):
+    """The same math, one token and one expert at a time in plain Python lists (an independent statement)."""
+    scores = torch.softmax(logits.float(), -1) if scoring_func == "softmax" else logits.float().sigmoid()
+    all_ids, all_weights = [], []
+    for row in scores.tolist():
+        num_experts = len(row)
+        choice = [s + (bias[e] if bias is not None else 0.0) for e, s in enumerate(row)]
+        allowed = set(range(num_experts))
+        if groups is not None:
+            size = num_experts // groups
+            group_score = [sum(sorted(choice[g * size : (g + 1) * size], reverse=True)[:2]) for g in range(groups)]
+            kept = sorted(range(groups), key=lambda g: (-group_score[g], g))[:topk_group]
+            allowed = {e for e in range(num_experts) if e // size in kept}
+        ids = sorted(allowed, key=lambda e: (-choice[e], e))[:k]
+        w = [row[e] for e in ids]
+        if renormalize:
+            w = [v / sum(w) for v in w]
+        all_ids.append(ids)
+        all_weights.append([v * scale for v in w])
+    return torch.tensor(all_weights, dtype=torch.float64), torch.tensor(all_ids, dtype=torch.int32)
+
+
+CASES = {
+    # name: (T, E, k, renormalize, routing kwargs)
+    "T1-E61-k8": (1, 61, 8, True, {}),
+    "E61-k1-nonorm": (9, 61, 1, False, {}),
+    "k=E": (5, 16, 16, True, {}),
+    "k=E-prime": (3, 61, 61, False, {}),
+    "sigmoid": (7, 32, 4, True, {"scoring_func": "sigmoid"}),
+    "sigmoid-bias-groups": (11, 64, 6, True, {"scoring_func": "sigmoid", "bias": True, "num_expert_group": 8,
+                                              "topk_group": 3, "routed_scaling_factor": 2.5}),
+    "softmax-groups-nobias": (6, 24, 3, False, {"num_expert_group": 4, "topk_group": 2}),
+    "groups-of-one": (4, 8, 2, True, {"scoring_func": "sigmoid", "num_expert_group": 8, "topk_group": 3}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_matches_brute_force(case):
+    num_tokens, num_experts, k, renormalize, kwargs = CASES[case]
+    kwargs = dict(kwargs)
+    # Coarse logits (multiples of 1/4) so that exact ties occur and the tie-break is exercised.
+    logits = torch.randint(-8, 8, (num_tokens, num_experts)).float() / 4
+    bias = (torch.randint(-4, 4, (num_experts,)).float() / 8) if kwargs.pop("bias", False) else None
+    weights, ids = fused_topk(logits, k, renormalize, e_score_correction_bias=bias, **kwargs)
+    expected_w, expected_ids = _brute_force(
+        logits, k, renormalize, kwargs.get("scoring_func", "softmax"), None if bias is None else bias.tolist(),
+        kwargs.get("num_expert_group"), kwargs.get("topk_group"), kwargs.get("routed_scaling_factor", 1.0),
+    )  # fmt: skip
+    assert ids.dtype == torch.int32 and weights.dtype == torch.float32
+    assert torch.equal(ids, expected_ids)
+    assert_close(weights, expected_w.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_ties_go_to_the_lower_index(dtype):
+    logits = torch.zeros(3, 70, dtype=dtype)  # torch.topk(..., 5) picks 46, 48, 47, 49, 45 here on CPU
+    weights, ids = fused_topk(logits, 5, True)
+    assert ids.tolist() == [[0, 1, 2, 3, 4]] * 3
+    assert_close(weights, torch.full((3, 5), 0.2))
+    weights, _ = fused_topk(logits, 5, False)
+    assert_close(weights, torch.full((3, 5), 1 / 70))
+
+    _, ids = fused_topk(torch.tensor([[1.0, 3.0, 2.0, 3.0, 3.0]], dtype=dtype), 2)
+    assert ids.tolist() == [[1, 3]]
+    # Tied groups: groups 1 and 3 tie for best, the lower one is kept.
+    logits = torch.tensor([[0.0, 0.0, 5.0, 5.0, 0.0, 0.0, 5.0, 5.0]], dtype=dtype)
+    _, ids = fused_topk(logits, 2, scoring_func="sigmoid", num_expert_group=4, topk_group=1)
+    assert ids.tolist() == [[2, 3]]
+
+
+def test_bias_selects_but_does_not_weigh():
+    logits = torch.randn(16, 32)
+    bias = torch.zeros(32)
+    bias[31] = 10.0  # expert 31 always wins the selection
+    weights, ids = fused_topk(logits, 4, False, scoring_func="sigmoid", e_score_correction_bias=bias)
+    assert (ids[:, 0] == 31).all()
+    assert torch.equal(weights[:, 0], logits.sigmoid()[:, 31])
+    assert torch.equal(weights, logits.sigmoid().gather(1, ids.long()))
+
+
+@pytest.mark.parametrize("renormalize", [True, False])
+def test_scaling_and_renormalize(renormalize):
+    logits = torch.randn(10, 61)
+    weights, ids = fused_topk(logits, 7, renormalize, routed_scaling_factor=2.5)
+    probs = torch.softmax(logits, -1).gather(1, ids.long())
+    expected = probs / probs.sum(-1, keepdim=True) if renormalize else probs
+    assert torch.equal(weights, expected * 2.5)
+    assert torch.equal(ids, torch.sort(logits, -1, descending=True).indices[:, :7].int())
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_logits_are_upcast(dtype):
+    logits = torch.randn(8, 61).to(dtype)
+    for kwargs in ({}, {"scoring_func": "sigmoid", "num_expert_group": 1, "topk_group": 1}):
+        low = fused_topk(logits, 6, **kwargs)
+        high = fused_topk(logits.float(), 6, **kwargs)
+        assert torch.equal(low[0], high[0]) and torch.equal(low[1], high[1])
+
+
+@pytest.mark.parametrize("kwargs", [{}, {"scoring_func": "sigmoid", "num_expert_group": 4, "topk_group": 2}])
+def test_no_tokens(kwargs):
+    weights, ids = fused_topk(torch.randn(0, 16), 4, **kwargs)
+    assert weights.shape == (0, 4) and weights.dtype == torch.float32
+    assert ids.shape == (0, 4) and ids.dtype == torch.int32
+
+
+# --- bad input: named, value-bearing errors from qwen_fast.fused_topk ------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs,error,message",
+    [
+        ({"gating_output": [[1.0, 2.0]]}, TypeError, "gating_output must be a torch.Tensor, got list"),
+        ({"gating_output": torch.randn(4)}, ValueError, r"gating_output must have 2 dimensions, got shape \(4,\)"),
+        (
+            {"gating_output": torch.zeros(3, 8, dtype=torch.int64)},
+            TypeError,
+            "gating_output must be .* got torch.int64",
+        ),
+        ({"gating_output": torch.zeros(3, 0)}, ValueError, "at least one expert"),
+        ({"topk": 9}, ValueError, r"topk must be in \[1, 8\], got 9"),
+        ({"topk": 0}, ValueError, r"topk must be in \[1, 8\], got 0"),
+        ({"topk": 2.0}, TypeError, "topk must be an int, got float 2.0"),
+        ({"renormalize": "yes"}, TypeError, "renormalize must be a bool, got str 'yes'"),
+        ({"scoring_func": "relu"}, ValueError, "scoring_func must be 'softmax' or 'sigmoid', got 'relu'"),
+        (
+            {"e_score_correction_bias": torch.zeros(7)},
+            ValueError,
+            r"e_score_correction_bias must be \[E\].*\(8,\), got \(7,\)",
+        ),
+        ({"num_expert_group": 4}, ValueError, "num_expert_group and topk_group go together"),
+        (
+            {"num_expert_group": 3, "topk_group": 1},
+            ValueError,
+            "num_expert_group=3 must divide the number of experts 8",
+        ),
+        ({"num_expert_group": 4, "topk_group": 5}, ValueError, r"topk_group must be in \[1, 4\], got 5"),
+        (
+            {"num_expert_group": 4, "topk_group": 1, "topk": 3},
+            ValueError,
+            "topk=3 exceeds the 2 experts of topk_group=1",
+        ),
+        ({"routed_scaling_factor": float("nan")}, ValueError, "routed_scaling_factor must be finite and > 0, got nan"),
+        ({"routed_scaling_factor": "2"}, TypeError, "routed_scaling_factor must be a float, got str"),
+    ],
+)
+def test_fused_topk_bad_input(kwargs, error, message):
+    args = {"gating_output": torch.randn(3, 8), "topk": 2} | kwargs
+    with pytest.raises(error, match=message):
+        qwen_fast.fused_topk(**args)
