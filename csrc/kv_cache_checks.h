@@ -33,8 +33,8 @@ inline CacheLayout check_reshape_and_cache(const at::Tensor& key, const at::Tens
                   slot_mapping.size(0) == key.size(0),
               "reshape_and_cache: slot_mapping must be int64 [N] with N = ", key.size(0), ", got ",
               slot_mapping.scalar_type(), " ", slot_mapping.sizes());
-  return CacheLayout{key.stride(0),         key.stride(1),  key_cache.stride(0), key_cache.stride(1),
-                     key_cache.stride(2),   key_cache.size(1), key.size(2),      key.size(1) * key.size(2)};
+  return CacheLayout{key.stride(0),       key.stride(1),     key_cache.stride(0), key_cache.stride(1),
+                     key_cache.stride(2), key_cache.size(1), key.size(1),         key.size(2)};
 }
 
 }  // namespace qwen_fast

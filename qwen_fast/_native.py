@@ -4,6 +4,7 @@ torch is imported first (the extension links against it). Without the extension 
 unavailable and a warning says how to build them; the `triton` and `torch` backends keep working.
 """
 
+import functools
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,7 @@ except ImportError as error:
     )
 
 
+@functools.cache  # registrations happen when the extension loads and never change afterwards
 def has_kernel(op: str, dispatch_key: str) -> bool:
     """Whether the extension registered a `dispatch_key` ("CPU" or "CUDA") kernel for torch.ops.qwen_fast.<op>."""
     if LOAD_ERROR is not None:

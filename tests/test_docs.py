@@ -1,7 +1,10 @@
-"""The examples in the docstrings of the public functions and the references run and print what they claim."""
+"""The examples in the README and in the docstrings of the public functions and the references run and print what
+they claim."""
 
 import doctest
 import importlib
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,3 +24,11 @@ def test_docstring_examples(name):
     result = doctest.testmod(module, extraglobs={"torch": torch, "qwen_fast": qwen_fast}, verbose=False)
     assert result.failed == 0, f"{result.failed} of {result.attempted} doctest examples failed in {name}"
     assert result.attempted > 0, f"{name} has no docstring example"
+
+
+def test_readme_python_examples():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", readme, flags=re.S)
+    assert blocks, "README.md has no python example"
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})

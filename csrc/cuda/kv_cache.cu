@@ -1,4 +1,4 @@
-// CUDA reshape_and_cache: one thread block per token; its threads stride over the token's Hkv * D elements.
+// CUDA reshape_and_cache: one thread block per token; its threads stride over the head dim of each head.
 // Per-token logic: ../kv_cache.h. Slots past the cache are not checked here (that would need a host sync); the
 // Python API checks them when it can do so without one (CPU tensors), and the CPU kernel always does.
 #include <ATen/cuda/CUDAContext.h>
@@ -29,7 +29,7 @@ void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::
   if (num_tokens == 0) return;
   const at::cuda::OptionalCUDAGuard guard(key.device());
   const at::Tensor slots = slot_mapping.contiguous();
-  const int threads = static_cast<int>(std::min<int64_t>(layout.row_elems, 512));
+  const int threads = static_cast<int>(std::min<int64_t>(std::max<int64_t>(layout.head_dim, 32), 512));
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   dispatch_by_element_size(key.element_size(), "reshape_and_cache", [&](auto tag) {
     using Bits = decltype(tag);
