@@ -1,6 +1,8 @@
 """The extension is built, loads, and registers every schema in csrc/torch_bindings.cpp with its kernels."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -45,3 +47,24 @@ def test_cuda_kernels_all_or_none():
 
 def test_every_native_op_is_a_public_op():
     assert SCHEMAS <= set(qwen_fast.ops.OPS), f"schemas without a public op: {SCHEMAS - set(qwen_fast.ops.OPS)}"
+
+
+def test_import_works_without_the_extension(tmp_path):
+    """With qwen_fast._C unavailable, import warns once, the cpu/cuda backends say why, and the others still work."""
+    script = (
+        "import sys, warnings\n"
+        "sys.modules['qwen_fast._C'] = None\n"  # makes `from qwen_fast import _C` raise ImportError
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    import qwen_fast, torch\n"
+        "assert any('qwen_fast._C is not available' in str(w.message) for w in caught), caught\n"
+        "row = qwen_fast.backends()['reshape_and_cache']\n"
+        "assert row['cpu'].startswith('the C++ extension is not built'), row\n"
+        "assert row['torch'] == 'usable on cpu', row\n"
+        "kc = torch.zeros(2, 4, 1, 8); k = torch.randn(1, 1, 8)\n"
+        "with qwen_fast.record_backends() as calls:\n"
+        "    qwen_fast.reshape_and_cache(k, k, kc, kc.clone(), torch.tensor([5]))\n"
+        "assert calls == [('reshape_and_cache', 'torch')] and torch.equal(kc[1, 1], k[0]), calls\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
