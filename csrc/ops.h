@@ -4,6 +4,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <tuple>
+
 namespace qwen_fast {
 
 // Writes key/value [N, Hkv, D] into the paged caches [num_blocks, block_size, Hkv, D] at slot_mapping [N] (int64);
@@ -12,5 +14,12 @@ void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::T
                            at::Tensor& value_cache, const at::Tensor& slot_mapping);
 void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
                             at::Tensor& value_cache, const at::Tensor& slot_mapping);
+
+// Sorts the flat ids of topk_ids [T, k] (int32/int64) by expert, runs padded to block_size (layout:
+// qwen_fast/reference/moe_align.py) -> (sorted_token_ids, expert_ids, num_tokens_post_padded), all int32.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cpu(const at::Tensor& topk_ids,
+                                                                         int64_t block_size, int64_t num_experts);
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cuda(const at::Tensor& topk_ids,
+                                                                          int64_t block_size, int64_t num_experts);
 
 }  // namespace qwen_fast

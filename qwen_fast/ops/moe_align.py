@@ -2,12 +2,88 @@
 
 import torch
 
+from qwen_fast import _native
 from qwen_fast.reference import moe_align as reference
 
 from ._checks import INDEX_DTYPES, check_int, check_tensor
 from ._dispatch import NATIVE_FIRST, Op
 
-MOE_ALIGN_BLOCK_SIZE = Op("moe_align_block_size", {"torch": reference.moe_align_block_size}, NATIVE_FIRST)
+# The GEMM block sizes choose_block_size picks from: BLOCK_M of the grouped GEMM's tiles.
+BLOCK_SIZES = (16, 32, 64, 128)
+
+
+def choose_block_size(num_tokens: int, topk: int, num_experts: int) -> int:
+    """BLOCK_M for the grouped GEMM: rows per block of moe_align_block_size, from the expected rows per expert.
+
+    Rule: the N = num_tokens * topk routed rows fall on at most A = min(num_experts, N) experts, so an active expert
+    gets about R = ceil(N / A) rows; BLOCK_M is the smallest of 16, 32, 64, 128 that holds R (128 when R > 64).
+    Each active expert pads its run by at most BLOCK_M - 1 rows, so with R <= 16 (decode, small batches) the padding
+    is at most A * 15 rows (vLLM's fixed 64 pads the 8 rows of one decode token to 512); and BLOCK_M stays no larger
+    than the rows an expert has, while large batches get the 128-row tiles the GEMM runs fastest with.
+
+    Example (Qwen3-30B-A3B, E = 128, k = 8):
+        >>> [qwen_fast.ops.moe_align.choose_block_size(t, 8, 128) for t in (1, 64, 256, 512, 1024, 4096)]
+        [16, 16, 16, 32, 64, 128]
+    """
+    check_int("num_tokens", num_tokens, low=0)
+    check_int("topk", topk, low=1)
+    check_int("num_experts", num_experts, low=1)
+    num_pairs = num_tokens * topk
+    active = max(1, min(num_experts, num_pairs))
+    rows = -(-num_pairs // active)
+    return next((b for b in BLOCK_SIZES if b >= rows), BLOCK_SIZES[-1])
+
+
+def _align_sizes(topk_ids: torch.Tensor, block_size: int, num_experts: int) -> tuple:
+    num_pairs = topk_ids.numel()
+    max_padded = num_pairs + torch.sym_min(num_experts, num_pairs) * (block_size - 1)
+    return max_padded, (max_padded + block_size - 1) // block_size
+
+
+def _fake_moe_align_block_size(
+    topk_ids: torch.Tensor, block_size: int, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    torch._check(topk_ids.dim() == 2, lambda: f"topk_ids must be [T, k], got {tuple(topk_ids.shape)}")
+    torch._check(
+        topk_ids.dtype in (torch.int32, torch.int64), lambda: f"topk_ids must be int32 or int64, got {topk_ids.dtype}"
+    )
+    torch._check(block_size >= 1, lambda: f"block_size must be >= 1, got {block_size}")
+    torch._check(num_experts >= 1, lambda: f"num_experts must be >= 1, got {num_experts}")
+    max_padded, max_blocks = _align_sizes(topk_ids, block_size, num_experts)
+    new = topk_ids.new_empty
+    return new(max_padded, dtype=torch.int32), new(max_blocks, dtype=torch.int32), new(1, dtype=torch.int32)
+
+
+if _native.LOAD_ERROR is None:
+    torch.library.register_fake("qwen_fast::moe_align_block_size")(_fake_moe_align_block_size)
+
+
+@torch.library.custom_op("qwen_fast_triton::moe_align_block_size", mutates_args=())
+def _moe_align_block_size_triton(
+    topk_ids: torch.Tensor, block_size: int, num_experts: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    from qwen_fast.kernels.moe_align import moe_align_block_size as launch
+
+    return launch(topk_ids, block_size, num_experts)
+
+
+_moe_align_block_size_triton.register_fake(_fake_moe_align_block_size)
+
+
+def _moe_align_block_size_native(topk_ids, block_size, num_experts):
+    return torch.ops.qwen_fast.moe_align_block_size(topk_ids, block_size, num_experts)
+
+
+MOE_ALIGN_BLOCK_SIZE = Op(
+    "moe_align_block_size",
+    {
+        "cuda": _moe_align_block_size_native,
+        "triton": _moe_align_block_size_triton,
+        "cpu": _moe_align_block_size_native,
+        "torch": reference.moe_align_block_size,
+    },
+    NATIVE_FIRST,
+)
 
 
 def check_expert_ids(name: str, topk_ids: torch.Tensor, num_experts: int) -> None:
