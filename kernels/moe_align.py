@@ -33,7 +33,7 @@ from .compile_spec import TRITON_DTYPE, CompileSpec
 SUB = 64  # ids per chunk: the [SUB, SUB] rank comparison stays at 32 booleans per thread with 4 warps
 MIN_TILE = 1024  # ids per tile at least, so small batches are one tile (one program per kernel)
 MAX_ROWS = 256  # tiles at most: the prefix program's loop over rows stays short
-BLOCK_B = 128  # expert_ids entries per program of the binary search
+BLOCK_B = 1024  # expert_ids entries per program of the binary search (8 per thread at 4 warps)
 MAX_EXPERTS = 4096  # the prefix program holds E_PAD int32 vectors in registers
 
 
