@@ -35,7 +35,7 @@
 #include "../ops.h"
 
 namespace qwen_fast {
-namespace {
+namespace moe_align {  // named (not anonymous) so that cuobjdump and profilers print the kernels' names
 
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -137,7 +137,9 @@ __device__ void prefix_and_expert_ids(int32_t* counts, int64_t rows, int num_exp
   if (t == 0) offsets[num_experts] = total;
   __syncthreads();
   for (int e = t; e < num_experts; e += threads) column_to_bases(counts, rows, num_experts, e, offsets[e]);
-  for (int64_t b = t; b < max_blocks; b += threads) expert_ids[b] = expert_of_block(offsets, num_experts, b, block_size);
+  for (int64_t b = t; b < max_blocks; b += threads) {
+    expert_ids[b] = expert_of_block(offsets, num_experts, b, block_size);
+  }
   if (t == 0) post_padded[0] = total;
   __syncthreads();
 }
@@ -156,11 +158,11 @@ struct AlignArgs {
 };
 
 template <typename Id>
-__global__ void moe_align_fused_kernel(const Id* __restrict__ ids, AlignArgs a) {
+__global__ void fused_kernel(const Id* __restrict__ ids, AlignArgs a) {
   extern __shared__ int32_t shared[];
-  int32_t* counts = shared;                              // [kFusedWarps, E]
+  int32_t* counts = shared;                                 // [kFusedWarps, E]
   int32_t* offsets = counts + kFusedWarps * a.num_experts;  // [E + 1]
-  int* slots = offsets + a.num_experts + 1;              // [kScanSlots]
+  int* slots = offsets + a.num_experts + 1;                 // [kScanSlots]
   const int t = threadIdx.x, lane = t % kWarp, warp = t / kWarp;
   for (int j = t; j < kFusedWarps * a.num_experts; j += blockDim.x) counts[j] = 0;
   for (int64_t j = t; j < a.max_padded; j += blockDim.x) a.sorted[j] = static_cast<int32_t>(a.num_pairs);
@@ -176,7 +178,7 @@ __global__ void moe_align_fused_kernel(const Id* __restrict__ ids, AlignArgs a) 
 }
 
 template <typename Id>
-__global__ void moe_align_count_kernel(const Id* __restrict__ ids, int32_t* __restrict__ counts, AlignArgs a) {
+__global__ void count_kernel(const Id* __restrict__ ids, int32_t* __restrict__ counts, AlignArgs a) {
   extern __shared__ int32_t hist[];  // [E]
   const int t = threadIdx.x;
   for (int e = t; e < a.num_experts; e += blockDim.x) hist[e] = 0;
@@ -192,7 +194,7 @@ __global__ void moe_align_count_kernel(const Id* __restrict__ ids, int32_t* __re
   for (int e = t; e < a.num_experts; e += blockDim.x) counts[row * a.num_experts + e] = hist[e];
 }
 
-__global__ void moe_align_prefix_kernel(int32_t* __restrict__ counts, AlignArgs a) {
+__global__ void prefix_kernel(int32_t* __restrict__ counts, AlignArgs a) {
   extern __shared__ int32_t shared[];
   int32_t* offsets = shared;                  // [E + 1]
   int* slots = offsets + a.num_experts + 1;  // [kScanSlots]
@@ -201,7 +203,7 @@ __global__ void moe_align_prefix_kernel(int32_t* __restrict__ counts, AlignArgs 
 }
 
 template <typename Id>
-__global__ void moe_align_scatter_kernel(const Id* __restrict__ ids, int32_t* __restrict__ bases, AlignArgs a) {
+__global__ void scatter_kernel(const Id* __restrict__ ids, int32_t* __restrict__ bases, AlignArgs a) {
   const int lane = threadIdx.x % kWarp;
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kScatterWarps + threadIdx.x / kWarp;
   if (row >= a.rows) return;  // uniform over the warp
@@ -217,7 +219,7 @@ void launch(const at::Tensor& ids, AlignArgs a, cudaStream_t stream) {
     a.rows = kFusedWarps;
     a.tile = std::max<int64_t>(1, (a.num_pairs + kFusedWarps - 1) / kFusedWarps);
     const size_t shared = sizeof(int32_t) * (kFusedWarps * e + e + 1 + kScanSlots);
-    moe_align_fused_kernel<Id><<<1, kFusedWarps * kWarp, shared, stream>>>(id_ptr, a);
+    fused_kernel<Id><<<1, kFusedWarps * kWarp, shared, stream>>>(id_ptr, a);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     return;
   }
@@ -225,16 +227,17 @@ void launch(const at::Tensor& ids, AlignArgs a, cudaStream_t stream) {
   a.rows = std::max<int64_t>(1, (a.num_pairs + a.tile - 1) / a.tile);
   const at::Tensor counts = at::empty({a.rows, e}, ids.options().dtype(at::kInt));  // every entry is written
   int32_t* count_ptr = counts.mutable_data_ptr<int32_t>();
-  moe_align_count_kernel<Id><<<static_cast<unsigned>(a.rows), kCountThreads, sizeof(int32_t) * e, stream>>>(id_ptr, count_ptr, a);
+  const unsigned rows = static_cast<unsigned>(a.rows);
+  count_kernel<Id><<<rows, kCountThreads, sizeof(int32_t) * e, stream>>>(id_ptr, count_ptr, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  moe_align_prefix_kernel<<<1, kPrefixThreads, sizeof(int32_t) * (e + 1 + kScanSlots), stream>>>(count_ptr, a);
+  prefix_kernel<<<1, kPrefixThreads, sizeof(int32_t) * (e + 1 + kScanSlots), stream>>>(count_ptr, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  const int64_t scatter_blocks = (a.rows + kScatterWarps - 1) / kScatterWarps;
-  moe_align_scatter_kernel<Id><<<static_cast<unsigned>(scatter_blocks), kScatterWarps * kWarp, 0, stream>>>(id_ptr, count_ptr, a);
+  const unsigned scatter_blocks = (rows + kScatterWarps - 1) / kScatterWarps;
+  scatter_kernel<Id><<<scatter_blocks, kScatterWarps * kWarp, 0, stream>>>(id_ptr, count_ptr, a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-}  // namespace
+}  // namespace moe_align
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cuda(const at::Tensor& topk_ids,
                                                                           int64_t block_size, int64_t num_experts) {
@@ -242,7 +245,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cuda(const a
   const at::cuda::OptionalCUDAGuard guard(topk_ids.device());
   auto [sorted, expert_ids, post_padded] = empty_moe_align_outputs(topk_ids, sizes);
   const at::Tensor ids = topk_ids.contiguous();
-  AlignArgs args{sorted.mutable_data_ptr<int32_t>(),
+  moe_align::AlignArgs args{sorted.mutable_data_ptr<int32_t>(),
                  expert_ids.mutable_data_ptr<int32_t>(),
                  post_padded.mutable_data_ptr<int32_t>(),
                  sizes.num_pairs,
@@ -254,9 +257,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cuda(const a
                  static_cast<int>(num_experts)};
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   if (ids.scalar_type() == at::kInt) {
-    launch<int32_t>(ids, args, stream);
+    moe_align::launch<int32_t>(ids, args, stream);
   } else {
-    launch<int64_t>(ids, args, stream);
+    moe_align::launch<int64_t>(ids, args, stream);
   }
   return {sorted, expert_ids, post_padded};
 }

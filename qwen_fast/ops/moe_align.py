@@ -104,9 +104,10 @@ def moe_align_block_size(
     of `block_size` (vLLM's `moe_align_block_size`, with buffers sized T*k + min(E, T*k) * (block_size - 1)).
 
     Args:
-        topk_ids: [T, k] int32/int64 expert ids in [0, num_experts).
-        block_size: rows per GEMM block, >= 1.
-        num_experts: E, >= 1.
+        topk_ids: [T, k] int32/int64 expert ids in [0, num_experts). Checked on CPU tensors; on CUDA the check
+            would need a host sync, and the kernels skip an id outside the range.
+        block_size: rows per GEMM block, >= 1 (choose_block_size picks one for the grouped GEMM).
+        num_experts: E, >= 1 (the cuda, cpu and triton kernels take E <= 4096).
 
     Returns:
         sorted_token_ids: int32 [T*k + min(E, T*k) * (block_size - 1)], padding = T*k.
