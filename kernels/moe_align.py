@@ -4,13 +4,14 @@ qwen_fast/reference/moe_align.py; the same algorithm as csrc/moe_align.h).
 The N = T*k flat ids are cut into `rows` tiles of `tile` ids (tile = max(1024, ceil(N / 256)) rounded up to SUB, so
 rows <= 256 and the single-program prefix below loops over at most 256 rows). Four launches:
 
-1. _count_kernel, program r owns tile r: walks it in chunks of SUB ids and adds each valid id to counts[r, e] with an
-   integer atomic (order-independent, so deterministic). counts [rows, E] int32 starts zeroed.
+1. _count_kernel, program r owns tile r: walks it in chunks of SUB ids, one id per thread (COUNT_WARPS = 2), and
+   adds each valid id to counts[r, e] with an integer atomic (order-independent, so deterministic). counts
+   [rows, E] int32 starts zeroed.
 2. _prefix_kernel, one program: holds a vector of E_PAD = next_power_of_2(E) int32 in registers. totals = column
    sums of counts; padded = ceil(total / block_size) * block_size; offsets = exclusive cumsum (stored [E + 1],
-   offsets[E] = num_tokens_post_padded); then rewrites counts in place as the tiles' write bases
-   base[r, e] = offsets[e] + sum_{r' < r} counts[r', e]. Each element is read and written by the thread that owns
-   it in the E_PAD layout, so no barrier is needed.
+   offsets[E] = num_tokens_post_padded); then writes the tiles' write bases base[r, e] = offsets[e] +
+   sum_{r' < r} counts[r', e] to a separate [rows, E] buffer (not in place: when E_PAD is smaller than the
+   program's threads, an element is held by several threads, and an in-place rewrite would race their loads).
 3. _expert_ids_kernel, program b owns BLOCK_B entries of expert_ids: binary search of offsets (STEPS =
    bit_length(E - 1) halvings) for the largest e with offsets[e] <= b * block_size; -1 past the used entries.
 4. _scatter_kernel, program r owns tile r: per chunk of SUB ids, rank[i] = #{j < i in the chunk with the same
@@ -35,6 +36,7 @@ MIN_TILE = 1024  # ids per tile at least, so small batches are one tile (one pro
 MAX_ROWS = 256  # tiles at most: the prefix program's loop over rows stays short
 BLOCK_B = 1024  # expert_ids entries per program of the binary search (8 per thread at 4 warps)
 MAX_EXPERTS = 4096  # the prefix program holds E_PAD int32 vectors in registers
+COUNT_WARPS = 2  # 64 threads for the SUB = 64 ids of a chunk: one id per thread, no replicated atomics
 
 
 @triton.jit
@@ -52,7 +54,7 @@ def _count_kernel(ids, counts, num_pairs, num_experts, tile, SUB: tl.constexpr):
 
 
 @triton.jit
-def _prefix_kernel(counts, offsets, post_padded, rows, num_experts, block_size, E_PAD: tl.constexpr):
+def _prefix_kernel(counts, bases, offsets, post_padded, rows, num_experts, block_size, E_PAD: tl.constexpr):
     experts = tl.arange(0, E_PAD)
     emask = experts < num_experts
     total = tl.zeros([E_PAD], dtype=tl.int32)
@@ -66,9 +68,8 @@ def _prefix_kernel(counts, offsets, post_padded, rows, num_experts, block_size, 
     tl.store(post_padded, used)
     running = start
     for r in range(rows):
-        row = counts + r * num_experts + experts
-        count = tl.load(row, mask=emask, other=0)
-        tl.store(row, running, mask=emask)
+        count = tl.load(counts + r * num_experts + experts, mask=emask, other=0)
+        tl.store(bases + r * num_experts + experts, running, mask=emask)
         running += count
 
 
@@ -152,17 +153,18 @@ def moe_align_block_size(
     config = _config(num_experts)
     tile, rows = tiling(num_pairs)
     counts = torch.zeros((rows, num_experts), dtype=torch.int32, device=device)
+    bases = torch.empty((rows, num_experts), dtype=torch.int32, device=device)
     offsets = torch.empty((num_experts + 1,), dtype=torch.int32, device=device)
-    _count_kernel[(rows,)](ids, counts, num_pairs, num_experts, tile, SUB=SUB, num_warps=4)
+    _count_kernel[(rows,)](ids, counts, num_pairs, num_experts, tile, SUB=SUB, num_warps=COUNT_WARPS)
     _prefix_kernel[(1,)](
-        counts, offsets, post_padded, rows, num_experts, block_size, E_PAD=config["E_PAD"],
+        counts, bases, offsets, post_padded, rows, num_experts, block_size, E_PAD=config["E_PAD"],
         num_warps=config["prefix_warps"],
     )  # fmt: skip
     _expert_ids_kernel[(triton.cdiv(max_blocks, BLOCK_B),)](
         offsets, expert_ids, max_blocks, num_experts, block_size, BLOCK_B=BLOCK_B, STEPS=config["STEPS"],
         num_warps=4,
     )  # fmt: skip
-    _scatter_kernel[(rows,)](ids, counts, sorted_ids, num_pairs, num_experts, tile, SUB=SUB, num_warps=4)
+    _scatter_kernel[(rows,)](ids, bases, sorted_ids, num_pairs, num_experts, tile, SUB=SUB, num_warps=4)
     return sorted_ids, expert_ids, post_padded
 
 
@@ -174,8 +176,8 @@ def compile_specs() -> list[CompileSpec]:
         specs.append(
             CompileSpec(
                 _prefix_kernel,
-                {"counts": "*i32", "offsets": "*i32", "post_padded": "*i32", "rows": i32, "num_experts": i32,
-                 "block_size": i32, "E_PAD": "constexpr"},
+                {"counts": "*i32", "bases": "*i32", "offsets": "*i32", "post_padded": "*i32", "rows": i32,
+                 "num_experts": i32, "block_size": i32, "E_PAD": "constexpr"},
                 {"E_PAD": config["E_PAD"]},
                 num_warps=config["prefix_warps"],
                 label=f"prefix E={num_experts}",
@@ -196,7 +198,7 @@ def compile_specs() -> list[CompileSpec]:
         common = {"num_pairs": i32, "num_experts": i32, "tile": i32, "SUB": "constexpr"}
         specs.append(
             CompileSpec(
-                _count_kernel, {"ids": ids, "counts": "*i32"} | common, {"SUB": SUB}, num_warps=4,
+                _count_kernel, {"ids": ids, "counts": "*i32"} | common, {"SUB": SUB}, num_warps=COUNT_WARPS,
                 label=f"count {TRITON_DTYPE[dtype]}",
             )
         )  # fmt: skip
