@@ -13,4 +13,9 @@ void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::T
 void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
                             at::Tensor& value_cache, const at::Tensor& slot_mapping);
 
+// SwiGLU experts: hidden_states [T, H], w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], topk_weights and
+// topk_ids [T, k]; returns [T, H], the k expert outputs weighted and summed in fp32 in j order.
+at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& w13, const at::Tensor& w2,
+                             const at::Tensor& topk_weights, const at::Tensor& topk_ids);
+
 }  // namespace qwen_fast
