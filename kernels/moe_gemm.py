@@ -28,10 +28,12 @@ Offsets: token rows, pair rows and expert bases are int64 (T*k*H and E*2I*H can 
 input_precision "ieee" (no TF32) so the fp32 backend meets the fp32 tolerance.
 
 Tiles (_config): BLOCK_M comes from the expected rows per expert, T*k/E: 16 (decode) up to 128 (prefill), since rows
-past an expert's count are padding and cost full work. BLOCK_N/BLOCK_K/warps/stages are fixed per (BLOCK_M, dtype):
-64-wide N tiles keep GEMM 1's two accumulators within the register file at BLOCK_M = 128; BLOCK_K = 64 for 16-bit
-(128-byte rows, one swizzled shared-memory line) and 32 for fp32 (the same bytes). Every config is listed in
-compile_specs() and compiled for sm_80 and sm_90 by `python -m qwen_fast.gpu_check`, which fails on spills.
+past an expert's count are padding and cost full work. BLOCK_N/BLOCK_K/warps/stages are fixed per (BLOCK_M, dtype).
+16-bit: BLOCK_K = 64 (128-byte rows, one swizzled shared-memory line); GEMM 1 holds two accumulators, so its N tile
+is 64 up to BLOCK_M = 64 and 32 at BLOCK_M = 128 (64 spilled on sm_80 and sm_90); GEMM 2 widens N to 128 from
+BLOCK_M = 64. fp32 (exact "ieee" dot products on FMA units, operands in registers): N = 32 and K = 32, K = 16 from
+BLOCK_M = 64 (wider tiles spilled on sm_80). Every config is listed in compile_specs() and compiled for sm_80 and
+sm_90 by `python -m qwen_fast.gpu_check`, which fails on spills.
 """
 
 import torch
@@ -82,14 +84,15 @@ def _gate_up_kernel(
 
     a_ptrs = hidden + tokens[:, None] * stride_ht + ks[None, :] * stride_hh
     gate_ptrs = w13 + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
-    up_ptrs = gate_ptrs + inter_size * stride_wn  # one expert's gate block: I*H elements, far below 2^31
+    up_ptrs = gate_ptrs + inter_size * stride_wn  # I rows past the gate rows (one expert: I*H << 2^31 elements)
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, hidden_size, BLOCK_K):
         k_ok = ks < hidden_size - k0
+        b_mask = k_ok[:, None] & col_ok[None, :]
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b_gate = tl.load(gate_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        b_up = tl.load(up_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        b_gate = tl.load(gate_ptrs, mask=b_mask, other=0.0)
+        b_up = tl.load(up_ptrs, mask=b_mask, other=0.0)
         acc_gate = tl.dot(a, b_gate, acc_gate, input_precision=DOT_PRECISION)
         acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_hh
@@ -177,15 +180,15 @@ def choose_block_m(num_pairs: int, num_experts: int) -> int:
 
 def _config(block_m: int, dtype: torch.dtype) -> dict:
     """GEMM tiles for one BLOCK_M and dtype: {"gate_up": {...}, "down": {...}} with BLOCK_N, BLOCK_K, warps, stages."""
-    block_k = 32 if dtype == torch.float32 else 64
-    stages = 2 if dtype == torch.float32 else (3 if block_m <= 64 else 2)
+    if dtype == torch.float32:  # exact fp32 dot products run on FMA units: small tiles, operands held in registers
+        warps = 4 if block_m <= 32 else 8
+        tiles = {"BLOCK_N": 32, "BLOCK_K": 16 if block_m >= 64 else 32, "num_warps": warps, "num_stages": 2}
+        return {"gate_up": tiles, "down": tiles}
     warps = 4 if block_m <= 32 else 8
-    gate_up = {"BLOCK_N": 64 if block_m <= 64 else 32 if dtype == torch.float32 else 64, "BLOCK_K": block_k}
-    down = {"BLOCK_N": 64 if block_m <= 32 or dtype == torch.float32 else 128, "BLOCK_K": block_k}
-    return {
-        "gate_up": gate_up | {"num_warps": warps, "num_stages": stages},
-        "down": down | {"num_warps": warps, "num_stages": stages},
-    }
+    stages = 3 if block_m <= 64 else 2
+    gate_up = {"BLOCK_N": 64 if block_m <= 64 else 32, "BLOCK_K": 64, "num_warps": warps, "num_stages": stages}
+    down = {"BLOCK_N": 64 if block_m <= 32 else 128, "BLOCK_K": 64, "num_warps": warps, "num_stages": stages}
+    return {"gate_up": gate_up, "down": down}
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -306,7 +309,7 @@ def compile_specs() -> list[CompileSpec]:
                         label=f"{TRITON_DTYPE[dtype]} M={block_m} N={tiles['BLOCK_N']} K={tiles['BLOCK_K']}",
                     )
                 )
-        for weight_dtype in (torch.float32, dtype):
+        for weight_dtype in dict.fromkeys((torch.float32, dtype)):
             signature = {"y": pointer, "topk_weights": "*" + TRITON_DTYPE[weight_dtype], "out": pointer}
             signature |= {"topk": "i32", "hidden_size": "i32", "stride_wt": "i64", "stride_wk": "i64"}
             signature["BLOCK_H"] = "constexpr"
