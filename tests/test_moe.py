@@ -407,3 +407,14 @@ def test_fused_experts_compiles_fullgraph(backend):
     torch._dynamo.reset()
     with qwen_fast.use_backend(backend):
         assert_close(layer(*args), expected + args[0])
+
+
+def test_fused_experts_native_checks_its_arguments():
+    """Direct torch.ops calls skip the Python checks: the C++ op names the bad argument and its value."""
+    x, w13, w2, weights, ids = _expert_inputs(5, 8, 2, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=r"topk_ids must lie in \[0, 8\), got 8 at flat index 3"):
+        torch.ops.qwen_fast.fused_experts(x, w13, w2, weights, torch.where(torch.arange(10).view(5, 2) == 3, 8, ids))
+    with pytest.raises(RuntimeError, match="w13 and w2 must have hidden_states' dtype"):
+        torch.ops.qwen_fast.fused_experts(x, w13.half(), w2, weights, ids)
+    with pytest.raises(RuntimeError, match=r"w2 must be \[E, H, I\]"):
+        torch.ops.qwen_fast.fused_experts(x, w13, w2[:, :, :5], weights, ids)
