@@ -418,3 +418,14 @@ def test_fused_experts_native_checks_its_arguments():
         torch.ops.qwen_fast.fused_experts(x, w13.half(), w2, weights, ids)
     with pytest.raises(RuntimeError, match=r"w2 must be \[E, H, I\]"):
         torch.ops.qwen_fast.fused_experts(x, w13, w2[:, :, :5], weights, ids)
+
+
+@pytest.mark.parametrize("num_tokens,block_m", [(8, 16), (24, 32), (64, 64), (72, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.interpret
+def test_fused_experts_triton_every_block_m(num_tokens, block_m, dtype):
+    """Each BLOCK_M the heuristic can pick (E = 8, k = 8: T*k/E = T rows per expert) against the reference."""
+    from qwen_fast.kernels.moe_gemm import choose_block_m
+
+    assert choose_block_m(num_tokens * 8, 8) == block_m
+    _check_backend("triton", "cpu", (dtype,), dtype, num_tokens, 8, 8)
