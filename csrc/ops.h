@@ -22,4 +22,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cpu(const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cuda(const at::Tensor& topk_ids,
                                                                           int64_t block_size, int64_t num_experts);
 
+// SwiGLU experts: hidden_states [T, H], w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], topk_weights and
+// topk_ids [T, k]; returns [T, H], the k expert outputs weighted and summed in fp32 in j order.
+at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& w13, const at::Tensor& w2,
+                             const at::Tensor& topk_weights, const at::Tensor& topk_ids);
+
 }  // namespace qwen_fast

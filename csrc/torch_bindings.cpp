@@ -8,6 +8,7 @@ TORCH_LIBRARY(qwen_fast, m) {
       "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
       "Tensor slot_mapping) -> ()");
   m.def("moe_align_block_size(Tensor topk_ids, int block_size, int num_experts) -> (Tensor, Tensor, Tensor)");
+  m.def("fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids) -> Tensor");
 }
 
 // A plain Python module, so that `import qwen_fast._C` loads the library and runs the registrations above.

@@ -281,3 +281,149 @@ def test_fused_moe_bad_input(kwargs, error, message):
     } | kwargs
     with pytest.raises(error, match=message):
         qwen_fast.fused_moe(**call)
+
+
+# --- fused_experts: every backend against the reference, opcheck, torch.compile, determinism ------------------------
+
+# (backend, device of the tensors, dtypes). The interpreter cannot run bf16 tl.dot: Triton on CPU is fp32 and fp16.
+EXPERT_BACKENDS = [
+    ("cpu", "cpu", (torch.float32, torch.bfloat16, torch.float16)),
+    pytest.param("triton", "cpu", (torch.float32, torch.float16), marks=pytest.mark.interpret),
+    pytest.param("triton", "cuda", (torch.float32, torch.bfloat16, torch.float16), marks=pytest.mark.gpu),
+]
+EXPERT_H, EXPERT_I = 40, 24  # not multiples of any tile
+
+
+def _pairs(num_tokens: int, num_experts: int, topk: int, case: str = "random") -> torch.Tensor:
+    """int32 [T, k] expert ids, distinct within a token; 'one-expert': every token on expert 3 (k = 1); 'sparse':
+    every token on the same k of E experts (the others get nothing)."""
+    if case == "one-expert":
+        return torch.full((num_tokens, 1), 3, dtype=torch.int32)
+    if case == "sparse":
+        chosen = torch.randperm(num_experts)[:topk]
+        return chosen.expand(num_tokens, topk)[:, torch.randperm(topk)].int()
+    return torch.rand(num_tokens, num_experts).argsort(-1)[:, :topk].int()
+
+
+def _expert_inputs(num_tokens, num_experts, topk, dtype, device, case="random", weight_dtype=torch.float32):
+    ids = _pairs(num_tokens, num_experts, topk, case)
+    x = torch.randn(num_tokens, EXPERT_H).to(dtype)
+    w13, w2 = _experts(num_experts, dtype, EXPERT_H, EXPERT_I)
+    weights = torch.rand(ids.shape).to(weight_dtype)
+    return [t.to(device) for t in (x, w13, w2, weights, ids)]
+
+
+def _run(backend, *args):
+    with qwen_fast.record_backends() as trace, qwen_fast.use_backend(backend):
+        out = qwen_fast.fused_experts(*args)
+    assert ("fused_experts", backend) in trace
+    return out
+
+
+def _check_backend(backend, device, dtypes, dtype, num_tokens, num_experts, topk, case="random", **kwargs):
+    if dtype not in dtypes:
+        pytest.skip(f"{backend} on {device} does not run {dtype}")
+    if topk > num_experts:
+        pytest.skip(f"k = {topk} > E = {num_experts}")
+    args = _expert_inputs(num_tokens, num_experts, topk, dtype, device, case, **kwargs)
+    out = _run(backend, *args)
+    assert out.shape == (num_tokens, EXPERT_H) and out.dtype == dtype and out.device.type == device
+    assert_close(out.cpu(), fused_experts(*[a.cpu() for a in args]))
+
+
+@pytest.mark.parametrize("topk", [1, 2, 8])
+@pytest.mark.parametrize("num_experts", [8, 61])
+@pytest.mark.parametrize("num_tokens", [0, 1, 7, 64])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("backend,device,dtypes", EXPERT_BACKENDS)
+def test_fused_experts_backend_matches_reference(backend, device, dtypes, dtype, num_tokens, num_experts, topk):
+    _check_backend(backend, device, dtypes, dtype, num_tokens, num_experts, topk)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "num_tokens,num_experts,topk,case,weight_dtype",
+    [
+        (257, 61, 8, "random", torch.float32),  # many blocks per expert
+        (33, 8, 1, "one-expert", torch.float32),  # all tokens on one expert, 7 experts empty
+        (21, 61, 3, "sparse", torch.float32),  # 58 experts with no tokens
+        (9, 8, 2, "random", None),  # routing weights in the model dtype (transformers' Qwen3 router)
+    ],
+)
+@pytest.mark.parametrize("backend,device,dtypes", EXPERT_BACKENDS)
+def test_fused_experts_backend_routing_cases(backend, device, dtypes, dtype, num_tokens, num_experts, topk, case,
+                                             weight_dtype):  # fmt: skip
+    if num_tokens > 64 and backend == "triton" and device == "cpu":
+        pytest.skip("the interpreter runs each program serially: large T only on the cpu backend and on CUDA")
+    _check_backend(backend, device, dtypes, dtype, num_tokens, num_experts, topk, case,
+                   weight_dtype=weight_dtype or dtype)  # fmt: skip
+
+
+@pytest.mark.parametrize("backend,device,dtypes", EXPERT_BACKENDS)
+def test_fused_experts_backend_deterministic_and_strided_weights(backend, device, dtypes):
+    """Same bits run to run; weights stored transposed ([E, H, 2I] memory) are read through their strides."""
+    dtype = dtypes[-1]
+    x, w13, w2, weights, ids = _expert_inputs(64, 8, 2, dtype, device)
+    out = _run(backend, x, w13, w2, weights, ids)
+    assert torch.equal(out, _run(backend, x, w13, w2, weights, ids))
+    w13_t = w13.transpose(1, 2).contiguous().transpose(1, 2)
+    w2_t = w2.transpose(1, 2).contiguous().transpose(1, 2)
+    assert_close(_run(backend, x, w13_t, w2_t, weights, ids.long()), out)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("num_tokens", [1, 64, 512, 1024, 2048])  # BLOCK_M 16, 16, 32, 64, 128
+def test_fused_experts_triton_qwen3_30b_shape(num_tokens, dtype):
+    num_experts, topk, hidden, inter = 128, 8, 2048, 768
+    x = torch.randn(num_tokens, hidden, device="cuda").to(dtype)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda") / hidden**0.5).to(dtype)
+    w2 = (torch.randn(num_experts, hidden, inter, device="cuda") / inter**0.5).to(dtype)
+    weights, ids = qwen_fast.reference.fused_topk(torch.randn(num_tokens, num_experts, device="cuda"), topk)
+    out = _run("triton", x, w13, w2, weights, ids)
+    assert_close(out, fused_experts(x, w13, w2, weights, ids))
+
+
+def test_fused_experts_opcheck_native():
+    torch.library.opcheck(torch.ops.qwen_fast.fused_experts.default, _expert_inputs(7, 8, 2, torch.float32, "cpu"))
+
+
+@pytest.mark.interpret
+def test_fused_experts_opcheck_triton():
+    torch.library.opcheck(
+        torch.ops.qwen_fast_triton.fused_experts.default, _expert_inputs(7, 8, 2, torch.float16, "cpu")
+    )
+
+
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_fused_experts_compiles_fullgraph(backend):
+    args = _expert_inputs(7, 8, 2, torch.float32, "cpu")
+    expected = fused_experts(*args)
+
+    @torch.compile(fullgraph=True, backend="inductor" if backend == "cpu" else "eager")
+    def layer(x, w13, w2, weights, ids):
+        return qwen_fast.fused_experts(x, w13, w2, weights, ids) + x
+
+    torch._dynamo.reset()
+    with qwen_fast.use_backend(backend):
+        assert_close(layer(*args), expected + args[0])
+
+
+def test_fused_experts_native_checks_its_arguments():
+    """Direct torch.ops calls skip the Python checks: the C++ op names the bad argument and its value."""
+    x, w13, w2, weights, ids = _expert_inputs(5, 8, 2, torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=r"topk_ids must lie in \[0, 8\), got 8 at flat index 3"):
+        torch.ops.qwen_fast.fused_experts(x, w13, w2, weights, torch.where(torch.arange(10).view(5, 2) == 3, 8, ids))
+    with pytest.raises(RuntimeError, match="w13 and w2 must have hidden_states' dtype"):
+        torch.ops.qwen_fast.fused_experts(x, w13.half(), w2, weights, ids)
+    with pytest.raises(RuntimeError, match=r"w2 must be \[E, H, I\]"):
+        torch.ops.qwen_fast.fused_experts(x, w13, w2[:, :, :5], weights, ids)
+
+
+@pytest.mark.parametrize("num_tokens,block_m", [(8, 16), (24, 32), (64, 64), (72, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+@pytest.mark.interpret
+def test_fused_experts_triton_every_block_m(num_tokens, block_m, dtype):
+    """Each BLOCK_M the heuristic can pick (E = 8, k = 8: T*k/E = T rows per expert) against the reference."""
+    assert qwen_fast.ops.moe_align.choose_block_size(num_tokens, 8, 8) == block_m
+    _check_backend("triton", "cpu", (dtype,), dtype, num_tokens, 8, 8)

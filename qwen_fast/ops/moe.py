@@ -2,6 +2,7 @@
 
 import torch
 
+from qwen_fast import _native
 from qwen_fast.reference import moe as reference
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_shape, check_tensor
@@ -9,7 +10,51 @@ from ._dispatch import NATIVE_FIRST, Op
 from .moe_align import check_expert_ids
 from .routing import check_routing_args
 
-FUSED_EXPERTS = Op("fused_experts", {"torch": reference.fused_experts}, NATIVE_FIRST)
+
+def _fake_fused_experts(hidden_states, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    torch._check(hidden_states.dim() == 2, lambda: f"hidden_states must be [T, H], got {tuple(hidden_states.shape)}")
+    torch._check(w13.dim() == 3 and w2.dim() == 3, lambda: "w13 must be [E, 2I, H] and w2 [E, H, I]")
+    torch._check(w13.shape[2] == hidden_states.shape[1], lambda: "w13 [E, 2I, H] must match hidden_states in H")
+    torch._check(
+        w2.shape[0] == w13.shape[0] and w2.shape[1] == w13.shape[2] and 2 * w2.shape[2] == w13.shape[1],
+        lambda: f"w2 {tuple(w2.shape)} must be [E, H, I] for w13 [E, 2I, H] = {tuple(w13.shape)}",
+    )
+    torch._check(topk_ids.dim() == 2 and topk_ids.shape[0] == hidden_states.shape[0], lambda: "topk_ids must be [T, k]")
+    torch._check(topk_weights.shape == topk_ids.shape, lambda: "topk_weights must have topk_ids' shape [T, k]")
+    torch._check(w13.dtype == hidden_states.dtype and w2.dtype == hidden_states.dtype, lambda: "one weight dtype")
+    return hidden_states.new_empty(hidden_states.shape)
+
+
+if _native.LOAD_ERROR is None:
+    torch.library.register_fake("qwen_fast::fused_experts")(_fake_fused_experts)
+
+
+@torch.library.custom_op("qwen_fast_triton::fused_experts", mutates_args=())
+def _fused_experts_triton(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    from qwen_fast.kernels.moe_gemm import fused_experts as launch
+
+    return launch(hidden_states, w13, w2, topk_weights, topk_ids)
+
+
+_fused_experts_triton.register_fake(_fake_fused_experts)
+
+
+def _fused_experts_native(hidden_states, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+    return torch.ops.qwen_fast.fused_experts(hidden_states, w13, w2, topk_weights, topk_ids)
+
+
+# The experts' GEMMs are Triton's job on CUDA (no CUDA C++ kernel); the C++ extension's ATen GEMMs on CPU.
+FUSED_EXPERTS = Op(
+    "fused_experts",
+    {"triton": _fused_experts_triton, "cpu": _fused_experts_native, "torch": reference.fused_experts},
+    {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
+)
 FUSED_MOE = Op("fused_moe", {"torch": reference.fused_moe}, NATIVE_FIRST)
 
 

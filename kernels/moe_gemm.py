@@ -1,0 +1,319 @@
+"""Triton fused_experts: two grouped GEMMs over the (token, choice) pairs sorted by expert, then a combine.
+
+Routing layout: qwen_fast.moe_align_block_size(topk_ids, BLOCK_M, E) sorts the flat pair indices i = t * k + j by
+expert and pads each expert's run to a multiple of BLOCK_M (sentinel T * k), so that every block of BLOCK_M sorted
+rows belongs to one expert (expert_ids[block], -1 for unused blocks). Row r of the sorted order is pair
+sorted_token_ids[r]; padding rows are masked everywhere (never loaded, never stored). This is the grouped GEMM of
+vLLM's fused_moe and MegaBlocks, written here from that description.
+
+1. _gate_up_kernel, grid (num_blocks, cdiv(I, BLOCK_N)). Program (b, n) owns rows [b*BLOCK_M, (b+1)*BLOCK_M) of
+   the sorted order and intermediate columns [n*BLOCK_N, (n+1)*BLOCK_N) of expert e = expert_ids[b]. Per K step it
+   loads the gathered token rows of hidden_states [BLOCK_M, BLOCK_K] and two weight tiles of w13[e] read in place:
+   the gate rows n.. and the up rows I + n.., each as [BLOCK_K, BLOCK_N] through w13's strides (no transposed
+   copy). Registers hold two fp32 accumulators [BLOCK_M, BLOCK_N]. Epilogue, rounding where the reference rounds:
+   gate and up to the activation dtype, silu(gate) in fp32 to the dtype, the product in fp32 to the dtype; stored to
+   intermediate [num_padded, I] at the sorted row. The [T*k, 2I] gate_up tensor never exists.
+2. _down_kernel, grid (num_blocks, cdiv(H, BLOCK_N)). Program (b, n) owns the same BLOCK_M sorted rows and output
+   columns [n*BLOCK_N, ...) of expert e: intermediate rows x w2[e][n.., :].T (w2 [E, H, I] read in place as
+   [BLOCK_K, BLOCK_N] tiles), fp32 accumulator, rounded to the dtype (as the reference's F.linear) and stored to
+   y [T*k, H] at the pair's flat index sorted_token_ids[r] (a scatter: each pair has exactly one row, so every row
+   of y is written exactly once, by one program, no atomics).
+3. _combine_kernel, grid (T, cdiv(H, BLOCK_H)). Program (t, h) owns out[t, h*BLOCK_H ...]: an fp32 accumulator
+   starting at 0, adding float(topk_weights[t, j]) * float(y[t*k + j]) for j = 0 .. k-1 in order, then one cast to
+   the output dtype: the reference's combine, deterministic (fixed order, no atomics). The routing weight is applied
+   here rather than in the GEMM 2 epilogue so that the product stays in fp32 (y in the dtype times an fp32 weight,
+   as the reference), with no extra rounding of a weighted y to the activation dtype.
+
+Offsets: token rows, pair rows and expert bases are int64 (T*k*H and E*2I*H can pass 2^31). fp32 tl.dot uses
+input_precision "ieee" (no TF32) so the fp32 backend meets the fp32 tolerance.
+
+Tiles (_config): BLOCK_M is qwen_fast.ops.moe_align.choose_block_size, the rows per active expert rounded up to 16
+(decode) ... 128 (prefill), since rows past an expert's count are padding and cost full work.
+BLOCK_N/BLOCK_K/warps/stages are fixed per (BLOCK_M, dtype).
+16-bit: BLOCK_K = 64 (128-byte rows, one swizzled shared-memory line); GEMM 1 holds two accumulators, so its N tile
+is 64 up to BLOCK_M = 64 and 32 at BLOCK_M = 128 (64 spilled on sm_80 and sm_90); GEMM 2 widens N to 128 from
+BLOCK_M = 64. fp32 (exact "ieee" dot products on FMA units, operands in registers): N = 32 and K = 32, K = 16 from
+BLOCK_M = 64 (wider tiles spilled on sm_80). Every config is listed in compile_specs() and compiled for sm_80 and
+sm_90 by `python -m qwen_fast.gpu_check`, which fails on spills.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from qwen_fast.ops.moe_align import BLOCK_SIZES
+
+from .compile_spec import TRITON_DTYPE, CompileSpec
+
+COMBINE_BLOCK_H = 512  # 512 columns x 4 B fp32 accumulator over 4 warps: 4 registers per thread, 1 KB per row loaded
+
+
+@triton.jit
+def _gate_up_kernel(
+    hidden,
+    w13,
+    intermediate,
+    sorted_token_ids,
+    expert_ids,
+    num_tokens_post_padded,
+    num_pairs,
+    topk,
+    hidden_size,
+    inter_size,
+    stride_ht,
+    stride_hh,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    block = tl.program_id(0)
+    col_block = tl.program_id(1)
+    if block * BLOCK_M >= tl.load(num_tokens_post_padded):
+        return
+    expert = tl.load(expert_ids + block).to(tl.int64)
+    if expert < 0:
+        return
+    rows = block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_token_ids + rows).to(tl.int64)
+    row_ok = pairs < num_pairs
+    tokens = pairs // topk
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < inter_size
+    ks = tl.arange(0, BLOCK_K)
+
+    a_ptrs = hidden + tokens[:, None] * stride_ht + ks[None, :] * stride_hh
+    gate_ptrs = w13 + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
+    up_ptrs = gate_ptrs + inter_size * stride_wn  # I rows past the gate rows (one expert: I*H << 2^31 elements)
+    acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, hidden_size, BLOCK_K):
+        k_ok = ks < hidden_size - k0
+        b_mask = k_ok[:, None] & col_ok[None, :]
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b_gate = tl.load(gate_ptrs, mask=b_mask, other=0.0)
+        b_up = tl.load(up_ptrs, mask=b_mask, other=0.0)
+        acc_gate = tl.dot(a, b_gate, acc_gate, input_precision=DOT_PRECISION)
+        acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K * stride_hh
+        gate_ptrs += BLOCK_K * stride_wk
+        up_ptrs += BLOCK_K * stride_wk
+
+    dtype = intermediate.dtype.element_ty
+    gate = acc_gate.to(dtype).to(tl.float32)
+    up = acc_up.to(dtype).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    out = (act * up).to(dtype)
+    out_ptrs = intermediate + rows[:, None] * inter_size + cols[None, :]
+    tl.store(out_ptrs, out, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _down_kernel(
+    intermediate,
+    w2,
+    y,
+    sorted_token_ids,
+    expert_ids,
+    num_tokens_post_padded,
+    num_pairs,
+    hidden_size,
+    inter_size,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    block = tl.program_id(0)
+    col_block = tl.program_id(1)
+    if block * BLOCK_M >= tl.load(num_tokens_post_padded):
+        return
+    expert = tl.load(expert_ids + block).to(tl.int64)
+    if expert < 0:
+        return
+    rows = block.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pairs = tl.load(sorted_token_ids + rows).to(tl.int64)
+    row_ok = pairs < num_pairs
+    cols = col_block * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < hidden_size
+    ks = tl.arange(0, BLOCK_K)
+
+    a_ptrs = intermediate + rows[:, None] * inter_size + ks[None, :]
+    b_ptrs = w2 + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, inter_size, BLOCK_K):
+        k_ok = ks < inter_size - k0
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_wk
+
+    y_ptrs = y + pairs[:, None] * hidden_size + cols[None, :]
+    tl.store(y_ptrs, acc.to(y.dtype.element_ty), mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(y, topk_weights, out, topk, hidden_size, stride_wt, stride_wk, BLOCK_H: tl.constexpr):
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_ok = cols < hidden_size
+    acc = tl.zeros((BLOCK_H,), dtype=tl.float32)
+    for j in range(0, topk):
+        weight = tl.load(topk_weights + token * stride_wt + j * stride_wk).to(tl.float32)
+        row = tl.load(y + (token * topk + j) * hidden_size + cols, mask=col_ok, other=0.0).to(tl.float32)
+        acc += weight * row
+    tl.store(out + token * hidden_size + cols, acc.to(out.dtype.element_ty), mask=col_ok)
+
+
+def _config(block_m: int, dtype: torch.dtype) -> dict:
+    """GEMM tiles for one BLOCK_M and dtype: {"gate_up": {...}, "down": {...}} with BLOCK_N, BLOCK_K, warps, stages."""
+    if dtype == torch.float32:  # exact fp32 dot products run on FMA units: small tiles, operands held in registers
+        warps = 4 if block_m <= 32 else 8
+        tiles = {"BLOCK_N": 32, "BLOCK_K": 16 if block_m >= 64 else 32, "num_warps": warps, "num_stages": 2}
+        return {"gate_up": tiles, "down": tiles}
+    warps = 4 if block_m <= 32 else 8
+    stages = 3 if block_m <= 64 else 2
+    gate_up = {"BLOCK_N": 64 if block_m <= 64 else 32, "BLOCK_K": 64, "num_warps": warps, "num_stages": stages}
+    down = {"BLOCK_N": 64 if block_m <= 32 else 128, "BLOCK_K": 64, "num_warps": warps, "num_stages": stages}
+    return {"gate_up": gate_up, "down": down}
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def fused_experts(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """Launcher; arguments as qwen_fast.fused_experts (checked there). Returns [T, H] in hidden_states' dtype."""
+    from qwen_fast.ops._dispatch import use_backend
+    from qwen_fast.ops.moe_align import choose_block_size, moe_align_block_size
+
+    num_tokens, topk = topk_ids.shape
+    num_experts, two_i, hidden_size = w13.shape
+    inter_size = two_i // 2
+    dtype = hidden_states.dtype
+    out = torch.empty(num_tokens, hidden_size, dtype=dtype, device=hidden_states.device)
+    if num_tokens == 0:
+        return out
+    num_pairs = num_tokens * topk
+    block_m = choose_block_size(num_tokens, topk, num_experts)
+    config = _config(block_m, dtype)
+    # A backend forced for fused_experts names the GEMMs; the routing layout comes from the best alignment backend.
+    with use_backend("auto"):
+        sorted_ids, expert_ids, num_post_padded = moe_align_block_size(topk_ids, block_m, num_experts)
+    num_blocks = expert_ids.shape[0]
+    intermediate = torch.empty(sorted_ids.shape[0], inter_size, dtype=dtype, device=hidden_states.device)
+    y = torch.empty(num_pairs, hidden_size, dtype=dtype, device=hidden_states.device)
+    precision = _precision(dtype)
+
+    gate_up = config["gate_up"]
+    _gate_up_kernel[(num_blocks, triton.cdiv(inter_size, gate_up["BLOCK_N"]))](
+        hidden_states,
+        w13,
+        intermediate,
+        sorted_ids,
+        expert_ids,
+        num_post_padded,
+        num_pairs,
+        topk,
+        hidden_size,
+        inter_size,
+        hidden_states.stride(0),
+        hidden_states.stride(1),
+        w13.stride(0),
+        w13.stride(1),
+        w13.stride(2),
+        BLOCK_M=block_m,
+        DOT_PRECISION=precision,
+        **gate_up,
+    )
+    down = config["down"]
+    _down_kernel[(num_blocks, triton.cdiv(hidden_size, down["BLOCK_N"]))](
+        intermediate,
+        w2,
+        y,
+        sorted_ids,
+        expert_ids,
+        num_post_padded,
+        num_pairs,
+        hidden_size,
+        inter_size,
+        w2.stride(0),
+        w2.stride(1),
+        w2.stride(2),
+        BLOCK_M=block_m,
+        DOT_PRECISION=precision,
+        **down,
+    )
+    _combine_kernel[(num_tokens, triton.cdiv(hidden_size, COMBINE_BLOCK_H))](
+        y,
+        topk_weights,
+        out,
+        topk,
+        hidden_size,
+        topk_weights.stride(0),
+        topk_weights.stride(1),
+        BLOCK_H=COMBINE_BLOCK_H,
+        num_warps=4,
+    )
+    return out
+
+
+def compile_specs() -> list[CompileSpec]:
+    specs = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        pointer = "*" + TRITON_DTYPE[dtype]
+        precision = _precision(dtype)
+        for block_m in BLOCK_SIZES:
+            config = _config(block_m, dtype)
+            for kernel, names, ints, tiles in (
+                (_gate_up_kernel, ("hidden", "w13", "intermediate"), 9, config["gate_up"]),
+                (_down_kernel, ("intermediate", "w2", "y"), 6, config["down"]),
+            ):
+                signature = {name: pointer for name in names}
+                signature |= {"sorted_token_ids": "*i32", "expert_ids": "*i32", "num_tokens_post_padded": "*i32"}
+                scalars = list(kernel.arg_names[6 : 6 + ints])
+                signature |= {name: "i64" if name.startswith("stride") else "i32" for name in scalars}
+                signature |= {name: "constexpr" for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "DOT_PRECISION")}
+                constexprs = {
+                    "BLOCK_M": block_m,
+                    "BLOCK_N": tiles["BLOCK_N"],
+                    "BLOCK_K": tiles["BLOCK_K"],
+                    "DOT_PRECISION": precision,
+                }
+                specs.append(
+                    CompileSpec(
+                        kernel,
+                        signature,
+                        constexprs,
+                        num_warps=tiles["num_warps"],
+                        num_stages=tiles["num_stages"],
+                        label=f"{TRITON_DTYPE[dtype]} M={block_m} N={tiles['BLOCK_N']} K={tiles['BLOCK_K']}",
+                    )
+                )
+        for weight_dtype in dict.fromkeys((torch.float32, dtype)):
+            signature = {"y": pointer, "topk_weights": "*" + TRITON_DTYPE[weight_dtype], "out": pointer}
+            signature |= {"topk": "i32", "hidden_size": "i32", "stride_wt": "i64", "stride_wk": "i64"}
+            signature["BLOCK_H"] = "constexpr"
+            specs.append(
+                CompileSpec(
+                    _combine_kernel,
+                    signature,
+                    {"BLOCK_H": COMBINE_BLOCK_H},
+                    num_warps=4,
+                    label=f"{TRITON_DTYPE[dtype]} weights {TRITON_DTYPE[weight_dtype]}",
+                )
+            )
+    return specs
