@@ -427,3 +427,23 @@ def test_fused_experts_triton_every_block_m(num_tokens, block_m, dtype):
     """Each BLOCK_M the heuristic can pick (E = 8, k = 8: T*k/E = T rows per expert) against the reference."""
     assert qwen_fast.ops.moe_align.choose_block_size(num_tokens, 8, 8) == block_m
     _check_backend("triton", "cpu", (dtype,), dtype, num_tokens, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "routing",
+    [{}, {"scoring_func": "sigmoid", "num_expert_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5}],
+    ids=["softmax", "grouped-sigmoid"],
+)
+@pytest.mark.parametrize("num_tokens", [0, 1, 9])
+@pytest.mark.parametrize("backend,device,dtypes", EXPERT_BACKENDS)
+def test_fused_moe_runs_the_experts_backend(backend, device, dtypes, num_tokens, routing):
+    """fused_moe = fused_topk (its own auto choice) + the forced backend's fused_experts kernel."""
+    dtype = dtypes[-1]
+    x = torch.randn(num_tokens, EXPERT_H).to(dtype)
+    w13, w2 = _experts(8, dtype, EXPERT_H, EXPERT_I)
+    logits = torch.randn(num_tokens, 8)
+    args = [t.to(device) for t in (x, w13, w2, logits)]
+    with qwen_fast.record_backends() as trace, qwen_fast.use_backend(backend):
+        out = qwen_fast.fused_moe(*args, topk=2, **routing)
+    assert trace[0] == ("fused_moe", backend) and ("fused_topk", "torch") in trace
+    assert_close(out.cpu(), fused_moe(x, w13, w2, logits, 2, **routing))

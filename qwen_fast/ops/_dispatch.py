@@ -89,11 +89,14 @@ def _native_problem(op: str, backend: str, device: torch.device) -> str | None:
 
 @dataclass(frozen=True)
 class Op:
-    """One public op: its implementations per backend and the order `auto` tries them in, per device type."""
+    """One public op: its implementations per backend and the order `auto` tries them in, per device type.
+    `native_op` names the extension op whose kernels the cpu/cuda backends run (default: the op's own name; a
+    composite such as fused_moe runs fused_experts')."""
 
     name: str
     impls: dict[str, Callable]
     auto_order: dict[str, tuple[str, ...]]
+    native_op: str = ""
 
     def problem(self, backend: str, device: torch.device) -> str | None:
         """None when `backend` can run this op on `device` here, else why not."""
@@ -103,7 +106,7 @@ class Op:
             return None
         if backend == "triton":
             return _triton_problem(device)
-        return _native_problem(self.name, backend, device)
+        return _native_problem(self.native_op or self.name, backend, device)
 
     def select(self, device: torch.device) -> str:
         forced = forced_backend()

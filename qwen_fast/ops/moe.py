@@ -6,9 +6,9 @@ from qwen_fast import _native
 from qwen_fast.reference import moe as reference
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_shape, check_tensor
-from ._dispatch import NATIVE_FIRST, Op
+from ._dispatch import Op, use_backend
 from .moe_align import check_expert_ids
-from .routing import check_routing_args
+from .routing import FUSED_TOPK, check_routing_args
 
 
 def _fake_fused_experts(hidden_states, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
@@ -55,7 +55,27 @@ FUSED_EXPERTS = Op(
     {"triton": _fused_experts_triton, "cpu": _fused_experts_native, "torch": reference.fused_experts},
     {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
 )
-FUSED_MOE = Op("fused_moe", {"torch": reference.fused_moe}, NATIVE_FIRST)
+
+
+def _fused_moe_on(backend: str):
+    """fused_moe whose experts run on `backend`: routing through fused_topk's own `auto` choice, then that backend's
+    fused_experts kernel (arguments already checked by fused_moe)."""
+
+    def run(hidden_states, w13, w2, gating_output, topk, renormalize=True, **routing_kwargs):
+        with use_backend("auto"):
+            weights, ids = FUSED_TOPK(gating_output.device, gating_output, topk, renormalize, **routing_kwargs)
+        return FUSED_EXPERTS.impls[backend](hidden_states, w13, w2, weights, ids)
+
+    return run
+
+
+# A forced backend names the experts' kernels, the bulk of the work; routing takes its fastest backend.
+FUSED_MOE = Op(
+    "fused_moe",
+    {"triton": _fused_moe_on("triton"), "cpu": _fused_moe_on("cpu"), "torch": reference.fused_moe},
+    FUSED_EXPERTS.auto_order,
+    native_op="fused_experts",
+)
 
 
 def check_expert_weights(hidden_states: object, w13: object, w2: object) -> None:

@@ -15,7 +15,7 @@ def backend_status(op: Op, backend: str) -> str:
     usable = [d.type for d in devices if op.problem(backend, d) is None]
     if usable:
         return "usable on " + ", ".join(usable)
-    if backend == "cuda" and _native.has_kernel(op.name, "CUDA"):
+    if backend == "cuda" and _native.has_kernel(op.native_op or op.name, "CUDA"):
         return "built; no CUDA device here"
     return op.problem(backend, torch.device("cuda" if backend == "cuda" else "cpu")) or "unusable"
 
