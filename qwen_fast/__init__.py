@@ -5,7 +5,7 @@ extension), `triton`, and `torch` (the pure-PyTorch reference, `qwen_fast.refere
 reports what is built and usable here; `qwen_fast.use_backend(name)` or QWEN_FAST_BACKEND=<name> forces one.
 """
 
-from . import _native, reference  # noqa: F401  (_native loads the extension before the ops register fakes)
+from . import _native, nn, reference  # noqa: F401  (_native loads the extension before the ops register fakes)
 from .ops import (
     OPS,
     flash_attn_func,
@@ -42,6 +42,7 @@ __all__ = [
     "fused_moe",
     "fused_topk",
     "moe_align_block_size",
+    "nn",
     "record_backends",
     "reference",
     "reshape_and_cache",

@@ -1,0 +1,13 @@
+"""Drop-in MoE modules with transformers 5.x's parameter names and layouts, run by qwen_fast's kernels.
+
+- TopKRouter: router logits, then fused_topk; `from_hf` keeps it an instance of the HF router class.
+- MoEExperts: gate_up_proj [E, 2I, H] and down_proj [E, H, I], run by fused_experts.
+- SparseMoeBlock: router + experts + shared expert(s); `from_hf(block)` for Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE and
+  DeepSeek-V3 shares the block's parameters (no copy).
+"""
+
+from .experts import MoEExperts
+from .moe_block import SparseMoeBlock
+from .router import TopKRouter
+
+__all__ = ["MoEExperts", "SparseMoeBlock", "TopKRouter"]
