@@ -7,6 +7,8 @@ scores at every position, different ids only where a score is tied) and the outp
 experts; in fp32 every token must be routed identically.
 """
 
+import pickle
+
 import pytest
 import torch
 from numerics import assert_close
@@ -214,6 +216,16 @@ def test_router_and_experts_match_the_references():
     assert sorted(dict(router.named_buffers())) == ["e_score_correction_bias"]
     assert router.weight.shape == (12, HIDDEN)
     assert experts.gate_up_proj.shape == (12, 2 * INTER, HIDDEN) and experts.down_proj.shape == (12, HIDDEN, INTER)
+
+
+def test_pickle_round_trip():
+    """torch.save(model) pickles classes by name: the from_hf router classes resolve (qwen_fast.nn.router)."""
+    block = SparseMoeBlock.from_hf(_hf_block("deepseek_v3"))
+    copy = pickle.loads(pickle.dumps(block))
+    assert type(copy.gate) is type(block.gate)
+    x = torch.randn(3, HIDDEN)
+    with torch.no_grad():
+        assert torch.equal(copy(x), block(x))
 
 
 def test_no_tokens():

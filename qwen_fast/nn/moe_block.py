@@ -7,7 +7,7 @@ from qwen_fast.ops import use_backend
 
 from . import _hf
 from .experts import MoEExperts
-from .router import TopKRouter
+from .router import TopKRouter, check_hidden_size
 
 
 class SparseMoeBlock(nn.Module):
@@ -27,9 +27,11 @@ class SparseMoeBlock(nn.Module):
     HF parity. `from_hf(block, hf_parity=False)` (the default) feeds the router's fp32 weights straight into the
     fp32 combine: more accurate than transformers, which casts them to the model dtype for Qwen3-MoE, Qwen2-MoE and
     OLMoE. `hf_parity=True` casts exactly where transformers casts (model dtype for Qwen3-MoE, Qwen2-MoE, OLMoE;
-    fp32 kept for Mixtral and DeepSeek-V3), so the routing weights are transformers' own; the outputs then differ
-    from the unpatched block only by the combine (fp32 sum, one rounding, where transformers rounds per expert in
-    the model dtype): exactly equal in fp32 up to summation order, within the bf16 tolerance in bf16.
+    fp32 kept for Mixtral and DeepSeek-V3), so the routing weights are transformers' own, bit for bit. The outputs
+    then differ from the unpatched block only by the combine (fp32 sum, one rounding, where transformers rounds
+    per expert in the model dtype) and the kernels' summation order: within the fp32 tolerance in fp32 and the bf16
+    tolerance in bf16 (tests/test_nn_moe.py). Routing ties (exactly equal scores, common with bf16 logits) go to
+    the lower expert index here, wherever torch.topk puts them in transformers.
 
     Args:
         gate: the router, TopKRouter [E, H].
@@ -91,13 +93,8 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Args: hidden_states [..., H] (e.g. [B, S, H]), the model dtype. Returns: the same shape and dtype."""
-        hidden = self.gate.hidden_dim
-        if hidden_states.shape[-1] != hidden:
-            raise ValueError(
-                f"hidden_states must have hidden size {hidden} in its last dimension, "
-                f"got shape {tuple(hidden_states.shape)}"
-            )
-        x = hidden_states.reshape(-1, hidden)
+        check_hidden_size(hidden_states, self.gate.hidden_dim)
+        x = hidden_states.reshape(-1, self.gate.hidden_dim)
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         with use_backend("auto"):  # routing: fused_topk's own choice, as in fused_moe

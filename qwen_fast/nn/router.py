@@ -8,6 +8,7 @@ from exactly the logits transformers would have computed.
 """
 
 import functools
+import importlib
 from typing import Literal
 
 import torch
@@ -19,6 +20,15 @@ from qwen_fast.ops._checks import check_int
 from qwen_fast.ops.routing import check_routing_args
 
 from . import _hf
+
+
+def check_hidden_size(hidden_states: torch.Tensor, hidden_size: int) -> None:
+    """hidden_states is [..., H] with H = hidden_size (checked before any reshape to [T, H] could hide a mismatch)."""
+    if hidden_states.shape[-1] != hidden_size:
+        raise ValueError(
+            f"hidden_states must have hidden size {hidden_size} in its last dimension, "
+            f"got shape {tuple(hidden_states.shape)}"
+        )
 
 
 class TopKRouter(nn.Module):
@@ -126,11 +136,7 @@ class TopKRouter(nn.Module):
             weights: [T, k], fp32 (or the logits' dtype with weights_dtype="logits").
             ids: [T, k], `index_dtype`, in descending order of selection score.
         """
-        if hidden_states.shape[-1] != self.hidden_dim:
-            raise ValueError(
-                f"hidden_states must have hidden size {self.hidden_dim} in its last dimension, "
-                f"got shape {tuple(hidden_states.shape)}"
-            )
+        check_hidden_size(hidden_states, self.hidden_dim)
         hidden_states = hidden_states.reshape(-1, self.hidden_dim)
         if self.fp32_logits:
             router_logits = F.linear(hidden_states.float(), self.weight.float())
@@ -162,7 +168,8 @@ class TopKRouter(nn.Module):
     @classmethod
     def from_hf(cls, router: nn.Module, hf_parity: bool = False) -> "TopKRouter":
         """A TopKRouter that SHARES `router`'s parameters (same tensors, no copy) and is still an instance of
-        `type(router)`, so transformers' router-logits recorder hooks it. Its forward hooks are carried over.
+        `type(router)` (its class is `QwenFast<HFName>(TopKRouter, HFRouter)`), so transformers' router-logits
+        recorder hooks it. Its forward hooks are carried over.
 
         Args:
             router: a transformers 5.x router: Qwen3MoeTopKRouter, Qwen2MoeTopKRouter, MixtralTopKRouter,
@@ -174,7 +181,7 @@ class TopKRouter(nn.Module):
             TypeError: `router` is not one of the supported classes (the message lists them).
         """
         spec = _hf.lookup(_hf.ROUTERS, router, "TopKRouter.from_hf")
-        new = _hf_subclass(cls, type(router))(
+        new = _hf_subclass(type(router))(
             router.weight.shape[1],
             router.weight.shape[0],
             router.top_k,
@@ -193,6 +200,14 @@ class TopKRouter(nn.Module):
 
 
 @functools.cache
-def _hf_subclass(base: type[TopKRouter], hf_class: type[nn.Module]) -> type[TopKRouter]:
-    """The class `QwenFast<HFName>(base, hf_class)`: TopKRouter's behaviour, the HF router's type (cached)."""
-    return type(f"QwenFast{hf_class.__name__}", (base, hf_class), {"__module__": __name__})
+def _hf_subclass(hf_class: type[nn.Module]) -> type[TopKRouter]:
+    """The class `QwenFast<HFName>(TopKRouter, hf_class)`: TopKRouter's behaviour, the HF router's type (cached)."""
+    return type(f"QwenFast{hf_class.__name__}", (TopKRouter, hf_class), {"__module__": __name__})
+
+
+def __getattr__(name: str) -> type[TopKRouter]:
+    """`qwen_fast.nn.router.QwenFast<HFName>`: pickle finds the from_hf classes by module and name."""
+    for module, hf_name in _hf.ROUTERS:
+        if name == f"QwenFast{hf_name}":
+            return _hf_subclass(getattr(importlib.import_module(module), hf_name))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
