@@ -88,16 +88,19 @@ def test_from_hf_shares_parameters(family):
     assert isinstance(block.experts, MoEExperts)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("hf_parity", [True, False], ids=["parity", "fp32-weights"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_matches_hf_block(family, dtype, hf_parity):
-    hf = _hf_block(family, dtype)
+def test_matches_hf_block(family, dtype, hf_parity, device):
+    hf = _hf_block(family, dtype).to(device)
     block = SparseMoeBlock.from_hf(hf, hf_parity=hf_parity)
-    x = torch.randn(2, 24, HIDDEN, dtype=dtype)
+    x = torch.randn(2, 24, HIDDEN, dtype=dtype).to(device)
+    with torch.no_grad(), qwen_fast.record_backends() as trace:
+        out = block(x)
+    assert ("fused_experts", "cpu" if device == "cpu" else "triton") in trace  # auto: the device's kernels
     with torch.no_grad():
         hf_out = hf(x)
-        out = block(x)
         flat = x.view(-1, HIDDEN)
         hf_logits, hf_weights, hf_ids = hf.gate(flat)
         logits, weights, ids = block.gate(flat)
@@ -226,6 +229,23 @@ def test_pickle_round_trip():
     x = torch.randn(3, HIDDEN)
     with torch.no_grad():
         assert torch.equal(copy(x), block(x))
+
+
+def test_mixtral_jitter_only_in_training():
+    config = MixtralConfig(hidden_size=HIDDEN, intermediate_size=INTER, num_local_experts=8, num_experts_per_tok=2,
+                           router_jitter_noise=0.1)  # fmt: skip
+    hf = MixtralSparseMoeBlock(config)
+    _randomize(hf)
+    block = SparseMoeBlock.from_hf(hf.eval())
+    assert block.jitter_noise == 0.1 and not block.training
+    x = torch.randn(2, 5, HIDDEN)
+    before = x.clone()
+    with torch.no_grad():
+        assert torch.equal(block(x), block(x))  # eval: no jitter
+        evaluated = block(x)
+        jittered = block.train()(x)
+    assert not torch.equal(jittered, evaluated)
+    assert torch.equal(x, before)  # transformers jitters the caller's tensor in place; this block does not
 
 
 def test_no_tokens():
