@@ -16,7 +16,7 @@ MODULES = [
     for group in ("ops", "reference")
     for stem in ("routing", "moe_align", "moe", "attention", "kv_cache")
 ] + ["qwen_fast.ops._dispatch", "qwen_fast.reference.rope", "qwen_fast.reference.norm"]
-MODULES += [f"qwen_fast.nn.{stem}" for stem in ("router", "experts", "moe_block")]
+MODULES += [f"qwen_fast.nn.{stem}" for stem in ("router", "experts", "moe_block", "attention")]
 
 
 @pytest.mark.parametrize("name", MODULES)

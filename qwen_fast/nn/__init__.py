@@ -4,10 +4,13 @@
 - MoEExperts: gate_up_proj [E, 2I, H] and down_proj [E, H, I], run by fused_experts.
 - SparseMoeBlock: router + experts + shared expert(s); `from_hf(block)` for Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE and
   DeepSeek-V3 shares the block's parameters (no copy).
+- GQAAttention: Qwen3 / Qwen3-MoE / Qwen2 / Qwen2-MoE attention on qwen_fast's attention ops; reads the pages of a
+  qwen_fast.PagedKVCache directly.
 """
 
+from .attention import GQAAttention
 from .experts import MoEExperts
 from .moe_block import SparseMoeBlock
 from .router import TopKRouter
 
-__all__ = ["MoEExperts", "SparseMoeBlock", "TopKRouter"]
+__all__ = ["GQAAttention", "MoEExperts", "SparseMoeBlock", "TopKRouter"]

@@ -1,0 +1,199 @@
+"""qwen_fast.nn.GQAAttention against transformers' Qwen3 / Qwen3-MoE / Qwen2 / Qwen2-MoE attention, alone and
+swapped into tiny random models (greedy generation must give the same tokens)."""
+
+import pytest
+import torch
+from numerics import assert_close, assert_within_budget
+from transformers import (
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen2MoeConfig,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+)
+from transformers.models.qwen2 import modeling_qwen2
+from transformers.models.qwen2_moe import modeling_qwen2_moe
+from transformers.models.qwen3 import modeling_qwen3
+from transformers.models.qwen3_moe import modeling_qwen3_moe
+
+import qwen_fast
+from qwen_fast.nn.attention import GQAAttention
+
+SMALL = dict(vocab_size=97, hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
+             max_position_embeddings=256, num_hidden_layers=2, intermediate_size=64)  # fmt: skip
+MOE = dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
+# family -> (config, attention class, rotary class)
+FAMILIES = {
+    "qwen3": (lambda **kw: Qwen3Config(**SMALL, **kw), modeling_qwen3.Qwen3Attention,
+              modeling_qwen3.Qwen3RotaryEmbedding),
+    "qwen3_moe": (lambda **kw: Qwen3MoeConfig(**SMALL, **MOE, **kw), modeling_qwen3_moe.Qwen3MoeAttention,
+                  modeling_qwen3_moe.Qwen3MoeRotaryEmbedding),
+    "qwen2": (lambda **kw: Qwen2Config(**SMALL, **kw), modeling_qwen2.Qwen2Attention,
+              modeling_qwen2.Qwen2RotaryEmbedding),
+    "qwen2_moe": (lambda **kw: Qwen2MoeConfig(**SMALL, **MOE, shared_expert_intermediate_size=32, **kw),
+                  modeling_qwen2_moe.Qwen2MoeAttention, modeling_qwen2_moe.Qwen2MoeRotaryEmbedding),
+}  # fmt: skip
+
+
+def _randomize(module: torch.nn.Module) -> None:
+    """N(0, 1/fan_in) weights and biases, and RMSNorm weights near 1, so every parameter matters."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+
+
+def _layer(family: str, dtype: torch.dtype, **config_kw):
+    make_config, attention_cls, rotary_cls = FAMILIES[family]
+    config = make_config(**config_kw)
+    config._attn_implementation = "sdpa"
+    hf = attention_cls(config, layer_idx=0)
+    _randomize(hf)
+    return hf.to(dtype).eval(), rotary_cls(config)
+
+
+def _inputs(rotary, batch: int, seq: int, dtype: torch.dtype):
+    x = torch.randn(batch, seq, SMALL["hidden_size"]).to(dtype)
+    positions = torch.arange(seq)[None].expand(batch, -1)
+    return x, rotary(x, positions)
+
+
+def _causal_mask(keep: torch.Tensor, num_q: int, window: int | None = None) -> torch.Tensor:
+    """transformers' boolean 4D mask [B, 1, S_q, S_k] for key padding `keep` [B, S_k] (True = attend)."""
+    num_k = keep.shape[1]
+    q_pos = torch.arange(num_k - num_q, num_k)[:, None]
+    k_pos = torch.arange(num_k)[None, :]
+    visible = k_pos <= q_pos
+    if window is not None:
+        visible &= k_pos > q_pos - window
+    return (visible[None] & keep[:, None, :])[:, None]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_from_hf_shares_parameters(family):
+    hf, _ = _layer(family, torch.float32)
+    module = GQAAttention.from_hf(hf)
+    ours = dict(module.named_parameters())
+    theirs = dict(hf.named_parameters())
+    assert ours.keys() == theirs.keys()
+    assert all(ours[name].data_ptr() == theirs[name].data_ptr() for name in theirs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_layer_matches_transformers(family, dtype):
+    hf, rotary = _layer(family, dtype)
+    x, embeddings = _inputs(rotary, batch=2, seq=9, dtype=dtype)
+    with torch.no_grad(), qwen_fast.record_backends() as calls:
+        out, weights = GQAAttention.from_hf(hf)(x, embeddings, None)
+        expected, _ = hf(x, embeddings, None)
+    assert weights is None and [op for op, _ in calls] == ["flash_attn_func"]
+    if dtype == torch.float32:
+        assert_close(out, expected)
+    else:
+        hf32, _ = _layer(family, torch.float32)
+        hf32.load_state_dict({k: v.float() for k, v in hf.state_dict().items()})
+        with torch.no_grad():
+            reference, _ = hf32(x.float(), tuple(e.float() for e in embeddings), None)
+        assert_within_budget(out, reference, expected, eps=1e-2)
+
+
+@pytest.mark.parametrize("mask_kind", ["2d", "4d_bool", "4d_float"])
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2"])
+def test_padding_matches_transformers(family, mask_kind):
+    hf, rotary = _layer(family, torch.float32)
+    x, embeddings = _inputs(rotary, batch=3, seq=7, dtype=torch.float32)
+    keep = torch.ones(3, 7, dtype=torch.bool)
+    keep[0, :3] = False  # left padding
+    keep[2, 5:] = False  # right padding
+    mask = _causal_mask(keep, 7)
+    if mask_kind == "2d":
+        ours_mask = keep.long()
+    elif mask_kind == "4d_bool":
+        ours_mask = mask
+    else:
+        ours_mask = torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)
+    with torch.no_grad(), qwen_fast.record_backends() as calls:
+        out, _ = GQAAttention.from_hf(hf)(x, embeddings, ours_mask)
+        expected, _ = hf(x, embeddings, mask)
+    assert [op for op, _ in calls] == ["flash_attn_varlen_func"]
+    assert_close(out[keep], expected[keep])
+    assert torch.equal(out[~keep], hf.o_proj(torch.zeros(int((~keep).sum()), 8 * 16)))  # padding queries: 0 attention
+
+
+def test_sliding_window_matches_transformers():
+    hf, rotary = _layer("qwen2", torch.float32, use_sliding_window=True, sliding_window=4, max_window_layers=0)
+    assert hf.sliding_window == 4
+    x, embeddings = _inputs(rotary, batch=2, seq=11, dtype=torch.float32)
+    keep = torch.ones(2, 11, dtype=torch.bool)
+    with torch.no_grad():
+        out, _ = GQAAttention.from_hf(hf)(x, embeddings, None)
+        windowed, _ = GQAAttention.from_hf(hf)(x, embeddings, _causal_mask(keep, 11, window=4))
+        expected, _ = hf(x, embeddings, _causal_mask(keep, 11, window=4))
+    assert_close(out, expected)
+    assert_close(windowed, expected)
+
+
+def test_rejects_masks_it_cannot_express():
+    hf, rotary = _layer("qwen3", torch.float32)
+    x, embeddings = _inputs(rotary, batch=1, seq=5, dtype=torch.float32)
+    full = torch.ones(1, 1, 5, 5, dtype=torch.bool)  # bidirectional: not causal
+    with pytest.raises(ValueError, match="causal attention masks with key padding only"):
+        GQAAttention.from_hf(hf)(x, embeddings, full)
+    with pytest.raises(ValueError, match=r"attention_mask must be 2D \[B, S_k\] or 4D"):
+        GQAAttention.from_hf(hf)(x, embeddings, torch.ones(1, 5, 5))
+    with pytest.raises(TypeError, match="GQAAttention.from_hf supports Qwen3Attention.*got Linear"):
+        GQAAttention.from_hf(torch.nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="num_heads=6 must be a multiple of num_kv_heads=4"):
+        GQAAttention(64, 6, 4, 16)
+
+
+def test_constructed_module_matches_from_hf():
+    hf, rotary = _layer("qwen3", torch.float32)
+    module = GQAAttention(64, 8, 2, 16, qk_norm=True, rms_norm_eps=hf.q_norm.variance_epsilon)
+    module.load_state_dict(hf.state_dict())
+    x, embeddings = _inputs(rotary, batch=2, seq=6, dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(module(x, embeddings)[0], GQAAttention.from_hf(hf)(x, embeddings)[0])
+
+
+def test_compiles_fullgraph():
+    hf, rotary = _layer("qwen3_moe", torch.float32)
+    module = GQAAttention.from_hf(hf)
+    x, embeddings = _inputs(rotary, batch=2, seq=6, dtype=torch.float32)
+    with torch.no_grad():
+        compiled = torch.compile(module, fullgraph=True, backend="eager")
+        assert_close(compiled(x, embeddings, None)[0], module(x, embeddings, None)[0])
+
+
+def swap_attention(model: torch.nn.Module) -> None:
+    for layer in model.model.layers:
+        layer.self_attn = GQAAttention.from_hf(layer.self_attn)
+
+
+MODELS = {
+    "qwen3_moe": lambda: Qwen3MoeForCausalLM(Qwen3MoeConfig(**SMALL, **MOE)),
+    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SMALL)),
+    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL)),
+}
+
+
+@pytest.mark.parametrize("family", list(MODELS))
+def test_generate_matches_transformers(family):
+    model = MODELS[family]().eval()
+    prompt = torch.randint(SMALL["vocab_size"], (2, 6))
+    mask = torch.ones_like(prompt)
+    mask[1, :2] = 0  # left-padded second prompt
+    padded = model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    unpadded = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    swap_attention(model)
+    with qwen_fast.record_backends() as calls:
+        assert torch.equal(model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False), padded)
+    assert {op for op, _ in calls} == {"flash_attn_varlen_func"}
+    with qwen_fast.record_backends() as calls:
+        assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=False), unpadded)
+    assert {op for op, _ in calls} == {"flash_attn_func"}
