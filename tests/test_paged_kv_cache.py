@@ -100,7 +100,9 @@ HEADS_KV, HEAD_DIM = 2, 8
 
 
 def _pool(block_size, num_blocks=64, max_batch=4, num_layers=2, max_seq_len=200):
-    return PagedKVPool(num_layers, HEADS_KV, HEAD_DIM, max_batch, max_seq_len, num_blocks, block_size, "cpu", torch.float32)
+    return PagedKVPool(
+        num_layers, HEADS_KV, HEAD_DIM, max_batch, max_seq_len, num_blocks, block_size, "cpu", torch.float32
+    )
 
 
 def _read_with_block_table(pool, layer, seq):
@@ -353,6 +355,7 @@ def test_generate_beam_search_shares_pages_between_beams():
     held = [block for seq in cache.active_sequences() for block in cache.sequence_blocks(seq)]
     assert cache.allocator.num_free == cache.num_blocks - len(set(held))
     assert all(cache.allocator.refcount(block) == held.count(block) for block in set(held))
+    assert len(set(held)) < len(held), "no beam shares a page with another: reorder_cache copied instead of sharing"
 
 
 def test_generate_accepts_past_key_values_and_reset_frees_the_pages():
