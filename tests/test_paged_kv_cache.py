@@ -303,19 +303,30 @@ def _generate(model, cache, input_ids, **kwargs):
     return out.sequences, None if out.logits is None else torch.stack(out.logits)
 
 
-@pytest.mark.parametrize("kind", ["qwen3_moe", "qwen3"])
-def test_generate_with_paged_cache_matches_dynamic_cache(kind):
-    model = _tiny_model(kind)
-    prompt = torch.randint(VOCAB, (2, 9))
+@pytest.mark.parametrize(
+    "kind, backend, device",
+    [
+        ("qwen3_moe", "cpu", "cpu"),
+        ("qwen3", "torch", "cpu"),
+        pytest.param("qwen3_moe", "triton", "cpu", marks=pytest.mark.interpret),
+        pytest.param("qwen3_moe", "cuda", "cuda", marks=pytest.mark.gpu),
+    ],
+)
+def test_generate_with_paged_cache_matches_dynamic_cache(kind, backend, device):
+    """The pages are written by `backend`'s reshape_and_cache; generate gives DynamicCache's tokens and logits."""
+    model = _tiny_model(kind).to(device)
+    prompt = torch.randint(VOCAB, (2, 9)).to(device)
     expected_tokens, expected_logits = _generate(model, transformers.DynamicCache(config=model.config), prompt)
     cache = PagedKVCache.for_model(model, max_batch=3, block_size=5)
-    with qwen_fast.record_backends() as calls:
+    with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
         tokens, logits = _generate(model, cache, prompt)
     assert torch.equal(tokens, expected_tokens)
     assert_close(logits, expected_logits, torch.float32)
-    assert {op for op, _ in calls} == {"reshape_and_cache"} and {backend for _, backend in calls} == {"cpu"}
-    assert len(calls) == 2 * 24  # one write per layer per forward (prefill + 23 decode steps)
+    assert calls == [("reshape_and_cache", backend)] * (
+        2 * 24
+    )  # one write per layer per forward (prefill + 23 decode steps)
     # 9 + 23 = 32 cached tokens per sequence in 7 pages of 5; row 2 was never used
+    assert cache.seq_lens.device == prompt.device and cache.key_caches[0].device == prompt.device
     assert cache.seq_lens.tolist() == [32, 32, 0] and cache.get_seq_length() == 32
     assert [len(cache.sequence_blocks(seq)) for seq in (0, 1)] == [7, 7] and cache.active_sequences() == [0, 1]
     for layer in range(2):  # the pages hold what transformers' own cache holds

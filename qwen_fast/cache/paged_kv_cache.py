@@ -163,7 +163,8 @@ class PagedKVCache(PagedKVPool, Cache):
             states.transpose(1, 2).reshape(batch * new, heads_kv, head_dim).contiguous()
             for states in (key_states, value_states)
         )
-        self.write(layer, key_rows, value_rows, slots[:, start:].reshape(-1))
+        # contiguous: the Triton launcher of reshape_and_cache reads slot_mapping as if it were (2026-11-25)
+        self.write(layer, key_rows, value_rows, slots[:, start:].contiguous().view(-1))
         keys, values = self.gather_slots(layer, slots)  # [B, end, Hkv, D]
         return keys.transpose(1, 2), values.transpose(1, 2)
 

@@ -6,7 +6,8 @@ block_table[s, p // block_size] * block_size + p % block_size. All layers share 
 position p sits in the same slot of every layer's pools.
 
 Host side (Python lists, the source of truth): each active sequence's block list and length. Device side, kept in
-sync lazily (one copy when read after a change, into the same tensors, so their addresses never change):
+sync lazily (a copy when read after a change, into the same tensors, so their addresses never change; the block
+table is copied only when a page was added or dropped, not on every token):
     block_table  int32 [max_batch, max_blocks_per_seq]: row s lists sequence s's pages; unused entries are 0.
     seq_lens     int32 [max_batch]: tokens reserved per sequence (0 for an inactive row).
 
@@ -90,7 +91,7 @@ class PagedKVPool:
         self._host_block_table = torch.zeros(max_batch, self.max_blocks_per_seq, dtype=torch.int32)
         self._host_seq_lens = torch.zeros(max_batch, dtype=torch.int32)
         self._block_table, self._seq_lens = self._host_block_table, self._host_seq_lens
-        self._dirty = False
+        self._tables_dirty = self._lens_dirty = False
         self.version = 0  # bumped on every change of a block table or length
         self.device: torch.device | None = None
         self.dtype = dtype
@@ -107,7 +108,7 @@ class PagedKVPool:
             self.device = device
             self._block_table = torch.zeros_like(self._host_block_table, device=device)
             self._seq_lens = torch.zeros_like(self._host_seq_lens, device=device)
-            self._dirty = True
+            self._tables_dirty = self._lens_dirty = True
         if self.dtype is None:
             self.dtype = dtype
         if not self.key_caches and self.dtype is not None:
@@ -115,31 +116,33 @@ class PagedKVPool:
             self.key_caches = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(self.num_layers)]
             self.value_caches = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(self.num_layers)]
 
-    def _sync(self) -> None:
-        if self._dirty:
-            self._block_table.copy_(self._host_block_table)
-            self._seq_lens.copy_(self._host_seq_lens)
-            self._dirty = False
-
     @property
     def block_table(self) -> torch.Tensor:
         """int32 [max_batch, max_blocks_per_seq] on the device: row s lists sequence s's pages, then zeros."""
-        self._sync()
+        if self._tables_dirty:
+            self._block_table.copy_(self._host_block_table)
+            self._tables_dirty = False
         return self._block_table
 
     @property
     def seq_lens(self) -> torch.Tensor:
         """int32 [max_batch] on the device: tokens reserved per sequence (`append` counts them before they are
         written)."""
-        self._sync()
+        if self._lens_dirty:
+            self._seq_lens.copy_(self._host_seq_lens)
+            self._lens_dirty = False
         return self._seq_lens
 
     def _set_row(self, seq: int) -> None:
+        """Mirror sequence seq's block list and length into the host tables."""
         table = self._tables[seq] or []
-        self._host_block_table[seq].zero_()
-        self._host_block_table[seq, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        row = self._host_block_table[seq]
+        if row[: len(table)].tolist() != table or row[len(table) :].any():
+            row.zero_()
+            row[: len(table)] = torch.tensor(table, dtype=torch.int32)
+            self._tables_dirty = True
         self._host_seq_lens[seq] = self._lens[seq]
-        self._dirty = True
+        self._lens_dirty = True
         self.version += 1
 
     # -- sequences -----------------------------------------------------------------------------------------------
