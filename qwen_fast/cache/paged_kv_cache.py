@@ -163,7 +163,7 @@ class PagedKVCache(PagedKVPool, Cache):
             states.transpose(1, 2).reshape(batch * new, heads_kv, head_dim).contiguous()
             for states in (key_states, value_states)
         )
-        # contiguous: the Triton launcher of reshape_and_cache reads slot_mapping as if it were (2026-11-25)
+        # contiguous: the Triton launcher of reshape_and_cache ignores slot_mapping's stride (as of 2026-11-25)
         self.write(layer, key_rows, value_rows, slots[:, start:].contiguous().view(-1))
         keys, values = self.gather_slots(layer, slots)  # [B, end, Hkv, D]
         return keys.transpose(1, 2), values.transpose(1, 2)
