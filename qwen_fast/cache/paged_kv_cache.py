@@ -16,6 +16,7 @@ beam it continues (copy-on-write on the next write into a shared page). Sliding-
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
 
+from qwen_fast.ops import reshape_and_cache
 from qwen_fast.ops._checks import FLOAT_DTYPES, check_int, check_shape, check_tensor
 
 from .paged_kv_pool import PagedKVPool
@@ -84,7 +85,7 @@ class PagedKVCache(PagedKVPool, Cache):
     def __init__(self, *args, **kwargs):
         PagedKVPool.__init__(self, *args, **kwargs)
         Cache.__init__(self, layers=[PagedCacheLayer(self, i) for i in range(self.num_layers)])
-        self._batch_slots: tuple[tuple[int, int, int], torch.Tensor] | None = None
+        self._batch_memo: tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @classmethod
     def for_model(
@@ -158,25 +159,26 @@ class PagedKVCache(PagedKVPool, Cache):
                         f"{self._lens[seq]} tokens: the cache was changed outside generate()"
                     )
                 self.reserve(seq, new)
-        slots = self._slots(batch, end)  # [B, end]
+        pages, slots = self._batch_pages(batch, start, end)
         key_rows, value_rows = (
             states.transpose(1, 2).reshape(batch * new, heads_kv, head_dim).contiguous()
             for states in (key_states, value_states)
         )
-        # contiguous: the Triton launcher of reshape_and_cache ignores slot_mapping's stride (as of 2026-11-25)
-        self.write(layer, key_rows, value_rows, slots[:, start:].contiguous().view(-1))
-        keys, values = self.gather_slots(layer, slots)  # [B, end, Hkv, D]
+        reshape_and_cache(key_rows, value_rows, self.key_caches[layer], self.value_caches[layer], slots)
+        keys, values = self.gather_pages(layer, pages, end)  # [B, end, Hkv, D]
         return keys.transpose(1, 2), values.transpose(1, 2)
 
-    def _slots(self, batch: int, end: int) -> torch.Tensor:
-        """int64 [batch, end]: the slots of positions 0 .. end - 1 of sequences 0 .. batch - 1, computed on the
-        device from block_table; reused by every layer until a table changes."""
-        key = (batch, end, self.version)
-        if self._batch_slots is None or self._batch_slots[0] != key:
-            positions = torch.arange(end, device=self.device)
-            pages = self.block_table[:batch, positions // self.block_size].long()
-            self._batch_slots = (key, pages * self.block_size + positions % self.block_size)
-        return self._batch_slots[1]
+    def _batch_pages(self, batch: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pages int64 [batch, ceil(end / block_size)] of sequences 0 .. batch - 1 and the slots int64 [batch * (end -
+        start)] of their positions start .. end - 1, computed on the device from block_table; reused by every layer
+        until a table changes."""
+        key = (batch, start, end, self.version)
+        if self._batch_memo is None or self._batch_memo[0] != key:
+            pages = self.block_table[:batch, : -(-end // self.block_size)].long()
+            positions = torch.arange(start, end, device=self.device)
+            slots = pages[:, positions // self.block_size] * self.block_size + positions % self.block_size
+            self._batch_memo = (key, (pages, slots.view(-1)))
+        return self._batch_memo[1]
 
     def reset(self) -> None:
         """Free every sequence (the pools stay allocated) and forget what each layer has seen."""
