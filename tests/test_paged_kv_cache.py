@@ -4,6 +4,8 @@ concatenation of what was appended and against transformers' DynamicCache."""
 import doctest
 import importlib
 import random
+import subprocess
+import sys
 import warnings
 
 import pytest
@@ -429,6 +431,11 @@ def test_cache_update_bad_input_is_named():
     assert torch.equal(keys, states) and torch.equal(values, 2 * states) and cache.get_seq_length(0) == 3
     with pytest.raises(ValueError, match=r"key_states must be on the cache's device cpu, got meta"):
         cache.update(states.to("meta"), states.to("meta"), 1)
+
+
+def test_import_qwen_fast_does_not_import_transformers():
+    code = "import sys, qwen_fast, qwen_fast.cache; sys.exit('transformers' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
 
 
 @pytest.mark.parametrize("name", ["block_allocator", "paged_kv_pool", "paged_kv_cache"])
