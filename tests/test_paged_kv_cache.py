@@ -406,8 +406,9 @@ def test_for_model_sizes_the_cache_from_the_config(monkeypatch):
     assert half.key_caches[1].dtype == torch.bfloat16 and half.num_blocks == 7 and half.block_table.shape == (1, 3)
 
 
-def test_for_model_rejects_sliding_window_layers():
-    model = _tiny_model("qwen3", use_sliding_window=True, sliding_window=8, max_window_layers=1)
+@pytest.mark.parametrize("kind", ["qwen3", "qwen3_moe"])  # with layer_types, and without (sliding_window set)
+def test_for_model_rejects_sliding_window_layers(kind):
+    model = _tiny_model(kind, use_sliding_window=True, sliding_window=8, max_window_layers=1)
     with pytest.raises(ValueError, match=r"full-attention layers only.*'sliding_attention'"):
         PagedKVCache.for_model(model, max_batch=1)
     with pytest.raises(TypeError, match=r"model must be a transformers model with a .config, got Linear"):

@@ -11,10 +11,12 @@ attention mask hides them. An attention module that reads the pages directly (fl
 The first layer to see new tokens reserves their pages for the whole batch (all layers share the block table); the
 other layers write into the same slots. Beam search works: `reorder_cache` makes each beam share the pages of the
 beam it continues (copy-on-write on the next write into a shared page). Sliding-window layers are not supported.
+An OutOfBlocksError inside generate() may leave the batch's sequences at different lengths: reset() the cache
+before using it again.
 """
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, get_layer_types_and_kwargs
+from transformers.cache_utils import Cache, CacheLayerMixin
 
 from qwen_fast.ops import reshape_and_cache
 from qwen_fast.ops._checks import FLOAT_DTYPES, check_int, check_shape, check_tensor
@@ -108,7 +110,13 @@ class PagedKVCache(PagedKVPool, Cache):
         if not hasattr(model, "config"):
             raise TypeError(f"model must be a transformers model with a .config, got {type(model).__name__}")
         config = model.config.get_text_config(decoder=True)
-        layer_types, _ = get_layer_types_and_kwargs(config)
+        # As transformers infers layer types: `layer_types` if the config has it, else sliding when sliding_window
+        # is set (Qwen3 and Qwen3-MoE set it to None unless use_sliding_window).
+        layer_types = (
+            getattr(config, "layer_types", None)
+            or ["sliding_attention" if getattr(config, "sliding_window", None) is not None else "full_attention"]
+            * config.num_hidden_layers
+        )
         if any(kind != "full_attention" for kind in layer_types):
             raise ValueError(
                 f"PagedKVCache supports full-attention layers only; this config's layer types are {layer_types} "
