@@ -5,7 +5,7 @@ extension), `triton`, and `torch` (the pure-PyTorch reference, `qwen_fast.refere
 reports what is built and usable here; `qwen_fast.use_backend(name)` or QWEN_FAST_BACKEND=<name> forces one.
 """
 
-from . import _native, nn, reference  # noqa: F401  (_native loads the extension before the ops register fakes)
+from . import _native, cache, nn, reference  # noqa: F401  (_native loads the extension before the ops register fakes)
 from .ops import (
     OPS,
     flash_attn_func,
@@ -33,7 +33,15 @@ def backends() -> dict[str, dict[str, str]]:
     return _backends(OPS)
 
 
+def __getattr__(name: str):
+    """qwen_fast.PagedKVCache is imported on first use: it subclasses transformers' Cache."""
+    if name == "PagedKVCache":
+        return cache.PagedKVCache
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "PagedKVCache",
     "backends",
     "flash_attn_func",
     "flash_attn_varlen_func",
