@@ -66,7 +66,7 @@ def reshape_and_cache(
         value,
         key_cache,
         value_cache,
-        slot_mapping,
+        slot_mapping.contiguous(),  # the kernel reads slot t at offset t
         key.stride(0),
         key.stride(1),
         key_cache.stride(0),

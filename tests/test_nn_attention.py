@@ -197,3 +197,25 @@ def test_generate_matches_transformers(family):
     with qwen_fast.record_backends() as calls:
         assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=False), unpadded)
     assert {op for op, _ in calls} == {"flash_attn_func"}
+
+
+@pytest.mark.parametrize("block_size", [1, 5])
+def test_generate_with_paged_cache_reads_pages(block_size):
+    model = MODELS["qwen3_moe"]().eval()
+    prompt = torch.randint(SMALL["vocab_size"], (2, 6))
+    expected = model.generate(prompt, max_new_tokens=12, do_sample=False)
+    mask = torch.ones_like(prompt)
+    mask[0, :3] = 0
+    padded = model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    swap_attention(model)
+    cache = qwen_fast.PagedKVCache.for_model(model, max_batch=2, block_size=block_size)
+    with qwen_fast.record_backends() as calls:
+        assert torch.equal(model.generate(prompt, cache=cache, max_new_tokens=12, do_sample=False), expected)
+    assert {op for op, _ in calls} == {"flash_attn_with_kvcache"}  # no gather: the pages are read in place
+    assert cache.seq_lens[:2].tolist() == [17, 17]  # 6 + 12 tokens, the last one never fed back
+    # A padded batch takes the gathering path (Cache.update) and varlen attention, still on the pages.
+    cache = qwen_fast.PagedKVCache.for_model(model, max_batch=2, block_size=block_size)
+    with qwen_fast.record_backends() as calls:
+        out = model.generate(prompt, attention_mask=mask, cache=cache, max_new_tokens=12, do_sample=False)
+    assert torch.equal(out, padded)
+    assert {op for op, _ in calls} == {"reshape_and_cache", "flash_attn_varlen_func"}

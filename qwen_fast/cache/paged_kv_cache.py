@@ -153,10 +153,39 @@ class PagedKVCache(PagedKVPool, Cache):
             raise ValueError(f"key_states must be on the cache's device {self.device}, got {key_states.device}")
 
     def _write_batch(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor, start: int):
-        """Sequences 0 .. B - 1 get positions start .. end - 1 (reserved by the first layer to get there)."""
+        """Write key_states/value_states [B, Hkv, S_new, D] at positions start .. end - 1 of sequences 0 .. B - 1;
+        return the layer's keys and values [B, Hkv, end, D] read back from the pages."""
         self._check_states(key_states, value_states)
         batch, heads_kv, new, head_dim = key_states.shape
         end = start + new
+        self._reserve_batch(layer, batch, start, end)
+        pages, slots = self._batch_pages(batch, start, end)
+        key_rows, value_rows = (
+            states.transpose(1, 2).reshape(batch * new, heads_kv, head_dim).contiguous()
+            for states in (key_states, value_states)
+        )
+        reshape_and_cache(key_rows, value_rows, self.key_caches[layer], self.value_caches[layer], slots)
+        keys, values = self.gather_pages(layer, pages, end)  # [B, end, Hkv, D]
+        return keys.transpose(1, 2), values.transpose(1, 2)
+
+    def reserve_layer(self, layer: int, key_states: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """For an attention module that writes and reads the pages itself (qwen_fast.nn.GQAAttention through
+        flash_attn_with_kvcache): reserve positions L .. L + S_new - 1 of sequences 0 .. B - 1 for `layer`, where L is
+        what the layer holds, count them as written, and return (L, block_table[:B]), flash_attn_with_kvcache's
+        cache_seqlens and block_table. key_states [B, S_new, Hkv, D] (flash-attn's layout) fixes the pools' device
+        and dtype on first use; nothing is written here."""
+        entry = self.layers[self._check_layer(layer)]
+        states = key_states.transpose(1, 2)
+        if not entry.is_initialized:
+            entry.lazy_initialization(states, states)
+        self._check_states(states, states)
+        start = entry.length
+        self._reserve_batch(layer, states.shape[0], start, start + states.shape[2])
+        entry.length += states.shape[2]
+        return start, self.block_table[: states.shape[0]]
+
+    def _reserve_batch(self, layer: int, batch: int, start: int, end: int) -> None:
+        """Sequences 0 .. B - 1 get positions start .. end - 1 (reserved by the first layer to get there)."""
         for seq in range(batch):
             if self._tables[seq] is None:
                 self._tables[seq], self._lens[seq] = [], 0
@@ -166,15 +195,7 @@ class PagedKVCache(PagedKVPool, Cache):
                         f"layer {layer} writes positions {start} .. {end - 1} of seq {seq}, which holds "
                         f"{self._lens[seq]} tokens: the cache was changed outside generate()"
                     )
-                self.reserve(seq, new)
-        pages, slots = self._batch_pages(batch, start, end)
-        key_rows, value_rows = (
-            states.transpose(1, 2).reshape(batch * new, heads_kv, head_dim).contiguous()
-            for states in (key_states, value_states)
-        )
-        reshape_and_cache(key_rows, value_rows, self.key_caches[layer], self.value_caches[layer], slots)
-        keys, values = self.gather_pages(layer, pages, end)  # [B, end, Hkv, D]
-        return keys.transpose(1, 2), values.transpose(1, 2)
+                self.reserve(seq, end - start)
 
     def _batch_pages(self, batch: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Pages int64 [batch, ceil(end / block_size)] of sequences 0 .. batch - 1 and the slots int64 [batch * (end -

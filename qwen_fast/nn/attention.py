@@ -209,7 +209,7 @@ class GQAAttention(nn.Module):
         keep = key_padding(attention_mask, seq, window[0])
 
         if isinstance(cache, PagedKVCache) and keep is None:
-            cache_seqlens, block_table = cache.reserve_layer(self.layer_idx, batch, seq, k)
+            cache_seqlens, block_table = cache.reserve_layer(self.layer_idx, k)
             out = flash_attn_with_kvcache(
                 q, cache.key_caches[self.layer_idx], cache.value_caches[self.layer_idx], k, v,
                 cache_seqlens=cache_seqlens, block_table=block_table, softmax_scale=self.scaling, causal=True,
