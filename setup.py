@@ -124,7 +124,7 @@ def build_ext_class():
 setup(
     packages=find_packages(include=["qwen_fast", "qwen_fast.*"]) + ["qwen_fast.kernels"],
     package_dir={"qwen_fast.kernels": "kernels"},
-    package_data={"qwen_fast": ["configs/*.json"]},
+    package_data={"qwen_fast.configs": ["*/*.json"]},  # tuned tables: configs/<kernel>/<device>.json
     ext_modules=extensions(),
     cmdclass={"build_ext": build_ext_class()},
     entry_points={},

@@ -27,25 +27,36 @@ vLLM's fused_moe and MegaBlocks, written here from that description.
 Offsets: token rows, pair rows and expert bases are int64 (T*k*H and E*2I*H can pass 2^31). fp32 tl.dot uses
 input_precision "ieee" (no TF32) so the fp32 backend meets the fp32 tolerance.
 
-Tiles (_config): BLOCK_M is qwen_fast.ops.moe_align.choose_block_size, the rows per active expert rounded up to 16
+Tiles: a tuned entry for the device and layer shape when one exists (qwen_fast.configs, table "moe_gemm", written by
+bench/tune_moe.py; keyed by shape_key(), checked by validate_config(); none ship yet), else the heuristic
+(_config): BLOCK_M is qwen_fast.ops.moe_align.choose_block_size, the rows per active expert rounded up to 16
 (decode) ... 128 (prefill), since rows past an expert's count are padding and cost full work.
 BLOCK_N/BLOCK_K/warps/stages are fixed per (BLOCK_M, dtype).
 16-bit: BLOCK_K = 64 (128-byte rows, one swizzled shared-memory line); GEMM 1 holds two accumulators, so its N tile
 is 64 up to BLOCK_M = 64 and 32 at BLOCK_M = 128 (64 spilled on sm_80 and sm_90); GEMM 2 widens N to 128 from
 BLOCK_M = 64. fp32 (exact "ieee" dot products on FMA units, operands in registers): N = 32 and K = 32, K = 16 from
 BLOCK_M = 64 (wider tiles spilled on sm_80). Every config is listed in compile_specs() and compiled for sm_80 and
-sm_90 by `python -m qwen_fast.gpu_check`, which fails on spills.
+sm_90 by `python -m qwen_fast.gpu_check`, which fails on spills, and so is every entry of every tuned file found.
 """
 
 import torch
 import triton
 import triton.language as tl
 
+from qwen_fast import configs
 from qwen_fast.ops.moe_align import BLOCK_SIZES
 
 from .compile_spec import TRITON_DTYPE, CompileSpec
 
 COMBINE_BLOCK_H = 512  # 512 columns x 4 B fp32 accumulator over 4 warps: 4 registers per thread, 1 KB per row loaded
+# What a tuned entry may hold. Tiles are powers of 2 (tl.arange) and at least 16 (tl.dot); BLOCK_M is the
+# block_size of moe_align_block_size, which takes any size >= 1: past 256, the rows an expert pads to a block and the
+# [BLOCK_M, BLOCK_N] fp32 accumulators outgrow any useful tile, so a larger value is taken for a typo.
+TILE_SIZES = (16, 32, 64, 128, 256)
+WARPS = (1, 2, 4, 8, 16)
+STAGES = range(1, 9)
+SHAPE_FIELDS = ("E", "H", "I", "k", "dtype")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @triton.jit
@@ -189,16 +200,75 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
+def shape_key(num_experts: int, hidden_size: int, inter_size: int, topk: int, dtype: torch.dtype) -> str:
+    """The tuned-table key of a layer: "E=128,H=2048,I=768,k=8,dtype=bfloat16" for Qwen3-30B-A3B in bf16."""
+    return f"E={num_experts},H={hidden_size},I={inter_size},k={topk},dtype={str(dtype).removeprefix('torch.')}"
+
+
+def parse_shape_key(shape: str) -> dict:
+    """{"E": int, "H": int, "I": int, "k": int, "dtype": torch.dtype} from a shape_key() string; ValueError if not."""
+    fields = dict(part.partition("=")[::2] for part in shape.split(","))
+    if tuple(fields) != SHAPE_FIELDS or fields["dtype"] not in DTYPES:
+        example = shape_key(128, 2048, 768, 8, torch.bfloat16)
+        raise ValueError(f"the shape key must look like {example!r}, got {shape!r}")
+    if not all(fields[name].isdigit() and int(fields[name]) >= 1 for name in SHAPE_FIELDS[:-1]):
+        raise ValueError(f"E, H, I and k in the shape key must be integers >= 1, got {shape!r}")
+    return {name: int(fields[name]) for name in SHAPE_FIELDS[:-1]} | {"dtype": DTYPES[fields["dtype"]]}
+
+
+def _check_choice(name: str, value: object, allowed) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value not in allowed:
+        raise ValueError(f"{name} must be one of {list(allowed)}, got {value!r}")
+
+
+def validate_config(shape: str, entry: dict) -> None:
+    """A tuned entry {"BLOCK_M": m, "gate_up": tiles, "down": tiles}, tiles = {"BLOCK_N", "BLOCK_K", "num_warps",
+    "num_stages"}, for a shape_key(); ValueError naming the bad field and its value."""
+    parse_shape_key(shape)
+    if set(entry) != {"BLOCK_M", "gate_up", "down"}:
+        raise ValueError(f"must have exactly the keys BLOCK_M, gate_up, down, got {sorted(entry)}")
+    _check_choice("BLOCK_M", entry["BLOCK_M"], TILE_SIZES)
+    for gemm in ("gate_up", "down"):
+        tiles = entry[gemm]
+        if not isinstance(tiles, dict) or set(tiles) != {"BLOCK_N", "BLOCK_K", "num_warps", "num_stages"}:
+            got = sorted(tiles) if isinstance(tiles, dict) else tiles
+            raise ValueError(f"{gemm} must have exactly the keys BLOCK_N, BLOCK_K, num_warps, num_stages, got {got!r}")
+        _check_choice(f"{gemm}.BLOCK_N", tiles["BLOCK_N"], TILE_SIZES)
+        _check_choice(f"{gemm}.BLOCK_K", tiles["BLOCK_K"], TILE_SIZES)
+        _check_choice(f"{gemm}.num_warps", tiles["num_warps"], WARPS)
+        _check_choice(f"{gemm}.num_stages", tiles["num_stages"], STAGES)
+
+
+def heuristic_config(num_tokens: int, topk: int, num_experts: int, dtype: torch.dtype) -> dict:
+    """The entry the heuristic picks, in validate_config()'s form: BLOCK_M = choose_block_size, tiles = _config."""
+    from qwen_fast.ops.moe_align import choose_block_size
+
+    block_m = choose_block_size(num_tokens, topk, num_experts)
+    return {"BLOCK_M": block_m, **_config(block_m, dtype)}
+
+
+def choose_config(num_tokens: int, topk: int, w13: torch.Tensor) -> dict:
+    """The tuned entry for w13's device and the layer shape at the nearest tuned T, else heuristic_config()."""
+    num_experts, two_i, hidden_size = w13.shape
+    shape = shape_key(num_experts, hidden_size, two_i // 2, topk, w13.dtype)
+    tuned = configs.lookup("moe_gemm", validate_config, configs.device_name(w13.device), shape, num_tokens)
+    return tuned if tuned is not None else heuristic_config(num_tokens, topk, num_experts, w13.dtype)
+
+
 def fused_experts(
     hidden_states: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    config: dict | None = None,
 ) -> torch.Tensor:
-    """Launcher; arguments as qwen_fast.fused_experts (checked there). Returns [T, H] in hidden_states' dtype."""
+    """Launcher; arguments as qwen_fast.fused_experts (checked there). Returns [T, H] in hidden_states' dtype.
+
+    `config`: an entry as validate_config() describes, used as given (the tuner's candidates); default
+    choose_config()."""
     from qwen_fast.ops._dispatch import use_backend
-    from qwen_fast.ops.moe_align import choose_block_size, moe_align_block_size
+    from qwen_fast.ops.moe_align import moe_align_block_size
 
     num_tokens, topk = topk_ids.shape
     num_experts, two_i, hidden_size = w13.shape
@@ -208,8 +278,8 @@ def fused_experts(
     if num_tokens == 0:
         return out
     num_pairs = num_tokens * topk
-    block_m = choose_block_size(num_tokens, topk, num_experts)
-    config = _config(block_m, dtype)
+    config = choose_config(num_tokens, topk, w13) if config is None else config
+    block_m = config["BLOCK_M"]
     # A backend forced for fused_experts names the GEMMs; the routing layout comes from the best alignment backend.
     with use_backend("auto"):
         sorted_ids, expert_ids, num_post_padded = moe_align_block_size(topk_ids, block_m, num_experts)
@@ -271,38 +341,50 @@ def fused_experts(
     return out
 
 
+def _launch_configs() -> list[tuple[torch.dtype, int, dict]]:
+    """(dtype, BLOCK_M, config) of every GEMM config the launcher can pick: the heuristic's, then each tuned file's
+    (every device, every search directory), without repeats."""
+    found = [(dtype, m, _config(m, dtype)) for dtype in DTYPES.values() for m in BLOCK_SIZES]
+    found += [
+        (parse_shape_key(shape)["dtype"], entry["BLOCK_M"], entry)
+        for _, shape, _, entry in configs.entries("moe_gemm", validate_config)
+    ]
+    unique = {(dtype, m, repr(tiles["gate_up"]), repr(tiles["down"])): (dtype, m, tiles) for dtype, m, tiles in found}
+    return list(unique.values())
+
+
 def compile_specs() -> list[CompileSpec]:
     specs = []
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for dtype, block_m, config in _launch_configs():
         pointer = "*" + TRITON_DTYPE[dtype]
-        precision = _precision(dtype)
-        for block_m in BLOCK_SIZES:
-            config = _config(block_m, dtype)
-            for kernel, names, ints, tiles in (
-                (_gate_up_kernel, ("hidden", "w13", "intermediate"), 9, config["gate_up"]),
-                (_down_kernel, ("intermediate", "w2", "y"), 6, config["down"]),
-            ):
-                signature = {name: pointer for name in names}
-                signature |= {"sorted_token_ids": "*i32", "expert_ids": "*i32", "num_tokens_post_padded": "*i32"}
-                scalars = list(kernel.arg_names[6 : 6 + ints])
-                signature |= {name: "i64" if name.startswith("stride") else "i32" for name in scalars}
-                signature |= {name: "constexpr" for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "DOT_PRECISION")}
-                constexprs = {
-                    "BLOCK_M": block_m,
-                    "BLOCK_N": tiles["BLOCK_N"],
-                    "BLOCK_K": tiles["BLOCK_K"],
-                    "DOT_PRECISION": precision,
-                }
-                specs.append(
-                    CompileSpec(
-                        kernel,
-                        signature,
-                        constexprs,
-                        num_warps=tiles["num_warps"],
-                        num_stages=tiles["num_stages"],
-                        label=f"{TRITON_DTYPE[dtype]} M={block_m} N={tiles['BLOCK_N']} K={tiles['BLOCK_K']}",
-                    )
+        for kernel, names, ints, tiles in (
+            (_gate_up_kernel, ("hidden", "w13", "intermediate"), 9, config["gate_up"]),
+            (_down_kernel, ("intermediate", "w2", "y"), 6, config["down"]),
+        ):
+            signature = {name: pointer for name in names}
+            signature |= {"sorted_token_ids": "*i32", "expert_ids": "*i32", "num_tokens_post_padded": "*i32"}
+            scalars = list(kernel.arg_names[6 : 6 + ints])
+            signature |= {name: "i64" if name.startswith("stride") else "i32" for name in scalars}
+            signature |= {name: "constexpr" for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "DOT_PRECISION")}
+            constexprs = {
+                "BLOCK_M": block_m,
+                "BLOCK_N": tiles["BLOCK_N"],
+                "BLOCK_K": tiles["BLOCK_K"],
+                "DOT_PRECISION": _precision(dtype),
+            }
+            specs.append(
+                CompileSpec(
+                    kernel,
+                    signature,
+                    constexprs,
+                    num_warps=tiles["num_warps"],
+                    num_stages=tiles["num_stages"],
+                    label=f"{TRITON_DTYPE[dtype]} M={block_m} N={tiles['BLOCK_N']} K={tiles['BLOCK_K']} "
+                    f"S={tiles['num_stages']}",
                 )
+            )
+    for dtype in DTYPES.values():
+        pointer = "*" + TRITON_DTYPE[dtype]
         for weight_dtype in dict.fromkeys((torch.float32, dtype)):
             signature = {"y": pointer, "topk_weights": "*" + TRITON_DTYPE[weight_dtype], "out": pointer}
             signature |= {"topk": "i32", "hidden_size": "i32", "stride_wt": "i64", "stride_wk": "i64"}
