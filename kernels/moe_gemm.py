@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from qwen_fast import configs
-from qwen_fast.ops.moe_align import BLOCK_SIZES
+from qwen_fast.ops.moe_align import BLOCK_SIZES, choose_block_size
 
 from .compile_spec import TRITON_DTYPE, CompileSpec
 
@@ -55,6 +55,7 @@ COMBINE_BLOCK_H = 512  # 512 columns x 4 B fp32 accumulator over 4 warps: 4 regi
 TILE_SIZES = (16, 32, 64, 128, 256)
 WARPS = (1, 2, 4, 8, 16)
 STAGES = range(1, 9)
+TILE_FIELDS = {"BLOCK_N": TILE_SIZES, "BLOCK_K": TILE_SIZES, "num_warps": WARPS, "num_stages": STAGES}
 SHAPE_FIELDS = ("E", "H", "I", "k", "dtype")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -230,19 +231,15 @@ def validate_config(shape: str, entry: dict) -> None:
     _check_choice("BLOCK_M", entry["BLOCK_M"], TILE_SIZES)
     for gemm in ("gate_up", "down"):
         tiles = entry[gemm]
-        if not isinstance(tiles, dict) or set(tiles) != {"BLOCK_N", "BLOCK_K", "num_warps", "num_stages"}:
+        if not isinstance(tiles, dict) or set(tiles) != set(TILE_FIELDS):
             got = sorted(tiles) if isinstance(tiles, dict) else tiles
-            raise ValueError(f"{gemm} must have exactly the keys BLOCK_N, BLOCK_K, num_warps, num_stages, got {got!r}")
-        _check_choice(f"{gemm}.BLOCK_N", tiles["BLOCK_N"], TILE_SIZES)
-        _check_choice(f"{gemm}.BLOCK_K", tiles["BLOCK_K"], TILE_SIZES)
-        _check_choice(f"{gemm}.num_warps", tiles["num_warps"], WARPS)
-        _check_choice(f"{gemm}.num_stages", tiles["num_stages"], STAGES)
+            raise ValueError(f"{gemm} must have exactly the keys {', '.join(TILE_FIELDS)}, got {got!r}")
+        for field, allowed in TILE_FIELDS.items():
+            _check_choice(f"{gemm}.{field}", tiles[field], allowed)
 
 
 def heuristic_config(num_tokens: int, topk: int, num_experts: int, dtype: torch.dtype) -> dict:
     """The entry the heuristic picks, in validate_config()'s form: BLOCK_M = choose_block_size, tiles = _config."""
-    from qwen_fast.ops.moe_align import choose_block_size
-
     block_m = choose_block_size(num_tokens, topk, num_experts)
     return {"BLOCK_M": block_m, **_config(block_m, dtype)}
 
