@@ -14,7 +14,10 @@ first --block-n/--block-k/... choice when those are outside the lists), then GEM
 The heuristic's own config is always timed too, so the entry written is never slower than it in this measurement,
 and the speed-up over it is printed. A candidate is the whole fused_experts call (alignment, both GEMMs, combine)
 with one config; each is run once and checked against qwen_fast.reference.fused_experts with the test suite's
-tolerance (tests/numerics.py) before it is timed; a failing or non-compiling candidate is reported and dropped.
+tolerance (tests/numerics.py) before it is timed; a failing or non-compiling candidate is reported and dropped. On
+CUDA each candidate's two kernels are first compiled for the device's arch and read with cuobjdump as
+`python -m qwen_fast.gpu_check` does: one that spills or overflows shared memory is dropped, so a table written here
+passes that check on this arch (compilation is then done twice per tile config: once here, once to run).
 
 Pruned before timing (counted in the output): BLOCK_M more than twice max(16, next_pow2(R)), R = T*k / min(E, T*k)
 the rows per active expert under uniform routing (such a block is mostly padding); a BLOCK_N or BLOCK_K past
@@ -38,7 +41,9 @@ import itertools
 import json
 import math
 import os
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,8 +52,7 @@ import triton
 from qwen_fast.kernels import moe_gemm
 
 import qwen_fast
-from qwen_fast import configs
-from qwen_fast.gpu_check import SHARED_LIMIT
+from qwen_fast import configs, gpu_check
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -132,11 +136,46 @@ def describe(config: dict) -> str:
     return f"M{config['BLOCK_M']} gate_up[{tiles(config['gate_up'])}] down[{tiles(config['down'])}]"
 
 
+class SpillCheck:
+    """The first problem `python -m qwen_fast.gpu_check` would report for a candidate's two GEMM kernels compiled for
+    sm_<arch> (a register spill, local memory, shared memory past the limit), or None; memoised per kernel config.
+    The same compile-and-cuobjdump steps as gpu_check, so that the tuner never writes an entry that check rejects."""
+
+    def __init__(self, arch: int):
+        self.arch, self.found = arch, {}
+
+    def problems(self, spec) -> list[str]:
+        from triton.backends.compiler import GPUTarget
+        from triton.compiler import ASTSource
+
+        source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
+        options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+        compiled = triton.compile(source, target=GPUTarget("cuda", self.arch, 32), options=options)
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+            cubin.write(compiled.asm["cubin"])
+            cubin.flush()
+            dump = [gpu_check.cuobjdump(), "--dump-resource-usage", cubin.name]
+            text = subprocess.run(dump, capture_output=True, text=True, check=True).stdout
+        found = []
+        for _, _, (regs, stack, _, local) in gpu_check.parse_resource_usage(text):
+            found += gpu_check.Usage(spec.label, self.arch, regs, stack, compiled.metadata.shared, local).problems()
+        return found
+
+    def __call__(self, dtype: torch.dtype, config: dict) -> str | None:
+        found = []
+        for spec in moe_gemm.gemm_specs(dtype, config["BLOCK_M"], config):
+            key = (spec.kernel.__name__, spec.label, spec.num_warps)
+            if key not in self.found:
+                self.found[key] = self.problems(spec)
+            found += [f"{spec.kernel.__name__} sm_{self.arch}: {p}" for p in self.found[key]]
+        return found[0] if found else None
+
+
 class Timer:
     """Times candidate configs once each (memoised), after one checked run against the reference."""
 
-    def __init__(self, inputs: tuple, expected: torch.Tensor, interpret: bool):
-        self.inputs, self.expected, self.interpret = inputs, expected, interpret
+    def __init__(self, inputs: tuple, expected: torch.Tensor, spill_check: SpillCheck | None):
+        self.inputs, self.expected, self.spill_check = inputs, expected, spill_check
         self.times: dict[str, tuple[float, dict]] = {}
 
     def run(self, config: dict) -> torch.Tensor:
@@ -147,8 +186,10 @@ class Timer:
         if key in self.times:
             return self.times[key][0]
         try:
+            if self.spill_check and (problem := self.spill_check(self.expected.dtype, config)):
+                raise ValueError(problem)
             assert_close(self.run(config), self.expected)
-            if self.interpret:
+            if self.spill_check is None:  # the interpreter on CPU
                 start = time.perf_counter()
                 self.run(config)
                 elapsed = (time.perf_counter() - start) * 1e3
@@ -163,10 +204,10 @@ class Timer:
         return elapsed
 
 
-def tune(args, num_tokens: int, device: torch.device, found: list) -> tuple[dict, float, float, int]:
+def tune(args, num_tokens: int, device: torch.device, found: list, spill_check) -> tuple[dict, float, float, int]:
     """(best entry, its ms, the heuristic's ms, candidates timed) for one T."""
     inputs = make_inputs(args, num_tokens, device)
-    timer = Timer(inputs, qwen_fast.reference.fused_experts(*inputs), device.type == "cpu")
+    timer = Timer(inputs, qwen_fast.reference.fused_experts(*inputs), spill_check)
     dtype = moe_gemm.DTYPES[args.dtype]
     heuristic = moe_gemm.heuristic_config(num_tokens, args.topk, args.experts, dtype)
     baseline = timer(heuristic)
@@ -185,21 +226,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    spill_check = None
     if device.type == "cuda":
         smem_limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
+        major, minor = torch.cuda.get_device_capability(device)
+        spill_check = SpillCheck(10 * major + minor)
     else:
         if not (interpret or args.dry_run):
             raise SystemExit("tune_moe: on CPU the Triton kernels run only under TRITON_INTERPRET=1")
         if args.dtype == "bfloat16" and not args.dry_run:
             raise SystemExit("tune_moe: the Triton interpreter cannot run bf16 tl.dot; use --dtype float32/float16")
-        smem_limit = SHARED_LIMIT[90]
+        smem_limit = gpu_check.SHARED_LIMIT[90]
     dtype = moe_gemm.DTYPES[args.dtype]
     shape = moe_gemm.shape_key(args.experts, args.hidden, args.inter, args.topk, dtype)
     name = configs.device_name(device)
     path = configs.config_path(args.out_dir, "moe_gemm", name)
     print(f"tune_moe: {shape} on {name} (torch {torch.__version__}), writing {path}")
     if device.type == "cpu" and not args.dry_run:
-        print("tune_moe: CPU under TRITON_INTERPRET=1: a smoke test of the mechanics; these times mean nothing")
+        print("tune_moe: CPU under TRITON_INTERPRET=1: a smoke test of the mechanics; these times mean nothing, and")
+        print("tune_moe: candidates are not compiled for a GPU, so spills are not checked (gpu_check does that)")
     torch.manual_seed(args.seed)
     for num_tokens in args.tokens:
         found, pruned = plan(args, num_tokens, smem_limit)
@@ -208,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"T={num_tokens}: up to {count} candidates ({sizes}); {pruned} GEMM tile configs pruned", flush=True)
         if args.dry_run:
             continue
-        best, best_ms, baseline, timed = tune(args, num_tokens, device, found)
+        best, best_ms, baseline, timed = tune(args, num_tokens, device, found, spill_check)
         configs.write_entries(path, moe_gemm.validate_config, shape, {num_tokens: best})
         speedup = f"{baseline / best_ms:.2f}x" if math.isfinite(baseline) else "heuristic failed"
         print(

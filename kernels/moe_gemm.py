@@ -350,36 +350,35 @@ def _launch_configs() -> list[tuple[torch.dtype, int, dict]]:
     return list(unique.values())
 
 
-def compile_specs() -> list[CompileSpec]:
-    specs = []
-    for dtype, block_m, config in _launch_configs():
-        pointer = "*" + TRITON_DTYPE[dtype]
-        for kernel, names, ints, tiles in (
-            (_gate_up_kernel, ("hidden", "w13", "intermediate"), 9, config["gate_up"]),
-            (_down_kernel, ("intermediate", "w2", "y"), 6, config["down"]),
-        ):
-            signature = {name: pointer for name in names}
-            signature |= {"sorted_token_ids": "*i32", "expert_ids": "*i32", "num_tokens_post_padded": "*i32"}
-            scalars = list(kernel.arg_names[6 : 6 + ints])
-            signature |= {name: "i64" if name.startswith("stride") else "i32" for name in scalars}
-            signature |= {name: "constexpr" for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "DOT_PRECISION")}
-            constexprs = {
-                "BLOCK_M": block_m,
-                "BLOCK_N": tiles["BLOCK_N"],
-                "BLOCK_K": tiles["BLOCK_K"],
-                "DOT_PRECISION": _precision(dtype),
-            }
-            specs.append(
-                CompileSpec(
-                    kernel,
-                    signature,
-                    constexprs,
-                    num_warps=tiles["num_warps"],
-                    num_stages=tiles["num_stages"],
-                    label=f"{TRITON_DTYPE[dtype]} M={block_m} N={tiles['BLOCK_N']} K={tiles['BLOCK_K']} "
-                    f"S={tiles['num_stages']}",
-                )
+def gemm_specs(dtype: torch.dtype, block_m: int, config: dict) -> list[CompileSpec]:
+    """The gate_up and down kernels as launched with one config (tiles {"gate_up": ..., "down": ...})."""
+    specs, pointer = [], "*" + TRITON_DTYPE[dtype]
+    for kernel, names, ints, tiles in (
+        (_gate_up_kernel, ("hidden", "w13", "intermediate"), 9, config["gate_up"]),
+        (_down_kernel, ("intermediate", "w2", "y"), 6, config["down"]),
+    ):
+        signature = {name: pointer for name in names}
+        signature |= {"sorted_token_ids": "*i32", "expert_ids": "*i32", "num_tokens_post_padded": "*i32"}
+        scalars = list(kernel.arg_names[6 : 6 + ints])
+        signature |= {name: "i64" if name.startswith("stride") else "i32" for name in scalars}
+        signature |= {name: "constexpr" for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "DOT_PRECISION")}
+        constexprs = {"BLOCK_M": block_m, "BLOCK_N": tiles["BLOCK_N"], "BLOCK_K": tiles["BLOCK_K"]}
+        specs.append(
+            CompileSpec(
+                kernel,
+                signature,
+                constexprs | {"DOT_PRECISION": _precision(dtype)},
+                num_warps=tiles["num_warps"],
+                num_stages=tiles["num_stages"],
+                label=f"{TRITON_DTYPE[dtype]} M={block_m} N={tiles['BLOCK_N']} K={tiles['BLOCK_K']} "
+                f"S={tiles['num_stages']}",
             )
+        )
+    return specs
+
+
+def compile_specs() -> list[CompileSpec]:
+    specs = [spec for dtype, block_m, config in _launch_configs() for spec in gemm_specs(dtype, block_m, config)]
     for dtype in DTYPES.values():
         pointer = "*" + TRITON_DTYPE[dtype]
         for weight_dtype in dict.fromkeys((torch.float32, dtype)):

@@ -5,7 +5,10 @@ import doctest
 import importlib.util
 import json
 import logging
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -266,3 +269,26 @@ def test_tuner_writes_a_table_the_launcher_reads(config_dir, capsys):
     assert list(table) == [shape] and list(table[shape]) == ["16"]
     best = configs.lookup("moe_gemm", moe_gemm.validate_config, "cpu", shape, 16)
     assert best == table[shape]["16"] and f"best {_tuner().describe(best)} " in out
+
+
+@pytest.mark.slow
+def test_tuner_spill_check_names_a_spilling_candidate():
+    """The tuner's SpillCheck compiles a candidate for sm_90 as gpu_check does (no GPU needed; in a subprocess, as
+    the interpreter replaces the compiler): gate_up at M = N = 128 with 4 warps holds 2 * 128 * 128 / 128 = 256 fp32
+    accumulator registers per thread, more than the 255 a thread has, so it must spill; the heuristic's tiles do not."""
+    tune_moe = Path(__file__).resolve().parents[1] / "bench" / "tune_moe.py"
+    code = f"""
+import importlib.util, torch
+spec = importlib.util.spec_from_file_location("tune_moe", {str(tune_moe)!r})
+tuner = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(tuner)
+check = tuner.SpillCheck(90)
+tiles = {{"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}}
+print(check(torch.float16, {{"BLOCK_M": 128, "gate_up": tiles | {{"BLOCK_N": 128}}, "down": tiles}}))
+print(check(torch.float16, tuner.moe_gemm.heuristic_config(64, 8, 128, torch.float16)))
+"""
+    env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    spilled, clean = result.stdout.splitlines()[-2:]
+    assert spilled.startswith("_gate_up_kernel sm_90: spills or local memory") and clean == "None"
