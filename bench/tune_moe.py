@@ -226,6 +226,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
     interpret = os.environ.get("TRITON_INTERPRET") == "1"
+    if min(args.tokens) < 1:
+        raise SystemExit(f"tune_moe: --tokens must be >= 1, got {args.tokens}")
     spill_check = None
     if device.type == "cuda":
         smem_limit = torch.cuda.get_device_properties(device).shared_memory_per_block_optin
