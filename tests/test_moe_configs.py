@@ -90,6 +90,10 @@ def test_env_dir_is_searched_first(config_dir, tmp_path_factory, monkeypatch):
     configs.clear_cache()
     assert _lookup(SHAPE, 8)["BLOCK_M"] == 64  # the user's file wins for the shapes it has
     assert _lookup(shape_b, 8)["BLOCK_M"] == 32  # and the package's serves the others
+    other = tmp_path_factory.mktemp("other")
+    _write(other, "cpu", {SHAPE: {"8": _entry(128)}})
+    monkeypatch.setenv(configs.ENV_DIR, str(other))
+    assert _lookup(SHAPE, 8)["BLOCK_M"] == 128  # a changed $QWEN_FAST_CONFIG_DIR needs no clear_cache()
 
 
 def _bad_entry(**change) -> dict:

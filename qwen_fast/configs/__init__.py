@@ -14,8 +14,8 @@ files take effect without editing the package, for the shapes they cover.
 
 Lookup: the entry of the tuned T nearest to the asked T in log2 (|log2 T - log2 T'|, ties to the smaller T'), since
 the best tiles change with the rows per expert, a ratio. A miss (no file, or no such shape key) returns None and logs
-one INFO line on the "qwen_fast" logger per (kernel, device, shape): the caller then uses its heuristic. Files are
-read once per process; `clear_cache()` re-reads them (after changing $QWEN_FAST_CONFIG_DIR or writing a file).
+one INFO line on the "qwen_fast" logger per (kernel, device, shape): the caller then uses its heuristic. Each file
+is read once per process; `clear_cache()` re-reads them (write_entries() calls it).
 
 No tuned tables ship yet: the heuristics are the defaults. bench/tune_moe.py writes tables for moe_gemm.
 """
@@ -38,9 +38,9 @@ logger = logging.getLogger("qwen_fast")
 Validate = Callable[[str, dict], None]
 
 
-def search_dirs() -> list[Path]:
-    """$QWEN_FAST_CONFIG_DIR (when set), then the package's own directory."""
-    extra = os.environ.get(ENV_DIR)
+def search_dirs(extra: str | None = None) -> list[Path]:
+    """`extra` (default $QWEN_FAST_CONFIG_DIR) when set, then the package's own directory."""
+    extra = extra if extra is not None else os.environ.get(ENV_DIR)
     return ([Path(extra)] if extra else []) + [PACKAGE_DIR]
 
 
@@ -95,13 +95,13 @@ def load_file(path: Path, validate: Validate) -> dict[str, dict[int, dict]]:
 
 
 @functools.cache
-def _table(kernel: str, validate: Validate, device: str, shape: str) -> tuple[tuple[int, dict], ...] | None:
+def _table(kernel: str, validate: Validate, device: str, shape: str, extra: str) -> tuple[tuple[int, dict], ...] | None:
     """The sorted (T, entry) pairs for a shape from the first directory whose file has it; None (logged) if none."""
-    for directory in search_dirs():
+    for directory in search_dirs(extra):
         path = config_path(directory, kernel, device)
         if path.is_file() and shape in (tables := load_file(path, validate)):
             return tuple(sorted(tables[shape].items()))
-    dirs = ", ".join(str(d) for d in search_dirs())
+    dirs = ", ".join(str(d) for d in search_dirs(extra))
     logger.info("qwen_fast: no tuned %s config for %s on %s (searched %s): using the heuristic", kernel, shape, device,
                 dirs)  # fmt: skip
     return None
@@ -121,7 +121,7 @@ def lookup(kernel: str, validate: Validate, device: str, shape: str, num_tokens:
         >>> qwen_fast.configs.lookup("moe_gemm", validate_config, "cpu", "E=8,H=64,I=32,k=2,dtype=float32", 16) is None
         True
     """
-    table = _table(kernel, validate, device, shape)
+    table = _table(kernel, validate, device, shape, os.environ.get(ENV_DIR, ""))
     return None if table is None else nearest(table, num_tokens)
 
 
