@@ -41,9 +41,7 @@ import itertools
 import json
 import math
 import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -145,21 +143,8 @@ class SpillCheck:
         self.arch, self.found = arch, {}
 
     def problems(self, spec) -> list[str]:
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource
-
-        source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
-        options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
-        compiled = triton.compile(source, target=GPUTarget("cuda", self.arch, 32), options=options)
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-            cubin.write(compiled.asm["cubin"])
-            cubin.flush()
-            dump = [gpu_check.cuobjdump(), "--dump-resource-usage", cubin.name]
-            text = subprocess.run(dump, capture_output=True, text=True, check=True).stdout
-        found = []
-        for _, _, (regs, stack, _, local) in gpu_check.parse_resource_usage(text):
-            found += gpu_check.Usage(spec.label, self.arch, regs, stack, compiled.metadata.shared, local).problems()
-        return found
+        usages = gpu_check.spec_usages(spec, self.arch, spec.label, gpu_check.cuobjdump())
+        return [problem for usage in usages for problem in usage.problems()]
 
     def __call__(self, dtype: torch.dtype, config: dict) -> str | None:
         found = []

@@ -76,11 +76,27 @@ def demangle(names: list[str]) -> list[str]:
     return out if len(out) == len(names) else names
 
 
-def triton_usages(archs: list[int]) -> tuple[list[Usage], list[str]]:
+def spec_usages(spec, arch: int, label: str, tool: str) -> list[Usage]:
+    """Compile one CompileSpec for sm_<arch> (no GPU needed) and read its resource usage with cuobjdump. Raises the
+    compiler's exception when it does not compile."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
+    source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
+    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        text = subprocess.run([tool, "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True)
+    return [
+        Usage(label, arch, regs, stack, compiled.metadata.shared, local)
+        for _, _, (regs, stack, _, local) in parse_resource_usage(text.stdout)
+    ]
+
+
+def triton_usages(archs: list[int]) -> tuple[list[Usage], list[str]]:
     import qwen_fast.kernels as kernels_package
 
     usages, failures = [], []
@@ -90,21 +106,10 @@ def triton_usages(archs: list[int]) -> tuple[list[Usage], list[str]]:
         for spec in getattr(module, "compile_specs", list)():
             name = f"{info.name}.{spec.kernel.__name__}[{spec.label}, warps={spec.num_warps}]"
             for arch in archs:
-                source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
-                options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
                 try:
-                    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+                    usages += spec_usages(spec, arch, name, tool)
                 except Exception as error:  # any compiler error is a finding, reported with the config
                     failures.append(f"{name} sm_{arch}: failed to compile: {str(error).splitlines()[0]}")
-                    continue
-                with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
-                    cubin.write(compiled.asm["cubin"])
-                    cubin.flush()
-                    text = subprocess.run(
-                        [tool, "--dump-resource-usage", cubin.name], capture_output=True, text=True, check=True
-                    ).stdout
-                for _, _, (regs, stack, _, local) in parse_resource_usage(text):
-                    usages.append(Usage(name, arch, regs, stack, compiled.metadata.shared, local))
     return usages, failures
 
 
