@@ -385,3 +385,96 @@ def test_rope_compiles_fullgraph(backend):
     assert torch.equal(q_rot, q_rot_ref)
     assert torch.equal(inputs["value_cache"], expected["value_cache"])
     assert_close(inputs["key_cache"], expected["key_cache"])
+
+
+# --- bad input: named, value-bearing errors -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        (lambda i: {"query": i["query"].numpy()}, TypeError, "query must be a torch.Tensor, got ndarray"),
+        (lambda i: {"query": i["query"][0]}, ValueError, r"query must have 3 dimensions, got shape \(4, 64\)"),
+        (
+            lambda i: {"query": i["query"].int()},
+            TypeError,
+            "query must be float32 or float16 or bfloat16, got torch.int32",
+        ),
+        (lambda i: {"key": i["key"].half()}, TypeError, "key must be float32, got torch.float16"),
+        (lambda i: {"key": i["key"][:, :, :32]}, ValueError, r"key must be \[..., H, D\] .* got \(9, 2, 32\)"),
+        (lambda i: {"value": i["value"][:, :1]}, ValueError, r"value must be \[T, Hkv, D\] = key's shape \(9, 2, 64\)"),
+        (lambda i: {"q_norm_weight": i["q_norm_weight"][:32]}, ValueError, r"q_norm_weight must be \[D\] = \(64,\)"),
+        (lambda i: {"k_norm_weight": i["k_norm_weight"].half()}, TypeError, "k_norm_weight must be float32, got"),
+        (lambda i: {"eps": -1.0}, ValueError, "eps must be a float >= 0, got -1.0"),
+        (lambda i: {"eps": "1e-6"}, ValueError, "eps must be a float >= 0, got '1e-6'"),
+        (lambda i: {"positions": i["positions"].int()}, TypeError, "positions must be int64, got torch.int32"),
+        (lambda i: {"positions": i["positions"][:3]}, ValueError, r"positions must be \[T\] or \[B, S\] .* \(9,\)"),
+        (
+            lambda i: {"positions": i["positions"] + 1},
+            ValueError,
+            r"positions holds values in \[\d+, 131072\], outside cos_sin_cache's \[0, 131072\)",
+        ),
+        (lambda i: {"positions": i["positions"] - 2**20}, ValueError, "positions holds values in"),
+        (lambda i: {"cos_sin_cache": i["cos_sin_cache"][:, :32]}, ValueError, "cos_sin_cache must be contiguous"),
+        (lambda i: {"cos_sin_cache": i["cos_sin_cache"].double()}, TypeError, "cos_sin_cache must be float32"),
+        (
+            lambda i: {"query": i["query"][..., :63]},
+            ValueError,
+            r"query.s head_dim must be even \(pairs are rotated\), got 63",
+        ),
+        (
+            lambda i: {"key_cache": i["key_cache"][..., :32]},
+            ValueError,
+            r"key_cache \[num_blocks, block_size, Hkv, D\] = \(4, 5, 2, 32\) does not match key",
+        ),
+        (lambda i: {"value_cache": i["value_cache"][:2]}, ValueError, "value_cache must have key_cache's shape"),
+        (lambda i: {"slot_mapping": i["slot_mapping"].int()}, TypeError, "slot_mapping must be int64, got torch.int32"),
+        (lambda i: {"slot_mapping": i["slot_mapping"][:3]}, ValueError, r"slot_mapping must be \[T\] = \(9,\)"),
+        (
+            lambda i: {"slot_mapping": i["slot_mapping"] + 40},
+            ValueError,
+            r"slot_mapping holds values in \[\d+, \d+\], outside the caches' 20 slots",
+        ),
+        (
+            lambda i: {"query": i["query"].transpose(1, 2).contiguous().transpose(1, 2)},
+            ValueError,
+            "query must be contiguous in its last dimension",
+        ),
+        (lambda i: {"key": i["key"].to("meta")}, ValueError, "key must be on cpu like the other inputs, got meta"),
+        (lambda i: {"is_neox": 1}, TypeError, "is_neox must be a bool, got int 1"),
+    ],
+)
+def test_qk_norm_rope_and_cache_bad_input(change, error, message):
+    inputs = _rope_inputs(9, 64, 4, 2, 5, False, torch.float32, "fp32")
+    with pytest.raises(error, match=message):
+        qwen_fast.qk_norm_rope_and_cache(**{"is_neox": True, **inputs, **change(inputs)})
+
+
+@pytest.mark.parametrize(
+    "args,error,message",
+    [
+        ({"query": torch.randn(2, 4, 3, 4, 64)}, ValueError, r"query must be \[T, Hq, D\] or \[B, S, Hq, D\]"),
+        ({"key": torch.randn(8, 2, 64)}, ValueError, r"key must be \[..., H, D\] with query's \(9, 4, 64\)"),
+        ({"key": torch.randn(9, 2, 64).bfloat16()}, TypeError, "key must be float32, got torch.bfloat16"),
+        ({"positions": torch.arange(9).view(3, 3)}, ValueError, r"positions must be \[T\] or \[B, S\]"),
+        ({"cos_sin_cache": torch.randn(64, 4096).t()}, ValueError, "cos_sin_cache must be contiguous"),
+    ],
+)
+def test_rotary_embedding_bad_input(args, error, message):
+    inputs = {"positions": torch.arange(9), "query": torch.randn(9, 4, 64), "key": torch.randn(9, 2, 64)}
+    inputs["cos_sin_cache"] = compute_cos_sin_cache(64, 4096)
+    with pytest.raises(error, match=message):
+        qwen_fast.rotary_embedding(**(inputs | args))
+
+
+def test_native_rope_ops_check_ranges():
+    """Direct torch.ops calls skip the Python checks: the C++ ones raise instead of reading out of bounds."""
+    inputs = _small_rope_args(torch.float32)
+    args = dict(inputs, positions=inputs["positions"] + 1)
+    with pytest.raises(RuntimeError, match=r"positions\[8\] = 131072 is outside the cos_sin_cache's \[0, 131072\)"):
+        torch.ops.qwen_fast.rotary_embedding(*_rotary_args(args))
+    args = dict(inputs, slot_mapping=inputs["slot_mapping"] + 100)
+    with pytest.raises(RuntimeError, match=r"slot_mapping\[0\] = \d+ is past the caches' 20 slots"):
+        torch.ops.qwen_fast.qk_norm_rope_and_cache(*args.values(), True)
+    with pytest.raises(RuntimeError, match="the norm weights must be contiguous"):
+        torch.ops.qwen_fast.qk_norm_rope_and_cache(*dict(inputs, q_norm_weight=inputs["query"]).values(), True)
