@@ -44,6 +44,7 @@ struct CpuLaunch {
           const HeadRow<Scalar> row = head_row(args, layout, t, h);
           const float sum = row.weight == nullptr ? 0.0f : partial_sum_squares(row.x, layout.head_dim, 0, 1);
           process_row(row, cos, sum, layout, 0, 1);
+          copy_rows_to_cache(row, layout, 0, 1);
         }
       }
     });

@@ -32,6 +32,8 @@ __global__ void rope_kernel(const RopeArgs<Scalar, Cache> args, const RopeLayout
   }
   const Cache* cos = args.cos_sin + args.positions[token] * layout.head_dim;
   process_row(row, cos, sum, layout, lane, 32);
+  __syncwarp();  // the cache rows copy the output row, written by the other lanes
+  copy_rows_to_cache(row, layout, lane, 32);
 }
 
 // The launch for with_rope_args: grid (T, ceil((Hq + Hkv) / kWarps)) on the current stream.
