@@ -111,7 +111,8 @@ std::tuple<at::Tensor, at::Tensor> with_rope_args(const at::Tensor& positions, c
                                                   const RopeExtras& e, Launch&& launch) {
   at::Tensor query_out = at::empty(query.sizes(), query.options());
   at::Tensor key_out = at::empty(key.sizes(), key.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, query.scalar_type(), "qwen_fast_rope", [&] {
+  auto per_dtype = [&](auto scalar_tag) {
+    using scalar_t = decltype(scalar_tag);
     auto ptr = [](const at::Tensor* t) { return t == nullptr ? nullptr : t->const_data_ptr<scalar_t>(); };
     auto mut = [](at::Tensor* t) { return t == nullptr ? nullptr : t->mutable_data_ptr<scalar_t>(); };
     auto go = [&](auto cache_tag) {
@@ -127,7 +128,12 @@ std::tuple<at::Tensor, at::Tensor> with_rope_args(const at::Tensor& positions, c
     } else {
       go(scalar_t{});
     }
-  });
+  };
+  // float, half and bfloat16 only (the Python API admits no other dtype): no unused double kernels.
+  AT_DISPATCH_SWITCH(query.scalar_type(), "qwen_fast_rope",
+                     AT_DISPATCH_CASE(at::kFloat, [&] { per_dtype(scalar_t{}); })
+                         AT_DISPATCH_CASE(at::kHalf, [&] { per_dtype(scalar_t{}); })
+                             AT_DISPATCH_CASE(at::kBFloat16, [&] { per_dtype(scalar_t{}); }));
   return {query_out, key_out};
 }
 

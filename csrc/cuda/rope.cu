@@ -14,14 +14,13 @@
 #include "../rope_checks.h"
 
 namespace qwen_fast {
-namespace {
 
-constexpr int kWarps = 4;  // head rows per block: 128 threads, a full Qwen3 KV group (Hkv = 4) in one block
+constexpr int kRopeWarps = 4;  // head rows per block: 128 threads, a full Qwen3 KV group (Hkv = 4) in one block
 
 template <typename Scalar, typename Cache>
-__global__ void rope_kernel(const RopeArgs<Scalar, Cache> args, const RopeLayout layout) {
+__global__ void norm_rope_kernel(const RopeArgs<Scalar, Cache> args, const RopeLayout layout) {
   const int64_t token = blockIdx.x;
-  const int64_t head = static_cast<int64_t>(blockIdx.y) * kWarps + threadIdx.x / 32;
+  const int64_t head = static_cast<int64_t>(blockIdx.y) * kRopeWarps + threadIdx.x / 32;
   const int64_t lane = threadIdx.x % 32;
   if (head >= layout.num_q_heads + layout.num_kv_heads) return;  // whole warps exit together
   const HeadRow<Scalar> row = head_row(args, layout, token, head);
@@ -36,7 +35,9 @@ __global__ void rope_kernel(const RopeArgs<Scalar, Cache> args, const RopeLayout
   copy_rows_to_cache(row, layout, lane, 32);
 }
 
-// The launch for with_rope_args: grid (T, ceil((Hq + Hkv) / kWarps)) on the current stream.
+namespace {
+
+// The launch for with_rope_args: grid (T, ceil((Hq + Hkv) / kRopeWarps)) on the current stream.
 struct CudaLaunch {
   const RopeLayout& layout;
   dim3 grid;
@@ -45,14 +46,14 @@ struct CudaLaunch {
   template <typename Scalar, typename Cache>
   void operator()(const RopeArgs<Scalar, Cache>& args) const {
     if (grid.x == 0 || grid.y == 0) return;
-    rope_kernel<Scalar, Cache><<<grid, kWarps * 32, 0, stream>>>(args, layout);
+    norm_rope_kernel<Scalar, Cache><<<grid, kRopeWarps * 32, 0, stream>>>(args, layout);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 };
 
 CudaLaunch cuda_launch(const RopeLayout& layout, const at::Tensor& query) {
   const int64_t heads = layout.num_q_heads + layout.num_kv_heads;
-  const dim3 grid(static_cast<unsigned>(query.size(0)), static_cast<unsigned>((heads + kWarps - 1) / kWarps));
+  const dim3 grid(static_cast<unsigned>(query.size(0)), static_cast<unsigned>((heads + kRopeWarps - 1) / kRopeWarps));
   return CudaLaunch{layout, grid, at::cuda::getCurrentCUDAStream()};
 }
 
