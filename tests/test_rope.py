@@ -405,8 +405,9 @@ def test_rope_compiles_fullgraph(backend):
         (lambda i: {"value": i["value"][:, :1]}, ValueError, r"value must be \[T, Hkv, D\] = key's shape \(9, 2, 64\)"),
         (lambda i: {"q_norm_weight": i["q_norm_weight"][:32]}, ValueError, r"q_norm_weight must be \[D\] = \(64,\)"),
         (lambda i: {"k_norm_weight": i["k_norm_weight"].half()}, TypeError, "k_norm_weight must be float32, got"),
-        (lambda i: {"eps": -1.0}, ValueError, "eps must be a float >= 0, got -1.0"),
-        (lambda i: {"eps": "1e-6"}, ValueError, "eps must be a float >= 0, got '1e-6'"),
+        (lambda i: {"eps": -1.0}, ValueError, "eps must be >= 0, got -1.0"),
+        (lambda i: {"eps": "1e-6"}, TypeError, "eps must be a float, got str '1e-6'"),
+        (lambda i: {"eps": float("nan")}, ValueError, "eps must be >= 0, got nan"),
         (lambda i: {"positions": i["positions"].int()}, TypeError, "positions must be int64, got torch.int32"),
         (lambda i: {"positions": i["positions"][:3]}, ValueError, r"positions must be \[T\] or \[B, S\] .* \(9,\)"),
         (

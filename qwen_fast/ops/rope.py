@@ -231,8 +231,10 @@ def qk_norm_rope_and_cache(
         check_tensor(name, weight, ndim=1, dtypes=(query.dtype,), device=device)
         check_shape(name, weight, (head_dim,), "[D] =")
         check_last_dim_contiguous(name, weight)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps >= 0:
-        raise ValueError(f"eps must be a float >= 0, got {eps!r}")
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__} {eps!r}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
     check_tensor("key_cache", key_cache, ndim=4, dtypes=(query.dtype,), device=device)
     check_tensor("value_cache", value_cache, ndim=4, dtypes=(query.dtype,), device=device)
     if key_cache.shape[2:] != key.shape[1:]:
