@@ -2,7 +2,8 @@
 
 Both are out of place for query and key (new tensors, like the references and functional torch.compile graphs);
 qk_norm_rope_and_cache mutates only the caches (marked `Tensor(a!)` in its schema). Roundings: the references'
-(qwen_fast/reference/rope.py, qk_norm_rope_and_cache), reproduced by every kernel (csrc/rope.h).
+(qwen_fast/reference/rope.py, qk_norm_rope_and_cache), at the same points in every kernel (csrc/rope.h,
+kernels/rope.py). rotary_embedding's CPU kernel gives the reference's bits (the tests check it).
 """
 
 import torch
@@ -194,8 +195,9 @@ def qk_norm_rope_and_cache(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Qwen3 attention's q/k path in one pass: per-head RMSNorm of q and k, RoPE, k and v into the paged caches.
 
-    Same result, bit for bit in rounding points, as `qwen_fast.reference.qk_norm_rope_and_cache` (rms_norm with
-    Qwen3's casts, apply_rotary_emb, reshape_and_cache), reading each new q/k/v element once instead of four passes.
+    Rounds where `qwen_fast.reference.qk_norm_rope_and_cache` rounds (rms_norm with Qwen3's casts, apply_rotary_emb,
+    reshape_and_cache); only the order of the fp32 sum of squares differs (ulp-level, e.g. 1 in ~3000 fp16 elements
+    one ulp apart). Each new q/k/v element is read once, instead of once per pass of the four-op chain.
 
     Args:
         query: [T, Hq, D] float32/float16/bfloat16, head dim contiguous (e.g. a view into a fused qkv projection).
