@@ -27,4 +27,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cuda(const a
 at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& w13, const at::Tensor& w2,
                              const at::Tensor& topk_weights, const at::Tensor& topk_ids);
 
+// RoPE of query [T, Hq, D] and key [T, Hkv, D] by positions [T] (int64) with cos_sin_cache [max_position, D]
+// ([cos | sin], fp32 or query's dtype) -> new (query, key). Roundings: rope.h.
+std::tuple<at::Tensor, at::Tensor> rotary_embedding_cpu(const at::Tensor& positions, const at::Tensor& query,
+                                                        const at::Tensor& key, const at::Tensor& cos_sin_cache,
+                                                        bool is_neox);
+std::tuple<at::Tensor, at::Tensor> rotary_embedding_cuda(const at::Tensor& positions, const at::Tensor& query,
+                                                         const at::Tensor& key, const at::Tensor& cos_sin_cache,
+                                                         bool is_neox);
+
+// Per-head RMSNorm of query and key (weights [D]), RoPE, rotated key and value written into the paged caches at
+// slot_mapping [T] (int64, negative = skip) -> new (query, key). Roundings: rope.h.
+std::tuple<at::Tensor, at::Tensor> qk_norm_rope_and_cache_cpu(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& q_norm_weight,
+    const at::Tensor& k_norm_weight, double eps, const at::Tensor& positions, const at::Tensor& cos_sin_cache,
+    at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& slot_mapping, bool is_neox);
+std::tuple<at::Tensor, at::Tensor> qk_norm_rope_and_cache_cuda(
+    const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& q_norm_weight,
+    const at::Tensor& k_norm_weight, double eps, const at::Tensor& positions, const at::Tensor& cos_sin_cache,
+    at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& slot_mapping, bool is_neox);
+
 }  // namespace qwen_fast

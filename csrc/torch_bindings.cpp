@@ -8,6 +8,13 @@ TORCH_LIBRARY(qwen_fast, m) {
       "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
       "Tensor slot_mapping) -> ()");
   m.def("moe_align_block_size(Tensor topk_ids, int block_size, int num_experts) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "rotary_embedding(Tensor positions, Tensor query, Tensor key, Tensor cos_sin_cache, bool is_neox) -> "
+      "(Tensor, Tensor)");
+  m.def(
+      "qk_norm_rope_and_cache(Tensor query, Tensor key, Tensor value, Tensor q_norm_weight, Tensor k_norm_weight, "
+      "float eps, Tensor positions, Tensor cos_sin_cache, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+      "Tensor slot_mapping, bool is_neox) -> (Tensor, Tensor)");
   m.def("fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids) -> Tensor");
 }
 

@@ -15,8 +15,10 @@ from .ops import (
     fused_moe,
     fused_topk,
     moe_align_block_size,
+    qk_norm_rope_and_cache,
     record_backends,
     reshape_and_cache,
+    rotary_embedding,
     use_backend,
 )
 from .ops.report import backends as _backends
@@ -51,8 +53,10 @@ __all__ = [
     "fused_topk",
     "moe_align_block_size",
     "nn",
+    "qk_norm_rope_and_cache",
     "record_backends",
     "reference",
     "reshape_and_cache",
+    "rotary_embedding",
     "use_backend",
 ]

@@ -5,6 +5,7 @@ from .attention import FLASH_ATTN, FLASH_ATTN_VARLEN, flash_attn_func, flash_att
 from .kv_cache import FLASH_ATTN_WITH_KVCACHE, RESHAPE_AND_CACHE, flash_attn_with_kvcache, reshape_and_cache
 from .moe import FUSED_EXPERTS, FUSED_MOE, fused_experts, fused_moe
 from .moe_align import MOE_ALIGN_BLOCK_SIZE, moe_align_block_size
+from .rope import QK_NORM_ROPE_AND_CACHE, ROTARY_EMBEDDING, qk_norm_rope_and_cache, rotary_embedding
 from .routing import FUSED_TOPK, fused_topk
 
 # Every public op, by name: what qwen_fast.backends() reports on.
@@ -19,6 +20,8 @@ OPS: dict[str, Op] = {
         FLASH_ATTN_VARLEN,
         FLASH_ATTN_WITH_KVCACHE,
         RESHAPE_AND_CACHE,
+        ROTARY_EMBEDDING,
+        QK_NORM_ROPE_AND_CACHE,
     )
 }
 
@@ -34,7 +37,9 @@ __all__ = [
     "fused_moe",
     "fused_topk",
     "moe_align_block_size",
+    "qk_norm_rope_and_cache",
     "record_backends",
     "reshape_and_cache",
+    "rotary_embedding",
     "use_backend",
 ]

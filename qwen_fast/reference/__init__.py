@@ -10,7 +10,7 @@ from .kv_cache import flash_attn_with_kvcache, reshape_and_cache
 from .moe import fused_experts, fused_moe
 from .moe_align import moe_align_block_size
 from .norm import rms_norm
-from .rope import apply_rotary_emb, compute_cos_sin_cache
+from .rope import apply_rotary_emb, compute_cos_sin_cache, qk_norm_rope_and_cache, rotary_embedding
 from .routing import fused_topk
 
 __all__ = [
@@ -23,6 +23,8 @@ __all__ = [
     "fused_moe",
     "fused_topk",
     "moe_align_block_size",
+    "qk_norm_rope_and_cache",
     "reshape_and_cache",
     "rms_norm",
+    "rotary_embedding",
 ]

@@ -39,6 +39,9 @@ import math
 
 import torch
 
+from .kv_cache import reshape_and_cache
+from .norm import rms_norm
+
 
 def _wavelength_factors(head_dim: int, base: float) -> torch.Tensor:
     """fp32 [D/2]: base ** (2i / D), the reciprocal of the unscaled inverse frequencies, in fp32 as transformers."""
@@ -166,3 +169,59 @@ def apply_rotary_emb(
     cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # each [*, D/2]
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # broadcast over heads
     return _rotate(query, cos, sin, is_neox), None if key is None else _rotate(key, cos, sin, is_neox)
+
+
+# The public op's name (vLLM's `rotary_embedding`); same signature and semantics as apply_rotary_emb.
+rotary_embedding = apply_rotary_emb
+
+
+def qk_norm_rope_and_cache(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    eps: float,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    is_neox: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3 attention's q/k preparation: per-head RMSNorm of q and k, RoPE, then k and v written into the pages.
+
+    The composition of the references, in order; its roundings are the contract of the fused kernels. For query
+    and key in dtype X (weights in X too):
+        n = to_X(x32 * rsqrt(mean(x32 ** 2) + eps))    (rms_norm: fp32 math, rounded to X)
+        y = to_X(weight * n)                            (the weight product, rounded to X)
+        out = rotation of y in promote(X, cache dtype)  (fp32 cache: fp32 math and one rounding to X; a cache in X:
+                                                         every product and sum rounded to X, as transformers)
+
+    Args:
+        query: [T, Hq, D]; key, value: [T, Hkv, D]; all one float dtype.
+        q_norm_weight, k_norm_weight: [D], query's dtype.
+        eps: RMSNorm epsilon (Qwen3: 1e-6).
+        positions: int64 [T].
+        cos_sin_cache: [max_position, D] from compute_cos_sin_cache.
+        key_cache, value_cache: [num_blocks, block_size, Hkv, D]; MUTATED at the non-negative slots.
+        slot_mapping: int64 [T]; negative slots are skipped.
+        is_neox: rotate-half pairs (True, Qwen) or interleaved pairs.
+
+    Returns:
+        (query_out [T, Hq, D], key_out [T, Hkv, D]): normalized and rotated, new tensors in query's dtype.
+
+    Example:
+        >>> cache = compute_cos_sin_cache(64, 4096, 1e6)
+        >>> q, k, v = torch.randn(3, 4, 64), torch.randn(3, 2, 64), torch.randn(3, 2, 64)
+        >>> kc, vc = torch.zeros(2, 16, 2, 64), torch.zeros(2, 16, 2, 64)
+        >>> w, slots = torch.ones(64), torch.tensor([5, -1, 9])
+        >>> q2, k2 = qk_norm_rope_and_cache(q, k, v, w, w, 1e-6, torch.arange(3), cache, kc, vc, slots)
+        >>> torch.equal(kc[0, 5], k2[0]) and torch.equal(vc[0, 9], v[2])
+        True
+    """
+    query = rms_norm(query, q_norm_weight, eps)
+    key = rms_norm(key, k_norm_weight, eps)
+    query, key = apply_rotary_emb(positions, query, key, cos_sin_cache, is_neox)
+    reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
+    return query, key

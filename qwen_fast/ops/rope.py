@@ -1,0 +1,260 @@
+"""RoPE ops: rotary_embedding, and qk_norm_rope_and_cache (Qwen3's q/k RMSNorm + RoPE + paged KV-cache write fused).
+
+Both are out of place for query and key (new tensors, like the references and functional torch.compile graphs);
+qk_norm_rope_and_cache mutates only the caches (marked `Tensor(a!)` in its schema). Roundings: the references'
+(qwen_fast/reference/rope.py, qk_norm_rope_and_cache), at the same points in every kernel (csrc/rope.h,
+kernels/rope.py). rotary_embedding's CPU kernel gives the reference's bits (the tests check it).
+"""
+
+import torch
+
+from qwen_fast import _native
+from qwen_fast.reference import rope as reference
+
+from ._checks import FLOAT_DTYPES, check_last_dim_contiguous, check_shape, check_tensor
+from ._dispatch import NATIVE_FIRST, Op
+
+
+def _fake_rotary_embedding(positions, query, key, cos_sin_cache, is_neox) -> tuple[torch.Tensor, torch.Tensor]:
+    torch._check(query.dim() == 3 and key.dim() == 3, lambda: "query and key must be [T, H, D]")
+    torch._check(positions.shape == query.shape[:1], lambda: "positions must be [T]")
+    torch._check(key.shape[0] == query.shape[0] and key.shape[2] == query.shape[2], lambda: "key must be [T, Hkv, D]")
+    torch._check(cos_sin_cache.dim() == 2 and cos_sin_cache.shape[1] == query.shape[2], lambda: "cos_sin_cache: [P, D]")
+    return query.new_empty(query.shape), key.new_empty(key.shape)
+
+
+def _fake_qk_norm_rope_and_cache(
+    query, key, value, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, key_cache, value_cache,
+    slot_mapping, is_neox,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    torch._check(value.shape == key.shape, lambda: "value must have key's shape")
+    torch._check(q_norm_weight.shape == query.shape[2:] == k_norm_weight.shape, lambda: "norm weights must be [D]")
+    torch._check(key_cache.dim() == 4 and key_cache.shape[2:] == key.shape[1:], lambda: "key_cache: [.., Hkv, D]")
+    torch._check(value_cache.shape == key_cache.shape, lambda: "value_cache must have key_cache's shape")
+    torch._check(slot_mapping.shape == query.shape[:1], lambda: "slot_mapping must be [T]")
+    return _fake_rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
+
+
+if _native.LOAD_ERROR is None:
+    torch.library.register_fake("qwen_fast::rotary_embedding")(_fake_rotary_embedding)
+    torch.library.register_fake("qwen_fast::qk_norm_rope_and_cache")(_fake_qk_norm_rope_and_cache)
+
+
+@torch.library.custom_op("qwen_fast_triton::rotary_embedding", mutates_args=())
+def _rotary_embedding_triton(
+    positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from qwen_fast.kernels.rope import rotary_embedding as launch
+
+    return launch(positions, query, key, cos_sin_cache, is_neox)
+
+
+_rotary_embedding_triton.register_fake(_fake_rotary_embedding)
+
+
+@torch.library.custom_op("qwen_fast_triton::qk_norm_rope_and_cache", mutates_args=("key_cache", "value_cache"))
+def _qk_norm_rope_and_cache_triton(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor, eps: float, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
+    key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor, is_neox: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    from qwen_fast.kernels.rope import qk_norm_rope_and_cache as launch
+
+    return launch(query, key, value, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, key_cache,
+                  value_cache, slot_mapping, is_neox)  # fmt: skip
+
+
+_qk_norm_rope_and_cache_triton.register_fake(_fake_qk_norm_rope_and_cache)
+
+
+def _rotary_embedding_native(*args):
+    return torch.ops.qwen_fast.rotary_embedding(*args)
+
+
+def _qk_norm_rope_and_cache_native(*args):
+    return torch.ops.qwen_fast.qk_norm_rope_and_cache(*args)
+
+
+ROTARY_EMBEDDING = Op(
+    "rotary_embedding",
+    {
+        "cuda": _rotary_embedding_native,
+        "triton": _rotary_embedding_triton,
+        "cpu": _rotary_embedding_native,
+        "torch": reference.rotary_embedding,
+    },
+    NATIVE_FIRST,
+)
+QK_NORM_ROPE_AND_CACHE = Op(
+    "qk_norm_rope_and_cache",
+    {
+        "cuda": _qk_norm_rope_and_cache_native,
+        "triton": _qk_norm_rope_and_cache_triton,
+        "cpu": _qk_norm_rope_and_cache_native,
+        "torch": reference.qk_norm_rope_and_cache,
+    },
+    NATIVE_FIRST,
+)
+
+
+def _check_index_range(name: str, index: torch.Tensor, high: int, what: str, allow_negative: bool = False) -> None:
+    """Entries of `index` lie below `high` (and are >= 0 unless allow_negative). CPU only: on CUDA the check would
+    need a host sync (the CPU kernels always check)."""
+    if index.device.type != "cpu" or index.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low, top = int(index.min()), int(index.max())
+    if top >= high or (low < 0 and not allow_negative):
+        raise ValueError(f"{name} holds values in [{low}, {top}], outside {what}")
+
+
+def _check_rope_args(positions, query, cos_sin_cache, is_neox) -> None:
+    """query [..., H, D] in a float dtype; positions int64 [...]; cos_sin_cache [P, D] fp32 or query's dtype."""
+    check_tensor("query", query, dtypes=FLOAT_DTYPES)
+    if query.dim() not in (3, 4):
+        raise ValueError(f"query must be [T, Hq, D] or [B, S, Hq, D], got shape {tuple(query.shape)}")
+    head_dim, device = query.shape[-1], query.device
+    if head_dim % 2:
+        raise ValueError(f"query's head_dim must be even (pairs are rotated), got {head_dim}")
+    check_tensor("positions", positions, dtypes=(torch.int64,), device=device)
+    check_shape("positions", positions, query.shape[:-2], "[T] or [B, S] = query's leading dims")
+    check_tensor("cos_sin_cache", cos_sin_cache, ndim=2, dtypes=(torch.float32, query.dtype), device=device)
+    if cos_sin_cache.shape[1] != head_dim or not cos_sin_cache.is_contiguous():
+        raise ValueError(
+            f"cos_sin_cache must be contiguous [max_position, D = {head_dim}], got {tuple(cos_sin_cache.shape)} "
+            f"with strides {cos_sin_cache.stride()}"
+        )
+    if not isinstance(is_neox, bool):
+        raise TypeError(f"is_neox must be a bool, got {type(is_neox).__name__} {is_neox!r}")
+    check_last_dim_contiguous("query", query)
+    _check_index_range("positions", positions, cos_sin_cache.shape[0], f"cos_sin_cache's [0, {cos_sin_cache.shape[0]})")
+
+
+def _check_heads(name: str, x: torch.Tensor, query: torch.Tensor) -> None:
+    """x [..., H, D] with query's leading dims, D, dtype and device."""
+    check_tensor(name, x, ndim=query.dim(), dtypes=(query.dtype,), device=query.device)
+    if x.shape[:-2] != query.shape[:-2] or x.shape[-1] != query.shape[-1]:
+        raise ValueError(
+            f"{name} must be [..., H, D] with query's {tuple(query.shape)} leading dims and D, got {tuple(x.shape)}"
+        )
+    check_last_dim_contiguous(name, x)
+
+
+def rotary_embedding(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Rotate query and key by their tokens' positions (vLLM's `rotary_embedding`, out of place).
+
+    Args:
+        positions: int64 [T] (packed tokens) or [B, S].
+        query: [T, Hq, D] or [B, S, Hq, D], float32/float16/bfloat16, head dim contiguous.
+        key: [T, Hkv, D] or [B, S, Hkv, D] in query's dtype, or None (then None is returned for it).
+        cos_sin_cache: contiguous [max_position, D] from `qwen_fast.reference.compute_cos_sin_cache` (YaRN included):
+            float32 (fp32 math, one rounding) or query's dtype (transformers' per-operation rounding).
+        is_neox: rotate-half pairs (True: Qwen, Llama) or interleaved pairs (False: GPT-J).
+
+    Returns:
+        (query, key) rotated: new contiguous tensors of the inputs' shapes and dtype.
+
+    Example:
+        >>> cache = qwen_fast.reference.compute_cos_sin_cache(64, 4096, 1e6)
+        >>> q, k = torch.randn(5, 8, 64), torch.randn(5, 2, 64)
+        >>> q_rot, k_rot = qwen_fast.rotary_embedding(torch.arange(5), q, k, cache)
+        >>> torch.equal(q_rot[0], q[0])  # position 0 is the identity
+        True
+    """
+    _check_rope_args(positions, query, cos_sin_cache, is_neox)
+    head_dim = query.shape[-1]
+    if key is not None:
+        _check_heads("key", key, query)
+    flat_query = query.reshape(-1, query.shape[-2], head_dim)
+    if key is None:  # a key of no heads: the kernels then rotate query alone
+        flat_key = query.new_empty(flat_query.shape[0], 0, head_dim)
+    else:
+        flat_key = key.reshape(-1, key.shape[-2], head_dim)
+    q_out, k_out = ROTARY_EMBEDDING(query.device, positions.reshape(-1), flat_query, flat_key, cos_sin_cache, is_neox)
+    return q_out.view(query.shape), None if key is None else k_out.view(key.shape)
+
+
+def qk_norm_rope_and_cache(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    q_norm_weight: torch.Tensor,
+    k_norm_weight: torch.Tensor,
+    eps: float,
+    positions: torch.Tensor,
+    cos_sin_cache: torch.Tensor,
+    key_cache: torch.Tensor,
+    value_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    is_neox: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Qwen3 attention's q/k path in one pass: per-head RMSNorm of q and k, RoPE, k and v into the paged caches.
+
+    Rounds where `qwen_fast.reference.qk_norm_rope_and_cache` rounds (rms_norm with Qwen3's casts, apply_rotary_emb,
+    reshape_and_cache); only the order of the fp32 sum of squares differs (ulp-level: in fp16 about 3 to 11 elements
+    in 10,000 one ulp apart). Each new q/k/v element is read once, instead of once per pass of the four-op chain.
+
+    Args:
+        query: [T, Hq, D] float32/float16/bfloat16, head dim contiguous (e.g. a view into a fused qkv projection).
+        key, value: [T, Hkv, D], query's dtype.
+        q_norm_weight, k_norm_weight: [D], query's dtype (the model's q_norm / k_norm weights).
+        eps: RMSNorm epsilon, a float >= 0 (Qwen3: 1e-6).
+        positions: int64 [T], each in [0, max_position).
+        cos_sin_cache: contiguous [max_position, D], float32 or query's dtype (see rotary_embedding).
+        key_cache, value_cache: [num_blocks, block_size, Hkv, D], query's dtype, same strides; MUTATED: token t's
+            rotated key and its value go to page slot // block_size, row slot % block_size.
+        slot_mapping: int64 [T]; a negative slot (padding) is skipped. Non-negative slots must be distinct.
+        is_neox: rotate-half (True, Qwen) or interleaved pairs.
+
+    Returns:
+        (query_out [T, Hq, D], key_out [T, Hkv, D]), normalized and rotated, new contiguous tensors.
+
+    Example:
+        >>> cache = qwen_fast.reference.compute_cos_sin_cache(64, 4096, 1e6)
+        >>> q, k, v = torch.randn(3, 4, 64), torch.randn(3, 2, 64), torch.randn(3, 2, 64)
+        >>> kc, vc, w = torch.zeros(2, 16, 2, 64), torch.zeros(2, 16, 2, 64), torch.ones(64)
+        >>> slots = torch.tensor([5, -1, 9])
+        >>> q2, k2 = qwen_fast.qk_norm_rope_and_cache(q, k, v, w, w, 1e-6, torch.arange(3), cache, kc, vc, slots)
+        >>> torch.equal(kc[0, 5], k2[0]) and torch.equal(vc[0, 9], v[2])
+        True
+    """
+    check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES)
+    _check_rope_args(positions, query, cos_sin_cache, is_neox)
+    _check_heads("key", key, query)
+    _check_heads("value", value, query)
+    check_shape("value", value, key.shape, "[T, Hkv, D] = key's shape")
+    head_dim, device = query.shape[-1], query.device
+    for name, weight in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        check_tensor(name, weight, ndim=1, dtypes=(query.dtype,), device=device)
+        check_shape(name, weight, (head_dim,), "[D] =")
+        check_last_dim_contiguous(name, weight)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a float, got {type(eps).__name__} {eps!r}")
+    if not eps >= 0:
+        raise ValueError(f"eps must be >= 0, got {eps!r}")
+    check_tensor("key_cache", key_cache, ndim=4, dtypes=(query.dtype,), device=device)
+    check_tensor("value_cache", value_cache, ndim=4, dtypes=(query.dtype,), device=device)
+    if key_cache.shape[2:] != key.shape[1:]:
+        raise ValueError(
+            f"key_cache [num_blocks, block_size, Hkv, D] = {tuple(key_cache.shape)} does not match key "
+            f"[T, Hkv, D] = {tuple(key.shape)} in Hkv and D"
+        )
+    if value_cache.shape != key_cache.shape or value_cache.stride() != key_cache.stride():
+        raise ValueError(
+            f"value_cache must have key_cache's shape {tuple(key_cache.shape)} and strides {key_cache.stride()}, "
+            f"got {tuple(value_cache.shape)} and {value_cache.stride()}"
+        )
+    check_last_dim_contiguous("key_cache", key_cache)
+    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=(torch.int64,), device=device)
+    check_shape("slot_mapping", slot_mapping, query.shape[:1], "[T] =")
+    capacity = key_cache.shape[0] * key_cache.shape[1]
+    _check_index_range("slot_mapping", slot_mapping, capacity, f"the caches' {capacity} slots", allow_negative=True)
+    return QK_NORM_ROPE_AND_CACHE(
+        device, query, key, value, q_norm_weight, k_norm_weight, float(eps), positions, cos_sin_cache, key_cache,
+        value_cache, slot_mapping, is_neox,
+    )  # fmt: skip
