@@ -91,7 +91,7 @@ def test_layer_matches_transformers(family, dtype):
     with torch.no_grad(), qwen_fast.record_backends() as calls:
         out, weights = GQAAttention.from_hf(hf)(x, embeddings, None)
         expected, _ = hf(x, embeddings, None)
-    assert weights is None and [op for op, _ in calls] == ["flash_attn_func"]
+    assert weights is None and [op for op, _ in calls] == ["rotary_embedding", "flash_attn_func"]
     if dtype == torch.float32:
         assert_close(out, expected)
     else:
@@ -120,7 +120,7 @@ def test_padding_matches_transformers(family, mask_kind):
     with torch.no_grad(), qwen_fast.record_backends() as calls:
         out, _ = GQAAttention.from_hf(hf)(x, embeddings, ours_mask)
         expected, _ = hf(x, embeddings, mask)
-    assert [op for op, _ in calls] == ["flash_attn_varlen_func"]
+    assert [op for op, _ in calls] == ["rotary_embedding", "flash_attn_varlen_func"]
     assert_close(out[keep], expected[keep])
     assert torch.equal(out[~keep], hf.o_proj(torch.zeros(int((~keep).sum()), 8 * 16)))  # padding queries: 0 attention
 
@@ -193,15 +193,15 @@ def test_generate_matches_transformers(family):
     swap_attention(model)
     with qwen_fast.record_backends() as calls:
         assert torch.equal(model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False), padded)
-    assert {op for op, _ in calls} == {"flash_attn_varlen_func"}
+    assert {op for op, _ in calls} == {"rotary_embedding", "flash_attn_varlen_func"}
     with qwen_fast.record_backends() as calls:
         assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=False), unpadded)
-    assert {op for op, _ in calls} == {"flash_attn_func"}
+    assert {op for op, _ in calls} == {"rotary_embedding", "flash_attn_func"}
 
 
-@pytest.mark.parametrize("block_size", [1, 5])
-def test_generate_with_paged_cache_reads_pages(block_size):
-    model = MODELS["qwen3_moe"]().eval()
+@pytest.mark.parametrize(("family", "block_size"), [("qwen3_moe", 1), ("qwen3_moe", 5), ("qwen2", 5)])
+def test_generate_with_paged_cache_reads_pages(family, block_size):
+    model = MODELS[family]().eval()
     prompt = torch.randint(SMALL["vocab_size"], (2, 6))
     expected = model.generate(prompt, max_new_tokens=12, do_sample=False)
     mask = torch.ones_like(prompt)
@@ -211,11 +211,13 @@ def test_generate_with_paged_cache_reads_pages(block_size):
     cache = qwen_fast.PagedKVCache.for_model(model, max_batch=2, block_size=block_size)
     with qwen_fast.record_backends() as calls:
         assert torch.equal(model.generate(prompt, cache=cache, max_new_tokens=12, do_sample=False), expected)
-    assert {op for op, _ in calls} == {"flash_attn_with_kvcache"}  # no gather: the pages are read in place
+    # one pass for q/k norm + RoPE + cache write, then attention over the pages in place (no gather)
+    fused = {"qk_norm_rope_and_cache"} if family == "qwen3_moe" else {"rotary_embedding", "reshape_and_cache"}
+    assert {op for op, _ in calls} == fused | {"flash_attn_with_kvcache"}
     assert cache.seq_lens[:2].tolist() == [17, 17]  # 6 + 12 tokens, the last one never fed back
     # A padded batch takes the gathering path (Cache.update) and varlen attention, still on the pages.
     cache = qwen_fast.PagedKVCache.for_model(model, max_batch=2, block_size=block_size)
     with qwen_fast.record_backends() as calls:
         out = model.generate(prompt, attention_mask=mask, cache=cache, max_new_tokens=12, do_sample=False)
     assert torch.equal(out, padded)
-    assert {op for op, _ in calls} == {"reshape_and_cache", "flash_attn_varlen_func"}
+    assert {op for op, _ in calls} == {"rotary_embedding", "reshape_and_cache", "flash_attn_varlen_func"}

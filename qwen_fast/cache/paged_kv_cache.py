@@ -168,11 +168,12 @@ class PagedKVCache(PagedKVPool, Cache):
         keys, values = self.gather_pages(layer, pages, end)  # [B, end, Hkv, D]
         return keys.transpose(1, 2), values.transpose(1, 2)
 
-    def reserve_layer(self, layer: int, key_states: torch.Tensor) -> tuple[int, torch.Tensor]:
+    def reserve_layer(self, layer: int, key_states: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
         """For an attention module that writes and reads the pages itself (qwen_fast.nn.GQAAttention through
         flash_attn_with_kvcache): reserve positions L .. L + S_new - 1 of sequences 0 .. B - 1 for `layer`, where L is
-        what the layer holds, count them as written, and return (L, block_table[:B]), flash_attn_with_kvcache's
-        cache_seqlens and block_table. key_states [B, S_new, Hkv, D] (flash-attn's layout) fixes the pools' device
+        what the layer holds, count them as written, and return (L, block_table[:B], slots): flash_attn_with_kvcache's
+        cache_seqlens and block_table, and the int64 [B * S_new] slots of the new tokens (b-major) for a cache write.
+        key_states [B, S_new, Hkv, D] (flash-attn's layout) fixes the pools' device
         and dtype on first use; nothing is written here."""
         entry = self.layers[self._check_layer(layer)]
         states = key_states.transpose(1, 2)
@@ -180,9 +181,10 @@ class PagedKVCache(PagedKVPool, Cache):
             entry.lazy_initialization(states, states)
         self._check_states(states, states)
         start = entry.length
-        self._reserve_batch(layer, states.shape[0], start, start + states.shape[2])
-        entry.length += states.shape[2]
-        return start, self.block_table[: states.shape[0]]
+        batch, end = states.shape[0], start + states.shape[2]
+        self._reserve_batch(layer, batch, start, end)
+        entry.length = end
+        return start, self.block_table[:batch], self._batch_pages(batch, start, end)[1]
 
     def _reserve_batch(self, layer: int, batch: int, start: int, end: int) -> None:
         """Sequences 0 .. B - 1 get positions start .. end - 1 (reserved by the first layer to get there)."""

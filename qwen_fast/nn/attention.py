@@ -4,10 +4,13 @@ Per call, with hidden_states [B, S, H] and the model's rotary (cos, sin) [B, S, 
 
     q, k, v  = q_proj(x), k_proj(x), v_proj(x) as [B, S, heads, D]    (flash-attn's layout: no transposes)
     q, k     = q_norm(q), k_norm(k)                                    (Qwen3 families: RMSNorm over D, per head)
-    q, k     = rotate-half RoPE with cos/sin                           (transformers' arithmetic, in the model dtype)
+    q, k     = rotate-half RoPE (qwen_fast.rotary_embedding with a table made of transformers' cos/sin, in the
+               model dtype: transformers' operands and roundings)
     attention, causal (bottom-right aligned), GQA without repeating K/V, optional sliding window:
-      - a qwen_fast.PagedKVCache and no padding: flash_attn_with_kvcache writes k/v into the pages and reads the
-        keys straight from them (block_table, cache_seqlens): nothing is gathered;
+      - a qwen_fast.PagedKVCache and no padding (the serving path): qk_norm_rope_and_cache normalises and rotates
+        q and k and writes k and v into the pages in one pass (Qwen2: rotary_embedding, then reshape_and_cache), and
+        flash_attn_with_kvcache reads the keys straight from the pages (block_table, cache_seqlens): nothing is
+        gathered;
       - any other transformers Cache (or a padded batch on a PagedKVCache): cache.update(k, v) returns the layer's
         keys, then flash_attn_func;
       - padding (a 2D [B, S_k] mask, or transformers' 4D causal mask with padding): the valid query and key rows are
@@ -22,7 +25,14 @@ is for inference: attention dropout is not applied.
 import torch
 from torch import nn
 
-from qwen_fast.ops import flash_attn_func, flash_attn_varlen_func, flash_attn_with_kvcache
+from qwen_fast.ops import (
+    flash_attn_func,
+    flash_attn_varlen_func,
+    flash_attn_with_kvcache,
+    qk_norm_rope_and_cache,
+    reshape_and_cache,
+    rotary_embedding,
+)
 from qwen_fast.reference.norm import rms_norm
 
 SUPPORTED = ("Qwen3Attention", "Qwen3MoeAttention", "Qwen2Attention", "Qwen2MoeAttention")
@@ -41,15 +51,12 @@ class HeadRMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.variance_epsilon)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-
-
-def _apply_rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """transformers' apply_rotary_pos_emb for [B, S, heads, D] tensors and cos/sin [B, S, D]."""
-    cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)
-    return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+def _rope_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """transformers' per-token (cos, sin) [B, S, D] (each half repeated) as a rotary_embedding table [B * S, D] =
+    [cos | sin] over the D / 2 frequencies, row t for token t: the rotation then runs with transformers' operands and
+    roundings (the table is in the model dtype)."""
+    half = cos.shape[-1] // 2
+    return torch.cat((cos[..., :half], sin[..., :half]), dim=-1).reshape(-1, cos.shape[-1]).contiguous()
 
 
 def _visible(num_q: int, num_k: int, window_left: int, device: torch.device) -> torch.Tensor:
@@ -202,25 +209,38 @@ class GQAAttention(nn.Module):
         q = self.q_proj(hidden_states).view(batch, seq, -1, self.head_dim)
         k = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim)
         v = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = _apply_rope(q, k, *position_embeddings)
+        table = _rope_table(*position_embeddings)
+        positions = torch.arange(batch * seq, device=hidden_states.device)
         window = (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
         keep = key_padding(attention_mask, seq, window[0])
 
         if isinstance(cache, PagedKVCache) and keep is None:
-            cache_seqlens, block_table = cache.reserve_layer(self.layer_idx, k)
-            out = flash_attn_with_kvcache(
-                q, cache.key_caches[self.layer_idx], cache.value_caches[self.layer_idx], k, v,
-                cache_seqlens=cache_seqlens, block_table=block_table, softmax_scale=self.scaling, causal=True,
-                window_size=window,
-            )  # fmt: skip
-        else:
-            if cache is not None:
-                k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
-                k, v = k.transpose(1, 2), v.transpose(1, 2)
-            if keep is None:
-                out = flash_attn_func(q, k, v, softmax_scale=self.scaling, causal=True, window_size=window)
+            # Serving path: the new k/v go straight into the pages and attention reads the pages in place.
+            start, block_table, slots = cache.reserve_layer(self.layer_idx, k)
+            key_cache, value_cache = cache.key_caches[self.layer_idx], cache.value_caches[self.layer_idx]
+            q_rows, k_rows, v_rows = (t.reshape(batch * seq, -1, self.head_dim) for t in (q, k, v))
+            if self.q_norm is not None:  # one pass: q/k RMSNorm, RoPE, cache write
+                q_rows, _ = qk_norm_rope_and_cache(
+                    q_rows, k_rows, v_rows, self.q_norm.weight, self.k_norm.weight, self.q_norm.variance_epsilon,
+                    positions, table, key_cache, value_cache, slots,
+                )  # fmt: skip
             else:
-                out = _varlen(q, k, v, keep, self.scaling, window)
+                q_rows, k_rows = rotary_embedding(positions, q_rows, k_rows, table)
+                reshape_and_cache(k_rows, v_rows, key_cache, value_cache, slots)
+            out = flash_attn_with_kvcache(
+                q_rows.view(q.shape), key_cache, value_cache, cache_seqlens=start + seq, block_table=block_table,
+                softmax_scale=self.scaling, causal=True, window_size=window,
+            )  # fmt: skip
+            return self.o_proj(out.reshape(batch, seq, -1)), None
+
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = rotary_embedding(positions.view(batch, seq), q, k, table)
+        if cache is not None:
+            k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
+            k, v = k.transpose(1, 2), v.transpose(1, 2)
+        if keep is None:
+            out = flash_attn_func(q, k, v, softmax_scale=self.scaling, causal=True, window_size=window)
+        else:
+            out = _varlen(q, k, v, keep, self.scaling, window)
         return self.o_proj(out.reshape(batch, seq, -1)), None
