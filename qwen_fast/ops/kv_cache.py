@@ -110,7 +110,89 @@ def reshape_and_cache(
     RESHAPE_AND_CACHE(device, key, value, key_cache, value_cache, slot_mapping)
 
 
-FLASH_ATTN_WITH_KVCACHE = Op("flash_attn_with_kvcache", {"torch": reference.flash_attn_with_kvcache}, NATIVE_FIRST)
+# --- flash_attn_with_kvcache: append new k/v with reshape_and_cache, then the pure paged_attention op --------------
+
+
+def _fake_paged_attention(q, k_cache, v_cache, seqlens, block_table, softmax_scale, window_left, window_right):
+    torch._check(q.dim() == 4, lambda: f"q must be [B, Sq, Hq, D], got {tuple(q.shape)}")
+    torch._check(k_cache.dim() == 4, lambda: f"k_cache must be 4-D, got {tuple(k_cache.shape)}")
+    torch._check(v_cache.shape == k_cache.shape, lambda: "v_cache must have k_cache's shape")
+    torch._check(k_cache.shape[3] == q.shape[3], lambda: "k_cache's head dim must equal q's")
+    torch._check(q.shape[2] % k_cache.shape[2] == 0, lambda: "q's heads must be a multiple of k_cache's")
+    torch._check(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype, lambda: "q, k_cache, v_cache share a dtype")
+    torch._check(seqlens.shape == q.shape[:1], lambda: f"seqlens must be [B], got {tuple(seqlens.shape)}")
+    torch._check(seqlens.dtype == torch.int32, lambda: f"seqlens must be int32, got {seqlens.dtype}")
+    torch._check(block_table.dim() == 2 and block_table.shape[0] == q.shape[0], lambda: "block_table must be [B, M]")
+    torch._check(block_table.dtype == torch.int32, lambda: f"block_table must be int32, got {block_table.dtype}")
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+if _native.LOAD_ERROR is None and _native.has_kernel("paged_attention", "CPU"):
+    torch.library.register_fake("qwen_fast::paged_attention")(_fake_paged_attention)
+
+
+@torch.library.custom_op("qwen_fast_triton::paged_attention", mutates_args=())
+def _paged_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seqlens: torch.Tensor,
+    block_table: torch.Tensor,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+) -> torch.Tensor:
+    from qwen_fast.kernels.paged_attention import paged_attention as launch
+
+    return launch(q, k_cache, v_cache, seqlens, block_table, softmax_scale, window_left, window_right)
+
+
+_paged_attention_triton.register_fake(_fake_paged_attention)
+
+
+def _with_kvcache(write, attend):
+    """flash_attn_with_kvcache from a reshape_and_cache and a paged_attention implementation (one backend's pair).
+
+    The new k/v go to positions cache_seqlens[b] + i, their slots computed on the device (no host sync). A contiguous
+    cache [B, S_max, Hkv, D] is the paged cache of B pages of S_max rows with block table [[0], [1], ...]. attend()
+    gets the total lengths (int32 [B]) and the window with causal folded in (right edge 0)."""
+
+    def run(q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal, window_size):
+        batch, device = q.shape[0], q.device
+        if block_table is None:
+            block_table = torch.arange(batch, dtype=torch.int32, device=device)[:, None]
+        block_size = k_cache.shape[1]
+        if cache_seqlens is None or isinstance(cache_seqlens, int):
+            fill = block_table.shape[1] * block_size if cache_seqlens is None else cache_seqlens
+            cache_seqlens = torch.full((batch,), fill, dtype=torch.int32, device=device)
+        if k is not None:
+            positions = cache_seqlens[:, None].long() + torch.arange(k.shape[1], device=device)
+            pages = block_table.gather(1, positions // block_size).long()
+            slots = (pages * block_size + positions % block_size).flatten()
+            key, value = k.flatten(0, 1).contiguous(), v.flatten(0, 1).contiguous()
+            write(key, value, k_cache, v_cache, slots)
+            cache_seqlens = cache_seqlens + k.shape[1]
+        scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+        left, right = window_size[0], 0 if causal else window_size[1]
+        return attend(q, k_cache, v_cache, cache_seqlens.int(), block_table, scale, left, right)
+
+    return run
+
+
+def _paged_attention_native(*args):
+    return torch.ops.qwen_fast.paged_attention(*args)
+
+
+FLASH_ATTN_WITH_KVCACHE = Op(
+    "flash_attn_with_kvcache",
+    {
+        "triton": _with_kvcache(_reshape_and_cache_triton, _paged_attention_triton),
+        "cpu": _with_kvcache(_reshape_and_cache_native, _paged_attention_native),
+        "torch": reference.flash_attn_with_kvcache,
+    },
+    {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
+    native_op="paged_attention",
+)
 
 
 def _check_kvcache_args(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> int:
