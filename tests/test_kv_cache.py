@@ -336,7 +336,8 @@ ATTN_CASES = {
 }
 
 
-def _attn_case(name, dtype, device="cpu", seed=0):
+def _attn_case(name, dtype, device="cpu", seed=0, padded=False):
+    """The case's arguments; `padded` caches are views [..., :D] of a pool with D + 1 columns (rows not aligned)."""
     paged, block_size, seqlen_q, num_new, heads_q, heads_kv, head_dim, window, causal, lengths = ATTN_CASES[name]
     gen = torch.Generator().manual_seed(seed)
     batch = len(lengths)
@@ -349,14 +350,16 @@ def _attn_case(name, dtype, device="cpu", seed=0):
     else:
         block_table, cache_shape = None, (batch, max(totals) + 2, heads_kv, head_dim)
     new_shape = (batch, num_new, heads_kv, head_dim)
+    pool_shape = (*cache_shape[:3], head_dim + padded)
     args = {
         "q": torch.randn(batch, seqlen_q, heads_q, head_dim, generator=gen),
-        "k_cache": torch.randn(cache_shape, generator=gen),
-        "v_cache": torch.randn(cache_shape, generator=gen),
+        "k_cache": torch.randn(pool_shape, generator=gen),
+        "v_cache": torch.randn(pool_shape, generator=gen),
         "k": torch.randn(new_shape, generator=gen) if num_new else None,
         "v": torch.randn(new_shape, generator=gen) if num_new else None,
     }
     args = {k: None if t is None else t.to(device=device, dtype=dtype) for k, t in args.items()}
+    args["k_cache"], args["v_cache"] = args["k_cache"][..., :head_dim], args["v_cache"][..., :head_dim]
     seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
     table = None if block_table is None else block_table.to(device)
     return args | {"cache_seqlens": seqlens, "block_table": table, "causal": causal, "window_size": window}
@@ -394,6 +397,17 @@ def test_with_kvcache_cpu_backend(case, dtype):
 @pytest.mark.parametrize("case", ["decode-paged16-g8", "decode-paged1-g16", "append5-paged5-window", "read3-contig-g8"])
 def test_with_kvcache_triton_backend_interpreted(case, dtype):
     _check_backend("triton", _attn_case(case, dtype))
+
+
+@pytest.mark.parametrize(
+    "backend", ["cpu", pytest.param("triton", marks=pytest.mark.interpret), pytest.param("cuda", marks=pytest.mark.gpu)]
+)
+def test_with_kvcache_unaligned_cache_rows(backend):
+    """Caches whose rows do not start on 16 bytes: the Triton launcher's unaligned config, strided CPU reads."""
+    device, backend = ("cuda", "triton") if backend == "cuda" else ("cpu", backend)
+    args = _attn_case("append2-paged5-g4", torch.float16, device, padded=True)
+    assert args["k_cache"].stride(-2) == 65
+    _check_backend(backend, args)
 
 
 @pytest.mark.gpu
