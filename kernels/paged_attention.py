@@ -6,8 +6,9 @@ parallel, each producing a partial softmax result, which a second kernel merges 
 1. _attention_kernel, grid (B * m_tiles, Hkv, num_splits). Program (b * m_tiles + t, g, s) owns BLOCK_M query rows
    of sequence b and KV head g: row r = t * BLOCK_M + arange(BLOCK_M) of the Sq * G rows of the group (G = Hq / Hkv;
    row r is query i = r // G of head g * G + r % G), so the G heads sharing a KV head are processed together and every
-   K/V page is read once per group (decode: Sq * G <= BLOCK_M, one row tile). BLOCK_M >= 16 for tl.dot; rows past
-   Sq * G are padding (loaded as 0, never stored). Registers: the q tile [BLOCK_M, BLOCK_D] (q's dtype), the fp32
+   K/V page is read once per group (decode with G <= 16, or Sq * G <= 32: one row tile; longer appends take several
+   row tiles, each reading the group's K/V). BLOCK_M >= 16 for tl.dot; rows past Sq * G are padding (loaded as 0,
+   never stored). Registers: the q tile [BLOCK_M, BLOCK_D] (q's dtype), the fp32
    accumulator [BLOCK_M, BLOCK_D], the running max and sum-exp [BLOCK_M], and one K and one V tile [BLOCK_N, BLOCK_D].
    Visible keys: the program's rows see keys in [lo, hi) (length L = seqlens[b], causal/window bounds of its first
    and last query, bottom-right aligned: query i sits at key d(i) = i + L - Sq); split s takes its share of that
@@ -25,9 +26,13 @@ never from cache_seqlens' values: no host synchronisation, so the launch can be 
 then adapts its slice to the sequence's actual length inside the kernel.
 
 Offsets are int64 (page * page stride passes 2^31 for large pools). fp32 tl.dot uses input_precision "ieee".
-Tiles (_config): BLOCK_M = Sq * G rounded up to a power of two in [16, 64]; BLOCK_N = 64 keys for 16-bit D <= 128,
-32 for fp32 or D = 256 (register budget); 8 warps once the accumulator holds 64 x 128 or more. Every config is
-listed in compile_specs() and compiled for sm_80 and sm_90 by `python -m qwen_fast.gpu_check`.
+Tiles (_config), each the largest that compiled without register spills on sm_80 and sm_90 (gpu_check; the gathered
+K/V tiles hold one pointer per 16-byte vector, which costs registers that a dense flash-attention tile does not):
+16-bit caches whose rows start on 16 bytes (every contiguous cache of D % 8 == 0; the launcher checks and the kernel is
+told with tl.multiple_of, so loads are 16-byte vectors): BLOCK_M 16 (Sq * G <= 16) x BLOCK_N 64 keys, or BLOCK_M 32
+x BLOCK_N 32, halved BLOCK_N for D = 256. fp32, or rows not 16-byte aligned (element loads): BLOCK_M 16 x BLOCK_N 16
+(the tl.dot minimum), more warps where needed. Every config is listed in compile_specs() and compiled for sm_80 and
+sm_90 by `python -m qwen_fast.gpu_check` (head dims 64, 128, 256).
 """
 
 import torch
@@ -175,8 +180,15 @@ def _config(num_rows: int, head_dim: int, dtype: torch.dtype, aligned: bool) -> 
         block_n = 16
     else:
         block_n = (64 if block_m == 16 else 32) // (2 if block_d > 128 else 1)
-    num_warps = 8 if dtype == torch.float32 and (block_d > 128 or not aligned) else 4
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "ALIGNED": aligned, "num_warps": num_warps}
+    if dtype == torch.float32:  # fp32 tiles hold twice the bytes; element-wise loads hold a pointer per element
+        num_warps = 8 if block_d > (128 if aligned else 64) else 4
+    else:
+        num_warps = 8 if block_m == 32 and block_d > 128 else 4
+    num_stages = 1 if dtype == torch.float32 and not aligned else 2
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "ALIGNED": aligned} | {
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+    }
 
 
 def _aligned(*caches: torch.Tensor) -> bool:
@@ -257,6 +269,7 @@ def paged_attention(
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         ALIGNED=config["ALIGNED"],
         num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
     )
     if splits > 1:
         num_rows = batch * seqlen_q * num_heads_q
@@ -286,7 +299,11 @@ def compile_specs() -> list[CompileSpec]:
                 constexprs |= {"HEAD_DIM": head_dim, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
                 signature |= dict.fromkeys(constexprs, "constexpr")
                 label = f"{TRITON_DTYPE[dtype]} D={head_dim} " + " ".join(f"{k}={v}" for k, v in config.items())
-                specs.append(CompileSpec(_attention_kernel, signature, constexprs, config["num_warps"], label=label))
+                specs.append(
+                    CompileSpec(
+                        _attention_kernel, signature, constexprs, config["num_warps"], config["num_stages"], label
+                    )
+                )
             merge_signature = {"part_out": "*fp32", "part_lse": "*fp32", "out": pointer, "num_rows": "i32"}
             merge_signature |= {"num_splits": "i32", "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr"}
             merge_constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim)}

@@ -34,23 +34,67 @@ constexpr int64_t kTile = 32;            // keys per tile: K and V tiles of 32 x
 constexpr int64_t kMinSplitKeys = 256;   // below this a split costs more in its merge than it saves
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-float dot(const float* a, const float* b, int64_t n) {
-  Vec acc(0.0f);
+// Four independent accumulators hide the FMA latency.
+inline float dot(const float* a, const float* b, int64_t n) {
+  constexpr int64_t kStep = 4 * Vec::size();
+  Vec acc0(0.0f), acc1(0.0f), acc2(0.0f), acc3(0.0f);
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) acc = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc);
-  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
+  for (; i + kStep <= n; i += kStep) {
+    acc0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc0);
+    acc1 = at::vec::fmadd(Vec::loadu(a + i + Vec::size()), Vec::loadu(b + i + Vec::size()), acc1);
+    acc2 = at::vec::fmadd(Vec::loadu(a + i + 2 * Vec::size()), Vec::loadu(b + i + 2 * Vec::size()), acc2);
+    acc3 = at::vec::fmadd(Vec::loadu(a + i + 3 * Vec::size()), Vec::loadu(b + i + 3 * Vec::size()), acc3);
+  }
+  for (; i + Vec::size() <= n; i += Vec::size()) acc0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc0);
+  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, (acc0 + acc1) + (acc2 + acc3));
   for (; i < n; ++i) sum += a[i] * b[i];
   return sum;
 }
 
 // y = y * scale + p * x
-void scale_axpy(float* y, float scale, float p, const float* x, int64_t n) {
+inline void scale_axpy(float* y, float scale, float p, const float* x, int64_t n) {
   const Vec vs(scale), vp(p);
   int64_t i = 0;
   for (; i + Vec::size() <= n; i += Vec::size()) {
     at::vec::fmadd(Vec::loadu(x + i), vp, Vec::loadu(y + i) * vs).store(y + i);
   }
   for (; i < n; ++i) y[i] = y[i] * scale + p * x[i];
+}
+
+// The tile update below is compiled twice, for AVX2 + FMA and for the baseline x86-64, and picked when the library
+// loads (GCC target_clones): the extension is built without -mavx2, which would leave at::vec at SSE2 width.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define QF_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define QF_CPU_CLONES
+#endif
+
+// One tile of n keys (fp32 rows keys[j], values[j], positions tile + j) for every query row of a group: row r sees
+// positions [lower[r], upper[r]); its scores, online-softmax max / sum and accumulator acc[r] [D] are updated.
+QF_CPU_CLONES void attend_tile(const float* q, int64_t rows, int64_t d, const float* const* keys,
+                               const float* const* values, int64_t n, int64_t tile, const int64_t* lower,
+                               const int64_t* upper, float* scores, float* row_max, float* row_sum, float* acc) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t first = std::max<int64_t>(lower[r] - tile, 0), last = std::min<int64_t>(upper[r] - tile, n);
+    if (first >= last) continue;
+    float* score = scores + r * kTile;
+    float tile_max = kNegInf;
+    for (int64_t j = first; j < last; ++j) {
+      score[j] = dot(q + r * d, keys[j], d);
+      tile_max = std::max(tile_max, score[j]);
+    }
+    const float new_max = std::max(row_max[r], tile_max);
+    const float alpha = std::exp(row_max[r] - new_max);  // 0 when the row had no key yet
+    float* out = acc + r * d;
+    float sum = row_sum[r] * alpha;
+    for (int64_t j = first; j < last; ++j) {
+      const float weight = std::exp(score[j] - new_max);
+      sum += weight;
+      scale_axpy(out, j == first ? alpha : 1.0f, weight, values[j], d);
+    }
+    row_sum[r] = sum;
+    row_max[r] = new_max;
+  }
 }
 
 struct Problem {
@@ -142,25 +186,8 @@ class GroupAttention {
         keys[j] = load(k_ + page * k_strides_[0] + row * k_strides_[1] + g * k_strides_[2], &k_tile[j * d]);
         values[j] = load(v_ + page * v_strides_[0] + row * v_strides_[1] + g * v_strides_[2], &v_tile[j * d]);
       }
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t first = std::max<int64_t>(lower[r] - tile, 0), last = std::min<int64_t>(upper[r] - tile, n);
-        if (first >= last) continue;
-        float* score = &scores[r * kTile];
-        float tile_max = kNegInf;
-        for (int64_t j = first; j < last; ++j) {
-          score[j] = dot(&q[r * d], keys[j], d);
-          tile_max = std::max(tile_max, score[j]);
-        }
-        const float new_max = std::max(row_max[r], tile_max);
-        const float alpha = std::exp(row_max[r] - new_max);  // 0 when the row had no key yet
-        float* out = acc + r * d;
-        for (int64_t j = first; j < last; ++j) {
-          const float weight = std::exp(score[j] - new_max);
-          row_sum[r] = (j == first ? row_sum[r] * alpha : row_sum[r]) + weight;
-          scale_axpy(out, j == first ? alpha : 1.0f, weight, values[j], d);
-        }
-        row_max[r] = new_max;
-      }
+      attend_tile(q.data(), rows, d, keys, values, n, tile, lower.data(), upper.data(), scores.data(), row_max.data(),
+                  row_sum.data(), acc);
     }
     for (int64_t r = 0; r < rows; ++r) {
       const bool seen = row_sum[r] > 0.0f;
