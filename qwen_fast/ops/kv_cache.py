@@ -260,6 +260,10 @@ def flash_attn_with_kvcache(
 ) -> torch.Tensor:
     """Append new k/v to a paged or contiguous cache, then attend over it (flash-attn's `flash_attn_with_kvcache`).
 
+    Backends: triton (CUDA: split-K over the context, no host synchronisation, so a decode step can be captured in
+    a CUDA graph; kernels/paged_attention.py), cpu (csrc/cpu/paged_attention.cpp), torch (the reference). The append
+    runs the same backend's reshape_and_cache. Decode (Sq = 1) and short appends (chunked prefill), any block_size.
+
     Args:
         q: [B, Sq, Hq, D] float32/float16/bfloat16.
         k_cache, v_cache: [num_blocks, block_size, Hkv, D] with block_table (paged), else [B, S_max, Hkv, D]; q's
