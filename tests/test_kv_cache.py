@@ -490,3 +490,20 @@ def test_paged_attention_native_rejects_bad_pages():
     q, k_cache, v_cache, seqlens, table, *rest = _paged_attention_args(torch.float32)
     with pytest.raises(RuntimeError, match=r"block_table\[0, 0\] = -1 is used but not a block"):
         torch.ops.qwen_fast.paged_attention(q, k_cache, v_cache, seqlens + 1, table.fill_(-1), *rest)
+
+
+@pytest.mark.gpu
+def test_with_kvcache_triton_decode_captures_in_cuda_graph():
+    """No host synchronisation on the triton path: a decode step (append + attention) records in a CUDA graph."""
+    args = _attn_case("decode-paged16-g8", torch.bfloat16, device="cuda")
+    expected = _clone(args)
+    ref = flash_attn_with_kvcache(**expected)
+    with qwen_fast.use_backend("triton"):
+        qwen_fast.flash_attn_with_kvcache(**_clone(args))  # compiles the kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = qwen_fast.flash_attn_with_kvcache(**args)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_within_budget(out, flash_attn_with_kvcache(**_clone(args, torch.float32)), ref)
+    assert torch.equal(args["k_cache"], expected["k_cache"]) and torch.equal(args["v_cache"], expected["v_cache"])
