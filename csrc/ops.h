@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
 
 namespace qwen_fast {
@@ -27,11 +28,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cuda(const a
 at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& w13, const at::Tensor& w2,
                              const at::Tensor& topk_weights, const at::Tensor& topk_ids);
 
-// Attention of q [B, Sq, Hq, D] over the first seqlens[b] (int32 [B]) positions of a paged cache
-// [num_blocks, block_size, Hkv, D] through block_table int32 [B, max_blocks]; bottom-right aligned window
-// (window_right = 0 is causal; -1 unbounded); returns [B, Sq, Hq, D], 0 for a row with no visible key.
-at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                               const at::Tensor& seqlens, const at::Tensor& block_table, double softmax_scale,
-                               int64_t window_left, int64_t window_right);
+// Writes the new k/v [B, Sq_new, Hkv, D] (if given) at positions cache_seqlens[b] + i (int32 [B]) of the paged cache
+// [num_blocks, block_size, Hkv, D] (pages listed by block_table int32 [B, max_blocks]), then attends q [B, Sq, Hq, D]
+// over each sequence's cache_seqlens[b] + Sq_new positions; bottom-right aligned window (window_right = 0 is causal,
+// -1 unbounded). Returns [B, Sq, Hq, D], 0 for a row with no visible key.
+at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
+                                       const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
+                                       const at::Tensor& cache_seqlens, const at::Tensor& block_table,
+                                       double softmax_scale, int64_t window_left, int64_t window_right);
 
 }  // namespace qwen_fast

@@ -9,8 +9,8 @@ TORCH_LIBRARY(qwen_fast, m) {
       "Tensor slot_mapping) -> ()");
   m.def("moe_align_block_size(Tensor topk_ids, int block_size, int num_experts) -> (Tensor, Tensor, Tensor)");
   m.def(
-      "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, Tensor block_table, "
-      "float softmax_scale, int window_left, int window_right) -> Tensor");
+      "flash_attn_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
+      "Tensor cache_seqlens, Tensor block_table, float softmax_scale, int window_left, int window_right) -> Tensor");
   m.def("fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids) -> Tensor");
 }
 

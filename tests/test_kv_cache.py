@@ -461,8 +461,12 @@ def _paged_attention_args(dtype):
     return (args["q"], args["k_cache"], args["v_cache"], args["cache_seqlens"], args["block_table"], 0.125, -1, 0)
 
 
-def test_paged_attention_opcheck_native():
-    torch.library.opcheck(torch.ops.qwen_fast.paged_attention.default, _paged_attention_args(torch.float32))
+@pytest.mark.parametrize("new_kv", [True, False])
+def test_with_kvcache_opcheck_native(new_kv):
+    args = _attn_case("append2-paged5-g4", torch.float32)
+    k, v = (args["k"], args["v"]) if new_kv else (None, None)
+    inputs = (args["q"], args["k_cache"], args["v_cache"], k, v, args["cache_seqlens"], args["block_table"])
+    torch.library.opcheck(torch.ops.qwen_fast.flash_attn_with_kvcache.default, (*inputs, 0.125, -1, 0))
 
 
 @pytest.mark.interpret
@@ -486,10 +490,15 @@ def test_with_kvcache_compiles_fullgraph_cpu():
     assert torch.equal(args["k_cache"], expected["k_cache"]) and torch.equal(args["v_cache"], expected["v_cache"])
 
 
-def test_paged_attention_native_rejects_bad_pages():
-    q, k_cache, v_cache, seqlens, table, *rest = _paged_attention_args(torch.float32)
+def test_with_kvcache_native_rejects_bad_pages_before_writing():
+    args = _attn_case("append2-paged5-g4", torch.float32)
+    k_before = args["k_cache"].clone()
+    table = args["block_table"].clone()
+    table[0, 0] = -1
+    inputs = (args["q"], args["k_cache"], args["v_cache"], args["k"], args["v"], args["cache_seqlens"], table)
     with pytest.raises(RuntimeError, match=r"block_table\[0, 0\] = -1 is used but not a block"):
-        torch.ops.qwen_fast.paged_attention(q, k_cache, v_cache, seqlens + 1, table.fill_(-1), *rest)
+        torch.ops.qwen_fast.flash_attn_with_kvcache(*inputs, 0.125, -1, 0)
+    assert torch.equal(args["k_cache"], k_before)
 
 
 @pytest.mark.gpu

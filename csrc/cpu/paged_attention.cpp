@@ -1,5 +1,6 @@
-// CPU paged_attention: the queries of flash_attn_with_kvcache over a paged (or contiguous) KV cache, with the cache
-// already holding the new tokens (the Python layer appends them with reshape_and_cache first).
+// CPU flash_attn_with_kvcache over a paged cache (a contiguous cache comes as B pages of S_max rows with block table
+// [[0], [1], ...]). First the new k/v, if given, are written at positions cache_seqlens[b] + i by reshape_and_cache's
+// CPU kernel (after every used block_table entry has been checked); then the queries attend over the cache:
 //
 // Work item (b, g, s): sequence b, KV head g, context split s. Its Sq * G query rows (G = Hq / Hkv; row r is query
 // r / G of head g * G + r % G) are processed together, so each K/V row is read and converted to fp32 once per group.
@@ -103,25 +104,25 @@ struct Problem {
   float scale;
 };
 
-void check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+void check_kvcache_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                            const at::Tensor& seqlens, const at::Tensor& block_table) {
-  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4, "paged_attention: q must be [B, Sq, Hq, D] and k_cache ",
+  TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4, "flash_attn_with_kvcache: q must be [B, Sq, Hq, D] and k_cache ",
               "[num_blocks, block_size, Hkv, D], got ", q.sizes(), " and ", k_cache.sizes());
-  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "paged_attention: v_cache must have k_cache's shape ",
+  TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "flash_attn_with_kvcache: v_cache must have k_cache's shape ",
               k_cache.sizes(), ", got ", v_cache.sizes());
   TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-              "paged_attention: q, k_cache and v_cache must share a dtype, got ", q.scalar_type(), ", ",
+              "flash_attn_with_kvcache: q, k_cache and v_cache must share a dtype, got ", q.scalar_type(), ", ",
               k_cache.scalar_type(), " and ", v_cache.scalar_type());
   TORCH_CHECK(k_cache.size(3) == q.size(3) && k_cache.size(2) > 0 && q.size(2) % k_cache.size(2) == 0,
-              "paged_attention: q [B, Sq, Hq, D] = ", q.sizes(), " does not fit k_cache [.., Hkv, D] = ",
+              "flash_attn_with_kvcache: q [B, Sq, Hq, D] = ", q.sizes(), " does not fit k_cache [.., Hkv, D] = ",
               k_cache.sizes(), " (Hq must be a multiple of Hkv, one head dim)");
   TORCH_CHECK(q.stride(3) == 1 && k_cache.stride(3) == 1 && v_cache.stride(3) == 1,
-              "paged_attention: q, k_cache and v_cache must be contiguous in the head dim");
+              "flash_attn_with_kvcache: q, k_cache and v_cache must be contiguous in the head dim");
   TORCH_CHECK(seqlens.scalar_type() == at::kInt && seqlens.dim() == 1 && seqlens.size(0) == q.size(0),
-              "paged_attention: seqlens must be int32 [B] with B = ", q.size(0), ", got ", seqlens.scalar_type(), " ",
-              seqlens.sizes());
+              "flash_attn_with_kvcache: cache_seqlens must be int32 [B] with B = ", q.size(0), ", got ",
+              seqlens.scalar_type(), " ", seqlens.sizes());
   TORCH_CHECK(block_table.scalar_type() == at::kInt && block_table.dim() == 2 && block_table.size(0) == q.size(0),
-              "paged_attention: block_table must be int32 [B, max_blocks] with B = ", q.size(0), ", got ",
+              "flash_attn_with_kvcache: block_table must be int32 [B, max_blocks] with B = ", q.size(0), ", got ",
               block_table.scalar_type(), " ", block_table.sizes());
 }
 
@@ -129,11 +130,11 @@ void check_paged_attention(const at::Tensor& q, const at::Tensor& k_cache, const
 int64_t check_lengths(const int32_t* length, const int32_t* table, const Problem& p, int64_t num_blocks) {
   int64_t longest = 0;
   for (int64_t b = 0; b < p.batch; ++b) {
-    TORCH_CHECK(length[b] >= 0 && length[b] <= p.table_width * p.block_size, "paged_attention: seqlens[", b,
+    TORCH_CHECK(length[b] >= 0 && length[b] <= p.table_width * p.block_size, "flash_attn_with_kvcache: seqlens[", b,
                 "] = ", length[b], " must lie in [0, ", p.table_width * p.block_size, "]");
     for (int64_t j = 0; j * p.block_size < length[b]; ++j) {
       const int32_t page = table[b * p.table_width + j];
-      TORCH_CHECK(page >= 0 && page < num_blocks, "paged_attention: block_table[", b, ", ", j, "] = ", page,
+      TORCH_CHECK(page >= 0 && page < num_blocks, "flash_attn_with_kvcache: block_table[", b, ", ", j, "] = ", page,
                   " is used but not a block of the cache (which has ", num_blocks, ")");
     }
     longest = std::max<int64_t>(longest, length[b]);
@@ -219,16 +220,33 @@ class GroupAttention {
 
 }  // namespace
 
-at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                               const at::Tensor& seqlens, const at::Tensor& block_table, double softmax_scale,
-                               int64_t window_left, int64_t window_right) {
-  check_paged_attention(q, k_cache, v_cache, seqlens, block_table);
-  const at::Tensor lengths = seqlens.contiguous(), table = block_table.contiguous();
-  const Problem p{q.size(0),       q.size(1),   k_cache.size(2), q.size(2) / k_cache.size(2), q.size(3),
-                  k_cache.size(1), table.size(1), window_left,   window_right,               static_cast<float>(softmax_scale)};
+at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
+                                       const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
+                                       const at::Tensor& cache_seqlens, const at::Tensor& block_table,
+                                       double softmax_scale, int64_t window_left, int64_t window_right) {
+  check_kvcache_args(q, k_cache, v_cache, cache_seqlens, block_table);
+  TORCH_CHECK(k.has_value() == v.has_value(), "flash_attn_with_kvcache: k and v must be given together");
+  const int64_t num_new = k.has_value() ? k->size(1) : 0;
+  if (k.has_value()) {
+    TORCH_CHECK(k->dim() == 4 && k->size(0) == q.size(0) && k->size(2) == k_cache.size(2) &&
+                    k->size(3) == k_cache.size(3) && v->sizes() == k->sizes(),
+                "flash_attn_with_kvcache: k and v must be [B, Sq_new, Hkv, D] = [", q.size(0), ", Sq_new, ",
+                k_cache.size(2), ", ", k_cache.size(3), "], got ", k->sizes(), " and ", v->sizes());
+  }
+  const at::Tensor lengths = (cache_seqlens + num_new).to(at::kInt).contiguous(), table = block_table.contiguous();
+  const Problem p{q.size(0),     q.size(1),   k_cache.size(2), q.size(2) / k_cache.size(2), q.size(3),
+                  k_cache.size(1), table.size(1), window_left,   window_right, static_cast<float>(softmax_scale)};
   const int32_t* length = lengths.const_data_ptr<int32_t>();
   const int32_t* pages = table.const_data_ptr<int32_t>();
-  const int64_t longest = check_lengths(length, pages, p, k_cache.size(0));
+  const int64_t longest = check_lengths(length, pages, p, k_cache.size(0));  // before anything is written
+  if (num_new > 0) {  // the new tokens go to positions cache_seqlens[b] + i, then the queries attend
+    const at::Tensor positions =
+        cache_seqlens.to(at::kLong).unsqueeze(1) + at::arange(num_new, lengths.options().dtype(at::kLong));
+    const at::Tensor pages_of_new = table.to(at::kLong).gather(1, at::floor_divide(positions, p.block_size));
+    const at::Tensor slots = pages_of_new * p.block_size + positions.remainder(p.block_size);
+    reshape_and_cache_cpu(k->flatten(0, 1).contiguous(), v->flatten(0, 1).contiguous(), k_cache, v_cache,
+                          slots.flatten());
+  }
   at::Tensor out = at::empty(q.sizes(), q.options());
   const int64_t rows = p.seqlen_q * p.group, units = p.batch * p.heads_kv;
   if (out.numel() == 0) return out;
@@ -240,7 +258,7 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
   at::Tensor part_lse = at::empty({splits, units, rows}, q.options().dtype(at::kFloat));
   float* part_acc = part_out.mutable_data_ptr<float>();
   float* part_l = part_lse.mutable_data_ptr<float>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "paged_attention_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_attn_with_kvcache_cpu", [&] {
     const GroupAttention<scalar_t> attention(q, k_cache, v_cache, length, pages, p);
     at::parallel_for(0, splits * units, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
@@ -277,6 +295,6 @@ at::Tensor paged_attention_cpu(const at::Tensor& q, const at::Tensor& k_cache, c
   return out;
 }
 
-TORCH_LIBRARY_IMPL(qwen_fast, CPU, m) { m.impl("paged_attention", &paged_attention_cpu); }
+TORCH_LIBRARY_IMPL(qwen_fast, CPU, m) { m.impl("flash_attn_with_kvcache", &flash_attn_with_kvcache_cpu); }
 
 }  // namespace qwen_fast

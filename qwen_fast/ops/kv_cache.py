@@ -110,7 +110,7 @@ def reshape_and_cache(
     RESHAPE_AND_CACHE(device, key, value, key_cache, value_cache, slot_mapping)
 
 
-# --- flash_attn_with_kvcache: append new k/v with reshape_and_cache, then the pure paged_attention op --------------
+# --- flash_attn_with_kvcache: the cpu kernel appends and attends in one op; triton = reshape_and_cache + attention ---
 
 
 def _fake_paged_attention(q, k_cache, v_cache, seqlens, block_table, softmax_scale, window_left, window_right):
@@ -127,8 +127,20 @@ def _fake_paged_attention(q, k_cache, v_cache, seqlens, block_table, softmax_sca
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-if _native.LOAD_ERROR is None and _native.has_kernel("paged_attention", "CPU"):
-    torch.library.register_fake("qwen_fast::paged_attention")(_fake_paged_attention)
+def _fake_flash_attn_with_kvcache(
+    q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, window_left, window_right
+):
+    torch._check((k is None) == (v is None), lambda: "k and v must be given together")
+    if k is not None:
+        torch._check(k.dim() == 4 and k.shape[0] == q.shape[0], lambda: f"k must be [B, Sq_new, Hkv, D], got {k.shape}")
+        torch._check(k.shape[2:] == k_cache.shape[2:] and v.shape == k.shape, lambda: "k, v must match the cache")
+    return _fake_paged_attention(
+        q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left, window_right
+    )
+
+
+if _native.LOAD_ERROR is None and _native.has_kernel("flash_attn_with_kvcache", "CPU"):
+    torch.library.register_fake("qwen_fast::flash_attn_with_kvcache")(_fake_flash_attn_with_kvcache)
 
 
 @torch.library.custom_op("qwen_fast_triton::paged_attention", mutates_args=())
@@ -150,48 +162,46 @@ def _paged_attention_triton(
 _paged_attention_triton.register_fake(_fake_paged_attention)
 
 
-def _with_kvcache(write, attend):
-    """flash_attn_with_kvcache from a reshape_and_cache and a paged_attention implementation (one backend's pair).
+def _kernel_args(q, k_cache, cache_seqlens, block_table, softmax_scale, causal, window_size) -> tuple:
+    """(cache_seqlens int32 [B], block_table int32 [B, M], scale, window_left, window_right) as the kernels take them.
 
-    The new k/v go to positions cache_seqlens[b] + i, their slots computed on the device (no host sync). A contiguous
-    cache [B, S_max, Hkv, D] is the paged cache of B pages of S_max rows with block table [[0], [1], ...]. attend()
-    gets the total lengths (int32 [B]) and the window with causal folded in (right edge 0)."""
+    A contiguous cache [B, S_max, Hkv, D] is the paged cache of B pages of S_max rows with block table [[0], [1], ..];
+    causal is folded into the window (right edge 0). Built with device ops only: no host sync."""
+    batch, device = q.shape[0], q.device
+    if block_table is None:
+        block_table = torch.arange(batch, dtype=torch.int32, device=device)[:, None]
+    if cache_seqlens is None or isinstance(cache_seqlens, int):
+        fill = block_table.shape[1] * k_cache.shape[1] if cache_seqlens is None else cache_seqlens
+        cache_seqlens = torch.full((batch,), fill, dtype=torch.int32, device=device)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return cache_seqlens, block_table, scale, window_size[0], 0 if causal else window_size[1]
 
-    def run(q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal, window_size):
-        batch, device = q.shape[0], q.device
-        if block_table is None:
-            block_table = torch.arange(batch, dtype=torch.int32, device=device)[:, None]
+
+def _with_kvcache_triton(q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal, window_size):
+    seqlens, table, scale, left, right = _kernel_args(
+        q, k_cache, cache_seqlens, block_table, softmax_scale, causal, window_size
+    )
+    if k is not None:  # the new tokens go to positions seqlens[b] + i, slots computed on the device
         block_size = k_cache.shape[1]
-        if cache_seqlens is None or isinstance(cache_seqlens, int):
-            fill = block_table.shape[1] * block_size if cache_seqlens is None else cache_seqlens
-            cache_seqlens = torch.full((batch,), fill, dtype=torch.int32, device=device)
-        if k is not None:
-            positions = cache_seqlens[:, None].long() + torch.arange(k.shape[1], device=device)
-            pages = block_table.gather(1, positions // block_size).long()
-            slots = (pages * block_size + positions % block_size).flatten()
-            key, value = k.flatten(0, 1).contiguous(), v.flatten(0, 1).contiguous()
-            write(key, value, k_cache, v_cache, slots)
-            cache_seqlens = cache_seqlens + k.shape[1]
-        scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-        left, right = window_size[0], 0 if causal else window_size[1]
-        return attend(q, k_cache, v_cache, cache_seqlens.int(), block_table, scale, left, right)
-
-    return run
+        positions = seqlens[:, None].long() + torch.arange(k.shape[1], device=q.device)
+        slots = table.gather(1, positions // block_size).long() * block_size + positions % block_size
+        key, value = k.flatten(0, 1).contiguous(), v.flatten(0, 1).contiguous()
+        _reshape_and_cache_triton(key, value, k_cache, v_cache, slots.flatten())
+        seqlens = seqlens + k.shape[1]
+    return _paged_attention_triton(q, k_cache, v_cache, seqlens.int(), table, scale, left, right)
 
 
-def _paged_attention_native(*args):
-    return torch.ops.qwen_fast.paged_attention(*args)
+def _with_kvcache_native(q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal, window_size):
+    seqlens, table, scale, left, right = _kernel_args(
+        q, k_cache, cache_seqlens, block_table, softmax_scale, causal, window_size
+    )
+    return torch.ops.qwen_fast.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, seqlens, table, scale, left, right)
 
 
 FLASH_ATTN_WITH_KVCACHE = Op(
     "flash_attn_with_kvcache",
-    {
-        "triton": _with_kvcache(_reshape_and_cache_triton, _paged_attention_triton),
-        "cpu": _with_kvcache(_reshape_and_cache_native, _paged_attention_native),
-        "torch": reference.flash_attn_with_kvcache,
-    },
+    {"triton": _with_kvcache_triton, "cpu": _with_kvcache_native, "torch": reference.flash_attn_with_kvcache},
     {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
-    native_op="paged_attention",
 )
 
 
