@@ -6,10 +6,11 @@ parallel, each producing a partial softmax result, which a second kernel merges 
 1. _attention_kernel, grid (B * m_tiles, Hkv, num_splits). Program (b * m_tiles + t, g, s) owns BLOCK_M query rows
    of sequence b and KV head g: row r = t * BLOCK_M + arange(BLOCK_M) of the Sq * G rows of the group (G = Hq / Hkv;
    row r is query i = r // G of head g * G + r % G), so the G heads sharing a KV head are processed together and every
-   K/V page is read once per group (decode with G <= 16, or Sq * G <= 32: one row tile; longer appends take several
-   row tiles, each reading the group's K/V). BLOCK_M >= 16 for tl.dot; rows past Sq * G are padding (loaded as 0,
-   never stored). Registers: the q tile [BLOCK_M, BLOCK_D] (q's dtype), the fp32
-   accumulator [BLOCK_M, BLOCK_D], the running max and sum-exp [BLOCK_M], and one K and one V tile [BLOCK_N, BLOCK_D].
+   K/V page is read once per group when Sq * G <= BLOCK_M (16, or 32 for aligned 16-bit caches: decode at G 8 and 16;
+   longer appends take several row tiles, each reading the group's K/V). BLOCK_M >= 16 for tl.dot; rows past Sq * G
+   are padding (loaded as 0, never stored). Registers: the q tile [BLOCK_M, BLOCK_D] (q's dtype), the fp32
+   accumulator [BLOCK_M, BLOCK_D], the running max and sum-exp [BLOCK_M], a K tile loaded transposed
+   [BLOCK_D, BLOCK_N] and a V tile [BLOCK_N, BLOCK_D].
    Visible keys: the program's rows see keys in [lo, hi) (length L = seqlens[b], causal/window bounds of its first
    and last query, bottom-right aligned: query i sits at key d(i) = i + L - Sq); split s takes its share of that
    range, rounded to whole BLOCK_N tiles. Each key tile gathers its rows by position: position p lives in page
