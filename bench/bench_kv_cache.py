@@ -1,4 +1,6 @@
-"""reshape_and_cache: new K/V rows into the paged pools, per backend, in GB/s (bytes read + written).
+"""reshape_and_cache: new K/V rows into the paged pools, per backend, in GB/s (bytes read + written); and
+flash_attn_with_kvcache decode (one query per sequence over a paged cache) against torch SDPA over a contiguous cache
+of the same data, in GB/s of K/V read.
 
     pip install --no-build-isolation '.[bench]' && pytest bench/bench_kv_cache.py --benchmark-columns=mean,ops
 
@@ -45,4 +47,59 @@ def test_reshape_and_cache(benchmark, backend, num_tokens, dtype):
         device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
         backend=backend,
         gb_per_s=moved / benchmark.stats["mean"] / 1e9,
+    )
+
+
+# --- flash_attn_with_kvcache decode: one query token per sequence over a paged cache, GB/s of K/V read ------------
+
+DECODE_HEADS_Q, DECODE_HEADS_KV = (32, 4) if DEVICE == "cuda" else (16, 2)  # Qwen3-30B-A3B; group 8 on CPU
+DECODE_BATCH = [1, 16, 64] if DEVICE == "cuda" else [1, 8]
+DECODE_CONTEXT = [512, 4096, 32768] if DEVICE == "cuda" else [512, 4096]
+DECODE_PEERS = ["triton", "torch", "sdpa"] if DEVICE == "cuda" else ["cpu", "torch", "sdpa"]
+
+
+def _decode_inputs(batch: int, context: int, dtype: torch.dtype):
+    """q [B, 1, Hq, D], a shuffled paged pool holding `context` tokens per sequence, and the same K/V contiguous
+    in SDPA's layout [B, Hkv, context, D]."""
+    blocks = context // BLOCK_SIZE
+    shape = (batch * blocks, BLOCK_SIZE, DECODE_HEADS_KV, HEAD_DIM)
+    k_cache = torch.randn(shape, device=DEVICE).to(dtype)
+    v_cache = torch.randn(shape, device=DEVICE).to(dtype)
+    block_table = torch.randperm(batch * blocks, device=DEVICE).view(batch, blocks).int()
+    q = torch.randn(batch, 1, DECODE_HEADS_Q, HEAD_DIM, device=DEVICE).to(dtype)
+    seqlens = torch.full((batch,), context, dtype=torch.int32, device=DEVICE)
+    dense_k, dense_v = (c[block_table.long()].flatten(1, 2).transpose(1, 2).contiguous() for c in (k_cache, v_cache))
+    return q, k_cache, v_cache, seqlens, block_table, dense_k, dense_v
+
+
+@pytest.mark.parametrize("backend", DECODE_PEERS)
+@pytest.mark.parametrize("context", DECODE_CONTEXT)
+@pytest.mark.parametrize("batch", DECODE_BATCH)
+def test_paged_decode(benchmark, backend, batch, context):
+    q, k_cache, v_cache, seqlens, block_table, dense_k, dense_v = _decode_inputs(batch, context, torch.bfloat16)
+    if backend == "sdpa":  # the peer: torch SDPA over a contiguous cache of the same data
+        q_sdpa = q.transpose(1, 2)
+
+        def attend():
+            return torch.nn.functional.scaled_dot_product_attention(q_sdpa, dense_k, dense_v, enable_gqa=True)
+    else:
+
+        def attend():
+            return qwen_fast.flash_attn_with_kvcache(
+                q, k_cache, v_cache, cache_seqlens=seqlens, block_table=block_table
+            )
+
+    def run():
+        attend()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+
+    with qwen_fast.use_backend("auto" if backend == "sdpa" else backend), qwen_fast.record_backends() as calls:
+        benchmark(run)
+    assert backend == "sdpa" or (calls and {b for _, b in calls} == {backend})
+    read = 2 * dense_k.numel() * dense_k.element_size()  # K and V, each read once
+    benchmark.extra_info.update(
+        device=torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu, {torch.get_num_threads()} threads",
+        backend=backend,
+        gb_per_s=read / benchmark.stats["mean"] / 1e9,
     )

@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
 
 namespace qwen_fast {
@@ -46,5 +47,14 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_and_cache_cuda(
     const at::Tensor& query, const at::Tensor& key, const at::Tensor& value, const at::Tensor& q_norm_weight,
     const at::Tensor& k_norm_weight, double eps, const at::Tensor& positions, const at::Tensor& cos_sin_cache,
     at::Tensor& key_cache, at::Tensor& value_cache, const at::Tensor& slot_mapping, bool is_neox);
+
+// Writes the new k/v [B, Sq_new, Hkv, D] (if given) at positions cache_seqlens[b] + i (int32 [B]) of the paged cache
+// [num_blocks, block_size, Hkv, D] (pages listed by block_table int32 [B, max_blocks]), then attends q [B, Sq, Hq, D]
+// over each sequence's cache_seqlens[b] + Sq_new positions; bottom-right aligned window (window_right = 0 is causal,
+// -1 unbounded). Returns [B, Sq, Hq, D], 0 for a row with no visible key.
+at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
+                                       const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
+                                       const at::Tensor& cache_seqlens, const at::Tensor& block_table,
+                                       double softmax_scale, int64_t window_left, int64_t window_right);
 
 }  // namespace qwen_fast

@@ -1,5 +1,5 @@
 // Every op schema of qwen_fast, in one block. Implementations are registered per dispatch key next to their code
-// (cpu/*.cpp: CPU, cuda/*.cu: CUDA); Python registers a fake for each op in qwen_fast/ops/_fakes.py.
+// (cpu/*.cpp: CPU, cuda/*.cu: CUDA); Python registers a fake for each op next to its checks in qwen_fast/ops/.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -15,6 +15,9 @@ TORCH_LIBRARY(qwen_fast, m) {
       "qk_norm_rope_and_cache(Tensor query, Tensor key, Tensor value, Tensor q_norm_weight, Tensor k_norm_weight, "
       "float eps, Tensor positions, Tensor cos_sin_cache, Tensor(a!) key_cache, Tensor(b!) value_cache, "
       "Tensor slot_mapping, bool is_neox) -> (Tensor, Tensor)");
+  m.def(
+      "flash_attn_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
+      "Tensor cache_seqlens, Tensor block_table, float softmax_scale, int window_left, int window_right) -> Tensor");
   m.def("fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids) -> Tensor");
 }
 

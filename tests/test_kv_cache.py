@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from numerics import assert_close
+from numerics import assert_close, assert_within_budget
 
 import qwen_fast
 from qwen_fast.reference.attention import flash_attn_func
@@ -320,3 +320,199 @@ def test_flash_attn_with_kvcache_ignores_unused_block_table_entries():
 def test_flash_attn_with_kvcache_bad_input(kwargs, error, message):
     with pytest.raises(error, match=message):
         qwen_fast.flash_attn_with_kvcache(**(_paged() | kwargs))
+
+
+# --- flash_attn_with_kvcache: every backend against the reference within flash-attn's error budget ---------------
+
+# (paged, block_size, seqlen_q, num_new, heads_q, heads_kv, head_dim, window_size, causal, cache_seqlens)
+ATTN_CASES = {
+    "decode-paged16-g8": (True, 16, 1, 1, 16, 2, 128, (-1, -1), True, [0, 37, 70]),
+    "decode-paged1-g16": (True, 1, 1, 1, 16, 1, 64, (-1, -1), True, [5, 0, 23]),
+    "append2-paged5-g4": (True, 5, 2, 2, 8, 2, 64, (-1, -1), True, [0, 13, 41]),
+    "append5-contig-g1": (False, None, 5, 5, 2, 2, 64, (-1, -1), True, [3, 0, 30]),
+    "append5-paged5-window": (True, 5, 5, 5, 8, 1, 128, (6, 0), True, [0, 9, 44]),
+    "read3-paged16-noncausal-window": (True, 16, 3, 0, 8, 2, 64, (4, 2), False, [2, 0, 57]),
+    "read3-contig-g8": (False, None, 3, 0, 8, 1, 64, (-1, -1), True, [1, 0, 29]),
+}
+
+
+def _attn_case(name, dtype, device="cpu", seed=0, padded=False):
+    """The case's arguments; `padded` caches are views [..., :D] of a pool with D + 1 columns (rows not aligned)."""
+    paged, block_size, seqlen_q, num_new, heads_q, heads_kv, head_dim, window, causal, lengths = ATTN_CASES[name]
+    gen = torch.Generator().manual_seed(seed)
+    batch = len(lengths)
+    totals = [n + num_new for n in lengths]
+    if paged:  # a shuffled pool, with sequences spanning many pages and one spare page per sequence
+        blocks_per_seq = max(-(-n // block_size) for n in totals) + 1
+        num_blocks = batch * blocks_per_seq + 3
+        block_table = torch.randperm(num_blocks, generator=gen)[: batch * blocks_per_seq].view(batch, -1).int()
+        cache_shape = (num_blocks, block_size, heads_kv, head_dim)
+    else:
+        block_table, cache_shape = None, (batch, max(totals) + 2, heads_kv, head_dim)
+    new_shape = (batch, num_new, heads_kv, head_dim)
+    pool_shape = (*cache_shape[:3], head_dim + padded)
+    args = {
+        "q": torch.randn(batch, seqlen_q, heads_q, head_dim, generator=gen),
+        "k_cache": torch.randn(pool_shape, generator=gen),
+        "v_cache": torch.randn(pool_shape, generator=gen),
+        "k": torch.randn(new_shape, generator=gen) if num_new else None,
+        "v": torch.randn(new_shape, generator=gen) if num_new else None,
+    }
+    args = {k: None if t is None else t.to(device=device, dtype=dtype) for k, t in args.items()}
+    args["k_cache"], args["v_cache"] = args["k_cache"][..., :head_dim], args["v_cache"][..., :head_dim]
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    table = None if block_table is None else block_table.to(device)
+    return args | {"cache_seqlens": seqlens, "block_table": table, "causal": causal, "window_size": window}
+
+
+def _clone(args, dtype=None):
+    """A copy of the arguments (fresh caches), the floating-point tensors cast to `dtype` when given."""
+    copy = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
+    if dtype is not None:
+        copy |= {k: v.to(dtype) for k, v in copy.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    return copy
+
+
+def _check_backend(backend, args):
+    """Runs `backend` on args (mutating its caches) and checks output and caches against the reference."""
+    ref_fp32 = flash_attn_with_kvcache(**_clone(args, torch.float32))
+    expected = _clone(args)
+    ref_lowprec = flash_attn_with_kvcache(**expected)
+    with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
+        out = qwen_fast.flash_attn_with_kvcache(**args)
+    assert calls == [("flash_attn_with_kvcache", backend)]
+    assert out.dtype == args["q"].dtype and out.shape == ref_fp32.shape
+    assert_within_budget(out.cpu(), ref_fp32.cpu(), ref_lowprec.cpu())
+    assert torch.equal(args["k_cache"], expected["k_cache"]) and torch.equal(args["v_cache"], expected["v_cache"])
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("case", list(ATTN_CASES))
+def test_with_kvcache_cpu_backend(case, dtype):
+    _check_backend("cpu", _attn_case(case, dtype))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", ["decode-paged16-g8", "decode-paged1-g16", "append5-paged5-window", "read3-contig-g8"])
+def test_with_kvcache_triton_backend_interpreted(case, dtype):
+    _check_backend("triton", _attn_case(case, dtype))
+
+
+@pytest.mark.parametrize(
+    "backend", ["cpu", pytest.param("triton", marks=pytest.mark.interpret), pytest.param("cuda", marks=pytest.mark.gpu)]
+)
+def test_with_kvcache_unaligned_cache_rows(backend):
+    """Caches whose rows do not start on 16 bytes: the Triton launcher's unaligned config, strided CPU reads."""
+    device, backend = ("cuda", "triton") if backend == "cuda" else ("cpu", backend)
+    args = _attn_case("append2-paged5-g4", torch.float16, device, padded=True)
+    assert args["k_cache"].stride(-2) == 65
+    _check_backend(backend, args)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("case", list(ATTN_CASES))
+def test_with_kvcache_triton_backend_cuda(case, dtype):
+    _check_backend("triton", _attn_case(case, dtype, device="cuda"))
+
+
+def _long_context(device, dtype, window_size=(-1, -1)):
+    """One sequence long enough to be split across threads / programs: 1500 keys over pages of 16."""
+    lengths, block_size, gen = [1500, 700], 16, torch.Generator().manual_seed(1)
+    block_table = torch.randperm(200, generator=gen)[:190].view(2, 95).int()
+    k_cache, v_cache = (torch.randn(200, block_size, 1, 128, generator=gen).to(device, dtype) for _ in range(2))
+    q = torch.randn(2, 1, 8, 128, generator=gen).to(device, dtype)
+    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
+    return {"q": q, "k_cache": k_cache, "v_cache": v_cache, "cache_seqlens": seqlens,
+            "block_table": block_table.to(device), "window_size": window_size}  # fmt: skip
+
+
+@pytest.mark.parametrize("window_size", [(-1, -1), (900, 0)])
+def test_with_kvcache_cpu_splits_long_context_across_threads(window_size):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(4)  # 2 (sequence, KV head) items for 4 threads: each sequence split in 2 and merged
+    try:
+        _check_backend("cpu", _long_context("cpu", torch.bfloat16, window_size))
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("splits", [1, 3])
+def test_triton_paged_attention_split_merge(splits):
+    from qwen_fast.kernels.paged_attention import paged_attention
+
+    args = _attn_case("read3-paged16-noncausal-window", torch.float32)
+    expected = flash_attn_with_kvcache(**_clone(args))
+    seqlens, table = args["cache_seqlens"], args["block_table"]
+    out = paged_attention(args["q"], args["k_cache"], args["v_cache"], seqlens, table, 64**-0.5, 4, 2, splits)
+    assert_within_budget(out, expected, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_with_kvcache_triton_long_context_cuda(dtype):
+    _check_backend("triton", _long_context("cuda", dtype))
+
+
+def _paged_attention_args(dtype):
+    args = _attn_case("append2-paged5-g4", dtype)
+    return (args["q"], args["k_cache"], args["v_cache"], args["cache_seqlens"], args["block_table"], 0.125, -1, 0)
+
+
+@pytest.mark.parametrize("new_kv", [True, False])
+def test_with_kvcache_opcheck_native(new_kv):
+    args = _attn_case("append2-paged5-g4", torch.float32)
+    k, v = (args["k"], args["v"]) if new_kv else (None, None)
+    inputs = (args["q"], args["k_cache"], args["v_cache"], k, v, args["cache_seqlens"], args["block_table"])
+    torch.library.opcheck(torch.ops.qwen_fast.flash_attn_with_kvcache.default, (*inputs, 0.125, -1, 0))
+
+
+@pytest.mark.interpret
+def test_paged_attention_opcheck_triton():
+    torch.library.opcheck(torch.ops.qwen_fast_triton.paged_attention.default, _paged_attention_args(torch.float32))
+
+
+def test_with_kvcache_compiles_fullgraph_cpu():
+    args = _attn_case("append2-paged5-g4", torch.float32)
+    expected = _clone(args)
+    ref = flash_attn_with_kvcache(**expected)
+
+    @torch.compile(fullgraph=True)
+    def step(q, k_cache, v_cache, k, v, cache_seqlens, block_table):
+        return qwen_fast.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+
+    torch._dynamo.reset()
+    with qwen_fast.use_backend("cpu"):
+        out = step(*(args[n] for n in ("q", "k_cache", "v_cache", "k", "v", "cache_seqlens", "block_table")))
+    assert_within_budget(out, ref, ref)
+    assert torch.equal(args["k_cache"], expected["k_cache"]) and torch.equal(args["v_cache"], expected["v_cache"])
+
+
+def test_with_kvcache_native_rejects_bad_pages_before_writing():
+    args = _attn_case("append2-paged5-g4", torch.float32)
+    k_before = args["k_cache"].clone()
+    table = args["block_table"].clone()
+    table[0, 0] = -1
+    inputs = (args["q"], args["k_cache"], args["v_cache"], args["k"], args["v"], args["cache_seqlens"], table)
+    with pytest.raises(RuntimeError, match=r"block_table\[0, 0\] = -1 is used but not a block"):
+        torch.ops.qwen_fast.flash_attn_with_kvcache(*inputs, 0.125, -1, 0)
+    assert torch.equal(args["k_cache"], k_before)
+
+
+@pytest.mark.gpu
+def test_with_kvcache_triton_decode_captures_in_cuda_graph():
+    """No host synchronisation on the triton path: a decode step (append + attention) records in a CUDA graph."""
+    args = _attn_case("decode-paged16-g8", torch.bfloat16, device="cuda")
+    expected = _clone(args)
+    ref = flash_attn_with_kvcache(**expected)
+    with qwen_fast.use_backend("triton"):
+        qwen_fast.flash_attn_with_kvcache(**_clone(args))  # compiles the kernels outside the capture
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = qwen_fast.flash_attn_with_kvcache(**args)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_within_budget(out, flash_attn_with_kvcache(**_clone(args, torch.float32)), ref)
+    assert torch.equal(args["k_cache"], expected["k_cache"]) and torch.equal(args["v_cache"], expected["v_cache"])

@@ -110,7 +110,99 @@ def reshape_and_cache(
     RESHAPE_AND_CACHE(device, key, value, key_cache, value_cache, slot_mapping)
 
 
-FLASH_ATTN_WITH_KVCACHE = Op("flash_attn_with_kvcache", {"torch": reference.flash_attn_with_kvcache}, NATIVE_FIRST)
+# --- flash_attn_with_kvcache: the cpu kernel appends and attends in one op; triton = reshape_and_cache + attention ---
+
+
+def _fake_paged_attention(q, k_cache, v_cache, seqlens, block_table, softmax_scale, window_left, window_right):
+    torch._check(q.dim() == 4, lambda: f"q must be [B, Sq, Hq, D], got {tuple(q.shape)}")
+    torch._check(k_cache.dim() == 4, lambda: f"k_cache must be 4-D, got {tuple(k_cache.shape)}")
+    torch._check(v_cache.shape == k_cache.shape, lambda: "v_cache must have k_cache's shape")
+    torch._check(k_cache.shape[3] == q.shape[3], lambda: "k_cache's head dim must equal q's")
+    torch._check(q.shape[2] % k_cache.shape[2] == 0, lambda: "q's heads must be a multiple of k_cache's")
+    torch._check(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype, lambda: "q, k_cache, v_cache share a dtype")
+    torch._check(seqlens.shape == q.shape[:1], lambda: f"seqlens must be [B], got {tuple(seqlens.shape)}")
+    torch._check(seqlens.dtype == torch.int32, lambda: f"seqlens must be int32, got {seqlens.dtype}")
+    torch._check(block_table.dim() == 2 and block_table.shape[0] == q.shape[0], lambda: "block_table must be [B, M]")
+    torch._check(block_table.dtype == torch.int32, lambda: f"block_table must be int32, got {block_table.dtype}")
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _fake_flash_attn_with_kvcache(
+    q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, window_left, window_right
+):
+    torch._check((k is None) == (v is None), lambda: "k and v must be given together")
+    if k is not None:
+        torch._check(k.dim() == 4 and k.shape[0] == q.shape[0], lambda: f"k must be [B, Sq_new, Hkv, D], got {k.shape}")
+        torch._check(k.shape[2:] == k_cache.shape[2:] and v.shape == k.shape, lambda: "k, v must match the cache")
+    return _fake_paged_attention(
+        q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left, window_right
+    )
+
+
+if _native.LOAD_ERROR is None and _native.has_kernel("flash_attn_with_kvcache", "CPU"):
+    torch.library.register_fake("qwen_fast::flash_attn_with_kvcache")(_fake_flash_attn_with_kvcache)
+
+
+@torch.library.custom_op("qwen_fast_triton::paged_attention", mutates_args=())
+def _paged_attention_triton(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seqlens: torch.Tensor,
+    block_table: torch.Tensor,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+) -> torch.Tensor:
+    from qwen_fast.kernels.paged_attention import paged_attention as launch
+
+    return launch(q, k_cache, v_cache, seqlens, block_table, softmax_scale, window_left, window_right)
+
+
+_paged_attention_triton.register_fake(_fake_paged_attention)
+
+
+def _kernel_args(q, k_cache, cache_seqlens, block_table, softmax_scale, causal, window_size) -> tuple:
+    """(cache_seqlens int32 [B], block_table int32 [B, M], scale, window_left, window_right) as the kernels take them.
+
+    A contiguous cache [B, S_max, Hkv, D] is the paged cache of B pages of S_max rows with block table [[0], [1], ..];
+    causal is folded into the window (right edge 0). Built with device ops only: no host sync."""
+    batch, device = q.shape[0], q.device
+    if block_table is None:
+        block_table = torch.arange(batch, dtype=torch.int32, device=device)[:, None]
+    if cache_seqlens is None or isinstance(cache_seqlens, int):
+        fill = block_table.shape[1] * k_cache.shape[1] if cache_seqlens is None else cache_seqlens
+        cache_seqlens = torch.full((batch,), fill, dtype=torch.int32, device=device)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return cache_seqlens, block_table, scale, window_size[0], 0 if causal else window_size[1]
+
+
+def _with_kvcache_triton(q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal, window_size):
+    seqlens, table, scale, left, right = _kernel_args(
+        q, k_cache, cache_seqlens, block_table, softmax_scale, causal, window_size
+    )
+    if k is not None:  # the new tokens go to positions seqlens[b] + i, slots computed on the device
+        block_size = k_cache.shape[1]
+        positions = seqlens[:, None].long() + torch.arange(k.shape[1], device=q.device)
+        slots = table.gather(1, positions // block_size).long() * block_size + positions % block_size
+        key, value = k.flatten(0, 1).contiguous(), v.flatten(0, 1).contiguous()
+        _reshape_and_cache_triton(key, value, k_cache, v_cache, slots.flatten())
+        seqlens = seqlens + k.shape[1]
+    return _paged_attention_triton(q, k_cache, v_cache, seqlens.int(), table, scale, left, right)
+
+
+def _with_kvcache_native(q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal, window_size):
+    seqlens, table, scale, left, right = _kernel_args(
+        q, k_cache, cache_seqlens, block_table, softmax_scale, causal, window_size
+    )
+    return torch.ops.qwen_fast.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, seqlens, table, scale, left, right)
+
+
+FLASH_ATTN_WITH_KVCACHE = Op(
+    "flash_attn_with_kvcache",
+    {"triton": _with_kvcache_triton, "cpu": _with_kvcache_native, "torch": reference.flash_attn_with_kvcache},
+    {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
+)
 
 
 def _check_kvcache_args(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> int:
@@ -177,6 +269,10 @@ def flash_attn_with_kvcache(
     window_size: tuple[int, int] = (-1, -1),
 ) -> torch.Tensor:
     """Append new k/v to a paged or contiguous cache, then attend over it (flash-attn's `flash_attn_with_kvcache`).
+
+    Backends: triton (CUDA: split-K over the context, no host synchronisation, so a decode step can be captured in
+    a CUDA graph; kernels/paged_attention.py), cpu (csrc/cpu/paged_attention.cpp), torch (the reference). The append
+    runs the same backend's reshape_and_cache. Decode (Sq = 1) and short appends (chunked prefill), any block_size.
 
     Args:
         q: [B, Sq, Hq, D] float32/float16/bfloat16.

@@ -1,0 +1,313 @@
+"""Triton paged attention: the queries of flash_attn_with_kvcache over a paged (or contiguous) KV cache.
+
+Split-K ("flash-decoding", Dao et al. 2023): the context of each sequence is cut into `num_splits` slices that run in
+parallel, each producing a partial softmax result, which a second kernel merges with log-sum-exp weights.
+
+1. _attention_kernel, grid (B * m_tiles, Hkv, num_splits). Program (b * m_tiles + t, g, s) owns BLOCK_M query rows
+   of sequence b and KV head g: row r = t * BLOCK_M + arange(BLOCK_M) of the Sq * G rows of the group (G = Hq / Hkv;
+   row r is query i = r // G of head g * G + r % G), so the G heads sharing a KV head are processed together and every
+   K/V page is read once per group when Sq * G <= BLOCK_M (16, or 32 for aligned 16-bit caches: decode at G 8 and 16;
+   longer appends take several row tiles, each reading the group's K/V). BLOCK_M >= 16 for tl.dot; rows past Sq * G
+   are padding (loaded as 0, never stored). Registers: the q tile [BLOCK_M, BLOCK_D] (q's dtype), the fp32
+   accumulator [BLOCK_M, BLOCK_D], the running max and sum-exp [BLOCK_M], a K tile loaded transposed
+   [BLOCK_D, BLOCK_N] and a V tile [BLOCK_N, BLOCK_D].
+   Visible keys: the program's rows see keys in [lo, hi) (length L = seqlens[b], causal/window bounds of its first
+   and last query, bottom-right aligned: query i sits at key d(i) = i + L - Sq); split s takes its share of that
+   range, rounded to whole BLOCK_N tiles. Each key tile gathers its rows by position: position p lives in page
+   block_table[b, p // block_size] at row p % block_size, so a tile may span pages and any block_size >= 1 works
+   (a contiguous cache is one page of S_max rows per sequence). Scores are fp32 (tl.dot), masked per (row, key) by
+   the window, softmax online in base 2. With one split the program writes out = acc / sum (0 for a row with no
+   visible key) in q's dtype; otherwise it writes the normalised partial output (fp32) and its log2-sum-exp
+   (-inf when the slice had no visible key) to part_out [S, B, Sq, Hq, D] and part_lse [S, B, Sq, Hq].
+2. _merge_kernel, grid (B * Sq * Hq,): one output row; two passes over the splits (max lse, then the weighted sum
+   of the partial rows in fp32), 0 when no split saw a key.
+
+num_splits comes from the shapes only (the batch, heads, row tiles, the cache capacity per sequence, the SM count),
+never from cache_seqlens' values: no host synchronisation, so the launch can be captured in a CUDA graph; each split
+then adapts its slice to the sequence's actual length inside the kernel.
+
+Offsets are int64 (page * page stride passes 2^31 for large pools). fp32 tl.dot uses input_precision "ieee".
+Tiles (_config), each the largest that compiled without register spills on sm_80 and sm_90 (gpu_check; the gathered
+K/V tiles hold one pointer per 16-byte vector, which costs registers that a dense flash-attention tile does not):
+16-bit caches whose rows start on 16 bytes (every contiguous cache of D % 8 == 0; the launcher checks and the kernel is
+told with tl.multiple_of, so loads are 16-byte vectors): BLOCK_M 16 (Sq * G <= 16) x BLOCK_N 64 keys, or BLOCK_M 32
+x BLOCK_N 32, halved BLOCK_N for D = 256. fp32, or rows not 16-byte aligned (element loads): BLOCK_M 16 x BLOCK_N 16
+(the tl.dot minimum), more warps where needed. Every config is listed in compile_specs() and compiled for sm_80 and
+sm_90 by `python -m qwen_fast.gpu_check` (head dims 64, 128, 256).
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .compile_spec import TRITON_DTYPE, CompileSpec
+
+LOG2E = 1.4426950408889634
+MIN_SPLIT_KEYS = 256  # a split below this many keys costs more in its partial write and merge than it saves
+MAX_SPLITS = 64
+
+
+@triton.jit
+def _attention_kernel(
+    q,
+    k_cache,
+    v_cache,
+    out,
+    part_out,
+    part_lse,
+    seqlens,
+    block_table,
+    seqlen_q,
+    group,
+    num_splits,
+    block_size,
+    qk_scale,
+    window_left,
+    window_right,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kp,
+    stride_kr,
+    stride_kh,
+    stride_vp,
+    stride_vr,
+    stride_vh,
+    stride_bt,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    ALIGNED: tl.constexpr,
+):
+    num_rows = seqlen_q * group
+    m_tiles = tl.cdiv(num_rows, BLOCK_M)
+    b = tl.program_id(0) // m_tiles
+    tile = tl.program_id(0) % m_tiles
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+    num_heads_q = tl.num_programs(1) * group
+    batch = tl.num_programs(0) // m_tiles
+
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_rows
+    query = rows // group
+    head = kv_head * group + rows % group
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    q_offs = b.to(tl.int64) * stride_qb + query.to(tl.int64) * stride_qs + head.to(tl.int64) * stride_qh
+    q_tile = tl.load(q + q_offs[:, None] + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
+
+    # Keys visible to row i: [d(i) - left, d(i) + right] within [0, L); the tile's range spans its first and last query.
+    length = tl.load(seqlens + b)
+    diagonal = query + length - seqlen_q
+    first_query = (tile * BLOCK_M) // group
+    last_query = (tl.minimum(tile * BLOCK_M + BLOCK_M, num_rows) - 1) // group
+    lo = tl.where(window_left >= 0, tl.maximum(first_query + length - seqlen_q - window_left, 0), 0)
+    hi = tl.where(window_right >= 0, tl.minimum(last_query + length - seqlen_q + window_right + 1, length), length)
+    chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), num_splits), BLOCK_N) * BLOCK_N
+    start = lo + split * chunk
+    end = tl.minimum(start + chunk, hi)
+    lower = tl.where(window_left >= 0, diagonal - window_left, 0)
+    upper = tl.where(window_right >= 0, diagonal + window_right, length - 1)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    table_row = block_table + b.to(tl.int64) * stride_bt
+    for key_start in range(start, end, BLOCK_N):
+        pos = key_start + tl.arange(0, BLOCK_N)
+        key_ok = pos < end
+        page = tl.load(table_row + pos // block_size, mask=key_ok, other=0).to(tl.int64)
+        slot_row = (pos % block_size).to(tl.int64)
+        kv_mask = key_ok[:, None] & dim_ok[None, :]
+        k_rows = k_cache + (page * stride_kp + slot_row * stride_kr + kv_head * stride_kh)
+        if ALIGNED:  # every row starts on 16 bytes (checked by the launcher): vector loads
+            k_rows = tl.multiple_of(k_rows, 16)
+        k_tile = tl.load(k_rows[None, :] + dims[:, None], mask=dim_ok[:, None] & key_ok[None, :], other=0.0)
+        scores = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION) * qk_scale
+        visible = key_ok[None, :] & (pos[None, :] >= lower[:, None]) & (pos[None, :] <= upper[:, None])
+        scores = tl.where(visible, scores, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(scores, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet: exp2(-inf) = 0
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(scores - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v_rows = v_cache + (page * stride_vp + slot_row * stride_vr + kv_head * stride_vh)
+        if ALIGNED:
+            v_rows = tl.multiple_of(v_rows, 16)
+        v_tile = tl.load(v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    seen = l_i > 0.0
+    result = acc / tl.where(seen, l_i, 1.0)[:, None]  # rows that saw no key keep acc = 0
+    out_row = (b.to(tl.int64) * seqlen_q + query) * num_heads_q + head  # row of the [B, Sq, Hq] output
+    store_mask = row_ok[:, None] & dim_ok[None, :]
+    if num_splits == 1:
+        tl.store(out + out_row[:, None] * HEAD_DIM + dims[None, :], result.to(out.dtype.element_ty), mask=store_mask)
+    else:
+        part_row = split.to(tl.int64) * batch * seqlen_q * num_heads_q + out_row
+        tl.store(part_out + part_row[:, None] * HEAD_DIM + dims[None, :], result, mask=store_mask)
+        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
+        tl.store(part_lse + part_row, lse, mask=row_ok)
+
+
+@triton.jit
+def _merge_kernel(part_out, part_lse, out, num_rows, num_splits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    dims = tl.arange(0, BLOCK_D)
+    dim_ok = dims < HEAD_DIM
+    lse_max = tl.load(part_lse + row)
+    for s in range(1, num_splits):
+        lse_max = tl.maximum(lse_max, tl.load(part_lse + s * num_rows + row))
+    lse_safe = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    weight_sum = tl.zeros([], dtype=tl.float32)
+    for s in range(num_splits):
+        weight = tl.exp2(tl.load(part_lse + s * num_rows + row) - lse_safe)
+        acc += weight * tl.load(part_out + (s * num_rows + row) * HEAD_DIM + dims, mask=dim_ok, other=0.0)
+        weight_sum += weight
+    result = acc / tl.where(weight_sum > 0.0, weight_sum, 1.0)
+    tl.store(out + row * HEAD_DIM + dims, result.to(out.dtype.element_ty), mask=dim_ok)
+
+
+def _config(num_rows: int, head_dim: int, dtype: torch.dtype, aligned: bool) -> dict:
+    """Tiles that compile without register spills on sm_80 and sm_90 (measured with gpu_check; see the header)."""
+    block_d = triton.next_power_of_2(head_dim)
+    block_m = 32 if num_rows > 16 and aligned and dtype != torch.float32 else 16
+    if dtype == torch.float32 or not aligned:
+        block_n = 16
+    else:
+        block_n = (64 if block_m == 16 else 32) // (2 if block_d > 128 else 1)
+    if dtype == torch.float32:  # fp32 tiles hold twice the bytes; element-wise loads hold a pointer per element
+        num_warps = 8 if block_d > (128 if aligned else 64) else 4
+    else:
+        num_warps = 8 if block_m == 32 and block_d > 128 else 4
+    num_stages = 1 if dtype == torch.float32 and not aligned else 2
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "ALIGNED": aligned} | {
+        "num_warps": num_warps,
+        "num_stages": num_stages,
+    }
+
+
+def _aligned(*caches: torch.Tensor) -> bool:
+    """Whether every K/V row of the caches starts on a 16-byte boundary (then the kernel loads 16-byte vectors)."""
+    return all(
+        cache.data_ptr() % 16 == 0 and all(stride * cache.element_size() % 16 == 0 for stride in cache.stride()[:3])
+        for cache in caches
+    )
+
+
+def num_splits(programs: int, max_context: int, num_sms: int) -> int:
+    """Context splits per (row tile, KV head): enough programs for about two waves over the SMs, each split at least
+    MIN_SPLIT_KEYS keys of the longest possible context (the cache capacity, a shape: no host sync)."""
+    if programs >= num_sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * num_sms, programs), max_context // MIN_SPLIT_KEYS, MAX_SPLITS))
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: a few splits, so that small tests cover the merge
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    seqlens: torch.Tensor,
+    block_table: torch.Tensor,
+    softmax_scale: float,
+    window_left: int,
+    window_right: int,
+    splits: int | None = None,
+) -> torch.Tensor:
+    """Launcher; arguments as qwen_fast.ops.kv_cache's paged_attention op (checked there). `splits` overrides the
+    heuristic (tests). Returns a new [B, Sq, Hq, D] tensor in q's dtype."""
+    batch, seqlen_q, num_heads_q, head_dim = q.shape
+    num_heads_kv = k_cache.shape[2]
+    group = num_heads_q // num_heads_kv
+    out = torch.empty(batch, seqlen_q, num_heads_q, head_dim, dtype=q.dtype, device=q.device)
+    if out.numel() == 0:
+        return out
+    config = _config(seqlen_q * group, head_dim, q.dtype, _aligned(k_cache, v_cache))
+    m_tiles = triton.cdiv(seqlen_q * group, config["BLOCK_M"])
+    max_context = block_table.shape[1] * k_cache.shape[1]
+    if splits is None:
+        splits = num_splits(batch * num_heads_kv * m_tiles, max_context, _num_sms(q.device))
+    if splits > 1:
+        part_out = torch.empty(splits, batch, seqlen_q, num_heads_q, head_dim, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(splits, batch, seqlen_q, num_heads_q, dtype=torch.float32, device=q.device)
+    else:  # unused by the kernel; one element each keeps the pointer types of compile_specs()
+        part_out = part_lse = torch.empty(1, dtype=torch.float32, device=q.device)
+    _attention_kernel[(batch * m_tiles, num_heads_kv, splits)](
+        q,
+        k_cache,
+        v_cache,
+        out,
+        part_out,
+        part_lse,
+        seqlens,
+        block_table,
+        seqlen_q,
+        group,
+        splits,
+        k_cache.shape[1],
+        softmax_scale * LOG2E,
+        window_left,
+        window_right,
+        *q.stride()[:3],
+        *k_cache.stride()[:3],
+        *v_cache.stride()[:3],
+        block_table.stride(0),
+        HEAD_DIM=head_dim,
+        BLOCK_M=config["BLOCK_M"],
+        BLOCK_N=config["BLOCK_N"],
+        BLOCK_D=config["BLOCK_D"],
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        ALIGNED=config["ALIGNED"],
+        num_warps=config["num_warps"],
+        num_stages=config["num_stages"],
+    )
+    if splits > 1:
+        num_rows = batch * seqlen_q * num_heads_q
+        _merge_kernel[(num_rows,)](
+            part_out, part_lse, out, num_rows, splits, HEAD_DIM=head_dim, BLOCK_D=config["BLOCK_D"], num_warps=1
+        )
+    return out
+
+
+def compile_specs() -> list[CompileSpec]:
+    specs = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        pointer = "*" + TRITON_DTYPE[dtype]
+        for head_dim in (64, 128, 256):
+            # (rows, aligned) reaching every distinct config: 16-bit aligned caches use BLOCK_M 16 and 32
+            for num_rows, aligned in ((16, True), (32, True), (16, False)):
+                config = _config(num_rows, head_dim, dtype, aligned)
+                if dtype == torch.float32 and num_rows > 16:
+                    continue  # fp32 always takes BLOCK_M = 16
+                signature = {name: pointer for name in ("q", "k_cache", "v_cache", "out")}
+                signature |= {"part_out": "*fp32", "part_lse": "*fp32", "seqlens": "*i32", "block_table": "*i32"}
+                signature |= {n: "i32" for n in ("seqlen_q", "group", "num_splits", "block_size")}
+                signature |= {"qk_scale": "fp32", "window_left": "i32", "window_right": "i32"}
+                for name in ("qb", "qs", "qh", "kp", "kr", "kh", "vp", "vr", "vh", "bt"):
+                    signature[f"stride_{name}"] = "i64"
+                constexprs = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "ALIGNED")}
+                constexprs |= {"HEAD_DIM": head_dim, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+                signature |= dict.fromkeys(constexprs, "constexpr")
+                label = f"{TRITON_DTYPE[dtype]} D={head_dim} " + " ".join(f"{k}={v}" for k, v in config.items())
+                specs.append(
+                    CompileSpec(
+                        _attention_kernel, signature, constexprs, config["num_warps"], config["num_stages"], label
+                    )
+                )
+            merge_signature = {"part_out": "*fp32", "part_lse": "*fp32", "out": pointer, "num_rows": "i32"}
+            merge_signature |= {"num_splits": "i32", "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr"}
+            merge_constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim)}
+            label = f"{TRITON_DTYPE[dtype]} D={head_dim}"
+            specs.append(CompileSpec(_merge_kernel, merge_signature, merge_constexprs, num_warps=1, label=label))
+    return specs
