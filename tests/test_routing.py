@@ -302,3 +302,116 @@ def test_fused_topk_bad_input(kwargs, error, message):
     args = {"gating_output": torch.randn(3, 8), "topk": 2} | kwargs
     with pytest.raises(error, match=message):
         qwen_fast.fused_topk(**args)
+
+
+# --- every backend against the reference -----------------------------------------------------------------------------
+#
+# What "equal" means. The kernels compute the reference's scores with the same formulas in fp32 (softmax =
+# exp(x - max) * (1 / sum), sigmoid = 1 / (1 + exp(-x)), + bias), but with their own exp and their own summation order,
+# so a score may differ from torch's in the last bit. The selection is on those scores, ties to the lower index, like
+# the reference (not on the logits: different logits with equal scores, e.g. sigmoid saturating to 1.0 or softmax
+# underflowing to 0, are ties). Hence ids are compared EXACTLY wherever distinct selection scores are more than a few
+# ulps apart, which the test logits guarantee: they lie on a grid of 1/64 (exact in fp16 and fp32, coarser after the
+# bf16 rounding), so distinct logits move a score by >= 1.5% (softmax) or >= 1e-5 (sigmoid at |x| < 10), and equal
+# logits give bit-equal scores in every implementation (exact ties, which must follow the lower-index rule). Only
+# fp32 logits a few ulps apart can legitimately flip (test_fp32_near_ties_flip_only_within_ulps says exactly when).
+
+# (backend, device of the tensors)
+TOPK_BACKENDS = [
+    ("cpu", "cpu"),
+    ("torch", "cpu"),
+    pytest.param("triton", "cpu", marks=pytest.mark.interpret),
+    pytest.param("cuda", "cuda", marks=pytest.mark.gpu),
+    pytest.param("triton", "cuda", marks=pytest.mark.gpu),
+]
+DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16), "torch": (torch.float32,)}
+INTERPRET_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # no tl.dot: bf16 is exact under the interpreter
+
+
+def _grid_logits(num_tokens: int, num_experts: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
+    """N(0, 2^2) logits rounded to multiples of 1/64: exact ties happen, near ties (closer than 1/64) do not."""
+    gen = torch.Generator().manual_seed(seed)
+    return ((torch.randn(num_tokens, num_experts, generator=gen) * 128).round() / 64).to(dtype)
+
+
+def _run_backend(backend, device, logits, topk, renormalize, **kwargs):
+    if kwargs.get("e_score_correction_bias") is not None:
+        kwargs["e_score_correction_bias"] = kwargs["e_score_correction_bias"].to(device)
+    with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
+        weights, ids = qwen_fast.fused_topk(logits.to(device), topk, renormalize, **kwargs)
+    assert calls == [("fused_topk", backend)]
+    assert weights.device.type == device and weights.dtype == torch.float32 and ids.dtype == torch.int32
+    return weights.cpu(), ids.cpu()
+
+
+def _check_backend(backend, device, logits, topk, renormalize, **kwargs):
+    """ids bit-equal to the reference's, weights within the fp32 tolerance."""
+    expected_w, expected_ids = fused_topk(logits, topk, renormalize, **kwargs)
+    weights, ids = _run_backend(backend, device, logits, topk, renormalize, **kwargs)
+    assert torch.equal(ids, expected_ids)
+    assert_close(weights, expected_w)
+
+
+def _matrix():
+    """(backend, device, T, E, k, renormalize, dtype). The interpreter runs each program serially (about 7 ms per
+    round of the top-k), so Triton on CPU tensors keeps T * E <= 8192 and k <= 64 (k = E for E <= 61), and takes one
+    dtype per shape in turn."""
+    cases = [
+        (num_tokens, num_experts, topk)
+        for num_tokens in (0, 1, 7, 64, 257)
+        for num_experts in (8, 61, 128, 512)
+        for topk in sorted({1, 2, 8, num_experts})
+        if topk <= num_experts
+    ]
+    for param in TOPK_BACKENDS:
+        backend, device = getattr(param, "values", param)
+        marks = getattr(param, "marks", ())
+        interpreted = backend == "triton" and device == "cpu"
+        dtypes = INTERPRET_DTYPES if interpreted else DTYPES.get(backend, INTERPRET_DTYPES)
+        for index, (num_tokens, num_experts, topk) in enumerate(cases):
+            if interpreted and (num_tokens * num_experts > 8192 or topk > 64):
+                continue
+            for renormalize in (True, False):
+                for dtype in dtypes:
+                    if interpreted and dtype != dtypes[(index + renormalize) % len(dtypes)]:
+                        continue
+                    yield pytest.param(
+                        backend, device, num_tokens, num_experts, topk, renormalize, dtype, marks=marks,
+                        id=f"{backend}-{device}-T{num_tokens}-E{num_experts}-k{topk}-norm{int(renormalize)}-{dtype}",
+                    )  # fmt: skip
+
+
+@pytest.mark.parametrize("backend,device,num_tokens,num_experts,topk,renormalize,dtype", list(_matrix()))
+def test_fused_topk_backends_match_reference(backend, device, num_tokens, num_experts, topk, renormalize, dtype):
+    logits = _grid_logits(num_tokens, num_experts, dtype)
+    _check_backend(backend, device, logits, topk, renormalize)
+
+
+# name: (T, E, k, renormalize, routing kwargs); "bias" draws an e_score_correction_bias on the 1/64 grid.
+GROUPED_CASES = {
+    "deepseek-v3": (64, 256, 8, True, {"scoring_func": "sigmoid", "bias": torch.float32, "num_expert_group": 8,
+                                       "topk_group": 4, "routed_scaling_factor": 2.5}),
+    "deepseek-v3-nonorm-bf16-bias": (7, 256, 8, False, {"scoring_func": "sigmoid", "bias": torch.bfloat16,
+                                                        "num_expert_group": 8, "topk_group": 4,
+                                                        "routed_scaling_factor": 2.5}),
+    "small-groups-of-6": (33, 24, 3, True, {"scoring_func": "sigmoid", "bias": torch.float32, "num_expert_group": 4,
+                                            "topk_group": 2}),
+    "softmax-groups": (9, 60, 5, False, {"num_expert_group": 3, "topk_group": 1}),
+    "groups-of-one": (5, 8, 2, True, {"scoring_func": "sigmoid", "num_expert_group": 8, "topk_group": 3}),
+    "sigmoid-plain": (17, 61, 8, True, {"scoring_func": "sigmoid"}),
+    "k=all-kept": (4, 16, 8, False, {"scoring_func": "sigmoid", "bias": torch.float32, "num_expert_group": 4,
+                                     "topk_group": 2}),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("backend,device", TOPK_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("case", list(GROUPED_CASES))
+def test_fused_topk_grouped_match_reference(backend, device, case, dtype):
+    num_tokens, num_experts, topk, renormalize, kwargs = GROUPED_CASES[case]
+    kwargs = dict(kwargs)
+    bias_dtype = kwargs.pop("bias", None)
+    if bias_dtype is not None:
+        kwargs["e_score_correction_bias"] = (_grid_logits(1, num_experts, torch.float32, seed=1)[0] / 16).to(bias_dtype)
+    logits = _grid_logits(num_tokens, num_experts, dtype)
+    _check_backend(backend, device, logits, topk, renormalize, **kwargs)
