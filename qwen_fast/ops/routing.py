@@ -166,8 +166,13 @@ def fused_topk(
     scores) are eligible; ties go to the lower expert index; weights come from the unbiased scores, renormalized
     to sum 1 in fp32 if `renormalize`, then multiplied by `routed_scaling_factor`. Math: qwen_fast.reference.routing.
 
+    Backends: cuda (a warp per token), triton, cpu (parallel over tokens), torch (the reference). The kernels select
+    on their own fp32 scores with the same tie rule, so ids match the reference exactly except between experts whose
+    scores are within a few fp32 ulps (their exp and summation order are their own). The kernels take E <= 1024
+    (a RuntimeError says so); the torch backend takes any E.
+
     Args:
-        gating_output: [T, E] float32/float16/bfloat16 router logits.
+        gating_output: [T, E] float32/float16/bfloat16 router logits (E <= 1024 for the kernels).
         topk: k, 1 <= k <= E.
         renormalize: divide the k weights by their sum (Qwen3 `norm_topk_prob`; Mixtral always).
         scoring_func: "softmax" or "sigmoid" (DeepSeek-V3).
