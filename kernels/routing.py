@@ -143,8 +143,8 @@ def fused_topk(
     config = _config(num_experts, groups)
     grid = (triton.cdiv(num_tokens, config["BLOCK_T"]),)
     _fused_topk_kernel[grid](
-        gating_output.contiguous(), bias, weights, ids, num_tokens, num_experts, num_experts // groups, groups, topk, kept,
-        routed_scaling_factor, int(scoring_func == "sigmoid"), int(e_score_correction_bias is not None),
+        gating_output.contiguous(), bias, weights, ids, num_tokens, num_experts, num_experts // groups, groups, topk,
+        kept, routed_scaling_factor, int(scoring_func == "sigmoid"), int(e_score_correction_bias is not None),
         int(renormalize), **config,
     )  # fmt: skip
     return weights, ids

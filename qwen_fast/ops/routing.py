@@ -32,12 +32,13 @@ def _fake_fused_topk(
     num_tokens, num_experts = gating_output.shape
     torch._check(1 <= topk <= num_experts, lambda: f"topk must be in [1, E = {num_experts}], got {topk}")
     torch._check(
-        scoring_func in ("softmax", "sigmoid"), lambda: f"scoring_func must be 'softmax' or 'sigmoid', got {scoring_func}"
+        scoring_func in ("softmax", "sigmoid"),
+        lambda: f"scoring_func must be 'softmax' or 'sigmoid', got {scoring_func}",
     )
     if e_score_correction_bias is not None:
         torch._check(
             e_score_correction_bias.shape == (num_experts,),
-            lambda: f"e_score_correction_bias must be [E] = [{num_experts}], got {tuple(e_score_correction_bias.shape)}",
+            lambda: f"e_score_correction_bias must be [E] = [{num_experts}], got {e_score_correction_bias.shape}",
         )
     torch._check(
         (num_expert_group is None) == (topk_group is None), lambda: "num_expert_group and topk_group go together"
