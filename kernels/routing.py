@@ -83,7 +83,7 @@ def _fused_topk_kernel(
         group_score = _candidate_score(top1) + tl.where(top2 == -(2**63), 0.0, _candidate_score(top2))
         groups = tl.arange(0, BLOCK_G)[None, :]
         group_cand = tl.where(groups < num_groups, _candidates(group_score, groups), -(2**63))
-        kept = group_cand == -(2**63) + 1  # all False
+        kept = tl.zeros([BLOCK_T, BLOCK_G], dtype=tl.int1)
         for _ in range(topk_group):
             best = tl.max(group_cand, axis=1)[:, None]
             kept = kept | (group_cand == best)
