@@ -7,7 +7,7 @@
 //   3. k rounds of "take the largest candidate" (a linear scan, O(k * E) per token: E <= 1024 keeps a row in L1);
 //      round j writes id j and the unbiased score of that expert, recomputed by the same function as in step 1
 //   4. renormalize by the fp32 sum of the k scores (ascending j), times routed_scaling_factor
-#include <ATen/Dispatch.h>
+#include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -84,7 +84,7 @@ std::tuple<at::Tensor, at::Tensor> fused_topk_cpu(const at::Tensor& gating_outpu
   const float* bias_ptr = bias.defined() ? bias.const_data_ptr<float>() : nullptr;
   float* weight_ptr = weights.mutable_data_ptr<float>();
   int32_t* id_ptr = ids.mutable_data_ptr<int32_t>();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fused_topk_cpu", [&] {
+  AT_DISPATCH_V2(logits.scalar_type(), "fused_topk_cpu", AT_WRAP([&] {
     const scalar_t* x = logits.const_data_ptr<scalar_t>();
     // About 16 tokens per task at E = 128 (each token costs O(k * E)): a decode step runs serially.
     const int64_t grain = std::max<int64_t>(1, 2048 / p.num_experts);
@@ -95,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor> fused_topk_cpu(const at::Tensor& gating_outpu
                     weight_ptr + t * topk, id_ptr + t * topk);
       }
     });
-  });
+  }), at::kFloat, at::kHalf, at::kBFloat16);
   return {weights, ids};
 }
 

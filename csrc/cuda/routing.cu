@@ -15,7 +15,7 @@
 //      id j and the unbiased score of that expert (recomputed from the logit, bit-identical to step 1).
 //   4. the k scores' warp sum; lane j % 32 rewrites weight j renormalized and scaled.
 // Step 3 needs no synchronisation: a lane reads and writes only the entries it owns. Offsets are int64 (T * E).
-#include <ATen/Dispatch.h>
+#include <ATen/Dispatch_v2.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
@@ -156,7 +156,8 @@ std::tuple<at::Tensor, at::Tensor> fused_topk_cuda(const at::Tensor& gating_outp
   const at::Tensor logits = gating_output.contiguous();
   const at::Tensor bias = fp32_bias(e_score_correction_bias);
   const int64_t row_bytes = static_cast<int64_t>(sizeof(int64_t)) * (p.num_experts + p.num_groups);
-  const int warps = static_cast<int>(std::clamp<int64_t>(routing::kSharedBudget / row_bytes, 1, routing::kWarpsPerBlock));
+  const int warps =
+      static_cast<int>(std::clamp<int64_t>(routing::kSharedBudget / row_bytes, 1, routing::kWarpsPerBlock));
   routing::TopkArgs args{bias.defined() ? bias.const_data_ptr<float>() : nullptr,
                          weights.mutable_data_ptr<float>(),
                          ids.mutable_data_ptr<int32_t>(),
@@ -171,10 +172,10 @@ std::tuple<at::Tensor, at::Tensor> fused_topk_cuda(const at::Tensor& gating_outp
                          p.scale};
   const unsigned blocks = static_cast<unsigned>((p.num_tokens + warps - 1) / warps);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "fused_topk_cuda", [&] {
+  AT_DISPATCH_V2(logits.scalar_type(), "fused_topk_cuda", AT_WRAP([&] {
     routing::fused_topk_kernel<scalar_t><<<blocks, warps * routing::kWarp, warps * row_bytes, stream>>>(
         logits.const_data_ptr<scalar_t>(), args);
-  });
+  }), at::kFloat, at::kHalf, at::kBFloat16);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {weights, ids};
 }
