@@ -1,6 +1,6 @@
 """fused_topk: top-k expert routing from router logits (softmax, or sigmoid + bias + group-limited top-k).
 
-Backends: cuda (csrc/cuda/routing.cu, a warp per token), triton (kernels/routing.py, a program per token), cpu
+Backends: cuda (csrc/cuda/routing.cu, a warp per token), triton (kernels/routing.py, a program per block of tokens), cpu
 (csrc/cpu/routing.cpp, parallel over tokens), torch (the reference). The kernels take E <= 1024 experts.
 """
 
