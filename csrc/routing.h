@@ -32,8 +32,11 @@ QF_HOST_DEVICE float mul_rn(float a, float b) {
 #endif
 }
 
+// exp(x - max): a term of the softmax sum, and the score once multiplied by 1 / sum.
+QF_HOST_DEVICE float softmax_term(float logit, float max_logit) { return expf(logit - max_logit); }
+
 QF_HOST_DEVICE float softmax_score(float logit, float max_logit, float inv_sum) {
-  return mul_rn(expf(logit - max_logit), inv_sum);
+  return mul_rn(softmax_term(logit, max_logit), inv_sum);
 }
 
 QF_HOST_DEVICE float sigmoid_score(float logit) { return 1.0f / (1.0f + expf(-logit)); }

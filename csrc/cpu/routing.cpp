@@ -1,11 +1,11 @@
 // CPU fused_topk: one token at a time, parallel over tokens (shared logic and tie rule: ../routing.h).
-//   1. scores in fp32: softmax (max, then the sum of exp(x - max) in ascending expert order) or sigmoid; selection
-//      candidates c[e] = candidate(score + bias, e) in a per-thread scratch row of E int64
+//   1. scores in fp32 into a per-thread row of E floats: softmax (max; exp(x - max) summed in ascending expert
+//      order; times 1 / sum) or sigmoid; selection candidates c[e] = candidate(score + bias, e) in a row of E int64
 //   2. groups (num_expert_group G > 1): group score = top-2 sum of each group's E / G candidates; topk_group rounds
 //      of "take the largest group"; the experts of the other groups get the candidate of -inf (the reference's
 //      masked_fill)
 //   3. k rounds of "take the largest candidate" (a linear scan, O(k * E) per token: E <= 1024 keeps a row in L1);
-//      round j writes id j and the unbiased score of that expert, recomputed by the same function as in step 1
+//      round j writes id j and the unbiased score of that expert
 //   4. renormalize by the fp32 sum of the k scores (ascending j), times routed_scaling_factor
 #include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
@@ -23,23 +23,23 @@ namespace qwen_fast {
 namespace {
 
 template <typename scalar_t>
-void route_token(const scalar_t* x, const float* bias, const RoutingParams& p, int64_t* candidates,
+void route_token(const scalar_t* x, const float* bias, const RoutingParams& p, float* scores, int64_t* candidates,
                  int64_t* group_candidates, float* weights, int32_t* ids) {
   const int64_t num_experts = p.num_experts;
-  float max_logit = -std::numeric_limits<float>::infinity(), inv_sum = 1.0f;
-  if (!p.sigmoid) {
+  if (p.sigmoid) {
+    for (int64_t e = 0; e < num_experts; ++e) scores[e] = sigmoid_score(static_cast<float>(x[e]));
+  } else {
+    float max_logit = -std::numeric_limits<float>::infinity(), sum = 0.0f;
     for (int64_t e = 0; e < num_experts; ++e) max_logit = fmaxf(max_logit, static_cast<float>(x[e]));
-    float sum = 0.0f;
-    for (int64_t e = 0; e < num_experts; ++e) sum += expf(static_cast<float>(x[e]) - max_logit);
-    inv_sum = 1.0f / sum;
+    for (int64_t e = 0; e < num_experts; ++e) {
+      scores[e] = softmax_term(static_cast<float>(x[e]), max_logit);
+      sum += scores[e];
+    }
+    const float inv_sum = 1.0f / sum;
+    for (int64_t e = 0; e < num_experts; ++e) scores[e] = mul_rn(scores[e], inv_sum);  // == softmax_score
   }
-  auto score = [&](int64_t e) {
-    const float logit = static_cast<float>(x[e]);
-    return p.sigmoid ? sigmoid_score(logit) : softmax_score(logit, max_logit, inv_sum);
-  };
   for (int64_t e = 0; e < num_experts; ++e) {
-    const float s = score(e);
-    candidates[e] = make_candidate(bias != nullptr ? s + bias[e] : s, e);
+    candidates[e] = make_candidate(bias != nullptr ? scores[e] + bias[e] : scores[e], e);
   }
 
   if (p.num_groups > 1) {
@@ -62,7 +62,7 @@ void route_token(const scalar_t* x, const float* bias, const RoutingParams& p, i
     const int64_t best = argmax_candidate(candidates, num_experts);
     candidates[best] = kNoCandidate;
     ids[j] = static_cast<int32_t>(best);
-    weights[j] = score(best);
+    weights[j] = scores[best];
     sum += weights[j];
   }
   for (int64_t j = 0; j < p.topk; ++j) weights[j] = final_weight(weights[j], p.renormalize, sum, p.scale);
@@ -89,9 +89,10 @@ std::tuple<at::Tensor, at::Tensor> fused_topk_cpu(const at::Tensor& gating_outpu
     // About 16 tokens per task at E = 128 (each token costs O(k * E)): a decode step runs serially.
     const int64_t grain = std::max<int64_t>(1, 2048 / p.num_experts);
     at::parallel_for(0, p.num_tokens, grain, [&](int64_t begin, int64_t end) {
+      std::vector<float> scores(p.num_experts);
       std::vector<int64_t> scratch(p.num_experts + p.num_groups);
       for (int64_t t = begin; t < end; ++t) {
-        route_token(x + t * p.num_experts, bias_ptr, p, scratch.data(), scratch.data() + p.num_experts,
+        route_token(x + t * p.num_experts, bias_ptr, p, scores.data(), scratch.data(), scratch.data() + p.num_experts,
                     weight_ptr + t * topk, id_ptr + t * topk);
       }
     });

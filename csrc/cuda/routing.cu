@@ -89,7 +89,7 @@ __global__ void fused_topk_kernel(const scalar_t* __restrict__ logits, TopkArgs 
     for (int e = lane; e < num_experts; e += kWarp) max_logit = fmaxf(max_logit, static_cast<float>(x[e]));
     max_logit = warp_max(max_logit);
     float sum = 0.0f;
-    for (int e = lane; e < num_experts; e += kWarp) sum += expf(static_cast<float>(x[e]) - max_logit);
+    for (int e = lane; e < num_experts; e += kWarp) sum += softmax_term(static_cast<float>(x[e]), max_logit);
     inv_sum = 1.0f / warp_sum(sum);
   }
   auto score = [&](int e) {
