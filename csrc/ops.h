@@ -3,6 +3,8 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
 
 #include <optional>
 #include <tuple>
@@ -15,6 +17,19 @@ void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::T
                            at::Tensor& value_cache, const at::Tensor& slot_mapping);
 void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
                             at::Tensor& value_cache, const at::Tensor& slot_mapping);
+
+// Top-k routing of gating_output [T, E] (fp32/fp16/bf16; math: qwen_fast/reference/routing.py) ->
+// (topk_weights fp32 [T, k], topk_ids int32 [T, k]).
+std::tuple<at::Tensor, at::Tensor> fused_topk_cpu(const at::Tensor& gating_output, int64_t topk, bool renormalize,
+                                                  c10::string_view scoring_func,
+                                                  const c10::optional<at::Tensor>& e_score_correction_bias,
+                                                  c10::optional<int64_t> num_expert_group,
+                                                  c10::optional<int64_t> topk_group, double routed_scaling_factor);
+std::tuple<at::Tensor, at::Tensor> fused_topk_cuda(const at::Tensor& gating_output, int64_t topk, bool renormalize,
+                                                   c10::string_view scoring_func,
+                                                   const c10::optional<at::Tensor>& e_score_correction_bias,
+                                                   c10::optional<int64_t> num_expert_group,
+                                                   c10::optional<int64_t> topk_group, double routed_scaling_factor);
 
 // Sorts the flat ids of topk_ids [T, k] (int32/int64) by expert, runs padded to block_size (layout:
 // qwen_fast/reference/moe_align.py) -> (sorted_token_ids, expert_ids, num_tokens_post_padded), all int32.

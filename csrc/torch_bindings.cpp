@@ -7,6 +7,10 @@ TORCH_LIBRARY(qwen_fast, m) {
   m.def(
       "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
       "Tensor slot_mapping) -> ()");
+  m.def(
+      "fused_topk(Tensor gating_output, int topk, bool renormalize, str scoring_func, "
+      "Tensor? e_score_correction_bias, int? num_expert_group, int? topk_group, float routed_scaling_factor) "
+      "-> (Tensor, Tensor)");
   m.def("moe_align_block_size(Tensor topk_ids, int block_size, int num_experts) -> (Tensor, Tensor, Tensor)");
   m.def(
       "rotary_embedding(Tensor positions, Tensor query, Tensor key, Tensor cos_sin_cache, bool is_neox) -> "

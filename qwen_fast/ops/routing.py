@@ -1,15 +1,105 @@
-"""fused_topk: top-k expert routing from router logits (softmax, or sigmoid + bias + group-limited top-k)."""
+"""fused_topk: top-k expert routing from router logits (softmax, or sigmoid + bias + group-limited top-k).
+
+Backends: cuda (csrc/cuda/routing.cu, a warp per token), triton (kernels/routing.py, a program per block of tokens), cpu
+(csrc/cpu/routing.cpp, parallel over tokens), torch (the reference). The kernels take E <= 1024 experts.
+"""
 
 import math
 
 import torch
 
+from qwen_fast import _native
 from qwen_fast.reference import routing as reference
 
 from ._checks import FLOAT_DTYPES, check_int, check_shape, check_tensor
 from ._dispatch import NATIVE_FIRST, Op
 
-FUSED_TOPK = Op("fused_topk", {"torch": reference.fused_topk}, NATIVE_FIRST)
+
+def _fake_fused_topk(
+    gating_output: torch.Tensor,
+    topk: int,
+    renormalize: bool,
+    scoring_func: str,
+    e_score_correction_bias: torch.Tensor | None,
+    num_expert_group: int | None,
+    topk_group: int | None,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    torch._check(gating_output.dim() == 2, lambda: f"gating_output must be [T, E], got {tuple(gating_output.shape)}")
+    torch._check(
+        gating_output.dtype in FLOAT_DTYPES, lambda: f"gating_output must be a float dtype, got {gating_output.dtype}"
+    )
+    num_tokens, num_experts = gating_output.shape
+    torch._check(1 <= topk <= num_experts, lambda: f"topk must be in [1, E = {num_experts}], got {topk}")
+    torch._check(
+        scoring_func in ("softmax", "sigmoid"),
+        lambda: f"scoring_func must be 'softmax' or 'sigmoid', got {scoring_func}",
+    )
+    if e_score_correction_bias is not None:
+        torch._check(
+            e_score_correction_bias.shape == (num_experts,),
+            lambda: f"e_score_correction_bias must be [E] = [{num_experts}], got {e_score_correction_bias.shape}",
+        )
+    torch._check(
+        (num_expert_group is None) == (topk_group is None), lambda: "num_expert_group and topk_group go together"
+    )
+    new = gating_output.new_empty
+    return new((num_tokens, topk), dtype=torch.float32), new((num_tokens, topk), dtype=torch.int32)
+
+
+if _native.LOAD_ERROR is None:
+    torch.library.register_fake("qwen_fast::fused_topk")(_fake_fused_topk)
+
+
+@torch.library.custom_op("qwen_fast_triton::fused_topk", mutates_args=())
+def _fused_topk_triton(
+    gating_output: torch.Tensor,
+    topk: int,
+    renormalize: bool,
+    scoring_func: str,
+    e_score_correction_bias: torch.Tensor | None,
+    num_expert_group: int | None,
+    topk_group: int | None,
+    routed_scaling_factor: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from qwen_fast.kernels.routing import fused_topk as launch
+
+    return launch(
+        gating_output, topk, renormalize, scoring_func, e_score_correction_bias, num_expert_group, topk_group,
+        routed_scaling_factor,
+    )  # fmt: skip
+
+
+_fused_topk_triton.register_fake(_fake_fused_topk)
+
+
+def _positional(impl):
+    """The backends take fused_topk's keyword-only arguments positionally, as the op schema does."""
+
+    def run(gating_output, topk, renormalize=True, *, scoring_func="softmax", e_score_correction_bias=None,
+            num_expert_group=None, topk_group=None, routed_scaling_factor=1.0):  # fmt: skip
+        return impl(
+            gating_output, topk, renormalize, scoring_func, e_score_correction_bias, num_expert_group, topk_group,
+            float(routed_scaling_factor),
+        )  # fmt: skip
+
+    return run
+
+
+def _fused_topk_native(*args):
+    return torch.ops.qwen_fast.fused_topk(*args)
+
+
+FUSED_TOPK = Op(
+    "fused_topk",
+    {
+        "cuda": _positional(_fused_topk_native),
+        "triton": _positional(_fused_topk_triton),
+        "cpu": _positional(_fused_topk_native),
+        "torch": reference.fused_topk,
+    },
+    NATIVE_FIRST,
+)
 
 
 def check_routing_args(
@@ -77,8 +167,13 @@ def fused_topk(
     scores) are eligible; ties go to the lower expert index; weights come from the unbiased scores, renormalized
     to sum 1 in fp32 if `renormalize`, then multiplied by `routed_scaling_factor`. Math: qwen_fast.reference.routing.
 
+    Backends: cuda (a warp per token), triton, cpu (parallel over tokens), torch (the reference). The kernels select
+    on their own fp32 scores with the same tie rule, so ids match the reference exactly except between experts whose
+    scores are within a few fp32 ulps (their exp and summation order are their own). The kernels take E <= 1024
+    (a RuntimeError says so); the torch backend takes any E.
+
     Args:
-        gating_output: [T, E] float32/float16/bfloat16 router logits.
+        gating_output: [T, E] float32/float16/bfloat16 router logits (E <= 1024 for the kernels).
         topk: k, 1 <= k <= E.
         renormalize: divide the k weights by their sum (Qwen3 `norm_topk_prob`; Mixtral always).
         scoring_func: "softmax" or "sigmoid" (DeepSeek-V3).
