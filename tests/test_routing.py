@@ -566,11 +566,19 @@ def test_fused_topk_native_op_rejects_bad_input(args, message):
 
 
 def test_fused_topk_expert_limit_is_named():
-    """The public function checks the arguments; the kernels' limit on E comes from the kernel auto picks."""
-    with pytest.raises(RuntimeError, match="the kernels take 1 to 1024 experts .* got E = 1025"):
+    """Past the kernels' 1024 experts, auto takes the reference; a forced kernel backend names the limit."""
+    with (
+        qwen_fast.use_backend("cpu"),
+        pytest.raises(RuntimeError, match="the kernels take 1 to 1024 experts .* got E = 1025"),
+    ):
         qwen_fast.fused_topk(torch.randn(2, 1025), 2)
-    with qwen_fast.use_backend("torch"):
+    with qwen_fast.record_backends() as calls:
         assert qwen_fast.fused_topk(torch.randn(2, 1025), 2)[1].shape == (2, 2)
+        assert qwen_fast.fused_moe(
+            torch.randn(2, 8), torch.randn(1025, 8, 8), torch.randn(1025, 8, 4), torch.randn(2, 1025), 2
+        ).shape == (2, 8)
+        assert qwen_fast.fused_topk(torch.randn(2, 1024), 2)[1].shape == (2, 2)
+    assert calls == [("fused_topk", "torch"), ("fused_moe", "cpu"), ("fused_topk", "torch"), ("fused_topk", "cpu")]
 
 
 def test_fused_topk_auto_picks_the_cpu_kernel():

@@ -12,7 +12,7 @@ from qwen_fast import _native
 from qwen_fast.reference import routing as reference
 
 from ._checks import FLOAT_DTYPES, check_int, check_shape, check_tensor
-from ._dispatch import NATIVE_FIRST, Op
+from ._dispatch import NATIVE_FIRST, Op, forced_backend, use_backend
 
 
 def _fake_fused_topk(
@@ -88,6 +88,16 @@ def _positional(impl):
 
 def _fused_topk_native(*args):
     return torch.ops.qwen_fast.fused_topk(*args)
+
+
+# The cuda, triton and cpu kernels take E <= KERNEL_MAX_EXPERTS (kernels/routing.py, csrc/routing_checks.h).
+KERNEL_MAX_EXPERTS = 1024
+
+
+def auto_routing_backend(num_experts: int) -> str:
+    """The backend `auto` means for fused_topk over `num_experts`: "auto" (the kernels) up to KERNEL_MAX_EXPERTS,
+    "torch" (the only backend that takes more) beyond."""
+    return "auto" if num_experts <= KERNEL_MAX_EXPERTS else "torch"
 
 
 FUSED_TOPK = Op(
@@ -169,8 +179,8 @@ def fused_topk(
 
     Backends: cuda (a warp per token), triton, cpu (parallel over tokens), torch (the reference). The kernels select
     on their own fp32 scores with the same tie rule, so ids match the reference exactly except between experts whose
-    scores are within a few fp32 ulps (their exp and summation order are their own). The kernels take E <= 1024
-    (a RuntimeError says so); the torch backend takes any E.
+    scores are within a few fp32 ulps (their exp and summation order are their own). The kernels take E <= 1024;
+    `auto` routes more experts to the torch backend, and forcing a kernel backend past the limit is a RuntimeError.
 
     Args:
         gating_output: [T, E] float32/float16/bfloat16 router logits (E <= 1024 for the kernels).
@@ -199,14 +209,15 @@ def fused_topk(
         topk_group,
         routed_scaling_factor,
     )
-    return FUSED_TOPK(
-        gating_output.device,
-        gating_output,
-        topk,
-        renormalize,
-        scoring_func=scoring_func,
-        e_score_correction_bias=e_score_correction_bias,
-        num_expert_group=num_expert_group,
-        topk_group=topk_group,
-        routed_scaling_factor=routed_scaling_factor,
-    )
+    with use_backend(forced_backend() or auto_routing_backend(gating_output.shape[1])):
+        return FUSED_TOPK(
+            gating_output.device,
+            gating_output,
+            topk,
+            renormalize,
+            scoring_func=scoring_func,
+            e_score_correction_bias=e_score_correction_bias,
+            num_expert_group=num_expert_group,
+            topk_group=topk_group,
+            routed_scaling_factor=routed_scaling_factor,
+        )
