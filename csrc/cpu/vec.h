@@ -1,0 +1,133 @@
+// Portable fp32 SIMD for the CPU kernels: an 8-lane float vector (GCC/Clang vector extension, one AVX2 register),
+// conversions from the model dtypes, rounding to them, and exp/silu.
+//
+// Why not at::vec::Vectorized: the extension is built without -mavx2, so ATen's headers give it the generic
+// (scalar-loop) Vectorized. Instead the hot functions of a kernel are compiled twice with QF_CPU_CLONES
+// (GCC target_clones: x86-64-v3 = AVX2 + FMA + F16C, and the baseline), the loader picks one per machine, and every
+// helper here is always_inline so that it takes the instruction set of the clone it lands in. Results can differ
+// in the last bit between the two clones (FMA contraction), never between runs or thread counts on one machine.
+#pragma once
+
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define QF_CPU_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define QF_CPU_CLONES
+#endif
+#define QF_VEC_INLINE inline __attribute__((always_inline))
+
+// Vectors are passed between always_inline functions only: the ABI note about 32-byte vectors does not apply.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
+namespace qwen_fast {
+namespace vec {
+
+constexpr int64_t kLanes = 8;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t IVec __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+QF_VEC_INLINE Vec load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// The first n < kLanes floats of p, zeros after.
+QF_VEC_INLINE Vec load_partial(const float* p, int64_t n) {
+  Vec v = {};
+  std::memcpy(&v, p, n * sizeof(float));
+  return v;
+}
+
+QF_VEC_INLINE void store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
+
+QF_VEC_INLINE Vec splat(float x) { return Vec{} + x; }
+
+// Pairwise sum of the lanes, in a fixed order.
+QF_VEC_INLINE float hsum(Vec v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
+
+// float(x) for n elements of a float, bfloat16 or half array.
+template <typename T>
+QF_VEC_INLINE void to_float(const T* src, float* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, src, n * sizeof(float));
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    for (int64_t i = 0; i < n; ++i) {  // the upper half of the float's bits: vectorizes to a widen and a shift
+      const uint32_t bits = static_cast<uint32_t>(src[i].x) << 16;
+      std::memcpy(dst + i, &bits, sizeof(bits));
+    }
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+
+// float(T(x)) per lane: round to nearest even into T's precision (a no-op for float).
+template <typename T>
+QF_VEC_INLINE Vec round_to(Vec v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    IVec bits;
+    std::memcpy(&bits, &v, sizeof(v));
+    const IVec lsb = (bits >> 16) & 1;  // arithmetic shift: the & keeps bit 16 only
+    IVec rounded = (bits + 0x7fff + lsb) & static_cast<int32_t>(0xffff0000u);
+    rounded = v != v ? bits : rounded;  // NaN stays NaN (c10::BFloat16 does the same)
+    Vec out;
+    std::memcpy(&out, &rounded, sizeof(out));
+    return out;
+  } else {
+    Vec out;
+    for (int64_t l = 0; l < kLanes; ++l) out[l] = static_cast<float>(static_cast<T>(v[l]));
+    return out;
+  }
+}
+
+// dst[0 .. n) = T(v[0 .. n)), n <= kLanes.
+template <typename T>
+QF_VEC_INLINE void store_as(T* dst, Vec v, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::memcpy(dst, &v, n * sizeof(float));
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    const Vec r = round_to<T>(v);  // exact in bfloat16: keep the upper half of the bits
+    IVec bits;
+    std::memcpy(&bits, &r, sizeof(r));
+    for (int64_t l = 0; l < n; ++l) dst[l].x = static_cast<uint16_t>(static_cast<uint32_t>(bits[l]) >> 16);
+  } else {
+    for (int64_t l = 0; l < n; ++l) dst[l] = static_cast<T>(v[l]);
+  }
+}
+
+// exp(x) to about 1 ulp for x in [-87, 88] (clamped outside): x = n ln2 + r with |r| <= ln2 / 2 (ln2 in two parts,
+// Cody-Waite), exp(r) by its degree-7 Taylor polynomial (truncation < 1e-8 relative), times 2^n built in the
+// exponent bits.
+QF_VEC_INLINE Vec exp(Vec x) {
+  x = x < -87.0f ? splat(-87.0f) : x;
+  x = x > 88.0f ? splat(88.0f) : x;
+  const float kShift = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const Vec n = (x * 1.44269504f + kShift) - kShift;
+  const Vec r = (x - n * 0.693145752f) - n * 1.42860677e-6f;
+  Vec p = splat(1.0f / 5040);
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const IVec exponent = (__builtin_convertvector(n, IVec) + 127) << 23;
+  Vec scale;
+  std::memcpy(&scale, &exponent, sizeof(scale));
+  return p * scale;
+}
+
+// silu(x) = x / (1 + exp(-x)).
+QF_VEC_INLINE Vec silu(Vec x) { return x / (1.0f + exp(-x)); }
+
+}  // namespace vec
+}  // namespace qwen_fast
