@@ -1,25 +1,30 @@
-// CPU fused_experts: SwiGLU experts over the (token, choice) pairs grouped by expert, with register-tiled fp32 dot
-// products (vec.h) instead of ATen GEMMs, and the weighted fp32 combine over the k choices in j order.
+// CPU fused_experts: SwiGLU experts over the (token, choice) pairs grouped by expert, computed with fp32 register
+// tiles (moe_tiles.h, vec.h) instead of per-expert ATen GEMMs, and the weighted fp32 combine over the k choices in
+// j order. Why: at decode sizes (T <= 16: about 2 rows per expert) an ATen GEMM call per expert costs more than its
+// arithmetic, and ATen's bf16 GEMM was slower than fp32; here every weight element is read once per call as fp32
+// (converted on load) and the work of all experts is split over the threads in one pass per step.
 //
 // 1. Counting sort of the flat pairs i = t * k + j by expert (stable: ascending i within an expert), serial, O(T*k).
-//    hidden_states as fp32 rows x32 [T, H] (read in place when already fp32 with unit column stride).
-// 2. Gate/up + SwiGLU. Work item = (active expert e, block of kGateBlock intermediate columns n). The item loads
-//    its gate rows w13[e, n] and up rows w13[e, I + n] once as fp32 (converted from bf16/fp16 into a per-thread
-//    panel, or read in place when fp32 with unit column stride), then for each tile of kRowTile routed rows computes
-//    gate and up together (dot_tile: kRowTile x 2 accumulators of 8 lanes over H) and applies SwiGLU to the tile
+//    hidden_states as fp32 rows [T, H] (read in place when already fp32 with unit column stride).
+// 2. Gate/up + SwiGLU. Work item = (active expert e, block of kGateBlock intermediate columns n). For each tile of
+//    the expert's routed rows the item computes gate (w13[e, n]) and up (w13[e, I + n]) together and applies SwiGLU
 //    with the reference's roundings: gate and up rounded to the dtype (as a GEMM in that dtype rounds its output),
-//    silu in fp32 rounded to the dtype, the product in fp32 rounded to the dtype. act [P, I] (fp32 values exact in
-//    the dtype) is written in expert-sorted pair order.
-// 3. Down projection. Work item = (active expert e, block of kDownBlock hidden columns h): w2[e, h] loaded once as
-//    fp32, dot products with the expert's act rows (kRowTile x kDownTile accumulators over I), rounded to the dtype,
-//    written to y [P, H] (fp32) at the pairs' flat indices. Every element of act and y is written by one item.
+//    silu in fp32 rounded to the dtype, the product in fp32 rounded to the dtype. act [P, I] (fp32 holding values
+//    exact in the dtype) is written in expert-sorted pair order.
+// 3. Down projection. Work item = (active expert e, block of kDownBlock hidden columns h): w2[e, h] times the
+//    expert's act rows, rounded to the dtype, written to y [P, H] (fp32) at the pairs' flat indices.
 // 4. Combine, parallel over tokens: out[t] = sum_{j=0..k-1} float(w[t, j]) * y[t*k + j] in fp32, j ascending, then
 //    one rounding to the dtype.
+// Tile form per expert: fewer than kOuterMinRows rows -> dot tiles (weight rows read in place when fp32, else
+// converted per item; 4 rows x 2 columns of 8-lane accumulators); more -> the item packs its weight block
+// transposed into [len, 16] panels once and runs 6 x 16 outer-product tiles over all the rows (the packing pass is
+// repaid from about 32 rows on; measured on the bench shapes).
 //
-// Steps 2 and 3 split their items over the threads in contiguous ranges of about equal cost (rows + a per-item
-// weight cost), so two threads share the work even when one or two experts are active. Each output element is
-// computed by one item in a fixed order: the result has the same bits run to run and for every thread count.
-// The tiles keep at most 8 fp32 vectors of accumulators + kRowTile row vectors live: 16 AVX2 registers.
+// Threads: steps 2 and 3 split their items over the threads in contiguous ranges of about equal cost (rows + a
+// per-item weight cost), so two threads share the work even when one or two experts are active. Determinism: each
+// element of act, y and out is computed by exactly one item or token, in an order fixed by the shapes alone, so the
+// result has the same bits run to run and for every thread count (tested). Between machines it can differ in the
+// last bit: QF_CPU_CLONES picks the AVX2 + FMA code or the baseline code per machine.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
@@ -29,16 +34,18 @@
 #include <vector>
 
 #include "../ops.h"
+#include "moe_tiles.h"
 #include "vec.h"
 
 namespace qwen_fast {
 namespace {
 
-constexpr int64_t kRowTile = 4;     // routed rows per tile (the M of the dot tiles)
-constexpr int64_t kGateBlock = 16;  // intermediate columns per gate/up item: its fp32 panel is 2 * 16 * H floats
-constexpr int64_t kDownBlock = 32;  // hidden columns per down item: its fp32 panel is 32 * I floats
-constexpr int64_t kDownTile = 2;    // hidden columns per down dot tile (the N)
-constexpr int64_t kItemCost = 2;    // weight streaming of an item, in units of one routed row's FMAs
+constexpr int64_t kGateBlock = 16;    // intermediate columns per gate/up item: its fp32 panel is 2 * 16 * H floats
+constexpr int64_t kDownBlock = 32;    // hidden columns per down item: its fp32 panel is 32 * I floats
+constexpr int64_t kDownTile = 2;      // hidden columns per down dot tile (the N)
+constexpr int64_t kOuterMinRows = 32;  // an expert with this many rows packs its weights for outer_tile
+constexpr int64_t kItemCost = 2;      // weight streaming of an item, in units of one routed row's FMAs
+static_assert(kGateBlock % vec::kLanes == 0 && kDownBlock % tiles::kPanelCols == 0, "whole panels per block");
 
 void check_fused_experts(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
                          const at::Tensor& topk_weights, const at::Tensor& topk_ids) {
@@ -64,86 +71,14 @@ void check_fused_experts(const at::Tensor& hidden, const at::Tensor& w13, const 
               topk_weights.scalar_type(), " ", topk_weights.sizes());
 }
 
-// One expert's weight matrix [rows, cols] in the weights' dtype, through its strides (in elements).
-template <typename T>
-struct Matrix {
-  const T* data;
-  int64_t row_stride, col_stride;
-};
-
-// Rows r0 .. r0 + n of m as fp32 rows of `cols` floats, *ld apart: read in place when m is fp32 with unit column
-// stride, else converted into scratch [n, cols].
-template <typename T>
-QF_VEC_INLINE const float* float_rows(const Matrix<T>& m, int64_t r0, int64_t n, int64_t cols, float* scratch,
-                                      int64_t* ld) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (m.col_stride == 1) {
-      *ld = m.row_stride;
-      return m.data + r0 * m.row_stride;
-    }
-  }
-  for (int64_t r = 0; r < n; ++r) {
-    const T* row = m.data + (r0 + r) * m.row_stride;
-    if (m.col_stride == 1) {
-      vec::to_float(row, scratch + r * cols, cols);
-    } else {
-      for (int64_t c = 0; c < cols; ++c) scratch[r * cols + c] = static_cast<float>(row[c * m.col_stride]);
-    }
-  }
-  *ld = cols;
-  return scratch;
-}
-
-// c[i * ldc + j * ldn] = sum_k a[i][k] * b[j][k] for i < MR, j < NR: MR x NR accumulators of 8 lanes, each a and b
-// vector loaded once per step, the last partial vector zero-padded, lanes summed pairwise at the end.
-template <int MR, int NR>
-QF_VEC_INLINE void dot_tile(const float* const* a, const float* const* b, int64_t len, float* c, int64_t ldc,
-                            int64_t ldn) {
-  vec::Vec acc[MR][NR] = {};
-  int64_t k = 0;
-  for (; k + vec::kLanes <= len; k += vec::kLanes) {
-    vec::Vec av[MR];
-#pragma GCC unroll 8
-    for (int i = 0; i < MR; ++i) av[i] = vec::load(a[i] + k);
-#pragma GCC unroll 8
-    for (int j = 0; j < NR; ++j) {
-      const vec::Vec bv = vec::load(b[j] + k);
-#pragma GCC unroll 8
-      for (int i = 0; i < MR; ++i) acc[i][j] += av[i] * bv;
-    }
-  }
-  if (k < len) {
-    for (int j = 0; j < NR; ++j) {
-      const vec::Vec bv = vec::load_partial(b[j] + k, len - k);
-      for (int i = 0; i < MR; ++i) acc[i][j] += vec::load_partial(a[i] + k, len - k) * bv;
-    }
-  }
-  for (int i = 0; i < MR; ++i) {
-    for (int j = 0; j < NR; ++j) c[i * ldc + j * ldn] = vec::hsum(acc[i][j]);
-  }
-}
-
-// dot_tile for a runtime row count 1 <= m <= kRowTile.
-template <int NR>
-QF_VEC_INLINE void dot_rows(int64_t m, const float* const* a, const float* const* b, int64_t len, float* c,
-                            int64_t ldc, int64_t ldn) {
-  static_assert(kRowTile == 4, "one case per row count");
-  switch (m) {
-    case 4: return dot_tile<4, NR>(a, b, len, c, ldc, ldn);
-    case 3: return dot_tile<3, NR>(a, b, len, c, ldc, ldn);
-    case 2: return dot_tile<2, NR>(a, b, len, c, ldc, ldn);
-    default: return dot_tile<1, NR>(a, b, len, c, ldc, ldn);
-  }
-}
-
 enum class Stage { kGateUp, kDown, kCombine };
 
 // Everything one call's stages read and write. Pairs are numbered by their sorted position s (grouped by expert,
 // expert e owning s in [start[e], start[e + 1])); pair[s] is the flat index t * k + j, token[s] = t.
 template <typename T>
 struct Work {
-  const Matrix<T>* w13;  // [E] matrices [2I, H]
-  const Matrix<T>* w2;   // [E] matrices [H, I]
+  const tiles::Matrix<T>* w13;  // [E] matrices [2I, H]
+  const tiles::Matrix<T>* w2;   // [E] matrices [H, I]
   int64_t hidden, inter, topk;
   const float* x;  // [T, H] fp32 token rows, ldx apart
   int64_t ldx;
@@ -157,62 +92,121 @@ struct Work {
   T* out;                 // [T, H]
 };
 
-// Step 2 for expert e, intermediate columns n0 .. n0 + nb. scratch: 2 * kGateBlock * H + 2 * kRowTile * kGateBlock.
+// act = T(T(silu(T(gate))) * T(up)): the reference's roundings (each GEMM output, silu, the product).
+template <typename T>
+QF_VEC_INLINE vec::Vec swiglu(vec::Vec gate, vec::Vec up) {
+  gate = vec::round_to<T>(gate);
+  return vec::round_to<T>(vec::round_to<T>(vec::silu(gate)) * vec::round_to<T>(up));
+}
+
+// Step 2 for expert e, intermediate columns n0 .. n0 + nb (nb <= kGateBlock). scratch: see kGateScratch.
 template <typename T>
 QF_VEC_INLINE void gate_up_item(const Work<T>& w, int64_t e, int64_t n0, int64_t nb, float* scratch) {
-  const int64_t hidden = w.hidden, inter = w.inter;
-  float* gate_buf = scratch + 2 * kGateBlock * hidden;  // [kRowTile, kGateBlock] gate values, then up values
-  float* up_buf = gate_buf + kRowTile * kGateBlock;
+  const int64_t hidden = w.hidden, inter = w.inter, begin = w.start[e], end = w.start[e + 1];
+  float* tile = scratch + 2 * kGateBlock * hidden;
+  if (end - begin >= kOuterMinRows) {
+    // Panels of 8 columns: gate rows n, then up rows I + n (padding rows -1), [H, 16] each; a tile's gate and up
+    // come out as the two vectors of one row, ready for SwiGLU.
+    const int64_t groups = (nb + vec::kLanes - 1) / vec::kLanes;
+    for (int64_t g = 0; g < groups; ++g) {
+      int64_t rows[tiles::kPanelCols];
+      for (int64_t c = 0; c < vec::kLanes; ++c) {
+        const int64_t n = g * vec::kLanes + c;
+        rows[c] = n < nb ? n0 + n : -1;
+        rows[vec::kLanes + c] = n < nb ? inter + n0 + n : -1;
+      }
+      tiles::pack_panel(w.w13[e], rows, hidden, scratch + g * hidden * tiles::kPanelCols);
+    }
+    for (int64_t s0 = begin; s0 < end; s0 += tiles::kOuterRows) {
+      const int64_t m = std::min(tiles::kOuterRows, end - s0);
+      const float* x[tiles::kOuterRows];
+      for (int64_t i = 0; i < m; ++i) x[i] = w.x + w.token[s0 + i] * w.ldx;
+      for (int64_t g = 0; g < groups; ++g) {
+        tiles::outer_rows(m, x, scratch + g * hidden * tiles::kPanelCols, hidden, tile);
+        const int64_t count = std::min(vec::kLanes, nb - g * vec::kLanes);
+        for (int64_t i = 0; i < m; ++i) {
+          const float* row = tile + i * tiles::kPanelCols;
+          const vec::Vec act = swiglu<T>(vec::load(row), vec::load(row + vec::kLanes));
+          vec::store_as(w.act + (s0 + i) * inter + n0 + g * vec::kLanes, act, count);
+        }
+      }
+    }
+    return;
+  }
+  float* gate_buf = tile;  // [kDotRows, kGateBlock] gate values, then up values
+  float* up_buf = gate_buf + tiles::kDotRows * kGateBlock;
   int64_t ld_gate, ld_up;
-  const float* gate_w = float_rows(w.w13[e], n0, nb, hidden, scratch, &ld_gate);
-  const float* up_w = float_rows(w.w13[e], inter + n0, nb, hidden, scratch + kGateBlock * hidden, &ld_up);
-  for (int64_t s0 = w.start[e]; s0 < w.start[e + 1]; s0 += kRowTile) {
-    const int64_t m = std::min(kRowTile, w.start[e + 1] - s0);
-    const float* rows[kRowTile];
-    for (int64_t i = 0; i < m; ++i) rows[i] = w.x + w.token[s0 + i] * w.ldx;
+  const float* gate_w = tiles::float_rows(w.w13[e], n0, nb, hidden, scratch, &ld_gate);
+  const float* up_w = tiles::float_rows(w.w13[e], inter + n0, nb, hidden, scratch + kGateBlock * hidden, &ld_up);
+  for (int64_t s0 = begin; s0 < end; s0 += tiles::kDotRows) {
+    const int64_t m = std::min(tiles::kDotRows, end - s0);
+    const float* x[tiles::kDotRows];
+    for (int64_t i = 0; i < m; ++i) x[i] = w.x + w.token[s0 + i] * w.ldx;
     for (int64_t n = 0; n < nb; ++n) {
       const float* cols[2] = {gate_w + n * ld_gate, up_w + n * ld_up};
-      dot_rows<2>(m, rows, cols, hidden, gate_buf + n, kGateBlock, up_buf - gate_buf);
+      tiles::dot_rows<2>(m, x, cols, hidden, gate_buf + n, kGateBlock, up_buf - gate_buf);
     }
     for (int64_t i = 0; i < m; ++i) {
-      float* act = w.act + (s0 + i) * inter + n0;
       for (int64_t v = 0; v < nb; v += vec::kLanes) {
-        const vec::Vec gate = vec::round_to<T>(vec::load(gate_buf + i * kGateBlock + v));
-        const vec::Vec up = vec::round_to<T>(vec::load(up_buf + i * kGateBlock + v));
-        const vec::Vec a = vec::round_to<T>(vec::round_to<T>(vec::silu(gate)) * up);
-        vec::store_as(act + v, a, std::min(vec::kLanes, nb - v));
+        const vec::Vec act =
+            swiglu<T>(vec::load(gate_buf + i * kGateBlock + v), vec::load(up_buf + i * kGateBlock + v));
+        vec::store_as(w.act + (s0 + i) * inter + n0 + v, act, std::min(vec::kLanes, nb - v));
       }
     }
   }
 }
 
-// Step 3 for expert e, hidden columns h0 .. h0 + nb. scratch: kDownBlock * I + kRowTile * kDownBlock floats.
+// Step 3 for expert e, hidden columns h0 .. h0 + nb (nb <= kDownBlock). scratch: see kDownScratch.
 template <typename T>
 QF_VEC_INLINE void down_item(const Work<T>& w, int64_t e, int64_t h0, int64_t nb, float* scratch) {
-  const int64_t hidden = w.hidden, inter = w.inter;
-  float* y_buf = scratch + kDownBlock * inter;  // [kRowTile, kDownBlock]
+  const int64_t hidden = w.hidden, inter = w.inter, begin = w.start[e], end = w.start[e + 1];
+  float* tile = scratch + kDownBlock * inter;  // [rows, kDownBlock] or [kOuterRows, 16]
+  auto store_rows = [&](int64_t s0, int64_t m, int64_t c0, int64_t count, int64_t ld) {
+    for (int64_t i = 0; i < m; ++i) {
+      float* y = w.y + w.pair[s0 + i] * hidden + h0 + c0;
+      for (int64_t v = 0; v < count; v += vec::kLanes) {
+        vec::store_as(y + v, vec::round_to<T>(vec::load(tile + i * ld + v)), std::min(vec::kLanes, count - v));
+      }
+    }
+  };
+  if (end - begin >= kOuterMinRows) {
+    const int64_t groups = (nb + tiles::kPanelCols - 1) / tiles::kPanelCols;
+    for (int64_t g = 0; g < groups; ++g) {
+      int64_t rows[tiles::kPanelCols];
+      for (int64_t c = 0; c < tiles::kPanelCols; ++c) {
+        rows[c] = g * tiles::kPanelCols + c < nb ? h0 + g * tiles::kPanelCols + c : -1;
+      }
+      tiles::pack_panel(w.w2[e], rows, inter, scratch + g * inter * tiles::kPanelCols);
+    }
+    for (int64_t s0 = begin; s0 < end; s0 += tiles::kOuterRows) {
+      const int64_t m = std::min(tiles::kOuterRows, end - s0);
+      const float* a[tiles::kOuterRows];
+      for (int64_t i = 0; i < m; ++i) a[i] = w.act + (s0 + i) * inter;
+      for (int64_t g = 0; g < groups; ++g) {
+        tiles::outer_rows(m, a, scratch + g * inter * tiles::kPanelCols, inter, tile);
+        const int64_t c0 = g * tiles::kPanelCols;
+        store_rows(s0, m, c0, std::min(tiles::kPanelCols, nb - c0), tiles::kPanelCols);
+      }
+    }
+    return;
+  }
   int64_t ld;
-  const float* down_w = float_rows(w.w2[e], h0, nb, inter, scratch, &ld);
-  for (int64_t s0 = w.start[e]; s0 < w.start[e + 1]; s0 += kRowTile) {
-    const int64_t m = std::min(kRowTile, w.start[e + 1] - s0);
-    const float* rows[kRowTile];
-    for (int64_t i = 0; i < m; ++i) rows[i] = w.act + (s0 + i) * inter;
+  const float* down_w = tiles::float_rows(w.w2[e], h0, nb, inter, scratch, &ld);
+  for (int64_t s0 = begin; s0 < end; s0 += tiles::kDotRows) {
+    const int64_t m = std::min(tiles::kDotRows, end - s0);
+    const float* a[tiles::kDotRows];
+    for (int64_t i = 0; i < m; ++i) a[i] = w.act + (s0 + i) * inter;
     int64_t n = 0;
     for (; n + kDownTile <= nb; n += kDownTile) {
       const float* cols[kDownTile];
       for (int64_t j = 0; j < kDownTile; ++j) cols[j] = down_w + (n + j) * ld;
-      dot_rows<kDownTile>(m, rows, cols, inter, y_buf + n, kDownBlock, 1);
+      tiles::dot_rows<kDownTile>(m, a, cols, inter, tile + n, kDownBlock, 1);
     }
     for (; n < nb; ++n) {
       const float* col = down_w + n * ld;
-      dot_rows<1>(m, rows, &col, inter, y_buf + n, kDownBlock, 1);
+      tiles::dot_rows<1>(m, a, &col, inter, tile + n, kDownBlock, 1);
     }
-    for (int64_t i = 0; i < m; ++i) {
-      float* y = w.y + w.pair[s0 + i] * hidden + h0;
-      for (int64_t v = 0; v < nb; v += vec::kLanes) {
-        vec::store_as(y + v, vec::round_to<T>(vec::load(y_buf + i * kDownBlock + v)), std::min(vec::kLanes, nb - v));
-      }
-    }
+    store_rows(s0, m, 0, nb, kDownBlock);
   }
 }
 
@@ -239,8 +233,9 @@ QF_VEC_INLINE void run_stage_impl(const Work<T>& w, Stage stage, int64_t lo, int
   const int64_t block = stage == Stage::kGateUp ? kGateBlock : kDownBlock;
   const int64_t cols = stage == Stage::kGateUp ? w.inter : w.hidden;
   const int64_t blocks = (cols + block - 1) / block;
-  std::vector<float> scratch(stage == Stage::kGateUp ? 2 * kGateBlock * (w.hidden + kRowTile)
-                                                     : kDownBlock * (w.inter + kRowTile));
+  // Weight panels of one item + one tile of results (gate_up_item, down_item).
+  std::vector<float> scratch(stage == Stage::kGateUp ? 2 * kGateBlock * (w.hidden + tiles::kOuterRows)
+                                                     : kDownBlock * (w.inter + tiles::kOuterRows));
   for (int64_t item = lo; item < hi; ++item) {
     const int64_t e = w.active[item / blocks], c0 = (item % blocks) * block, nb = std::min(block, cols - c0);
     if (stage == Stage::kGateUp) {
@@ -319,7 +314,7 @@ at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& 
   at::Tensor act = at::empty({num_pairs, inter}, out.options().dtype(at::kFloat));
   at::Tensor y = at::empty({num_pairs, hidden}, act.options());
   AT_DISPATCH_V2(hidden_states.scalar_type(), "fused_experts_cpu", AT_WRAP([&] {
-    std::vector<Matrix<scalar_t>> up(num_experts), down(num_experts);
+    std::vector<tiles::Matrix<scalar_t>> up(num_experts), down(num_experts);
     for (int64_t e = 0; e < num_experts; ++e) {
       up[e] = {w13.const_data_ptr<scalar_t>() + e * w13.stride(0), w13.stride(1), w13.stride(2)};
       down[e] = {w2.const_data_ptr<scalar_t>() + e * w2.stride(0), w2.stride(1), w2.stride(2)};

@@ -40,6 +40,7 @@ QF_VEC_INLINE Vec load(const float* p) {
 
 // The first n < kLanes floats of p, zeros after.
 QF_VEC_INLINE Vec load_partial(const float* p, int64_t n) {
+  if (n == kLanes) return load(p);  // a constant-size copy: one vector load, not a call to memcpy
   Vec v = {};
   std::memcpy(&v, p, n * sizeof(float));
   return v;
@@ -47,7 +48,10 @@ QF_VEC_INLINE Vec load_partial(const float* p, int64_t n) {
 
 QF_VEC_INLINE void store(float* p, Vec v) { std::memcpy(p, &v, sizeof(v)); }
 
-QF_VEC_INLINE Vec splat(float x) { return Vec{} + x; }
+// For constants. A runtime scalar goes straight into `scalar * vector` instead: GCC lowers this constructor before
+// inlining it into a clone and builds the vector with 8 inserts.
+QF_VEC_INLINE Vec splat(float x) { return Vec{x, x, x, x, x, x, x, x}; }
+static_assert(kLanes == 8, "splat lists 8 lanes");
 
 // Pairwise sum of the lanes, in a fixed order.
 QF_VEC_INLINE float hsum(Vec v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
@@ -92,6 +96,7 @@ QF_VEC_INLINE Vec round_to(Vec v) {
 template <typename T>
 QF_VEC_INLINE void store_as(T* dst, Vec v, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
+    if (n == kLanes) return store(dst, v);
     std::memcpy(dst, &v, n * sizeof(float));
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
     const Vec r = round_to<T>(v);  // exact in bfloat16: keep the upper half of the bits
