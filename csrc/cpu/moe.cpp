@@ -247,8 +247,10 @@ QF_VEC_INLINE void run_stage_impl(const Work<T>& w, Stage stage, int64_t lo, int
 }
 
 // One non-template entry per dtype, each compiled for AVX2 + FMA and for the baseline (QF_CPU_CLONES).
-#define QF_DEFINE_RUN_STAGE(T) \
-  QF_CPU_CLONES void run_stage(const Work<T>& w, Stage stage, int64_t lo, int64_t hi) { run_stage_impl(w, stage, lo, hi); }
+#define QF_DEFINE_RUN_STAGE(T)                                                        \
+  QF_CPU_CLONES void run_stage(const Work<T>& w, Stage stage, int64_t lo, int64_t hi) { \
+    run_stage_impl(w, stage, lo, hi);                                                 \
+  }
 QF_DEFINE_RUN_STAGE(float)
 QF_DEFINE_RUN_STAGE(c10::BFloat16)
 QF_DEFINE_RUN_STAGE(c10::Half)
