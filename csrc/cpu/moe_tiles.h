@@ -5,9 +5,10 @@
 // pairwise at the end. B is read in place (fp32) or from a converted copy: no packing, the right form when a weight
 // row meets only one to a few routed rows.
 // outer_tile (many rows): B packed transposed into a panel [len, 16] (pack_panel), then per k one broadcast of
-// each row's A[i, k] times two 8-lane panel vectors: no horizontal sums; packing costs one pass over the block,
-// repaid when kOuterRows or more rows share it. 6 rows x 2 vectors = 12 accumulators + 2 panel vectors + 1
-// broadcast: 15 of the 16 AVX2 registers (the classic 6x16 fp32 micro-kernel shape of BLIS-style GEMMs).
+// each row's A[i, k] times two 8-lane panel vectors: no horizontal sums; packing (8 x 8 register transposes) costs
+// one pass over the block, repaid when enough rows share it (moe.cpp's kOuterMinRows). 6 rows x 2 vectors = 12
+// accumulators + 2 panel vectors + 1 broadcast: 15 of the 16 AVX2 registers (the classic 6x16 fp32 micro-kernel
+// shape of BLIS-style GEMMs).
 #pragma once
 
 #include <algorithm>
@@ -53,15 +54,27 @@ QF_VEC_INLINE const float* float_rows(const Matrix<T>& m, int64_t r0, int64_t n,
 }
 
 // panel[k * kPanelCols + c] = float(m[rows[c], k]) for k < len, c < kPanelCols; 0 where rows[c] < 0 (padding).
+// Eight whole rows with unit column stride go through 8 x 8 register transposes; the rest element by element.
 template <typename T>
 QF_VEC_INLINE void pack_panel(const Matrix<T>& m, const int64_t* rows, int64_t len, float* panel) {
-  for (int64_t c = 0; c < kPanelCols; ++c) {
-    if (rows[c] < 0) {
-      for (int64_t k = 0; k < len; ++k) panel[k * kPanelCols + c] = 0.0f;
-      continue;
+  for (int64_t c0 = 0; c0 < kPanelCols; c0 += vec::kLanes) {
+    bool whole = m.col_stride == 1;
+    for (int64_t c = c0; c < c0 + vec::kLanes; ++c) whole = whole && rows[c] >= 0;
+    int64_t k = 0;
+    if (whole) {
+      for (; k + vec::kLanes <= len; k += vec::kLanes) {
+        vec::Vec block[vec::kLanes];
+        for (int64_t c = 0; c < vec::kLanes; ++c) block[c] = vec::load_float(m.data + rows[c0 + c] * m.row_stride + k);
+        vec::transpose8(block);
+        for (int64_t i = 0; i < vec::kLanes; ++i) vec::store(panel + (k + i) * kPanelCols + c0, block[i]);
+      }
     }
-    const T* row = m.data + rows[c] * m.row_stride;
-    for (int64_t k = 0; k < len; ++k) panel[k * kPanelCols + c] = static_cast<float>(row[k * m.col_stride]);
+    for (int64_t c = c0; c < c0 + vec::kLanes; ++c) {
+      const T* row = rows[c] < 0 ? nullptr : m.data + rows[c] * m.row_stride;
+      for (int64_t i = k; i < len; ++i) {
+        panel[i * kPanelCols + c] = row ? static_cast<float>(row[i * m.col_stride]) : 0.0f;
+      }
+    }
   }
 }
 

@@ -21,6 +21,11 @@
 #define QF_CPU_CLONES
 #endif
 #define QF_VEC_INLINE inline __attribute__((always_inline))
+#if defined(__clang__)
+#define QF_SHUFFLE(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
+#else
+#define QF_SHUFFLE(a, b, ...) __builtin_shuffle(a, b, IVec{__VA_ARGS__})
+#endif
 
 // Vectors are passed between always_inline functions only: the ABI note about 32-byte vectors does not apply.
 #pragma GCC diagnostic ignored "-Wpsabi"
@@ -68,6 +73,47 @@ QF_VEC_INLINE void to_float(const T* src, float* dst, int64_t n) {
     }
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+}
+
+// float(p[0 .. kLanes)) of a float, bfloat16 or half array.
+template <typename T>
+QF_VEC_INLINE Vec load_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return load(p);
+  } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    typedef uint16_t Bits __attribute__((vector_size(kLanes * sizeof(uint16_t))));
+    Bits half;
+    std::memcpy(&half, p, sizeof(half));
+    const IVec bits = __builtin_convertvector(half, IVec) << 16;  // widen, then the bf16 bits on top
+    Vec v;
+    std::memcpy(&v, &bits, sizeof(v));
+    return v;
+  } else {
+    float tmp[kLanes];
+    to_float(p, tmp, kLanes);
+    return load(tmp);
+  }
+}
+
+// Transposes the 8 x 8 block r[row][lane] in place: r[k][i] = old r[i][k]. Interleave pairs of rows, then pairs
+// of pairs, then the 128-bit halves (the unpack / shuffle / permute sequence of an AVX 8 x 8 transpose).
+QF_VEC_INLINE void transpose8(Vec* r) {
+  static_assert(kLanes == 8, "an 8 x 8 transpose");
+  Vec t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = QF_SHUFFLE(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+    t[i + 1] = QF_SHUFFLE(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+  }
+  for (int i = 0; i < 8; i += 4) {  // u[i + m] holds columns m and m + 4 of rows i .. i + 3
+    for (int m = 0; m < 2; ++m) {
+      u[i + 2 * m] = QF_SHUFFLE(t[i + m], t[i + m + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+      u[i + 2 * m + 1] = QF_SHUFFLE(t[i + m], t[i + m + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+  }
+  for (int j = 0; j < 4; ++j) {
+    r[j] = QF_SHUFFLE(u[j], u[j + 4], 0, 1, 2, 3, 8, 9, 10, 11);
+    r[j + 4] = QF_SHUFFLE(u[j], u[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
   }
 }
 
