@@ -40,11 +40,11 @@
 namespace qwen_fast {
 namespace {
 
-constexpr int64_t kGateBlock = 16;    // intermediate columns per gate/up item: its fp32 panel is 2 * 16 * H floats
-constexpr int64_t kDownBlock = 32;    // hidden columns per down item: its fp32 panel is 32 * I floats
-constexpr int64_t kDownTile = 2;      // hidden columns per down dot tile (the N)
+constexpr int64_t kGateBlock = 16;     // intermediate columns per gate/up item: its fp32 panels are 2 * 16 * H floats
+constexpr int64_t kDownBlock = 32;     // hidden columns per down item: its fp32 panels are 32 * I floats
+constexpr int64_t kDownTile = 2;       // hidden columns per down dot tile (the N)
 constexpr int64_t kOuterMinRows = 32;  // an expert with this many rows packs its weights for outer_tile
-constexpr int64_t kItemCost = 2;      // weight streaming of an item, in units of one routed row's FMAs
+constexpr int64_t kItemCost = 2;       // weight streaming of an item, in units of one routed row's FMAs
 static_assert(kGateBlock % vec::kLanes == 0 && kDownBlock % tiles::kPanelCols == 0, "whole panels per block");
 
 void check_fused_experts(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
