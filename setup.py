@@ -90,7 +90,9 @@ def extensions():
 
     os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
     sources = read_sources()
-    cxx = ["-O3", "-Wall", "-Wno-unknown-pragmas"]
+    # -fopenmp: at::parallel_for in the CPU kernels is a header template that runs serially unless the extension
+    # itself is compiled with OpenMP; libgomp.so.1 resolves to the copy libtorch already loaded (one thread pool).
+    cxx = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-fopenmp"]
     if want_cuda(torch, CUDA_HOME):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
         print(f"qwen_fast: building CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
@@ -102,6 +104,7 @@ def extensions():
                 include_dirs=[str(CSRC)] + cuda_include_dirs(),
                 library_dirs=nvcc_library_dirs(CUDA_HOME),
                 extra_compile_args={"cxx": cxx, "nvcc": nvcc},
+                extra_link_args=["-fopenmp"],
             )
         ]
     print("qwen_fast: building CPU kernels only (no CUDA build of torch, no nvcc, or QWEN_FAST_SKIP_CUDA=1)")
@@ -111,6 +114,7 @@ def extensions():
             [s for s in sources if not s.endswith(".cu")],
             include_dirs=[str(CSRC)],
             extra_compile_args={"cxx": cxx},
+            extra_link_args=["-fopenmp"],
         )
     ]
 

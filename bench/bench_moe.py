@@ -1,4 +1,4 @@
-"""fused_experts: the SwiGLU experts of one MoE layer, per backend, against the reference and transformers.
+"""fused_experts and the whole MoE block, per backend, against the reference and transformers.
 
     pip install --no-build-isolation '.[bench]' && pytest bench/bench_moe.py --benchmark-columns=mean,ops
 
@@ -8,10 +8,16 @@ experts implementations (random weights, device-synchronised). On CPU reduced sh
 I = 128, T in {1, 16, 512}), fp32 and bf16, timing the cpu backend. extra_info records TFLOP/s (6*T*k*H*I: three
 GEMMs per pair), GB/s on the active experts' weights (each expert that gets a token reads its w13 and w2 once) and,
 on CUDA, the peak memory one call allocates above its inputs.
+
+test_moe_block times the whole routed layer, the unit a model runs: qwen_fast as router logits
+F.linear(x, gate_weight) + qwen_fast.fused_moe (routing + experts, forced to the experts' backend), against
+transformers' Qwen3MoeSparseMoeBlock (its router + its experts) with the experts implementation transformers picks
+by default ("grouped_mm") and with "eager", all on the same weight tensors.
 """
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import qwen_fast
 
@@ -92,3 +98,41 @@ def test_transformers_experts(benchmark, impl, num_tokens, dtype):
     with torch.no_grad():
         x, weights, ids = inputs[0], inputs[3].to(inputs[0].dtype), inputs[4].long()
         _time(benchmark, lambda: experts(x, ids, weights), inputs, f"transformers.{impl}")
+
+
+@pytest.mark.parametrize("impl", ["qwen_fast", "grouped_mm", "eager"])
+@pytest.mark.parametrize("num_tokens", TOKENS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_moe_block(benchmark, impl, num_tokens, dtype):
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
+
+    config = transformers.Qwen3MoeConfig(
+        hidden_size=HIDDEN,
+        moe_intermediate_size=INTER,
+        num_experts=EXPERTS,
+        num_experts_per_tok=TOPK,
+        norm_topk_prob=True,  # as in the real Qwen3-MoE checkpoints
+    )
+    config._experts_implementation = "grouped_mm" if impl == "qwen_fast" else impl
+    x, w13, w2, _, _ = _inputs(num_tokens, dtype)
+    gate_weight = (torch.randn(EXPERTS, HIDDEN, device=DEVICE) / HIDDEN**0.5).to(x.dtype)
+    with torch.device("meta"):
+        block = Qwen3MoeSparseMoeBlock(config)
+    for module, name, tensor in [(block.gate, "weight", gate_weight), (block.experts, "gate_up_proj", w13),
+                                 (block.experts, "down_proj", w2)]:  # fmt: skip
+        setattr(module, name, torch.nn.Parameter(tensor, requires_grad=False))  # the same tensors, not copies
+    with torch.no_grad():
+        weights, ids = qwen_fast.reference.fused_topk(F.linear(x, gate_weight), TOPK)  # for extra_info's counts
+        inputs = (x, w13, w2, weights, ids)
+        if impl != "qwen_fast":
+            _time(benchmark, lambda: block(x.view(1, num_tokens, HIDDEN)), inputs, f"transformers.{impl}")
+            return
+
+        def run():
+            return qwen_fast.fused_moe(x, w13, w2, F.linear(x, gate_weight), TOPK, renormalize=True)
+
+        backend = BACKENDS[0]
+        with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
+            _time(benchmark, run, inputs, f"qwen_fast.{backend}")
+    assert ("fused_moe", backend) in calls

@@ -371,6 +371,59 @@ def test_fused_experts_backend_deterministic_and_strided_weights(backend, device
     assert_close(_run(backend, x, w13_t, w2_t, weights, ids.long()), out)
 
 
+def _tile_routing(case: str) -> tuple[int, int, torch.Tensor]:
+    """(T, E, topk_ids) that put experts on each tile form of the cpu kernel: an expert with fewer than 32 routed
+    rows runs dot tiles of 4 rows, one with 32 or more packs its weights and runs outer tiles of 6 rows."""
+    if case.startswith("one-expert-"):  # every token on expert 3 (k = 1), T = 31, 32, 37: each side of the switch
+        num_tokens = int(case.split("-")[-1])
+        return num_tokens, 8, torch.full((num_tokens, 1), 3, dtype=torch.int32)
+    if case == "mixed":  # 40 rows on expert 3 (outer tiles), 5 or so on each other expert (dot tiles)
+        other = torch.randint(0, 7, (40,))
+        return 40, 8, torch.stack([torch.full((40,), 3), other + (other >= 3)], dim=1).int()
+    if case == "sparse":  # 45 rows on each of 3 experts of 61, the other 58 empty
+        return 45, 61, _pairs(45, 61, 3, "sparse")
+    if case == "decode":
+        return 1, 8, _pairs(1, 8, 2)
+    return 64, 16, _pairs(64, 16, 4)  # "random": about 16 rows per expert
+
+
+@pytest.mark.parametrize("scale", [1.0, 30.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hidden,inter", [(36, 20), (72, 40)])
+@pytest.mark.parametrize("case", ["decode", "one-expert-31", "one-expert-32", "one-expert-37", "mixed", "sparse",
+                                  "random"])  # fmt: skip
+def test_fused_experts_cpu_tile_paths(case, hidden, inter, dtype, scale):
+    """The cpu kernel's two tile forms (see _tile_routing) and their remainders against the reference: partial row
+    tiles; H and I not multiples of the 8-lane vectors, of the 16-column gate/up blocks or of the 32-column down
+    blocks; experts with no tokens. scale 30 drives the gate to +-100 and beyond, where exp in silu saturates."""
+    num_tokens, num_experts, ids = _tile_routing(case)
+    x = scale * torch.randn(num_tokens, hidden).to(dtype)
+    w13, w2 = _experts(num_experts, dtype, hidden, inter)
+    weights = torch.rand(ids.shape)
+    out = _run("cpu", x, w13, w2, weights, ids)
+    assert out.shape == (num_tokens, hidden) and out.dtype == dtype
+    assert_close(out / scale, fused_experts(x, w13, w2, weights, ids) / scale)  # the table is for O(1) terms
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_fused_experts_cpu_same_bits_for_any_thread_count(dtype):
+    """Each output element is computed by one work item in a fixed order, whatever the split over threads: 1, 2
+    and 3 threads give the same bits (routing "mixed": experts on both tile forms)."""
+    num_tokens, num_experts, ids = _tile_routing("mixed")
+    x = torch.randn(num_tokens, EXPERT_H).to(dtype)
+    w13, w2 = _experts(num_experts, dtype, EXPERT_H, EXPERT_I)
+    args = (x, w13, w2, torch.rand(ids.shape), ids)
+    threads = torch.get_num_threads()
+    outs = []
+    try:
+        for n in (1, 2, 3):
+            torch.set_num_threads(n)
+            outs.append(_run("cpu", *args))
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(outs[0], out) for out in outs[1:])
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("num_tokens", [1, 64, 512, 1024, 2048])  # BLOCK_M 16, 16, 32, 64, 128

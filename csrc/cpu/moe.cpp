@@ -1,28 +1,51 @@
-// CPU fused_experts: SwiGLU experts over the (token, choice) pairs grouped by expert, with ATen GEMMs, and the
-// weighted fp32 combine over the k choices in j order.
+// CPU fused_experts: SwiGLU experts over the (token, choice) pairs grouped by expert, computed with fp32 register
+// tiles (moe_tiles.h, vec.h) instead of per-expert ATen GEMMs, and the weighted fp32 combine over the k choices in
+// j order. Why: at decode sizes (T <= 16: about 2 rows per expert) an ATen GEMM call per expert costs more than its
+// arithmetic, and ATen's bf16 GEMM was slower than fp32; here every weight element is read once per call as fp32
+// (converted on load) and the work of all experts is split over the threads in one pass per step.
 //
 // 1. Counting sort of the flat pairs i = t * k + j by expert (stable: ascending i within an expert), serial, O(T*k).
-// 2. Per expert e with pairs (parallel over experts when there are at least as many active experts as threads;
-//    otherwise serial over experts, so that each GEMM gets every thread): gather the pairs' token rows of
-//    hidden_states, gate_up = x @ w13[e].T ([rows, 2I], w13 read in place as a transposed view), SwiGLU in one pass
-//    writing act [rows, I] (gate and up as the GEMM rounded them, silu in fp32 rounded to the dtype, the product in
-//    fp32 rounded to the dtype: the reference's roundings), y_e = act @ w2[e].T, each row copied to y[i] ([T*k, H]).
-//    Every row of y is written by exactly one expert.
-// 3. Combine, parallel over tokens: out[t] = sum_{j=0..k-1} float(w[t, j]) * float(y[t*k + j]) in an fp32 row
-//    accumulator, j ascending, then one cast. Deterministic: the same order for every run and thread count.
+//    hidden_states as fp32 rows [T, H] (read in place when already fp32 with unit column stride).
+// 2. Gate/up + SwiGLU. Work item = (active expert e, block of kGateBlock intermediate columns n). For each tile of
+//    the expert's routed rows the item computes gate (w13[e, n]) and up (w13[e, I + n]) together and applies SwiGLU
+//    with the reference's roundings: gate and up rounded to the dtype (as a GEMM in that dtype rounds its output),
+//    silu in fp32 rounded to the dtype, the product in fp32 rounded to the dtype. act [P, I] (fp32 holding values
+//    exact in the dtype) is written in expert-sorted pair order.
+// 3. Down projection. Work item = (active expert e, block of kDownBlock hidden columns h): w2[e, h] times the
+//    expert's act rows, rounded to the dtype, written to y [P, H] (fp32) at the pairs' flat indices.
+// 4. Combine, parallel over tokens: out[t] = sum_{j=0..k-1} float(w[t, j]) * y[t*k + j] in fp32, j ascending, then
+//    one rounding to the dtype.
+// Tile form per expert: fewer than kOuterMinRows rows -> dot tiles (weight rows read in place when fp32, else
+// converted per item; 4 rows x 2 columns of 8-lane accumulators); more -> the item packs its weight block
+// transposed into [len, 16] panels once and runs 6 x 16 outer-product tiles over all the rows (the packing pass is
+// repaid from about 32 rows on; measured on the bench shapes).
+//
+// Threads: steps 2 and 3 split their items over the threads in contiguous ranges of about equal cost (rows + a
+// per-item weight cost), so two threads share the work even when one or two experts are active. Determinism: each
+// element of act, y and out is computed by exactly one item or token, in an order fixed by the shapes alone, so the
+// result has the same bits run to run and for every thread count (tested). Between machines it can differ in the
+// last bit: QF_CPU_CLONES picks the AVX2 + FMA code or the baseline code per machine.
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
+#include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <cstring>
+#include <algorithm>
 #include <vector>
 
 #include "../ops.h"
+#include "moe_tiles.h"
+#include "vec.h"
 
 namespace qwen_fast {
 namespace {
+
+constexpr int64_t kGateBlock = 16;     // intermediate columns per gate/up item: its fp32 panels are 2 * 16 * H floats
+constexpr int64_t kDownBlock = 32;     // hidden columns per down item: its fp32 panels are 32 * I floats
+constexpr int64_t kDownTile = 2;       // hidden columns per down dot tile (the N)
+constexpr int64_t kOuterMinRows = 32;  // an expert with this many rows packs its weights for outer_tile
+constexpr int64_t kItemCost = 2;       // weight streaming of an item, in units of one routed row's FMAs
+static_assert(kGateBlock % vec::kLanes == 0 && kDownBlock % tiles::kPanelCols == 0, "whole panels per block");
 
 void check_fused_experts(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
                          const at::Tensor& topk_weights, const at::Tensor& topk_ids) {
@@ -33,6 +56,9 @@ void check_fused_experts(const at::Tensor& hidden, const at::Tensor& w13, const 
               "fused_experts: w13 [E, 2I, H] = ", w13.sizes(), " does not fit hidden_states [T, H] = ", hidden.sizes());
   TORCH_CHECK(w2.size(0) == w13.size(0) && w2.size(1) == w13.size(2) && 2 * w2.size(2) == w13.size(1),
               "fused_experts: w2 must be [E, H, I] for w13 [E, 2I, H] = ", w13.sizes(), ", got ", w2.sizes());
+  TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kBFloat16 ||
+                  hidden.scalar_type() == at::kHalf,
+              "fused_experts: hidden_states must be float32, bfloat16 or float16, got ", hidden.scalar_type());
   TORCH_CHECK(w13.scalar_type() == hidden.scalar_type() && w2.scalar_type() == hidden.scalar_type(),
               "fused_experts: w13 and w2 must have hidden_states' dtype ", hidden.scalar_type(), ", got ",
               w13.scalar_type(), " and ", w2.scalar_type());
@@ -45,19 +71,211 @@ void check_fused_experts(const at::Tensor& hidden, const at::Tensor& w13, const 
               topk_weights.scalar_type(), " ", topk_weights.sizes());
 }
 
-// act[r, c] = round(round(silu(gate[r, c])) * up[r, c]) with gate = gate_up[r, c], up = gate_up[r, I + c].
-template <typename scalar_t>
-void swiglu_rows(const scalar_t* gate_up, scalar_t* act, int64_t rows, int64_t inter) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* gate = gate_up + r * 2 * inter;
-    const scalar_t* up = gate + inter;
-    scalar_t* out = act + r * inter;
-    for (int64_t c = 0; c < inter; ++c) {
-      const float g = static_cast<float>(gate[c]);
-      const float silu = static_cast<float>(static_cast<scalar_t>(g / (1.0f + std::exp(-g))));
-      out[c] = static_cast<scalar_t>(silu * static_cast<float>(up[c]));
+enum class Stage { kGateUp, kDown, kCombine };
+
+// Everything one call's stages read and write. Pairs are numbered by their sorted position s (grouped by expert,
+// expert e owning s in [start[e], start[e + 1])); pair[s] is the flat index t * k + j, token[s] = t.
+template <typename T>
+struct Work {
+  const tiles::Matrix<T>* w13;  // [E] matrices [2I, H]
+  const tiles::Matrix<T>* w2;   // [E] matrices [H, I]
+  int64_t hidden, inter, topk;
+  const float* x;  // [T, H] fp32 token rows, ldx apart
+  int64_t ldx;
+  const int64_t* start;   // [E + 1]
+  const int64_t* pair;    // [P]
+  const int64_t* token;   // [P]
+  const int64_t* active;  // experts with pairs, ascending
+  const float* weight;    // [T, k] fp32 routing weights
+  float* act;             // [P, I] by sorted position
+  float* y;               // [P, H] by flat pair index
+  T* out;                 // [T, H]
+};
+
+// act = T(T(silu(T(gate))) * T(up)): the reference's roundings (each GEMM output, silu, the product).
+template <typename T>
+QF_VEC_INLINE vec::Vec swiglu(vec::Vec gate, vec::Vec up) {
+  gate = vec::round_to<T>(gate);
+  return vec::round_to<T>(vec::round_to<T>(vec::silu(gate)) * vec::round_to<T>(up));
+}
+
+// Step 2 for expert e, intermediate columns n0 .. n0 + nb (nb <= kGateBlock). scratch: see kGateScratch.
+template <typename T>
+QF_VEC_INLINE void gate_up_item(const Work<T>& w, int64_t e, int64_t n0, int64_t nb, float* scratch) {
+  const int64_t hidden = w.hidden, inter = w.inter, begin = w.start[e], end = w.start[e + 1];
+  float* tile = scratch + 2 * kGateBlock * hidden;
+  if (end - begin >= kOuterMinRows) {
+    // Panels of 8 columns: gate rows n, then up rows I + n (padding rows -1), [H, 16] each; a tile's gate and up
+    // come out as the two vectors of one row, ready for SwiGLU.
+    const int64_t groups = (nb + vec::kLanes - 1) / vec::kLanes;
+    for (int64_t g = 0; g < groups; ++g) {
+      int64_t rows[tiles::kPanelCols];
+      for (int64_t c = 0; c < vec::kLanes; ++c) {
+        const int64_t n = g * vec::kLanes + c;
+        rows[c] = n < nb ? n0 + n : -1;
+        rows[vec::kLanes + c] = n < nb ? inter + n0 + n : -1;
+      }
+      tiles::pack_panel(w.w13[e], rows, hidden, scratch + g * hidden * tiles::kPanelCols);
+    }
+    for (int64_t s0 = begin; s0 < end; s0 += tiles::kOuterRows) {
+      const int64_t m = std::min(tiles::kOuterRows, end - s0);
+      const float* x[tiles::kOuterRows];
+      for (int64_t i = 0; i < m; ++i) x[i] = w.x + w.token[s0 + i] * w.ldx;
+      for (int64_t g = 0; g < groups; ++g) {
+        tiles::outer_rows(m, x, scratch + g * hidden * tiles::kPanelCols, hidden, tile);
+        const int64_t count = std::min(vec::kLanes, nb - g * vec::kLanes);
+        for (int64_t i = 0; i < m; ++i) {
+          const float* row = tile + i * tiles::kPanelCols;
+          const vec::Vec act = swiglu<T>(vec::load(row), vec::load(row + vec::kLanes));
+          vec::store_as(w.act + (s0 + i) * inter + n0 + g * vec::kLanes, act, count);
+        }
+      }
+    }
+    return;
+  }
+  float* gate_buf = tile;  // [kDotRows, kGateBlock] gate values, then up values
+  float* up_buf = gate_buf + tiles::kDotRows * kGateBlock;
+  int64_t ld_gate, ld_up;
+  const float* gate_w = tiles::float_rows(w.w13[e], n0, nb, hidden, scratch, &ld_gate);
+  const float* up_w = tiles::float_rows(w.w13[e], inter + n0, nb, hidden, scratch + kGateBlock * hidden, &ld_up);
+  for (int64_t s0 = begin; s0 < end; s0 += tiles::kDotRows) {
+    const int64_t m = std::min(tiles::kDotRows, end - s0);
+    const float* x[tiles::kDotRows];
+    for (int64_t i = 0; i < m; ++i) x[i] = w.x + w.token[s0 + i] * w.ldx;
+    for (int64_t n = 0; n < nb; ++n) {
+      const float* cols[2] = {gate_w + n * ld_gate, up_w + n * ld_up};
+      tiles::dot_rows<2>(m, x, cols, hidden, gate_buf + n, kGateBlock, up_buf - gate_buf);
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      for (int64_t v = 0; v < nb; v += vec::kLanes) {
+        const vec::Vec act =
+            swiglu<T>(vec::load(gate_buf + i * kGateBlock + v), vec::load(up_buf + i * kGateBlock + v));
+        vec::store_as(w.act + (s0 + i) * inter + n0 + v, act, std::min(vec::kLanes, nb - v));
+      }
     }
   }
+}
+
+// Step 3 for expert e, hidden columns h0 .. h0 + nb (nb <= kDownBlock). scratch: see kDownScratch.
+template <typename T>
+QF_VEC_INLINE void down_item(const Work<T>& w, int64_t e, int64_t h0, int64_t nb, float* scratch) {
+  const int64_t hidden = w.hidden, inter = w.inter, begin = w.start[e], end = w.start[e + 1];
+  float* tile = scratch + kDownBlock * inter;  // [rows, kDownBlock] or [kOuterRows, 16]
+  auto store_rows = [&](int64_t s0, int64_t m, int64_t c0, int64_t count, int64_t ld) {
+    for (int64_t i = 0; i < m; ++i) {
+      float* y = w.y + w.pair[s0 + i] * hidden + h0 + c0;
+      for (int64_t v = 0; v < count; v += vec::kLanes) {
+        vec::store_as(y + v, vec::round_to<T>(vec::load(tile + i * ld + v)), std::min(vec::kLanes, count - v));
+      }
+    }
+  };
+  if (end - begin >= kOuterMinRows) {
+    const int64_t groups = (nb + tiles::kPanelCols - 1) / tiles::kPanelCols;
+    for (int64_t g = 0; g < groups; ++g) {
+      int64_t rows[tiles::kPanelCols];
+      for (int64_t c = 0; c < tiles::kPanelCols; ++c) {
+        rows[c] = g * tiles::kPanelCols + c < nb ? h0 + g * tiles::kPanelCols + c : -1;
+      }
+      tiles::pack_panel(w.w2[e], rows, inter, scratch + g * inter * tiles::kPanelCols);
+    }
+    for (int64_t s0 = begin; s0 < end; s0 += tiles::kOuterRows) {
+      const int64_t m = std::min(tiles::kOuterRows, end - s0);
+      const float* a[tiles::kOuterRows];
+      for (int64_t i = 0; i < m; ++i) a[i] = w.act + (s0 + i) * inter;
+      for (int64_t g = 0; g < groups; ++g) {
+        tiles::outer_rows(m, a, scratch + g * inter * tiles::kPanelCols, inter, tile);
+        const int64_t c0 = g * tiles::kPanelCols;
+        store_rows(s0, m, c0, std::min(tiles::kPanelCols, nb - c0), tiles::kPanelCols);
+      }
+    }
+    return;
+  }
+  int64_t ld;
+  const float* down_w = tiles::float_rows(w.w2[e], h0, nb, inter, scratch, &ld);
+  for (int64_t s0 = begin; s0 < end; s0 += tiles::kDotRows) {
+    const int64_t m = std::min(tiles::kDotRows, end - s0);
+    const float* a[tiles::kDotRows];
+    for (int64_t i = 0; i < m; ++i) a[i] = w.act + (s0 + i) * inter;
+    int64_t n = 0;
+    for (; n + kDownTile <= nb; n += kDownTile) {
+      const float* cols[kDownTile];
+      for (int64_t j = 0; j < kDownTile; ++j) cols[j] = down_w + (n + j) * ld;
+      tiles::dot_rows<kDownTile>(m, a, cols, inter, tile + n, kDownBlock, 1);
+    }
+    for (; n < nb; ++n) {
+      const float* col = down_w + n * ld;
+      tiles::dot_rows<1>(m, a, &col, inter, tile + n, kDownBlock, 1);
+    }
+    store_rows(s0, m, 0, nb, kDownBlock);
+  }
+}
+
+// Step 4 for token t.
+template <typename T>
+QF_VEC_INLINE void combine_token(const Work<T>& w, int64_t t) {
+  const int64_t hidden = w.hidden, topk = w.topk;
+  const float* y = w.y + t * topk * hidden;
+  for (int64_t h = 0; h < hidden; h += vec::kLanes) {
+    const int64_t n = std::min(vec::kLanes, hidden - h);
+    vec::Vec acc = {};
+    for (int64_t j = 0; j < topk; ++j) acc += vec::load_partial(y + j * hidden + h, n) * w.weight[t * topk + j];
+    vec::store_as(w.out + t * hidden + h, acc, n);
+  }
+}
+
+// Items lo .. hi of a stage. Gate/up and down items are numbered active-expert-major: item = a * blocks + block.
+template <typename T>
+QF_VEC_INLINE void run_stage_impl(const Work<T>& w, Stage stage, int64_t lo, int64_t hi) {
+  if (stage == Stage::kCombine) {
+    for (int64_t t = lo; t < hi; ++t) combine_token(w, t);
+    return;
+  }
+  const int64_t block = stage == Stage::kGateUp ? kGateBlock : kDownBlock;
+  const int64_t cols = stage == Stage::kGateUp ? w.inter : w.hidden;
+  const int64_t blocks = (cols + block - 1) / block;
+  // Weight panels of one item + one tile of results (gate_up_item, down_item).
+  std::vector<float> scratch(stage == Stage::kGateUp ? 2 * kGateBlock * (w.hidden + tiles::kOuterRows)
+                                                     : kDownBlock * (w.inter + tiles::kOuterRows));
+  for (int64_t item = lo; item < hi; ++item) {
+    const int64_t e = w.active[item / blocks], c0 = (item % blocks) * block, nb = std::min(block, cols - c0);
+    if (stage == Stage::kGateUp) {
+      gate_up_item(w, e, c0, nb, scratch.data());
+    } else {
+      down_item(w, e, c0, nb, scratch.data());
+    }
+  }
+}
+
+// One non-template entry per dtype, each compiled for AVX2 + FMA and for the baseline (QF_CPU_CLONES).
+#define QF_DEFINE_RUN_STAGE(T)                                                        \
+  QF_CPU_CLONES void run_stage(const Work<T>& w, Stage stage, int64_t lo, int64_t hi) { \
+    run_stage_impl(w, stage, lo, hi);                                                 \
+  }
+QF_DEFINE_RUN_STAGE(float)
+QF_DEFINE_RUN_STAGE(c10::BFloat16)
+QF_DEFINE_RUN_STAGE(c10::Half)
+#undef QF_DEFINE_RUN_STAGE
+
+// Runs a stage's items [0, n) over the threads in contiguous ranges of about equal cost, cost(item) = its
+// expert's rows + kItemCost (item = a * blocks + block).
+template <typename T>
+void run_items(const Work<T>& w, Stage stage, const std::vector<int64_t>& active, int64_t blocks) {
+  const int64_t n = static_cast<int64_t>(active.size()) * blocks;
+  std::vector<int64_t> prefix(n + 1, 0);
+  for (int64_t item = 0; item < n; ++item) {
+    const int64_t e = active[item / blocks];
+    prefix[item + 1] = prefix[item] + (w.start[e + 1] - w.start[e]) + kItemCost;
+  }
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1) return run_stage(w, stage, 0, n);
+  const int64_t total = prefix[n];
+  auto first_item = [&](int64_t part) {  // the first item whose cost begins at or after part / threads of total
+    return std::lower_bound(prefix.begin(), prefix.begin() + n, (total * part + threads - 1) / threads) -
+           prefix.begin();
+  };
+  at::parallel_for(0, threads, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t part = p0; part < p1; ++part) run_stage(w, stage, first_item(part), first_item(part + 1));
+  });
 }
 
 }  // namespace
@@ -81,58 +299,36 @@ at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& 
     ++start[id[i] + 1];
   }
   for (int64_t e = 0; e < num_experts; ++e) start[e + 1] += start[e];
-  at::Tensor order = at::empty({num_pairs}, ids.options());
-  int64_t* pair = order.mutable_data_ptr<int64_t>();
-  std::vector<int64_t> fill(start.begin(), start.end() - 1);
-  for (int64_t i = 0; i < num_pairs; ++i) pair[fill[id[i]]++] = i;
-  const at::Tensor tokens = at::floor_divide(order, topk);
+  std::vector<int64_t> pair(num_pairs), token(num_pairs), fill(start.begin(), start.end() - 1);
+  for (int64_t i = 0; i < num_pairs; ++i) {
+    const int64_t s = fill[id[i]]++;
+    pair[s] = i;
+    token[s] = i / topk;
+  }
   std::vector<int64_t> active;
   for (int64_t e = 0; e < num_experts; ++e) {
     if (start[e + 1] > start[e]) active.push_back(e);
   }
 
-  // 2. The experts' GEMMs, rows of y written at the pairs' flat indices.
-  at::Tensor y = at::empty({num_pairs, hidden}, hidden_states.options());
-  const int64_t row_bytes = hidden * y.element_size();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, hidden_states.scalar_type(), "fused_experts_cpu", [&] {
-    auto run_expert = [&](int64_t e) {
-      const int64_t begin = start[e], rows = start[e + 1] - start[e];
-      const at::Tensor x = hidden_states.index_select(0, tokens.narrow(0, begin, rows));
-      const at::Tensor gate_up = at::mm(x, w13.select(0, e).t()).contiguous();
-      at::Tensor act = at::empty({rows, inter}, hidden_states.options());
-      swiglu_rows(gate_up.const_data_ptr<scalar_t>(), act.mutable_data_ptr<scalar_t>(), rows, inter);
-      const at::Tensor expert_out = at::mm(act, w2.select(0, e).t()).contiguous();
-      const char* src = static_cast<const char*>(expert_out.const_data_ptr());
-      char* dst = static_cast<char*>(y.mutable_data_ptr());
-      for (int64_t r = 0; r < rows; ++r) std::memcpy(dst + pair[begin + r] * row_bytes, src + r * row_bytes, row_bytes);
-    };
-    const int64_t num_active = static_cast<int64_t>(active.size());
-    if (num_active >= at::get_num_threads()) {
-      at::parallel_for(0, num_active, 1, [&](int64_t lo, int64_t hi) {
-        for (int64_t a = lo; a < hi; ++a) run_expert(active[a]);
-      });
-    } else {
-      for (const int64_t e : active) run_expert(e);
+  const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
+  const bool x_in_place = hidden_states.scalar_type() == at::kFloat && hidden_states.stride(1) == 1;
+  const at::Tensor x32 = x_in_place ? hidden_states : hidden_states.to(at::kFloat).contiguous();
+  at::Tensor act = at::empty({num_pairs, inter}, out.options().dtype(at::kFloat));
+  at::Tensor y = at::empty({num_pairs, hidden}, act.options());
+  AT_DISPATCH_V2(hidden_states.scalar_type(), "fused_experts_cpu", AT_WRAP([&] {
+    std::vector<tiles::Matrix<scalar_t>> up(num_experts), down(num_experts);
+    for (int64_t e = 0; e < num_experts; ++e) {
+      up[e] = {w13.const_data_ptr<scalar_t>() + e * w13.stride(0), w13.stride(1), w13.stride(2)};
+      down[e] = {w2.const_data_ptr<scalar_t>() + e * w2.stride(0), w2.stride(1), w2.stride(2)};
     }
-
-    // 3. Weighted combine in fp32, j ascending.
-    const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
-    const float* w = weights.const_data_ptr<float>();
-    const scalar_t* y_data = y.const_data_ptr<scalar_t>();
-    scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, num_tokens, 1, [&](int64_t lo, int64_t hi) {
-      std::vector<float> acc(hidden);
-      for (int64_t t = lo; t < hi; ++t) {
-        std::fill(acc.begin(), acc.end(), 0.0f);
-        for (int64_t j = 0; j < topk; ++j) {
-          const float weight = w[t * topk + j];
-          const scalar_t* row = y_data + (t * topk + j) * hidden;
-          for (int64_t h = 0; h < hidden; ++h) acc[h] += weight * static_cast<float>(row[h]);
-        }
-        for (int64_t h = 0; h < hidden; ++h) out_data[t * hidden + h] = static_cast<scalar_t>(acc[h]);
-      }
-    });
-  });
+    const Work<scalar_t> work{up.data(), down.data(), hidden, inter, topk, x32.const_data_ptr<float>(),
+                              x32.stride(0), start.data(), pair.data(), token.data(), active.data(),
+                              weights.const_data_ptr<float>(), act.mutable_data_ptr<float>(),
+                              y.mutable_data_ptr<float>(), out.mutable_data_ptr<scalar_t>()};
+    run_items(work, Stage::kGateUp, active, (inter + kGateBlock - 1) / kGateBlock);  // 2.
+    run_items(work, Stage::kDown, active, (hidden + kDownBlock - 1) / kDownBlock);  // 3.
+    at::parallel_for(0, num_tokens, 16, [&](int64_t lo, int64_t hi) { run_stage(work, Stage::kCombine, lo, hi); });
+  }), at::kFloat, at::kBFloat16, at::kHalf);
   return out;
 }
 
