@@ -501,3 +501,21 @@ def test_fused_moe_runs_the_experts_backend(backend, device, dtypes, num_tokens,
         out = qwen_fast.fused_moe(*args, topk=2, **routing)
     assert trace[0] == ("fused_moe", backend) and ("fused_topk", routing_backend) in trace
     assert_close(out.cpu(), fused_moe(x, w13, w2, logits, 2, **routing))
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_fused_experts_triton_past_int32_offsets():
+    """T * k * H > 2^31: the rows of y [T*k, H] at the end of the batch sit past int32 element offsets (Qwen3-MoE at
+    131k tokens got there), so the kernels' offsets must be int64."""
+    num_tokens, topk, hidden, inter, num_experts = 33_000, 8, 8192, 64, 8
+    assert num_tokens * topk * hidden > 2**31
+    x = torch.randn(num_tokens, hidden, device="cuda", dtype=torch.bfloat16)
+    w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda") / hidden**0.5).bfloat16()
+    w2 = (torch.randn(num_experts, hidden, inter, device="cuda") / inter**0.5).bfloat16()
+    weights, ids = fused_topk(torch.randn(num_tokens, num_experts, device="cuda"), topk)
+    with qwen_fast.use_backend("triton"), qwen_fast.record_backends() as calls:
+        out = qwen_fast.fused_experts(x, w13, w2, weights, ids)
+    assert calls == [("fused_experts", "triton")]
+    tail = slice(num_tokens - 64, num_tokens)  # the tokens whose pair rows lie past 2^31 elements
+    assert_close(out[tail], fused_experts(x[tail], w13, w2, weights[tail], ids[tail]))

@@ -49,7 +49,8 @@ def _fused_experts_native(hidden_states, w13, w2, topk_weights, topk_ids) -> tor
     return torch.ops.qwen_fast.fused_experts(hidden_states, w13, w2, topk_weights, topk_ids)
 
 
-# The experts' GEMMs are Triton's job on CUDA (no CUDA C++ kernel); the C++ extension's ATen GEMMs on CPU.
+# The experts' GEMMs are Triton's job on CUDA (no CUDA C++ kernel); on CPU the C++ extension's tiled kernels
+# (csrc/cpu/moe.cpp).
 FUSED_EXPERTS = Op(
     "fused_experts",
     {"triton": _fused_experts_triton, "cpu": _fused_experts_native, "torch": reference.fused_experts},
