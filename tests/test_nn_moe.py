@@ -189,9 +189,11 @@ def test_output_router_logits_and_aux_loss(swap):
             layer.mlp = SparseMoeBlock.from_hf(layer.mlp, hf_parity=True)
         out = model(ids, labels=ids, output_router_logits=True)
     assert len(out.router_logits) == len(expected.router_logits) == 2
-    for got, want in zip(out.router_logits, expected.router_logits, strict=True):
-        assert torch.equal(got, want)
-    assert torch.equal(out.aux_loss, expected.aux_loss)
+    # Layer 0's router sees the same input: the same logits bit for bit. Later layers see the output of qwen_fast's
+    # experts, whose fp32 sums run in another order than transformers': equal within the tolerance.
+    assert torch.equal(out.router_logits[0], expected.router_logits[0])
+    assert_close(out.router_logits[1], expected.router_logits[1])
+    assert_close(out.aux_loss, expected.aux_loss)
     assert_close(out.logits, expected.logits)
     assert_close(out.loss, expected.loss)
 
@@ -214,7 +216,8 @@ def test_router_and_experts_match_the_references():
     ref_weights, ref_ids = fused_topk(
         logits, 3, True, e_score_correction_bias=router.e_score_correction_bias, **routing
     )
-    assert torch.equal(ids, ref_ids) and torch.equal(weights, ref_weights)
+    assert torch.equal(ids, ref_ids)
+    assert_close(weights, ref_weights)  # the routing kernel's own exp and sums: equal within the fp32 tolerance
     assert_close(out, fused_experts(x, experts.gate_up_proj.detach(), experts.down_proj.detach(), weights, ids))
     assert sorted(dict(router.named_buffers())) == ["e_score_correction_bias"]
     assert router.weight.shape == (12, HIDDEN)
