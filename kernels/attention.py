@@ -53,19 +53,36 @@ HEAD_DIMS = (16, 32, 64, 128, 256)  # HEAD_DIM, the padded head dim
 
 @triton.jit
 def _attend_tiles(
-    acc, m_i, l_i, q, k_ptrs, v_ptrs, cols, diag, start, stop, seqlen_k, left, right, qk_scale, stride_kt,
-    stride_vt, BLOCK_N: tl.constexpr, MASKED: tl.constexpr, EVEN_D: tl.constexpr, d_ok, DOT_PRECISION: tl.constexpr,
+    acc, m_i, l_i, q, k_base, v_base, cols, dims, diag, start, stop, seqlen_k, head_dim, left, right, qk_scale,
+    stride_kt, stride_vt, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):  # fmt: skip
-    """Online softmax over the key tiles [start, stop) (multiples of BLOCK_N); MASKED applies the per-element mask."""
-    for n0 in range(start, stop, BLOCK_N):
+    """Online softmax over the key tiles [start, stop) (multiples of BLOCK_N = len(cols)). k_base/v_base: scalar
+    pointers to key 0 of this sequence and KV head. MASKED tiles load keys < seqlen_k only and apply the
+    causal/window mask; the others are fully visible."""
+    block_n = cols.shape[0]
+    k_tile = k_base + start.to(tl.int64) * stride_kt  # scalar pointers to the current tile, advanced per tile
+    v_tile = v_base + start.to(tl.int64) * stride_vt
+    for n0 in range(start, stop, block_n):
         keys = n0 + cols
-        offs = keys.to(tl.int64)
-        if EVEN_D:
-            k = tl.load(k_ptrs + offs[None, :] * stride_kt, mask=(keys < seqlen_k)[None, :], other=0.0)
-            v = tl.load(v_ptrs + offs[:, None] * stride_vt, mask=(keys < seqlen_k)[:, None], other=0.0)
+        k_ptrs = k_tile + (dims[:, None] + cols[None, :] * stride_kt).to(tl.int32)  # in-tile offsets < 2^31
+        v_ptrs = v_tile + (cols[:, None] * stride_vt + dims[None, :]).to(tl.int32)
+        k_tile += block_n * stride_kt
+        v_tile += block_n * stride_vt
+        d_ok = dims < head_dim
+        if MASKED:
+            key_ok = keys < seqlen_k
+            if EVEN_D:
+                k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+            else:
+                k = tl.load(k_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
         else:
-            k = tl.load(k_ptrs + offs[None, :] * stride_kt, mask=d_ok[:, None] & (keys < seqlen_k)[None, :], other=0.0)
-            v = tl.load(v_ptrs + offs[:, None] * stride_vt, mask=(keys < seqlen_k)[:, None] & d_ok[None, :], other=0.0)
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             visible = (keys[None, :] < seqlen_k) & (keys[None, :] >= diag[:, None] - left)
@@ -119,8 +136,9 @@ def _flash_attn_kernel(
     o_rows = batch64 * stride_ob + (start_q + pos).to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
     q_tile = tl.load(q + q_rows[:, None] + dims[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     kv_head64 = kv_head.to(tl.int64)
-    k_ptrs = k + batch64 * stride_kb + start_k.to(tl.int64) * stride_kt + kv_head64 * stride_kh + dims[:, None]
-    v_ptrs = v + batch64 * stride_vb + start_k.to(tl.int64) * stride_vt + kv_head64 * stride_vh + dims[None, :]
+    k_base = k + batch64 * stride_kb + start_k.to(tl.int64) * stride_kt + kv_head64 * stride_kh
+    v_base = v + batch64 * stride_vb + start_k.to(tl.int64) * stride_vt + kv_head64 * stride_vh
+    cols = tl.arange(0, BLOCK_N)
 
     # Keys some row sees: [lo, hi); keys every row sees: [full_lo, full_hi] (see the module docstring).
     diag_first = row0 // group + seqlen_k - seqlen_q
@@ -138,18 +156,17 @@ def _flash_attn_kernel(
     acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
     m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
-    cols = tl.arange(0, BLOCK_N)
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q_tile, k_ptrs, v_ptrs, cols, diag, tile_lo, mid_lo, seqlen_k, left, right, qk_scale,
-        stride_kt, stride_vt, BLOCK_N, True, EVEN_D, d_ok, DOT_PRECISION,
+        acc, m_i, l_i, q_tile, k_base, v_base, cols, dims, diag, tile_lo, mid_lo, seqlen_k, head_dim, left, right,
+        qk_scale, stride_kt, stride_vt, True, EVEN_D, DOT_PRECISION,
     )  # fmt: skip
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q_tile, k_ptrs, v_ptrs, cols, diag, mid_lo, mid_hi, seqlen_k, left, right, qk_scale,
-        stride_kt, stride_vt, BLOCK_N, False, EVEN_D, d_ok, DOT_PRECISION,
+        acc, m_i, l_i, q_tile, k_base, v_base, cols, dims, diag, mid_lo, mid_hi, seqlen_k, head_dim, left, right,
+        qk_scale, stride_kt, stride_vt, False, EVEN_D, DOT_PRECISION,
     )  # fmt: skip
     acc, m_i, l_i = _attend_tiles(
-        acc, m_i, l_i, q_tile, k_ptrs, v_ptrs, cols, diag, mid_hi, tile_hi, seqlen_k, left, right, qk_scale,
-        stride_kt, stride_vt, BLOCK_N, True, EVEN_D, d_ok, DOT_PRECISION,
+        acc, m_i, l_i, q_tile, k_base, v_base, cols, dims, diag, mid_hi, tile_hi, seqlen_k, head_dim, left, right,
+        qk_scale, stride_kt, stride_vt, True, EVEN_D, DOT_PRECISION,
     )  # fmt: skip
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     result = tl.where((l_i > 0.0)[:, None], acc / l_safe[:, None], 0.0)  # no visible key: 0
@@ -223,3 +240,46 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     out = torch.zeros_like(q, memory_format=torch.contiguous_format)
     return _launch(q, k, v, out, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k,
                    softmax_scale, causal, window_size, batch_strides=False)  # fmt: skip
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every (dtype, HEAD_DIM, row tile, EVEN_D, layout) the launcher can pick."""
+    kernel = _flash_attn_kernel
+    specs = []
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        pointer = "*" + TRITON_DTYPE[dtype]
+        for padded in HEAD_DIMS:
+            for num_rows in (16, 17):  # the short-query tile and the prefill tile
+                config = _config(dtype, padded, num_rows)
+                for even_d in (True, False):
+                    for varlen in (False, True):
+                        signature = {name: pointer for name in ("q", "k", "v", "out")}
+                        index = "*i32" if varlen else "constexpr"
+                        signature |= {"cu_seqlens_q": index, "cu_seqlens_k": index}
+                        signature |= {name: "i32" for name in kernel.arg_names[6:13]}
+                        signature["qk_scale"] = "fp32"
+                        signature |= {name: "i64" for name in kernel.arg_names[14:26]}
+                        constexprs = {
+                            "BLOCK_M": config["BLOCK_M"],
+                            "BLOCK_N": config["BLOCK_N"],
+                            "HEAD_DIM": padded,
+                            "EVEN_D": even_d,
+                            "IS_VARLEN": varlen,
+                            "DOT_PRECISION": _precision(dtype),
+                        }
+                        signature |= {name: "constexpr" for name in constexprs}
+                        if not varlen:
+                            constexprs |= {"cu_seqlens_q": None, "cu_seqlens_k": None}
+                        label = (
+                            f"{TRITON_DTYPE[dtype]} D={padded}{'' if even_d else ' padded'} M={config['BLOCK_M']} "
+                            f"N={config['BLOCK_N']} {'varlen' if varlen else 'batched'}"
+                        )
+                        # The JIT's specialization for 16-byte aligned tensors; with D a power of 2 the strides
+                        # (multiples of D) are multiples of 16 too.
+                        aligned = ("q", "k", "v", "out") + (tuple(kernel.arg_names[14:26]) if even_d else ())
+                        specs.append(
+                            CompileSpec(
+                                kernel, signature, constexprs, config["num_warps"], config["num_stages"], label, aligned
+                            )
+                        )
+    return specs

@@ -90,7 +90,9 @@ def triton_usages(archs: list[int]) -> tuple[list[Usage], list[str]]:
         for spec in getattr(module, "compile_specs", list)():
             name = f"{info.name}.{spec.kernel.__name__}[{spec.label}, warps={spec.num_warps}]"
             for arch in archs:
-                source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
+                names = list(spec.signature)
+                attrs = {(names.index(a),): [["tt.divisibility", 16]] for a in spec.aligned}
+                source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
                 options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
                 try:
                     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
