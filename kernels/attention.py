@@ -31,12 +31,15 @@ Head dims: any multiple of 8 up to 256, padded to HEAD_DIM = the next power of 2
 stores (EVEN_D skips the masks when D is a power of 2). fp32 dots use input_precision "ieee" (no TF32), so the fp32
 backend meets the fp32 tolerance.
 
-Tiles (_config): 16-bit tensor-core path: BLOCK_N = 64, BLOCK_M = 128 with 8 warps up to HEAD_DIM 128; at
-HEAD_DIM 256 BLOCK_M = 64 and BLOCK_N = 32 (the Q tile and the accumulator alone are 64 KB of registers at 128 rows,
-which spilled). fp32 (FMA dots, operands in registers): BLOCK_M 32, BLOCK_N 16/32. Short queries (decode, small
-chunks) use BLOCK_M = 16 or 64 when max_seqlen_q * G rows fit, so that no program is mostly empty rows. Every
-config is listed in compile_specs() and compiled for sm_80 and sm_90 by `python -m qwen_fast.gpu_check`, which
-fails on spills.
+Tiles (_config), chosen so that no config spills on sm_80 or sm_90 (Triton 3.8, checked statically):
+16-bit, D a power of 2: 128 x 64 tiles (rows x keys) with 8 warps up to HEAD_DIM 64, 64 x 64 at 128, 32 x 32 at
+256 (128-row tiles spilled at HEAD_DIM 128: the Q tile, the fp32 accumulator and the score tile need 255+ registers
+a thread). fp32 (exact "ieee" dots on FMA units): 32 x 32 up to 64, 32 x 16 with 8 warps above. Short queries
+(Sq * G <= 16 rows: decode) take a 16 x 32 tile, so that no program is mostly empty rows. Head dims that are not a
+power of 2 (D = 72, 200, ...) have strides the JIT cannot prove 16-aligned, so the loads are scalar and every
+element needs its own pointer: those use 32 x 32 (16 x 16 for fp32 or HEAD_DIM 256), 8 warps from HEAD_DIM 128.
+compile_specs() lists every config, in the aligned specialization that contiguous (or per-head sliced) tensors get
+from the JIT, and `python -m qwen_fast.gpu_check` compiles each for sm_80 and sm_90 and fails on spills.
 """
 
 import math
@@ -179,18 +182,30 @@ def _head_dim_padded(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _config(dtype: torch.dtype, padded_head_dim: int, num_rows: int) -> dict:
-    """BLOCK_M, BLOCK_N, warps, stages for one dtype, padded head dim and the rows of the longest sequence (Sq * G)."""
+def _config(dtype: torch.dtype, padded_head_dim: int, num_rows: int, even_d: bool) -> dict:
+    """BLOCK_M, BLOCK_N, warps, stages for one dtype, padded head dim, the rows of the longest sequence (Sq * G) and
+    whether D is a power of 2 (see the module docstring for why each tile is what it is)."""
+    stages = 1 if dtype == torch.float32 else 2
+    if not even_d:  # D = 8 mod 16 strides defeat vector loads: one small tile, 8 warps from HEAD_DIM 128
+        wide = padded_head_dim <= 64 or (padded_head_dim == 128 and dtype != torch.float32)
+        block = 32 if wide else 16
+        return {
+            "BLOCK_M": block,
+            "BLOCK_N": block,
+            "num_warps": 4 if padded_head_dim <= 64 else 8,
+            "num_stages": stages,
+        }
     if num_rows <= 16:  # decode / tiny chunks: one m16 tile of rows
-        return {"BLOCK_M": 16, "BLOCK_N": 64 if padded_head_dim <= 128 else 32, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": stages}
     if dtype == torch.float32:  # exact fp32 dots on FMA units, operands in registers
-        block_n = 32 if padded_head_dim <= 64 else 16
-        return {"BLOCK_M": 32, "BLOCK_N": block_n, "num_warps": 4 if padded_head_dim <= 128 else 8, "num_stages": 1}
+        if padded_head_dim <= 64:
+            return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+        return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1}
     if padded_head_dim <= 64:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4, "num_stages": 3}
-    if padded_head_dim <= 128:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
-    return {"BLOCK_M": 64, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    if padded_head_dim <= 128:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -210,7 +225,7 @@ def _launch(q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q, max_s
     right = 0 if causal else (unbounded if window_size[1] < 0 else window_size[1])
     scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
     padded = _head_dim_padded(head_dim)
-    config = _config(q.dtype, padded, max_seqlen_q * group)
+    config = _config(q.dtype, padded, max_seqlen_q * group, padded == head_dim)
     grid = (batch * num_kv_heads, triton.cdiv(max_seqlen_q * group, config["BLOCK_M"]))
     strides = [t.stride(0) if batch_strides else 0 for t in (q, k, v, out)]
     token_dim = 1 if batch_strides else 0
@@ -249,37 +264,36 @@ def compile_specs() -> list[CompileSpec]:
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         pointer = "*" + TRITON_DTYPE[dtype]
         for padded in HEAD_DIMS:
-            for num_rows in (16, 17):  # the short-query tile and the prefill tile
-                config = _config(dtype, padded, num_rows)
-                for even_d in (True, False):
-                    for varlen in (False, True):
-                        signature = {name: pointer for name in ("q", "k", "v", "out")}
-                        index = "*i32" if varlen else "constexpr"
-                        signature |= {"cu_seqlens_q": index, "cu_seqlens_k": index}
-                        signature |= {name: "i32" for name in kernel.arg_names[6:13]}
-                        signature["qk_scale"] = "fp32"
-                        signature |= {name: "i64" for name in kernel.arg_names[14:26]}
-                        constexprs = {
-                            "BLOCK_M": config["BLOCK_M"],
-                            "BLOCK_N": config["BLOCK_N"],
-                            "HEAD_DIM": padded,
-                            "EVEN_D": even_d,
-                            "IS_VARLEN": varlen,
-                            "DOT_PRECISION": _precision(dtype),
-                        }
-                        signature |= {name: "constexpr" for name in constexprs}
-                        if not varlen:
-                            constexprs |= {"cu_seqlens_q": None, "cu_seqlens_k": None}
-                        label = (
-                            f"{TRITON_DTYPE[dtype]} D={padded}{'' if even_d else ' padded'} M={config['BLOCK_M']} "
-                            f"N={config['BLOCK_N']} {'varlen' if varlen else 'batched'}"
+            for num_rows, even_d in ((16, True), (17, True), (17, False)):  # short queries, prefill, padded D
+                config = _config(dtype, padded, num_rows, even_d)
+                for varlen in (False, True):
+                    signature = {name: pointer for name in ("q", "k", "v", "out")}
+                    index = "*i32" if varlen else "constexpr"
+                    signature |= {"cu_seqlens_q": index, "cu_seqlens_k": index}
+                    signature |= {name: "i32" for name in kernel.arg_names[6:13]}
+                    signature["qk_scale"] = "fp32"
+                    signature |= {name: "i64" for name in kernel.arg_names[14:26]}
+                    constexprs = {
+                        "BLOCK_M": config["BLOCK_M"],
+                        "BLOCK_N": config["BLOCK_N"],
+                        "HEAD_DIM": padded,
+                        "EVEN_D": even_d,
+                        "IS_VARLEN": varlen,
+                        "DOT_PRECISION": _precision(dtype),
+                    }
+                    signature |= {name: "constexpr" for name in constexprs}
+                    if not varlen:
+                        constexprs |= {"cu_seqlens_q": None, "cu_seqlens_k": None}
+                    label = (
+                        f"{TRITON_DTYPE[dtype]} D={padded}{'' if even_d else ' padded'} M={config['BLOCK_M']} "
+                        f"N={config['BLOCK_N']} {'varlen' if varlen else 'batched'}"
+                    )
+                    # The JIT's specialization for 16-byte aligned tensors; with D a power of 2 the strides
+                    # (multiples of D) are multiples of 16 too.
+                    aligned = ("q", "k", "v", "out") + (tuple(kernel.arg_names[14:26]) if even_d else ())
+                    specs.append(
+                        CompileSpec(
+                            kernel, signature, constexprs, config["num_warps"], config["num_stages"], label, aligned
                         )
-                        # The JIT's specialization for 16-byte aligned tensors; with D a power of 2 the strides
-                        # (multiples of D) are multiples of 16 too.
-                        aligned = ("q", "k", "v", "out") + (tuple(kernel.arg_names[14:26]) if even_d else ())
-                        specs.append(
-                            CompileSpec(
-                                kernel, signature, constexprs, config["num_warps"], config["num_stages"], label, aligned
-                            )
-                        )
+                    )
     return specs

@@ -33,7 +33,7 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kBlockQ = 16;  // query positions per work item (rows = kBlockQ * G)
-constexpr int64_t kBlockK = 64;  // keys per tile: kBlockK / W score accumulators in registers (W = 8 or 16)
+constexpr int64_t kBlockK = 64;  // keys per tile (a multiple of kRegVecs * W, W = Vec::size() lanes)
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -89,25 +89,29 @@ void check_flash_attn_varlen(const at::Tensor& q, const at::Tensor& k, const at:
   }
 }
 
+// Vectors held in registers by the two inner loops: 4 accumulators fit the 16 SIMD registers of SSE/AVX2 builds
+// (a portable build's Vec of 8 floats is 2 SSE registers).
+constexpr int64_t kRegVecs = 4;
+
 // Scores of one row against one tile: s[j] = <q_row, kT[:, j]>, kT [Dp, kBlockK], q_row pre-scaled.
 inline void row_scores(const float* q_row, const float* kT, int64_t head_dim, float* s) {
-  constexpr int64_t kVecs = kBlockK / Vec::size();
-  Vec acc[kVecs];
-  for (int64_t c = 0; c < kVecs; ++c) acc[c] = Vec(0.0f);
-  for (int64_t d = 0; d < head_dim; ++d) {
-    const Vec qd(q_row[d]);
-    const float* k_row = kT + d * kBlockK;
-    for (int64_t c = 0; c < kVecs; ++c) acc[c] = at::vec::fmadd(qd, Vec::loadu(k_row + c * Vec::size()), acc[c]);
+  for (int64_t j0 = 0; j0 < kBlockK; j0 += kRegVecs * Vec::size()) {
+    Vec acc[kRegVecs];
+    for (int64_t c = 0; c < kRegVecs; ++c) acc[c] = Vec(0.0f);
+    for (int64_t d = 0; d < head_dim; ++d) {
+      const Vec qd(q_row[d]);
+      const float* k_row = kT + d * kBlockK + j0;
+      for (int64_t c = 0; c < kRegVecs; ++c) acc[c] = at::vec::fmadd(qd, Vec::loadu(k_row + c * Vec::size()), acc[c]);
+    }
+    for (int64_t c = 0; c < kRegVecs; ++c) acc[c].store(s + j0 + c * Vec::size());
   }
-  for (int64_t c = 0; c < kVecs; ++c) acc[c].store(s + c * Vec::size());
 }
 
-// acc_row[0:Dp] = acc_row * alpha + sum_j p[j] * v[j, 0:Dp] (v [num_keys, Dp]), 8 vectors of d at a time.
+// acc_row[0:Dp] = acc_row * alpha + sum_j p[j] * v[j, 0:Dp] (v [num_keys, Dp]), kRegVecs vectors of d at a time.
 inline void row_update(float* acc_row, float alpha, const float* p, const float* v, int64_t num_keys, int64_t dim) {
-  constexpr int64_t kChunk = 8;
-  for (int64_t d0 = 0; d0 < dim; d0 += kChunk * Vec::size()) {
-    const int64_t vecs = std::min<int64_t>(kChunk, (dim - d0) / Vec::size());
-    Vec acc[kChunk];
+  for (int64_t d0 = 0; d0 < dim; d0 += kRegVecs * Vec::size()) {
+    const int64_t vecs = std::min<int64_t>(kRegVecs, (dim - d0) / Vec::size());
+    Vec acc[kRegVecs];
     for (int64_t c = 0; c < vecs; ++c) acc[c] = Vec::loadu(acc_row + d0 + c * Vec::size()) * Vec(alpha);
     for (int64_t j = 0; j < num_keys; ++j) {
       const Vec pj(p[j]);
