@@ -34,12 +34,15 @@ backend meets the fp32 tolerance.
 Tiles (_config), chosen so that no config spills on sm_80 or sm_90 (Triton 3.8, checked statically):
 16-bit, D a power of 2: 128 x 64 tiles (rows x keys) with 8 warps up to HEAD_DIM 64, 64 x 64 at 128, 32 x 32 at
 256 (128-row tiles spilled at HEAD_DIM 128: the Q tile, the fp32 accumulator and the score tile need 255+ registers
-a thread). fp32 (exact "ieee" dots on FMA units): 32 x 32 up to 64, 32 x 16 with 8 warps above. Short queries
-(Sq * G <= 16 rows: decode) take a 16 x 32 tile, so that no program is mostly empty rows. Head dims that are not a
-power of 2 (D = 72, 200, ...) have strides the JIT cannot prove 16-aligned, so the loads are scalar and every
-element needs its own pointer: those use 32 x 32 (16 x 16 for fp32 or HEAD_DIM 256), 8 warps from HEAD_DIM 128.
-compile_specs() lists every config, in the aligned specialization that contiguous (or per-head sliced) tensors get
-from the JIT, and `python -m qwen_fast.gpu_check` compiles each for sm_80 and sm_90 and fails on spills.
+a thread). fp32 (exact "ieee" dots on FMA units, operands in registers): 16 x 16 with 4 warps everywhere (32-row
+tiles used local memory on sm_80 in the varlen layout). Short 16-bit queries (Sq * G <= 16 rows: decode)
+take a 16 x 32 tile, so that no program is mostly empty rows. Head dims that are not a power of 2 (D = 72, 200,
+...) have strides the JIT cannot prove 16-aligned, so the loads are scalar and every element needs its own pointer:
+16-bit uses 32 x 32 tiles there; where even 16 x 16 spilled (masked HEAD_DIM 256, and 128 in fp32) the launcher
+runs the kernel on zero-padded copies of q/k/v instead (exact: zero dims add nothing to q.k) and drops the padded
+output columns. compile_specs() lists every config, in the aligned specialization that contiguous (or per-head
+sliced) tensors get from the JIT, and `python -m qwen_fast.gpu_check` compiles each for sm_80 and sm_90 and fails
+on spills.
 """
 
 import math
@@ -182,25 +185,21 @@ def _head_dim_padded(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def _copies_padded(dtype: torch.dtype, padded_head_dim: int, even_d: bool) -> bool:
+    """Whether the launcher runs on zero-padded copies of q/k/v instead of masking the head dim: masked head dims
+    of 256 (any dtype) and of 128 in fp32 spilled in every tile tried (scalar loads, see the module docstring)."""
+    return not even_d and (padded_head_dim == 256 or (dtype == torch.float32 and padded_head_dim == 128))
+
+
 def _config(dtype: torch.dtype, padded_head_dim: int, num_rows: int, even_d: bool) -> dict:
     """BLOCK_M, BLOCK_N, warps, stages for one dtype, padded head dim, the rows of the longest sequence (Sq * G) and
     whether D is a power of 2 (see the module docstring for why each tile is what it is)."""
-    stages = 1 if dtype == torch.float32 else 2
-    if not even_d:  # D = 8 mod 16 strides defeat vector loads: one small tile, 8 warps from HEAD_DIM 128
-        wide = padded_head_dim <= 64 or (padded_head_dim == 128 and dtype != torch.float32)
-        block = 32 if wide else 16
-        return {
-            "BLOCK_M": block,
-            "BLOCK_N": block,
-            "num_warps": 4 if padded_head_dim <= 64 else 8,
-            "num_stages": stages,
-        }
+    if dtype == torch.float32:  # exact fp32 dots on FMA units, operands in registers: 32-row tiles spilled
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+    if not even_d:  # scalar loads (strides not provably 16-aligned): 32 x 32, 8 warps at HEAD_DIM 128
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4 if padded_head_dim <= 64 else 8, "num_stages": 2}
     if num_rows <= 16:  # decode / tiny chunks: one m16 tile of rows
-        return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": stages}
-    if dtype == torch.float32:  # exact fp32 dots on FMA units, operands in registers
-        if padded_head_dim <= 64:
-            return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-        return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1}
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
     if padded_head_dim <= 64:
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     if padded_head_dim <= 128:
@@ -220,11 +219,19 @@ def _launch(q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q, max_s
     group = num_heads_q // num_kv_heads
     if out.numel() == 0 or batch == 0 or max_seqlen_q == 0:
         return out
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    padded = _head_dim_padded(head_dim)
+    if _copies_padded(
+        q.dtype, padded, padded == head_dim
+    ):  # exact: zero dims add nothing to q.k; their outputs are dropped
+        q, k, v = (torch.nn.functional.pad(t, (0, padded - head_dim)) for t in (q, k, v))
+        wide = out.new_zeros(*out.shape[:-1], padded)
+        _launch(q, k, v, wide, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q, max_seqlen_k, scale, causal,
+                window_size, batch_strides)  # fmt: skip
+        return out.copy_(wide[..., :head_dim])
     unbounded = max_seqlen_q + max_seqlen_k  # a window edge that no key can pass
     left = unbounded if window_size[0] < 0 else window_size[0]
     right = 0 if causal else (unbounded if window_size[1] < 0 else window_size[1])
-    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
-    padded = _head_dim_padded(head_dim)
     config = _config(q.dtype, padded, max_seqlen_q * group, padded == head_dim)
     grid = (batch * num_kv_heads, triton.cdiv(max_seqlen_q * group, config["BLOCK_M"]))
     strides = [t.stride(0) if batch_strides else 0 for t in (q, k, v, out)]
@@ -260,12 +267,17 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
 def compile_specs() -> list[CompileSpec]:
     """Every (dtype, HEAD_DIM, row tile, EVEN_D, layout) the launcher can pick."""
     kernel = _flash_attn_kernel
-    specs = []
+    specs, seen = [], set()
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         pointer = "*" + TRITON_DTYPE[dtype]
         for padded in HEAD_DIMS:
-            for num_rows, even_d in ((16, True), (17, True), (17, False)):  # short queries, prefill, padded D
+            for num_rows, even_d in ((16, True), (17, True), (17, False)):  # short queries, prefill, masked D
+                if _copies_padded(dtype, padded, even_d):
+                    continue  # launched on zero-padded copies, i.e. with EVEN_D
                 config = _config(dtype, padded, num_rows, even_d)
+                if (dtype, padded, even_d, config["BLOCK_M"]) in seen:
+                    continue  # fp32: one tile for short and long queries
+                seen.add((dtype, padded, even_d, config["BLOCK_M"]))
                 for varlen in (False, True):
                     signature = {name: pointer for name in ("q", "k", "v", "out")}
                     index = "*i32" if varlen else "constexpr"

@@ -286,7 +286,7 @@ def _check_backend(backend, q, k, v, **options):
     assert (out[:, blind] == 0).all()
 
 
-# Interpreter-sized cases: (B, Sq, Sk, Hq, Hkv, D, causal, window): GQA 1/4/8, D 64/72/128, Sq != Sk both ways,
+# Interpreter-sized cases: (B, Sq, Sk, Hq, Hkv, D, causal, window): GQA 1/4/8, D 64/72/128/136, Sq != Sk both ways,
 # causal, windows, rows with nothing to see (causal Sq > Sk; window (0, 0) with Sq > Sk).
 TINY_CASES = [
     (1, 1, 7, 4, 4, 64, False, (-1, -1)),
@@ -297,6 +297,7 @@ TINY_CASES = [
     (1, 7, 33, 8, 1, 64, False, (0, 0)),
     (1, 33, 7, 4, 1, 64, False, (0, 0)),
     (1, 33, 1, 8, 2, 128, False, (-1, 3)),
+    (1, 7, 9, 4, 2, 136, True, (-1, -1)),  # a masked head dim of 256 (the triton launcher pads a copy)
 ]
 
 
