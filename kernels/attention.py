@@ -34,8 +34,8 @@ backend meets the fp32 tolerance.
 Tiles (_config), chosen so that no config spills on sm_80 or sm_90 (Triton 3.8, checked statically):
 16-bit, D a power of 2: 128 x 64 tiles (rows x keys) with 8 warps up to HEAD_DIM 64, 64 x 64 at 128, 32 x 32 at
 256 (128-row tiles spilled at HEAD_DIM 128: the Q tile, the fp32 accumulator and the score tile need 255+ registers
-a thread). fp32 (exact "ieee" dots on FMA units, operands in registers): 16 x 16 with 4 warps everywhere (32-row
-tiles used local memory on sm_80 in the varlen layout). Short 16-bit queries (Sq * G <= 16 rows: decode)
+a thread). fp32 (exact "ieee" dots on FMA units, operands in registers): 16 x 16 everywhere, 8 warps at HEAD_DIM
+256 (32-row tiles used local memory on sm_80 in the varlen layout). Short 16-bit queries (Sq * G <= 16 rows: decode)
 take a 16 x 32 tile, so that no program is mostly empty rows. Head dims that are not a power of 2 (D = 72, 200,
 ...) have strides the JIT cannot prove 16-aligned, so the loads are scalar and every element needs its own pointer:
 16-bit uses 32 x 32 tiles there; where even 16 x 16 spilled (masked HEAD_DIM 256, and 128 in fp32) the launcher
@@ -195,13 +195,13 @@ def _config(dtype: torch.dtype, padded_head_dim: int, num_rows: int, even_d: boo
     """BLOCK_M, BLOCK_N, warps, stages for one dtype, padded head dim, the rows of the longest sequence (Sq * G) and
     whether D is a power of 2 (see the module docstring for why each tile is what it is)."""
     if dtype == torch.float32:  # exact fp32 dots on FMA units, operands in registers: 32-row tiles spilled
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 4, "num_stages": 1}
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8 if padded_head_dim == 256 else 4, "num_stages": 1}
     if not even_d:  # scalar loads (strides not provably 16-aligned): 32 x 32, 8 warps at HEAD_DIM 128
         return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4 if padded_head_dim <= 64 else 8, "num_stages": 2}
     if num_rows <= 16:  # decode / tiny chunks: one m16 tile of rows
         return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-    if padded_head_dim <= 64:
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    if padded_head_dim <= 64:  # 8 warps used stack at HEAD_DIM 32 on sm_80
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if padded_head_dim <= 32 else 8, "num_stages": 2}
     if padded_head_dim <= 128:
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
     return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}

@@ -6,15 +6,16 @@
 // together, so each K/V tile is converted and read once per group, never repeated per query head. Items are dealt
 // round-robin to the threads (at::parallel_for over thread slots), which balances causal blocks of unequal length.
 //
-// Per item, in a per-thread fp32 workspace: Q rows [rows, Dp] (converted on load, pre-multiplied by
-// softmax_scale * log2(e)), the accumulator [rows, Dp], the running max m and sum l per row (base 2). Per key tile
-// of kBlockK keys: K transposed to [Dp, kBlockK] and V [kBlockK, Dp], converted to fp32 once; for each row the
-// scores s[j] = <q, k_j> are kBlockK/W vector accumulators over d (at::vec, W lanes), masked (key in
-// [d(i) - left, d(i) + right], d(i) = i + Sk - Sq), then online softmax: m' = max(m, max s), p = exp2(s - m'),
-// acc = acc * exp2(m - m') + sum_j p[j] v[j] (vectors along d), l likewise. A row with no visible key so far has
-// m = -inf; the exponent base is then 0, so p = 0 and nothing is NaN; the output is acc / l, or 0 where l = 0.
-// Only the key range some row of the item can see ([d(first) - left, d(last) + right]) is visited: fully masked
-// tiles (causal, window) are never computed. Dp is D rounded up to a multiple of W, the padding zero-filled.
+// Per item, in a per-thread fp32 workspace: Q rows [rows, D] (converted on load, pre-multiplied by
+// softmax_scale * log2(e)), the accumulator [rows, D], the running max m and sum l per row (base 2). Per key tile
+// of kBlockK keys: K and V [kBlockK, D] converted to fp32 once; scores s = Q K^T [rows, kBlockK] by one GEMM
+// (at::mm_out on the workspace, i.e. the BLAS torch links: the extension is built without -mavx2, so at::vec's
+// dot products ran its portable 8-float path, several times slower than the GEMM);
+// the mask (key in [d(i) - left, d(i) + right], d(i) = i + Sk - Sq); online softmax with at::vec exp2:
+// m' = max(m, max s), p = exp2(s - m'), acc = acc * exp2(m - m'), l likewise; then acc += P V by a second GEMM.
+// A row with no visible key so far has m = -inf; the exponent base is then 0, so p = 0 and nothing is NaN; the
+// output is acc / l, or 0 where l = 0. Only the key range some row of the item can see ([d(first) - left,
+// d(last) + right]) is visited: fully masked tiles (causal, window) are never computed.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -28,12 +29,17 @@
 
 #include "../ops.h"
 
+// MKL's per-thread thread count (C interface), exported by torch's x86 builds (MKL is linked into libtorch_cpu); weak, so that the
+// extension still loads where torch has no MKL. The tile GEMMs run inside our own parallel region, where an MKL
+// that threads as well oversubscribes the cores (measured: 870 ms instead of 67 ms, causal S = 512, 2 threads).
+extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
+
 namespace qwen_fast {
 namespace {
 
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t kBlockQ = 16;  // query positions per work item (rows = kBlockQ * G)
-constexpr int64_t kBlockK = 64;  // keys per tile (a multiple of kRegVecs * W, W = Vec::size() lanes)
+constexpr int64_t kBlockK = 128;  // keys per tile: one [rows, kBlockK] score GEMM
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
@@ -42,7 +48,7 @@ struct Item {
 };
 
 struct Layout {
-  int64_t num_heads_q, group, head_dim, padded_dim;
+  int64_t num_heads_q, group, head_dim;
   int64_t q_token, q_head, k_token, k_head, v_token, v_head;  // strides, in elements
   int64_t left, right;  // window edges, -1 = unbounded (causal already folded into right = 0)
   float scale_log2;     // softmax_scale * log2(e)
@@ -89,43 +95,31 @@ void check_flash_attn_varlen(const at::Tensor& q, const at::Tensor& k, const at:
   }
 }
 
-// Vectors held in registers by the two inner loops: 4 accumulators fit the 16 SIMD registers of SSE/AVX2 builds
-// (a portable build's Vec of 8 floats is 2 SSE registers).
-constexpr int64_t kRegVecs = 4;
-
-// Scores of one row against one tile: s[j] = <q_row, kT[:, j]>, kT [Dp, kBlockK], q_row pre-scaled.
-inline void row_scores(const float* q_row, const float* kT, int64_t head_dim, float* s) {
-  for (int64_t j0 = 0; j0 < kBlockK; j0 += kRegVecs * Vec::size()) {
-    Vec acc[kRegVecs];
-    for (int64_t c = 0; c < kRegVecs; ++c) acc[c] = Vec(0.0f);
-    for (int64_t d = 0; d < head_dim; ++d) {
-      const Vec qd(q_row[d]);
-      const float* k_row = kT + d * kBlockK + j0;
-      for (int64_t c = 0; c < kRegVecs; ++c) acc[c] = at::vec::fmadd(qd, Vec::loadu(k_row + c * Vec::size()), acc[c]);
-    }
-    for (int64_t c = 0; c < kRegVecs; ++c) acc[c].store(s + j0 + c * Vec::size());
+// Online softmax of one row's scores s[0:n] (base 2, invisible keys already -inf): turns s into p, updates the
+// row's max m and sum l, and returns the factor exp2(m_old - m_new) that rescales the row's accumulator.
+inline float softmax_step(float* s, int64_t n, float& m, float& l) {
+  float row_max = kNegInf;
+  for (int64_t j = 0; j < n; ++j) row_max = std::max(row_max, s[j]);
+  const float m_new = std::max(m, row_max);
+  const float base = m_new == kNegInf ? 0.0f : m_new;  // no visible key yet: exp2(-inf - 0) = 0, never NaN
+  const Vec vbase(base);
+  Vec sum(0.0f);
+  for (int64_t j = 0; j < n; j += Vec::size()) {
+    const int64_t lanes = std::min<int64_t>(Vec::size(), n - j);  // the tail loads/stores `lanes`, sums 0 past it
+    const Vec p = (Vec::loadu(s + j, lanes) - vbase).exp2();
+    p.store(s + j, lanes);
+    sum = sum + Vec::set(Vec(0.0f), p, lanes);
   }
-}
-
-// acc_row[0:Dp] = acc_row * alpha + sum_j p[j] * v[j, 0:Dp] (v [num_keys, Dp]), kRegVecs vectors of d at a time.
-inline void row_update(float* acc_row, float alpha, const float* p, const float* v, int64_t num_keys, int64_t dim) {
-  for (int64_t d0 = 0; d0 < dim; d0 += kRegVecs * Vec::size()) {
-    const int64_t vecs = std::min<int64_t>(kRegVecs, (dim - d0) / Vec::size());
-    Vec acc[kRegVecs];
-    for (int64_t c = 0; c < vecs; ++c) acc[c] = Vec::loadu(acc_row + d0 + c * Vec::size()) * Vec(alpha);
-    for (int64_t j = 0; j < num_keys; ++j) {
-      const Vec pj(p[j]);
-      const float* v_row = v + j * dim + d0;
-      for (int64_t c = 0; c < vecs; ++c) acc[c] = at::vec::fmadd(pj, Vec::loadu(v_row + c * Vec::size()), acc[c]);
-    }
-    for (int64_t c = 0; c < vecs; ++c) acc[c].store(acc_row + d0 + c * Vec::size());
-  }
+  const float alpha = std::exp2(m - base);
+  l = l * alpha + at::vec::vec_reduce_all([](Vec& x, Vec& y) { return x + y; }, sum);
+  m = m_new;
+  return alpha;
 }
 
 struct Workspace {
-  std::vector<float> q, acc, m, l, kT, v, s;
+  std::vector<float> q, acc, m, l, k, v, s;
   Workspace(int64_t rows, int64_t dim)
-      : q(rows * dim), acc(rows * dim), m(rows), l(rows), kT(dim * kBlockK), v(kBlockK * dim), s(kBlockK) {}
+      : q(rows * dim), acc(rows * dim), m(rows), l(rows), k(kBlockK * dim), v(kBlockK * dim), s(rows * kBlockK) {}
 };
 
 template <typename scalar_t>
@@ -133,20 +127,23 @@ void attend_item(const Item& item, const Layout& L, const scalar_t* q, const sca
                  scalar_t* out, const int32_t* cu_q, const int32_t* cu_k, Workspace& ws) {
   const int64_t start_q = cu_q[item.batch], len_q = cu_q[item.batch + 1] - start_q;
   const int64_t start_k = cu_k[item.batch], len_k = cu_k[item.batch + 1] - start_k;
-  const int64_t G = L.group, D = L.head_dim, Dp = L.padded_dim;
+  const int64_t G = L.group, D = L.head_dim;
   const int64_t positions = std::min(kBlockQ, len_q - item.first), rows = positions * G;
   const int64_t shift = len_k - len_q;  // d(i) = i + shift
 
-  // Q rows, position-major then head, converted and pre-scaled; padding zeroed.
-  std::fill(ws.q.begin(), ws.q.begin() + rows * Dp, 0.0f);
-  std::fill(ws.acc.begin(), ws.acc.begin() + rows * Dp, 0.0f);
+  // Q rows [rows, D], position-major then head, converted and pre-scaled.
+  std::fill(ws.acc.begin(), ws.acc.begin() + rows * D, 0.0f);
   std::fill(ws.m.begin(), ws.m.begin() + rows, kNegInf);
   std::fill(ws.l.begin(), ws.l.begin() + rows, 0.0f);
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t token = start_q + item.first + r / G, head = item.kv_head * G + r % G;
     const scalar_t* src = q + token * L.q_token + head * L.q_head;
-    for (int64_t d = 0; d < D; ++d) ws.q[r * Dp + d] = static_cast<float>(src[d]) * L.scale_log2;
+    for (int64_t d = 0; d < D; ++d) ws.q[r * D + d] = static_cast<float>(src[d]) * L.scale_log2;
   }
+
+  const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  const at::Tensor q_rows = at::from_blob(ws.q.data(), {rows, D}, f32);
+  at::Tensor acc_rows = at::from_blob(ws.acc.data(), {rows, D}, f32);
 
   // Keys visible to some row of the item.
   const int64_t diag_first = item.first + shift, diag_last = item.first + positions - 1 + shift;
@@ -154,50 +151,40 @@ void attend_item(const Item& item, const Layout& L, const scalar_t* q, const sca
   const int64_t hi = L.right < 0 ? len_k : std::min<int64_t>(len_k, diag_last + L.right + 1);
   for (int64_t n0 = lo; n0 < hi; n0 += kBlockK) {
     const int64_t nk = std::min(kBlockK, hi - n0);
-    std::fill(ws.kT.begin(), ws.kT.end(), 0.0f);
-    for (int64_t j = 0; j < nk; ++j) {
+    for (int64_t j = 0; j < nk; ++j) {  // K and V tiles [nk, D] in fp32
       const int64_t token = start_k + n0 + j;
       const scalar_t* k_src = k + token * L.k_token + item.kv_head * L.k_head;
       const scalar_t* v_src = v + token * L.v_token + item.kv_head * L.v_head;
-      float* v_dst = ws.v.data() + j * Dp;
       for (int64_t d = 0; d < D; ++d) {
-        ws.kT[d * kBlockK + j] = static_cast<float>(k_src[d]);
-        v_dst[d] = static_cast<float>(v_src[d]);
+        ws.k[j * D + d] = static_cast<float>(k_src[d]);
+        ws.v[j * D + d] = static_cast<float>(v_src[d]);
       }
-      std::fill(v_dst + D, v_dst + Dp, 0.0f);
     }
+    // s [rows, nk] = q [rows, D] @ k [nk, D]^T, one GEMM per tile on the fp32 workspace.
+    const at::Tensor k_tile = at::from_blob(ws.k.data(), {nk, D}, f32);
+    at::Tensor scores = at::from_blob(ws.s.data(), {rows, nk}, f32);
+    at::mm_out(scores, q_rows, k_tile.t());
     for (int64_t r = 0; r < rows; ++r) {
-      float* s = ws.s.data();
-      row_scores(ws.q.data() + r * Dp, ws.kT.data(), D, s);
+      float* s = ws.s.data() + r * nk;
       const int64_t diag = item.first + r / G + shift;
       const int64_t first_key = L.left < 0 ? 0 : diag - L.left - n0;        // visible: first_key <= j <= last_key
       const int64_t last_key = L.right < 0 ? nk - 1 : diag + L.right - n0;  // (relative to n0)
-      float row_max = kNegInf;
-      for (int64_t j = 0; j < kBlockK; ++j) {
-        if (j >= nk || j < first_key || j > last_key) s[j] = kNegInf;
-        row_max = std::max(row_max, s[j]);
+      for (int64_t j = 0; j < nk; ++j) {
+        if (j < first_key || j > last_key) s[j] = kNegInf;
       }
-      const float m_new = std::max(ws.m[r], row_max);
-      const float base = m_new == kNegInf ? 0.0f : m_new;  // no visible key yet: exp2(-inf - 0) = 0
-      const Vec vbase(base);
-      Vec sum(0.0f);
-      for (int64_t j = 0; j < kBlockK; j += Vec::size()) {
-        const Vec p = (Vec::loadu(s + j) - vbase).exp2();
-        p.store(s + j);
-        sum = sum + p;
-      }
-      const float alpha = std::exp2(ws.m[r] - base);
-      ws.l[r] = ws.l[r] * alpha + at::vec::vec_reduce_all([](Vec& a, Vec& b) { return a + b; }, sum);
-      ws.m[r] = m_new;
-      row_update(ws.acc.data() + r * Dp, alpha, s, ws.v.data(), nk, Dp);
+      const float alpha = softmax_step(s, nk, ws.m[r], ws.l[r]);
+      float* acc = ws.acc.data() + r * D;
+      for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
     }
+    // acc [rows, D] += p [rows, nk] @ v [nk, D].
+    at::addmm_out(acc_rows, acc_rows, scores, at::from_blob(ws.v.data(), {nk, D}, f32));
   }
 
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t token = start_q + item.first + r / G, head = item.kv_head * G + r % G;
     scalar_t* dst = out + (token * L.num_heads_q + head) * D;
     const float inv = ws.l[r] > 0.0f ? 1.0f / ws.l[r] : 0.0f;  // no visible key: 0
-    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(ws.acc[r * Dp + d] * inv);
+    for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(ws.acc[r * D + d] * inv);
   }
 }
 
@@ -218,7 +205,6 @@ at::Tensor flash_attn_varlen_cpu(const at::Tensor& q, const at::Tensor& k, const
   layout.num_heads_q = q.size(1);
   layout.group = q.size(1) / num_kv_heads;
   layout.head_dim = head_dim;
-  layout.padded_dim = (head_dim + Vec::size() - 1) / Vec::size() * Vec::size();
   layout.q_token = q.stride(0), layout.q_head = q.stride(1);
   layout.k_token = k.stride(0), layout.k_head = k.stride(1);
   layout.v_token = v.stride(0), layout.v_head = v.stride(1);
@@ -241,12 +227,14 @@ at::Tensor flash_attn_varlen_cpu(const at::Tensor& q, const at::Tensor& k, const
     const scalar_t* v_data = v.const_data_ptr<scalar_t>();
     scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
     at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
-      Workspace ws(kBlockQ * layout.group, layout.padded_dim);
+      const int mkl_threads = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;  // sequential GEMMs
+      Workspace ws(kBlockQ * layout.group, layout.head_dim);
       for (int64_t slot = begin; slot < end; ++slot) {
         for (int64_t i = slot; i < num_items; i += slots) {  // round-robin: balances causal blocks
           attend_item(items[i], layout, q_data, k_data, v_data, out_data, off_q, off_k, ws);
         }
       }
+      if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(mkl_threads);  // 0 restores the global setting
     });
   });
   return out;
