@@ -370,8 +370,8 @@ def _native_args(dtype=torch.float32):
 
 
 def test_opcheck_native():
-    torch.library.opcheck(torch.ops.qwen_fast.flash_attn_varlen.default, _native_args())
-    torch.library.opcheck(torch.ops.qwen_fast.flash_attn_varlen.default, _native_args(torch.bfloat16))
+    torch.library.opcheck(torch.ops.qwen_fast.flash_attn_varlen_func.default, _native_args())
+    torch.library.opcheck(torch.ops.qwen_fast.flash_attn_varlen_func.default, _native_args(torch.bfloat16))
 
 
 @pytest.mark.interpret
@@ -399,7 +399,7 @@ def test_compiles_fullgraph_with_the_cpu_backend():
 def test_native_checks_its_arguments():
     """Direct torch.ops calls skip the Python checks: the C++ op names the bad argument and its value."""
     q, k, v, cu_q, cu_k, *rest = _native_args()
-    op = torch.ops.qwen_fast.flash_attn_varlen
+    op = torch.ops.qwen_fast.flash_attn_varlen_func
     with pytest.raises(
         RuntimeError, match="the query heads Hq=8 must be a nonzero multiple of the key/value heads Hkv=3"
     ):

@@ -240,6 +240,6 @@ at::Tensor flash_attn_varlen_cpu(const at::Tensor& q, const at::Tensor& k, const
   return out;
 }
 
-TORCH_LIBRARY_IMPL(qwen_fast, CPU, m) { m.impl("flash_attn_varlen", &flash_attn_varlen_cpu); }
+TORCH_LIBRARY_IMPL(qwen_fast, CPU, m) { m.impl("flash_attn_varlen_func", &flash_attn_varlen_cpu); }
 
 }  // namespace qwen_fast

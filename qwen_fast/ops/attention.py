@@ -45,7 +45,7 @@ def _fake_flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: i
 
 
 if _native.LOAD_ERROR is None:
-    torch.library.register_fake("qwen_fast::flash_attn_varlen")(_fake_flash_attn_varlen)
+    torch.library.register_fake("qwen_fast::flash_attn_varlen_func")(_fake_flash_attn_varlen)
 
 
 @torch.library.custom_op("qwen_fast_triton::flash_attn", mutates_args=())
@@ -81,7 +81,7 @@ def _flash_attn_native(q, k, v, softmax_scale, causal, window_left, window_right
     device = q.device
     cu_q = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * seqlen_q
     cu_k = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * seqlen_k
-    out = torch.ops.qwen_fast.flash_attn_varlen(
+    out = torch.ops.qwen_fast.flash_attn_varlen_func(
         q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]), cu_q, cu_k,
         seqlen_q, seqlen_k, softmax_scale, causal, window_left, window_right,
     )  # fmt: skip
@@ -89,7 +89,7 @@ def _flash_attn_native(q, k, v, softmax_scale, causal, window_left, window_right
 
 
 def _flash_attn_varlen_native(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *options):
-    return torch.ops.qwen_fast.flash_attn_varlen(
+    return torch.ops.qwen_fast.flash_attn_varlen_func(
         q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *options
     )  # fmt: skip
 
@@ -105,19 +105,18 @@ def _reference_flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scal
 
 
 # Attention is Triton's job on CUDA (no CUDA C++ kernel); the C++ extension's flash loop on CPU. One native op,
-# flash_attn_varlen, serves both functions on CPU.
+# flash_attn_varlen_func, serves both functions on CPU.
 ATTENTION_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
 FLASH_ATTN = Op(
     "flash_attn_func",
     {"triton": _flash_attn_triton, "cpu": _flash_attn_native, "torch": _reference_flash_attn},
     ATTENTION_ORDER,
-    native_op="flash_attn_varlen",
+    native_op="flash_attn_varlen_func",
 )
 FLASH_ATTN_VARLEN = Op(
     "flash_attn_varlen_func",
     {"triton": _flash_attn_varlen_triton, "cpu": _flash_attn_varlen_native, "torch": _reference_flash_attn_varlen},
     ATTENTION_ORDER,
-    native_op="flash_attn_varlen",
 )
 
 
