@@ -72,4 +72,11 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, at::Tensor& k_cache,
                                        const at::Tensor& cache_seqlens, const at::Tensor& block_table,
                                        double softmax_scale, int64_t window_left, int64_t window_right);
 
+// GQA flash attention over packed sequences: q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens int32 [B + 1];
+// window edges -1 = unbounded, causal aligned bottom-right (qwen_fast/reference/attention.py). Returns [Tq, Hq, D].
+at::Tensor flash_attn_varlen_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                 int64_t max_seqlen_k, double softmax_scale, bool causal, int64_t window_left,
+                                 int64_t window_right);
+
 }  // namespace qwen_fast

@@ -21,7 +21,9 @@ TRITON_DTYPE = {
 
 @dataclass(frozen=True)
 class CompileSpec:
-    """A @triton.jit kernel with a full signature ("*fp16", "i64", "constexpr", ...) and its launch options."""
+    """A @triton.jit kernel with a full signature ("*fp16", "i64", "constexpr", ...) and its launch options.
+    `aligned` names the arguments the JIT would see as multiples of 16 (16-byte aligned pointers, strides) at the
+    launches the spec stands for."""
 
     kernel: object
     signature: dict[str, str]
@@ -29,3 +31,4 @@ class CompileSpec:
     num_warps: int
     num_stages: int = 2
     label: str = field(default="")
+    aligned: tuple[str, ...] = ()

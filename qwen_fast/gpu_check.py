@@ -83,7 +83,9 @@ def spec_usages(spec, arch: int, label: str, tool: str) -> list[Usage]:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs)
+    names = list(spec.signature)  # arguments a real launch sees 16-byte aligned (CompileSpec.aligned)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in spec.aligned}
+    source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
     options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:

@@ -4,13 +4,120 @@ import math
 
 import torch
 
+from qwen_fast import _native
 from qwen_fast.reference import attention as reference
 
 from ._checks import FLOAT_DTYPES, check_int, check_last_dim_contiguous, check_shape, check_tensor
-from ._dispatch import NATIVE_FIRST, Op
+from ._dispatch import Op
 
-FLASH_ATTN = Op("flash_attn_func", {"torch": reference.flash_attn_func}, NATIVE_FIRST)
-FLASH_ATTN_VARLEN = Op("flash_attn_varlen_func", {"torch": reference.flash_attn_varlen_func}, NATIVE_FIRST)
+# The kernels take the softmax scale resolved (None -> D ** -0.5) and the window as two ints (-1: unbounded).
+
+
+def _check_fake_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ndim: int) -> None:
+    layout = "[B, S, H, D]" if ndim == 4 else "[T, H, D]"
+    torch._check(q.dim() == ndim and k.dim() == ndim, lambda: f"q and k must be {layout}, got {q.shape}, {k.shape}")
+    torch._check(v.shape == k.shape, lambda: f"v {tuple(v.shape)} must have k's shape {tuple(k.shape)}")
+    torch._check(k.dtype == q.dtype and v.dtype == q.dtype, lambda: f"q, k, v must share one dtype, got {q.dtype}")
+    torch._check(k.shape[-1] == q.shape[-1], lambda: f"k's head dim {k.shape[-1]} must equal q's {q.shape[-1]}")
+    torch._check(
+        k.shape[-2] > 0 and q.shape[-2] % k.shape[-2] == 0,
+        lambda: f"Hq={q.shape[-2]} must be a nonzero multiple of Hkv={k.shape[-2]}",
+    )
+
+
+def _fake_flash_attn(q, k, v, softmax_scale: float, causal: bool, window_left: int, window_right: int):
+    _check_fake_heads(q, k, v, 4)
+    torch._check(k.shape[0] == q.shape[0], lambda: f"k's batch {k.shape[0]} must equal q's {q.shape[0]}")
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+def _fake_flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
+                            softmax_scale: float, causal: bool, window_left: int, window_right: int):  # fmt: skip
+    _check_fake_heads(q, k, v, 3)
+    torch._check(
+        cu_seqlens_q.dim() == 1 and cu_seqlens_q.shape == cu_seqlens_k.shape,
+        lambda: f"cu_seqlens_q and cu_seqlens_k must both be [B + 1], got {cu_seqlens_q.shape}, {cu_seqlens_k.shape}",
+    )
+    torch._check(
+        cu_seqlens_q.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32, lambda: "cu_seqlens must be int32"
+    )
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
+
+
+if _native.LOAD_ERROR is None:
+    torch.library.register_fake("qwen_fast::flash_attn_varlen_func")(_fake_flash_attn_varlen)
+
+
+@torch.library.custom_op("qwen_fast_triton::flash_attn", mutates_args=())
+def _flash_attn_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool, window_left: int,
+    window_right: int,
+) -> torch.Tensor:  # fmt: skip
+    from qwen_fast.kernels.attention import flash_attn_func as launch
+
+    return launch(q, k, v, softmax_scale, causal, (window_left, window_right))
+
+
+_flash_attn_triton.register_fake(_fake_flash_attn)
+
+
+@torch.library.custom_op("qwen_fast_triton::flash_attn_varlen", mutates_args=())
+def _flash_attn_varlen_triton(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int, window_right: int,
+) -> torch.Tensor:  # fmt: skip
+    from qwen_fast.kernels.attention import flash_attn_varlen_func as launch
+
+    return launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                  (window_left, window_right))  # fmt: skip
+
+
+_flash_attn_varlen_triton.register_fake(_fake_flash_attn_varlen)
+
+
+def _flash_attn_native(q, k, v, softmax_scale, causal, window_left, window_right):
+    """The dense batch through the varlen op: B sequences of Sq queries and Sk keys (q/k/v viewed as [B*S, H, D])."""
+    batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
+    device = q.device
+    cu_q = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * seqlen_q
+    cu_k = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * seqlen_k
+    out = torch.ops.qwen_fast.flash_attn_varlen_func(
+        q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]), cu_q, cu_k,
+        seqlen_q, seqlen_k, softmax_scale, causal, window_left, window_right,
+    )  # fmt: skip
+    return out.view(q.shape)
+
+
+def _flash_attn_varlen_native(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *options):
+    return torch.ops.qwen_fast.flash_attn_varlen_func(
+        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *options
+    )  # fmt: skip
+
+
+def _reference_flash_attn(q, k, v, softmax_scale, causal, window_left, window_right):
+    return reference.flash_attn_func(q, k, v, softmax_scale, causal, (window_left, window_right))
+
+
+def _reference_flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_left, window_right):
+    return reference.flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, (window_left, window_right)
+    )  # fmt: skip
+
+
+# Attention is Triton's job on CUDA (no CUDA C++ kernel); the C++ extension's flash loop on CPU. One native op,
+# flash_attn_varlen_func, serves both functions on CPU.
+ATTENTION_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
+FLASH_ATTN = Op(
+    "flash_attn_func",
+    {"triton": _flash_attn_triton, "cpu": _flash_attn_native, "torch": _reference_flash_attn},
+    ATTENTION_ORDER,
+    native_op="flash_attn_varlen_func",
+)
+FLASH_ATTN_VARLEN = Op(
+    "flash_attn_varlen_func",
+    {"triton": _flash_attn_varlen_triton, "cpu": _flash_attn_varlen_native, "torch": _reference_flash_attn_varlen},
+    ATTENTION_ORDER,
+)
 
 
 def check_attention_options(softmax_scale: object, causal: object, window_size: object) -> None:
@@ -74,7 +181,8 @@ def flash_attn_func(
         raise ValueError(f"k [B, Sk, Hkv, D] = {tuple(k.shape)} must have q's batch size B = {q.shape[0]}")
     check_heads(q, k, v)
     check_attention_options(softmax_scale, causal, window_size)
-    return FLASH_ATTN(q.device, q, k, v, softmax_scale, causal, tuple(window_size))
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
+    return FLASH_ATTN(q.device, q, k, v, scale, causal, *window_size)
 
 
 def check_cu_seqlens(name: str, cu_seqlens: object, total: int, max_name: str, max_seqlen: int, device) -> None:
@@ -141,16 +249,7 @@ def flash_attn_varlen_func(
             "must both hold B + 1 offsets"
         )
     check_attention_options(softmax_scale, causal, window_size)
+    scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     return FLASH_ATTN_VARLEN(
-        q.device,
-        q,
-        k,
-        v,
-        cu_seqlens_q,
-        cu_seqlens_k,
-        max_seqlen_q,
-        max_seqlen_k,
-        softmax_scale,
-        causal,
-        tuple(window_size),
+        q.device, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, *window_size
     )

@@ -1,0 +1,311 @@
+"""Triton flash attention forward for GQA/MQA: dense [B, S, H, D] batches and packed varlen batches, one kernel.
+
+Semantics: qwen_fast.reference.attention (bottom-right causal alignment, window_size, a row with no visible key
+outputs 0). Algorithm: FlashAttention-2's forward (Dao 2023, arXiv:2307.08691) with online softmax in base 2.
+
+Work split (grid (B * Hkv, cdiv(max_seqlen_q * G, BLOCK_M)), G = Hq // Hkv query heads per KV head): a program owns
+one KV head of one sequence and BLOCK_M "rows", where the rows of a sequence are its (query position, query head of
+the group) pairs flattened with the head fastest: row r is position r // G of query head kv_head * G + r % G. So all
+G query heads of a KV group share each K/V tile a program loads: K/V are read once per group instead of once per
+query head, and never repeated in memory (the packed-GQA layout of FlashAttention-3). For decode (Sq = 1) the G
+heads fill the rows that a per-head split would leave empty. The m axis runs in reverse so that, causal, the
+programs with the most key tiles start first.
+
+Per program, in registers: the Q tile [BLOCK_M, HEAD_DIM] (loaded once), the fp32 accumulator [BLOCK_M, HEAD_DIM],
+the running row max m_i and row sum l_i (fp32, base-2 units). Per key tile [BLOCK_N]: s = (q @ k^T) * scale * log2(e)
+(the softmax scale folded into the exp2 argument), m_new = max(m_i, rowmax(s)), p = exp2(s - m_new),
+acc = acc * exp2(m_i - m_new) + p @ v (p cast to V's dtype for the tensor-core dot), l_i likewise. A row whose
+visible keys so far are none has m = -inf; the exponent base is then taken as 0 so that p and the rescale factor are
+exp2(-inf) = 0, never NaN, and the final acc / l_i writes 0 where l_i = 0.
+
+Tile skipping: the program's rows span positions [p_first, p_last]; with d(i) = i + Sk - Sq, keys outside
+[d(p_first) - left, d(p_last) + right] are invisible to every row, so the loop runs only over the tiles meeting that
+range. Those are split into key tiles that every row sees in full (no mask computed) and the edge tiles before and
+after them, which apply the per-element mask (key < Sk, causal/window bounds per row).
+
+Layouts: batched q [B, Sq, Hq, D] at b * stride_b + i * stride_t; varlen q [Tq, Hq, D] at (cu_seqlens_q[b] + i) *
+stride_t (stride_b = 0). Same for k/v. Token offsets are int64. Empty sequences (varlen) and rows past a
+sequence's end are masked; programs whose rows all lie past it return at once.
+
+Head dims: any multiple of 8 up to 256, padded to HEAD_DIM = the next power of 2 (>= 16) with masked loads and
+stores (EVEN_D skips the masks when D is a power of 2). fp32 dots use input_precision "ieee" (no TF32), so the fp32
+backend meets the fp32 tolerance.
+
+Tiles (_config), chosen so that no config spills on sm_80 or sm_90 (Triton 3.8, checked statically):
+16-bit, D a power of 2: 128 x 64 tiles (rows x keys) with 8 warps up to HEAD_DIM 64, 64 x 64 at 128, 32 x 32 at
+256 (128-row tiles spilled at HEAD_DIM 128: the Q tile, the fp32 accumulator and the score tile need 255+ registers
+a thread). fp32 (exact "ieee" dots on FMA units, operands in registers): 16 x 16 everywhere, 8 warps at HEAD_DIM
+256 (32-row tiles used local memory on sm_80 in the varlen layout). Short 16-bit queries (Sq * G <= 16 rows: decode)
+take a 16 x 32 tile, so that no program is mostly empty rows. Head dims that are not a power of 2 (D = 72, 200,
+...) have strides the JIT cannot prove 16-aligned, so the loads are scalar and every element needs its own pointer:
+16-bit uses 32 x 32 tiles there; where even 16 x 16 spilled (masked HEAD_DIM 256, and 128 in fp32) the launcher
+runs the kernel on zero-padded copies of q/k/v instead (exact: zero dims add nothing to q.k) and drops the padded
+output columns. compile_specs() lists every config, in the aligned specialization that contiguous (or per-head
+sliced) tensors get from the JIT, and `python -m qwen_fast.gpu_check` compiles each for sm_80 and sm_90 and fails
+on spills.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .compile_spec import TRITON_DTYPE, CompileSpec
+
+LOG2E = math.log2(math.e)
+HEAD_DIMS = (16, 32, 64, 128, 256)  # HEAD_DIM, the padded head dim
+
+
+@triton.jit
+def _attend_tiles(
+    acc, m_i, l_i, q, k_base, v_base, cols, dims, diag, start, stop, seqlen_k, head_dim, left, right, qk_scale,
+    stride_kt, stride_vt, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """Online softmax over the key tiles [start, stop) (multiples of BLOCK_N = len(cols)). k_base/v_base: scalar
+    pointers to key 0 of this sequence and KV head. MASKED tiles load keys < seqlen_k only and apply the
+    causal/window mask; the others are fully visible."""
+    block_n = cols.shape[0]
+    k_tile = k_base + start.to(tl.int64) * stride_kt  # scalar pointers to the current tile, advanced per tile
+    v_tile = v_base + start.to(tl.int64) * stride_vt
+    for n0 in range(start, stop, block_n):
+        keys = n0 + cols
+        k_ptrs = k_tile + (dims[:, None] + cols[None, :] * stride_kt).to(tl.int32)  # in-tile offsets < 2^31
+        v_ptrs = v_tile + (cols[:, None] * stride_vt + dims[None, :]).to(tl.int32)
+        k_tile += block_n * stride_kt
+        v_tile += block_n * stride_vt
+        d_ok = dims < head_dim
+        if MASKED:
+            key_ok = keys < seqlen_k
+            if EVEN_D:
+                k = tl.load(k_ptrs, mask=key_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=key_ok[:, None], other=0.0)
+            else:
+                k = tl.load(k_ptrs, mask=d_ok[:, None] & key_ok[None, :], other=0.0)
+                v = tl.load(v_ptrs, mask=key_ok[:, None] & d_ok[None, :], other=0.0)
+        elif EVEN_D:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        else:
+            k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            visible = (keys[None, :] < seqlen_k) & (keys[None, :] >= diag[:, None] - left)
+            visible = visible & (keys[None, :] <= diag[:, None] + right)
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        base = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with no visible key yet: exp2(-inf - 0) = 0
+        p = tl.math.exp2(s - base[:, None])
+        alpha = tl.math.exp2(m_i - base)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
+@triton.jit
+def _flash_attn_kernel(
+    q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqlen_q_fixed, seqlen_k_fixed, num_kv_heads, group, head_dim, left,
+    right, qk_scale, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
+    stride_vh, stride_ob, stride_ot, stride_oh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    batch = tl.program_id(0) // num_kv_heads
+    kv_head = tl.program_id(0) % num_kv_heads
+    m_block = tl.num_programs(1) - 1 - tl.program_id(1)  # causal: the longest programs first
+    if IS_VARLEN:
+        start_q = tl.load(cu_seqlens_q + batch)
+        seqlen_q = tl.load(cu_seqlens_q + batch + 1) - start_q
+        start_k = tl.load(cu_seqlens_k + batch)
+        seqlen_k = tl.load(cu_seqlens_k + batch + 1) - start_k
+    else:
+        start_q = 0
+        seqlen_q = seqlen_q_fixed
+        start_k = 0
+        seqlen_k = seqlen_k_fixed
+    num_rows = seqlen_q * group
+    row0 = m_block * BLOCK_M
+    if row0 >= num_rows:
+        return
+
+    # Rows: (query position, query head of the group), head fastest.
+    rows = row0 + tl.arange(0, BLOCK_M)
+    row_ok = rows < num_rows
+    pos = rows // group
+    head = kv_head * group + rows % group
+    diag = pos + seqlen_k - seqlen_q  # the key aligned with each row's query (bottom-right)
+    dims = tl.arange(0, HEAD_DIM)
+    d_ok = dims < head_dim
+    batch64 = batch.to(tl.int64)
+    q_rows = batch64 * stride_qb + (start_q + pos).to(tl.int64) * stride_qt + head.to(tl.int64) * stride_qh
+    o_rows = batch64 * stride_ob + (start_q + pos).to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
+    q_tile = tl.load(q + q_rows[:, None] + dims[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    kv_head64 = kv_head.to(tl.int64)
+    k_base = k + batch64 * stride_kb + start_k.to(tl.int64) * stride_kt + kv_head64 * stride_kh
+    v_base = v + batch64 * stride_vb + start_k.to(tl.int64) * stride_vt + kv_head64 * stride_vh
+    cols = tl.arange(0, BLOCK_N)
+
+    # Keys some row sees: [lo, hi); keys every row sees: [full_lo, full_hi] (see the module docstring).
+    diag_first = row0 // group + seqlen_k - seqlen_q
+    diag_last = (tl.minimum(row0 + BLOCK_M, num_rows) - 1) // group + seqlen_k - seqlen_q
+    lo = tl.maximum(diag_first - left, 0)
+    hi = tl.minimum(diag_last + right + 1, seqlen_k)
+    full_lo = tl.maximum(diag_last - left, 0)
+    full_hi = tl.maximum(tl.minimum(diag_first + right + 1, seqlen_k), 0)  # exclusive
+    tile_lo = lo // BLOCK_N * BLOCK_N
+    tile_hi = tl.maximum(hi, 0)
+    tile_hi = (tile_hi + BLOCK_N - 1) // BLOCK_N * BLOCK_N
+    mid_lo = tl.maximum(tl.minimum((full_lo + BLOCK_N - 1) // BLOCK_N * BLOCK_N, tile_hi), tile_lo)
+    mid_hi = tl.maximum(tl.minimum(full_hi // BLOCK_N * BLOCK_N, tile_hi), mid_lo)
+
+    acc = tl.zeros((BLOCK_M, HEAD_DIM), dtype=tl.float32)
+    m_i = tl.full((BLOCK_M,), float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q_tile, k_base, v_base, cols, dims, diag, tile_lo, mid_lo, seqlen_k, head_dim, left, right,
+        qk_scale, stride_kt, stride_vt, True, EVEN_D, DOT_PRECISION,
+    )  # fmt: skip
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q_tile, k_base, v_base, cols, dims, diag, mid_lo, mid_hi, seqlen_k, head_dim, left, right,
+        qk_scale, stride_kt, stride_vt, False, EVEN_D, DOT_PRECISION,
+    )  # fmt: skip
+    acc, m_i, l_i = _attend_tiles(
+        acc, m_i, l_i, q_tile, k_base, v_base, cols, dims, diag, mid_hi, tile_hi, seqlen_k, head_dim, left, right,
+        qk_scale, stride_kt, stride_vt, True, EVEN_D, DOT_PRECISION,
+    )  # fmt: skip
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    result = tl.where((l_i > 0.0)[:, None], acc / l_safe[:, None], 0.0)  # no visible key: 0
+    tl.store(
+        out + o_rows[:, None] + dims[None, :], result.to(out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :]
+    )
+
+
+def _head_dim_padded(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _copies_padded(dtype: torch.dtype, padded_head_dim: int, even_d: bool) -> bool:
+    """Whether the launcher runs on zero-padded copies of q/k/v instead of masking the head dim: masked head dims
+    of 256 (any dtype) and of 128 in fp32 spilled in every tile tried (scalar loads, see the module docstring)."""
+    return not even_d and (padded_head_dim == 256 or (dtype == torch.float32 and padded_head_dim == 128))
+
+
+def _config(dtype: torch.dtype, padded_head_dim: int, num_rows: int, even_d: bool) -> dict:
+    """BLOCK_M, BLOCK_N, warps, stages for one dtype, padded head dim, the rows of the longest sequence (Sq * G) and
+    whether D is a power of 2 (see the module docstring for why each tile is what it is)."""
+    if dtype == torch.float32:  # exact fp32 dots on FMA units, operands in registers: 32-row tiles spilled
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8 if padded_head_dim == 256 else 4, "num_stages": 1}
+    if not even_d:  # scalar loads (strides not provably 16-aligned): 32 x 32, 8 warps at HEAD_DIM 128
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4 if padded_head_dim <= 64 else 8, "num_stages": 2}
+    if num_rows <= 16:  # decode / tiny chunks: one m16 tile of rows
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
+    if padded_head_dim <= 64:  # 8 warps used stack at HEAD_DIM 32 on sm_80
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if padded_head_dim <= 32 else 8, "num_stages": 2}
+    if padded_head_dim <= 128:
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _launch(q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+            window_size, batch_strides):  # fmt: skip
+    """Shared launcher. q/k/v/out are 3-D token views [T, H, D] (varlen) or 4-D [B, S, H, D] (batched)."""
+    num_heads_q, head_dim = q.shape[-2], q.shape[-1]
+    num_kv_heads = k.shape[-2]
+    group = num_heads_q // num_kv_heads
+    if out.numel() == 0 or batch == 0 or max_seqlen_q == 0:
+        return out
+    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+    padded = _head_dim_padded(head_dim)
+    if _copies_padded(
+        q.dtype, padded, padded == head_dim
+    ):  # exact: zero dims add nothing to q.k; their outputs are dropped
+        q, k, v = (torch.nn.functional.pad(t, (0, padded - head_dim)) for t in (q, k, v))
+        wide = out.new_zeros(*out.shape[:-1], padded)
+        _launch(q, k, v, wide, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q, max_seqlen_k, scale, causal,
+                window_size, batch_strides)  # fmt: skip
+        return out.copy_(wide[..., :head_dim])
+    unbounded = max_seqlen_q + max_seqlen_k  # a window edge that no key can pass
+    left = unbounded if window_size[0] < 0 else window_size[0]
+    right = 0 if causal else (unbounded if window_size[1] < 0 else window_size[1])
+    config = _config(q.dtype, padded, max_seqlen_q * group, padded == head_dim)
+    grid = (batch * num_kv_heads, triton.cdiv(max_seqlen_q * group, config["BLOCK_M"]))
+    strides = [t.stride(0) if batch_strides else 0 for t in (q, k, v, out)]
+    token_dim = 1 if batch_strides else 0
+    _flash_attn_kernel[grid](
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_kv_heads, group, head_dim, left,
+        right, scale * LOG2E,
+        strides[0], q.stride(token_dim), q.stride(-2), strides[1], k.stride(token_dim), k.stride(-2),
+        strides[2], v.stride(token_dim), v.stride(-2), strides[3], out.stride(token_dim), out.stride(-2),
+        HEAD_DIM=padded, EVEN_D=padded == head_dim, IS_VARLEN=cu_seqlens_q is not None,
+        DOT_PRECISION=_precision(q.dtype), **config,
+    )  # fmt: skip
+    return out
+
+
+def flash_attn_func(q, k, v, softmax_scale, causal, window_size) -> torch.Tensor:
+    """Launcher; arguments as qwen_fast.flash_attn_func (checked there): q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D].
+    Returns [B, Sq, Hq, D] in q's dtype; inputs are read through their strides (no copies)."""
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return _launch(q, k, v, out, None, None, q.shape[0], q.shape[1], k.shape[1], softmax_scale, causal,
+                   window_size, batch_strides=True)  # fmt: skip
+
+
+def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+                           window_size) -> torch.Tensor:  # fmt: skip
+    """Launcher; arguments as qwen_fast.flash_attn_varlen_func (checked there): q [Tq, Hq, D], k/v [Tk, Hkv, D],
+    cu_seqlens int32 [B + 1]. Returns [Tq, Hq, D]; query rows outside every sequence are 0."""
+    out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    return _launch(q, k, v, out, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k,
+                   softmax_scale, causal, window_size, batch_strides=False)  # fmt: skip
+
+
+def compile_specs() -> list[CompileSpec]:
+    """Every (dtype, HEAD_DIM, row tile, EVEN_D, layout) the launcher can pick."""
+    kernel = _flash_attn_kernel
+    specs, seen = [], set()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        pointer = "*" + TRITON_DTYPE[dtype]
+        for padded in HEAD_DIMS:
+            for num_rows, even_d in ((16, True), (17, True), (17, False)):  # short queries, prefill, masked D
+                if _copies_padded(dtype, padded, even_d):
+                    continue  # launched on zero-padded copies, i.e. with EVEN_D
+                config = _config(dtype, padded, num_rows, even_d)
+                if (dtype, padded, even_d, config["BLOCK_M"]) in seen:
+                    continue  # fp32: one tile for short and long queries
+                seen.add((dtype, padded, even_d, config["BLOCK_M"]))
+                for varlen in (False, True):
+                    signature = {name: pointer for name in ("q", "k", "v", "out")}
+                    index = "*i32" if varlen else "constexpr"
+                    signature |= {"cu_seqlens_q": index, "cu_seqlens_k": index}
+                    signature |= {name: "i32" for name in kernel.arg_names[6:13]}
+                    signature["qk_scale"] = "fp32"
+                    signature |= {name: "i64" for name in kernel.arg_names[14:26]}
+                    constexprs = {
+                        "BLOCK_M": config["BLOCK_M"],
+                        "BLOCK_N": config["BLOCK_N"],
+                        "HEAD_DIM": padded,
+                        "EVEN_D": even_d,
+                        "IS_VARLEN": varlen,
+                        "DOT_PRECISION": _precision(dtype),
+                    }
+                    signature |= {name: "constexpr" for name in constexprs}
+                    if not varlen:
+                        constexprs |= {"cu_seqlens_q": None, "cu_seqlens_k": None}
+                    label = (
+                        f"{TRITON_DTYPE[dtype]} D={padded}{'' if even_d else ' padded'} M={config['BLOCK_M']} "
+                        f"N={config['BLOCK_N']} {'varlen' if varlen else 'batched'}"
+                    )
+                    # The JIT's specialization for 16-byte aligned tensors; with D a power of 2 the strides
+                    # (multiples of D) are multiples of 16 too.
+                    aligned = ("q", "k", "v", "out") + (tuple(kernel.arg_names[14:26]) if even_d else ())
+                    specs.append(
+                        CompileSpec(
+                            kernel, signature, constexprs, config["num_warps"], config["num_stages"], label, aligned
+                        )
+                    )
+    return specs
