@@ -9,8 +9,8 @@ I = 128, T in {1, 16, 512}), fp32 and bf16, timing the cpu backend. extra_info r
 GEMMs per pair), GB/s on the active experts' weights (each expert that gets a token reads its w13 and w2 once) and,
 on CUDA, the peak memory one call allocates above its inputs.
 
-test_moe_block times the whole routed layer, the unit a model runs: qwen_fast as router logits
-F.linear(x, gate_weight) + qwen_fast.fused_moe (routing + experts, forced to the experts' backend), against
+test_moe_block times the whole routed layer, the unit a model runs: qwen_fast.nn.SparseMoeBlock.from_hf(block)
+(router logits, fused_topk, fused_experts on the forced backend), against
 transformers' Qwen3MoeSparseMoeBlock (its router + its experts) with the experts implementation transformers picks
 by default ("grouped_mm") and with "eager", all on the same weight tensors.
 """
@@ -129,10 +129,8 @@ def test_moe_block(benchmark, impl, num_tokens, dtype):
             _time(benchmark, lambda: block(x.view(1, num_tokens, HIDDEN)), inputs, f"transformers.{impl}")
             return
 
-        def run():
-            return qwen_fast.fused_moe(x, w13, w2, F.linear(x, gate_weight), TOPK, renormalize=True)
-
+        ours = qwen_fast.nn.SparseMoeBlock.from_hf(block)  # the drop-in, on the same parameters
         backend = BACKENDS[0]
         with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
-            _time(benchmark, run, inputs, f"qwen_fast.{backend}")
-    assert ("fused_moe", backend) in calls
+            _time(benchmark, lambda: ours(x.view(1, num_tokens, HIDDEN)), inputs, f"qwen_fast.{backend}")
+    assert ("fused_experts", backend) in calls
