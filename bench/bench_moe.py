@@ -4,7 +4,7 @@
 
 On CUDA: the Qwen3-30B-A3B layer (E = 128, k = 8, H = 2048, I = 768) at T in {1, 8, 64, 512, 4096}, bf16, timing
 qwen_fast's triton backend, the reference, and transformers' Qwen3MoeExperts with its "eager" and "grouped_mm"
-experts implementations (random weights, device-synchronised). On CPU reduced shapes (E = 32, k = 4, H = 256,
+experts implementations, and vLLM's fused_experts when it is installed (random weights, device-synchronised). On CPU reduced shapes (E = 32, k = 4, H = 256,
 I = 128, T in {1, 16, 512}), fp32 and bf16, timing the cpu backend. extra_info records TFLOP/s (6*T*k*H*I: three
 GEMMs per pair), GB/s on the active experts' weights (each expert that gets a token reads its w13 and w2 once) and,
 on CUDA, the peak memory one call allocates above its inputs.
@@ -134,3 +134,15 @@ def test_moe_block(benchmark, impl, num_tokens, dtype):
         with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
             _time(benchmark, lambda: ours(x.view(1, num_tokens, HIDDEN)), inputs, f"qwen_fast.{backend}")
     assert ("fused_experts", backend) in calls
+
+
+@pytest.mark.parametrize("num_tokens", TOKENS)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vllm_fused_experts(benchmark, num_tokens, dtype):
+    """vLLM's fused_experts on the same inputs (w13 [E, 2I, H] gate rows first and w2 [E, H, I] are its layouts)."""
+    vllm_moe = pytest.importorskip("vllm.model_executor.layers.fused_moe.fused_moe")
+    if DEVICE != "cuda":
+        pytest.skip("vLLM's fused_experts runs on CUDA")
+    inputs = _inputs(num_tokens, dtype)
+    x, w13, w2, weights, ids = inputs
+    _time(benchmark, lambda: vllm_moe.fused_experts(x, w13, w2, weights, ids), inputs, "vllm")
