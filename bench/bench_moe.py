@@ -3,11 +3,11 @@
     pip install --no-build-isolation '.[bench]' && pytest bench/bench_moe.py --benchmark-columns=mean,ops
 
 On CUDA: the Qwen3-30B-A3B layer (E = 128, k = 8, H = 2048, I = 768) at T in {1, 8, 64, 512, 4096}, bf16, timing
-qwen_fast's triton backend, the reference, and transformers' Qwen3MoeExperts with its "eager" and "grouped_mm"
-experts implementations, and vLLM's fused_experts when it is installed (random weights, device-synchronised). On CPU reduced shapes (E = 32, k = 4, H = 256,
-I = 128, T in {1, 16, 512}), fp32 and bf16, timing the cpu backend. extra_info records TFLOP/s (6*T*k*H*I: three
-GEMMs per pair), GB/s on the active experts' weights (each expert that gets a token reads its w13 and w2 once) and,
-on CUDA, the peak memory one call allocates above its inputs.
+qwen_fast's triton backend, the reference, transformers' Qwen3MoeExperts with its "eager" and "grouped_mm" experts
+implementations, and vLLM's fused_experts when it is installed (random weights, device-synchronised). On CPU reduced
+shapes (E = 32, k = 4, H = 256, I = 128, T in {1, 16, 512}), fp32 and bf16, timing the cpu backend. extra_info
+records TFLOP/s (6*T*k*H*I: three GEMMs per pair), GB/s on the active experts' weights (each expert that gets a
+token reads its w13 and w2 once) and, on CUDA, the peak memory one call allocates above its inputs.
 
 test_moe_block times the whole routed layer, the unit a model runs: qwen_fast.nn.SparseMoeBlock.from_hf(block)
 (router logits, fused_topk, fused_experts on the forced backend), against
