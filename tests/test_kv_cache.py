@@ -158,7 +158,10 @@ def _cache_inputs(num_tokens, heads, head_dim, num_blocks, block_size, dtype, st
     capacity = num_blocks * block_size
     slots = torch.randperm(capacity, generator=gen)[:num_tokens]
     slots[::3] = -1  # padding tokens
-    return key, value, key_cache, value_cache, slots.to(torch.int64)
+    slots = slots.to(torch.int64)
+    if strided:  # the slot mapping as a strided view too (a kernel reading slot t at offset t would be wrong)
+        slots = torch.stack((slots, torch.full_like(slots, 10**9)), dim=1)[:, 0]
+    return key, value, key_cache, value_cache, slots
 
 
 @pytest.mark.parametrize("backend,device", KV_BACKENDS)
