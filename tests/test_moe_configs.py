@@ -292,7 +292,8 @@ print(check(torch.float16, {{"BLOCK_M": 128, "gate_up": tiles | {{"BLOCK_N": 128
 print(check(torch.float16, tuner.moe_gemm.heuristic_config(64, 8, 128, torch.float16)))
 """
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    # -P: import the installed qwen_fast, never the source tree in the working directory (no _C, no kernels there)
+    result = subprocess.run([sys.executable, "-P", "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     spilled, clean = result.stdout.splitlines()[-2:]
     assert spilled.startswith("_gate_up_kernel sm_90: spills or local memory") and clean == "None"
