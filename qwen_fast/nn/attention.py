@@ -33,6 +33,7 @@ from qwen_fast.ops import (
     reshape_and_cache,
     rotary_embedding,
 )
+from qwen_fast.reference.attention import visible_keys
 from qwen_fast.reference.norm import rms_norm
 
 SUPPORTED = ("Qwen3Attention", "Qwen3MoeAttention", "Qwen2Attention", "Qwen2MoeAttention")
@@ -59,16 +60,6 @@ def _rope_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return torch.cat((cos[..., :half], sin[..., :half]), dim=-1).reshape(-1, cos.shape[-1]).contiguous()
 
 
-def _visible(num_q: int, num_k: int, window_left: int, device: torch.device) -> torch.Tensor:
-    """bool [num_q, num_k]: causal bottom-right visibility, limited to `window_left` keys back when >= 0."""
-    q_pos = torch.arange(num_k - num_q, num_k, device=device)[:, None]
-    k_pos = torch.arange(num_k, device=device)[None, :]
-    visible = k_pos <= q_pos
-    if window_left >= 0:
-        visible &= k_pos >= q_pos - window_left
-    return visible
-
-
 def key_padding(attention_mask: torch.Tensor | None, num_q: int, window_left: int) -> torch.Tensor | None:
     """bool [B, S_k] (True = a real token) from transformers' attention mask, or None when nothing is padded.
 
@@ -87,7 +78,7 @@ def key_padding(attention_mask: torch.Tensor | None, num_q: int, window_left: in
                 f"attention_mask must be [B, 1, S_q, S_k] with S_q = {num_q}, got {tuple(attention_mask.shape)}"
             )
         keep = allowed[:, 0].any(dim=1)  # a key no query may see is as good as padding
-        expected = _visible(num_q, keep.shape[1], window_left, keep.device)[None] & keep[:, None, :]
+        expected = visible_keys(num_q, keep.shape[1], True, (window_left, 0), keep.device)[None] & keep[:, None, :]
         if not torch.equal(allowed[:, 0], expected):
             raise ValueError(
                 "GQAAttention supports causal attention masks with key padding only; attention_mask differs from "

@@ -19,7 +19,7 @@ Every attention reference (including qwen_fast.reference.kv_cache.flash_attn_wit
 import torch
 
 
-def _visible_keys(
+def visible_keys(
     seqlen_q: int, seqlen_k: int, causal: bool, window_size: tuple[int, int], device: torch.device
 ) -> torch.Tensor:
     """bool [Sq, Sk]: whether query i may attend to key j (bottom-right aligned, see the module docstring)."""
@@ -66,7 +66,7 @@ def _attention(
     q32 = q.float().reshape(batch, seqlen_q, num_heads_kv, group, head_dim)
     scores = torch.einsum("bqhrd,bkhd->bhrqk", q32, k.float()) * scale  # [B, Hkv, group, Sq, Sk]
 
-    visible = _visible_keys(seqlen_q, seqlen_k, causal, window_size, q.device)
+    visible = visible_keys(seqlen_q, seqlen_k, causal, window_size, q.device)
     scores = scores.masked_fill(~visible, float("-inf"))
     # A row with no visible key is all -inf and softmax gives NaN there; zeroing the invisible entries turns exactly
     # those rows into 0 (in any other row softmax already gave the invisible keys probability 0).
