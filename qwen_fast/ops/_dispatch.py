@@ -91,12 +91,14 @@ def _native_problem(op: str, backend: str, device: torch.device) -> str | None:
 class Op:
     """One public op: its implementations per backend and the order `auto` tries them in, per device type.
     `native_op` names the extension op whose kernels the cpu/cuda backends run (default: the op's own name; a
-    composite such as fused_moe runs fused_experts')."""
+    composite such as fused_moe runs fused_experts'). `kernel_limit(*args, **kwargs)` says why the kernel backends
+    (all but torch) cannot take a call's arguments, or None: `auto` then skips them, and forcing one is an error."""
 
     name: str
     impls: dict[str, Callable]
     auto_order: dict[str, tuple[str, ...]]
     native_op: str = ""
+    kernel_limit: Callable[..., str | None] | None = None
 
     def problem(self, backend: str, device: torch.device) -> str | None:
         """None when `backend` can run this op on `device` here, else why not."""
@@ -108,24 +110,32 @@ class Op:
             return _triton_problem(device)
         return _native_problem(self.native_op or self.name, backend, device)
 
-    def select(self, device: torch.device) -> str:
+    def _call_problem(self, backend: str, device: torch.device, args: tuple, kwargs: dict) -> str | None:
+        problem = self.problem(backend, device)
+        if problem is None and backend != "torch" and self.kernel_limit is not None and (args or kwargs):
+            problem = self.kernel_limit(*args, **kwargs)
+        return problem
+
+    def select(self, device: torch.device, args: tuple = (), kwargs: dict | None = None) -> str:
+        """The backend a call with `args`/`kwargs` on `device` runs on (without arguments: kernel_limit unchecked)."""
+        kwargs = kwargs or {}
         forced = forced_backend()
         if forced is not None:
-            problem = self.problem(forced, device)
+            problem = self._call_problem(forced, device, args, kwargs)
             if problem is not None:
-                usable = [b for b in self.impls if self.problem(b, device) is None]
+                usable = [b for b in self.impls if self._call_problem(b, device, args, kwargs) is None]
                 raise RuntimeError(
                     f"qwen_fast.{self.name}: backend {forced!r} is forced but cannot run here: {problem}. "
                     f"Usable for {device.type} tensors: {', '.join(usable)}"
                 )
             return forced
         for backend in self.auto_order.get(device.type, ("torch",)):
-            if self.problem(backend, device) is None:
+            if self._call_problem(backend, device, args, kwargs) is None:
                 return backend
         return "torch"
 
     def __call__(self, device: torch.device, *args, **kwargs):
-        backend = self.select(device)
+        backend = self.select(device, args, kwargs)
         if _trace is not None:
             _trace.append((self.name, backend))
         return self.impls[backend](*args, **kwargs)

@@ -8,7 +8,7 @@ from qwen_fast.reference import moe as reference
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_shape, check_tensor
 from ._dispatch import Op, use_backend
 from .moe_align import check_expert_ids
-from .routing import FUSED_TOPK, auto_routing_backend, check_routing_args
+from .routing import FUSED_TOPK, check_routing_args
 
 
 def _fake_fused_experts(hidden_states, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
@@ -63,7 +63,7 @@ def _fused_moe_on(backend: str):
     fused_experts kernel (arguments already checked by fused_moe)."""
 
     def run(hidden_states, w13, w2, gating_output, topk, renormalize=True, **routing_kwargs):
-        with use_backend(auto_routing_backend(gating_output.shape[1])):
+        with use_backend("auto"):
             weights, ids = FUSED_TOPK(gating_output.device, gating_output, topk, renormalize, **routing_kwargs)
         return FUSED_EXPERTS.impls[backend](hidden_states, w13, w2, weights, ids)
 

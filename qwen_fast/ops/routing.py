@@ -12,7 +12,7 @@ from qwen_fast import _native
 from qwen_fast.reference import routing as reference
 
 from ._checks import FLOAT_DTYPES, check_int, check_shape, check_tensor
-from ._dispatch import NATIVE_FIRST, Op, forced_backend, use_backend
+from ._dispatch import NATIVE_FIRST, Op
 
 
 def _fake_fused_topk(
@@ -94,10 +94,11 @@ def _fused_topk_native(*args):
 KERNEL_MAX_EXPERTS = 1024
 
 
-def auto_routing_backend(num_experts: int) -> str:
-    """The backend `auto` means for fused_topk over `num_experts`: "auto" (the kernels) up to KERNEL_MAX_EXPERTS,
-    "torch" (the only backend that takes more) beyond."""
-    return "auto" if num_experts <= KERNEL_MAX_EXPERTS else "torch"
+def _kernel_limit(gating_output: torch.Tensor, *args, **kwargs) -> str | None:
+    num_experts = gating_output.shape[1]
+    if num_experts <= KERNEL_MAX_EXPERTS:
+        return None
+    return f"the kernels take 1 to {KERNEL_MAX_EXPERTS} experts, got E = {num_experts}"
 
 
 FUSED_TOPK = Op(
@@ -109,6 +110,7 @@ FUSED_TOPK = Op(
         "torch": reference.fused_topk,
     },
     NATIVE_FIRST,
+    kernel_limit=_kernel_limit,
 )
 
 
@@ -209,15 +211,14 @@ def fused_topk(
         topk_group,
         routed_scaling_factor,
     )
-    with use_backend(forced_backend() or auto_routing_backend(gating_output.shape[1])):
-        return FUSED_TOPK(
-            gating_output.device,
-            gating_output,
-            topk,
-            renormalize,
-            scoring_func=scoring_func,
-            e_score_correction_bias=e_score_correction_bias,
-            num_expert_group=num_expert_group,
-            topk_group=topk_group,
-            routed_scaling_factor=routed_scaling_factor,
-        )
+    return FUSED_TOPK(
+        gating_output.device,
+        gating_output,
+        topk,
+        renormalize,
+        scoring_func=scoring_func,
+        e_score_correction_bias=e_score_correction_bias,
+        num_expert_group=num_expert_group,
+        topk_group=topk_group,
+        routed_scaling_factor=routed_scaling_factor,
+    )
