@@ -6,6 +6,7 @@ reports what is built and usable here; `qwen_fast.use_backend(name)` or QWEN_FAS
 """
 
 from . import _native, cache, nn, reference  # noqa: F401  (_native loads the extension before the ops register fakes)
+from .integrations import PatchHandle, patch
 from .ops import (
     OPS,
     flash_attn_func,
@@ -44,6 +45,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "PagedKVCache",
+    "PatchHandle",
     "backends",
     "flash_attn_func",
     "flash_attn_varlen_func",
@@ -53,6 +55,7 @@ __all__ = [
     "fused_topk",
     "moe_align_block_size",
     "nn",
+    "patch",
     "qk_norm_rope_and_cache",
     "record_backends",
     "reference",

@@ -201,7 +201,10 @@ class GQAAttention(nn.Module):
         k = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim)
         v = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim)
         table = _rope_table(*position_embeddings)
-        positions = torch.arange(batch * seq, device=hidden_states.device)
+        # Row of token (b, s) in the table: transformers' cos/sin are [B, S, D], or [1, S, D] shared by the batch.
+        rows = position_embeddings[0].shape[0]
+        positions = torch.arange(rows * seq, device=hidden_states.device).view(rows, seq).expand(batch, seq)
+        positions = positions.reshape(-1)
         window = (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
         keep = key_padding(attention_mask, seq, window[0])
 

@@ -1,0 +1,6 @@
+"""Hugging Face transformers hookup: `patch` swaps qwen_fast's modules into a loaded model (one file per family says
+what), `register` adds "qwen_fast" to transformers' experts and attention interfaces."""
+
+from .patch import FAMILIES, PatchHandle, patch
+
+__all__ = ["FAMILIES", "PatchHandle", "patch"]

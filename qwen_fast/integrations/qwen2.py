@@ -1,0 +1,5 @@
+"""Qwen2 / Qwen2.5 (dense): GQA attention with q/k/v biases; its MLPs are dense, nothing to route."""
+
+from .family import Family
+
+FAMILY = Family("Qwen2", "qwen2", moe_block=None, attention="Qwen2Attention", route="module")
