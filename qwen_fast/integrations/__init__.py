@@ -1,0 +1,3 @@
+"""Hugging Face transformers hookup."""
+
+from .interfaces import register  # noqa: F401  (the public entry point)
