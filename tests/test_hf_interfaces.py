@@ -137,6 +137,29 @@ def test_packed_sequences_match_default(checkpoint):
         assert_close(logits[:, 7:], fast(tokens[:, 7:], use_cache=False).logits)
 
 
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("causal", [True, False])
+def test_attention_function_conventions(causal, window):
+    """The attention function alone against SDPA with the explicit mask: transformers' [B, H, S, D] layout, GQA,
+    the default scale D ** -0.5, module.is_causal, and the window of transformers' flash attention (keys less than
+    `window` positions away; causal: on the left only)."""
+    q, k, v = torch.randn(2, 4, 7, 16), torch.randn(2, 2, 7, 16), torch.randn(2, 2, 7, 16)
+    module = torch.nn.Module()
+    module.is_causal = causal
+    distance = torch.arange(7)[:, None] - torch.arange(7)[None]  # query position - key position
+    visible = distance >= 0 if causal else torch.ones(7, 7, dtype=torch.bool)
+    if window is not None:
+        visible &= distance.abs() < window
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=True)
+    with qwen_fast.record_backends() as calls:
+        out, weights = interfaces.attention_forward(module, q, k, v, None, sliding_window=window)
+    assert weights is None and calls == [("flash_attn_func", "cpu")]
+    assert_close(out, expected.transpose(1, 2))
+    if not causal:
+        with pytest.raises(ValueError, match="key padding for causal attention only"):
+            interfaces.attention_forward(module, q, k, v, MASK[:, 2:].bool(), sliding_window=window)
+
+
 @pytest.mark.parametrize(
     ("flag", "value"),
     [("is_transposed", True), ("has_bias", True), ("is_concatenated", False), ("has_gate", False),

@@ -144,6 +144,8 @@ def attention_forward(
     causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
     q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, S, H, D] views: flash-attn's layout
     scale = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    # A window of w keys: w - 1 to the left (and, not causal, to the right: transformers' flash attention; its sdpa
+    # masks |i - j| <= w there, one key more on each side).
     window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0 if causal else sliding_window - 1)
     options = {"softmax_scale": scale, "causal": causal, "window_size": window}
 
