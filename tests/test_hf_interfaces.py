@@ -132,6 +132,11 @@ def test_packed_sequences_match_default(checkpoint):
         expected = default(tokens, position_ids=positions, use_cache=False).logits
     assert "flash_attn_varlen_func" in _ops(calls)
     assert_close(logits, expected)
+    # The same sequences given as offsets (transformers' padding-free kwargs, as DataCollatorWithFlattening makes).
+    offsets = torch.tensor([0, 7, 18], dtype=torch.int32)
+    varlen = {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets, "max_length_q": 11, "max_length_k": 11}
+    with torch.no_grad():
+        assert_close(fast(tokens, position_ids=positions, use_cache=False, **varlen).logits, expected)
     # The second sequence alone gives the same logits: nothing leaked across the boundary.
     with torch.no_grad():
         assert_close(logits[:, 7:], fast(tokens[:, 7:], use_cache=False).logits)

@@ -154,7 +154,7 @@ def attention_forward(
         cu_q = cu_k = _packed_cu_seqlens(kwargs.get("position_ids"), q.shape[0], q.shape[1])
     if attention_mask is None and cu_q is not None:
         # Sequences packed along the rows: flash_attn_varlen_func on the flattened tokens. max_seqlen_q/k are upper
-        # bounds (flash-attn's contract): the row lengths, known without a host sync.
+        # bounds (flash-attn's contract): the token counts, known without a host sync.
         rows_q, rows_k = q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:])
         out = flash_attn_varlen_func(
             rows_q, rows_k, v.reshape(-1, *v.shape[2:]), cu_q.to(torch.int32), cu_k.to(torch.int32),
