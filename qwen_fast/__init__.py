@@ -37,9 +37,13 @@ def backends() -> dict[str, dict[str, str]]:
 
 
 def __getattr__(name: str):
-    """qwen_fast.PagedKVCache is imported on first use: it subclasses transformers' Cache."""
+    """qwen_fast.PagedKVCache and qwen_fast.register_transformers are imported on first use: they need transformers."""
     if name == "PagedKVCache":
         return cache.PagedKVCache
+    if name == "register_transformers":
+        from .integrations import register
+
+        return register
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -59,6 +63,7 @@ __all__ = [
     "qk_norm_rope_and_cache",
     "record_backends",
     "reference",
+    "register_transformers",
     "reshape_and_cache",
     "rotary_embedding",
     "use_backend",

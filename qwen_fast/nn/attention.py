@@ -101,7 +101,7 @@ def key_padding(attention_mask: torch.Tensor | None, num_q: int, window_left: in
     return keep
 
 
-def _varlen(q, k, v, keep, scale, window) -> torch.Tensor:
+def varlen_attention(q, k, v, keep, scale, window) -> torch.Tensor:
     """Attention of the valid rows only: q [B, S_q, Hq, D], k/v [B, S_k, Hkv, D], keep bool [B, S_k]."""
     keep_q = keep[:, keep.shape[1] - q.shape[1] :]
     cu_q, cu_k = (torch.nn.functional.pad(m.sum(1).cumsum(0), (1, 0)).to(torch.int32) for m in (keep_q, keep))
@@ -236,5 +236,5 @@ class GQAAttention(nn.Module):
         if keep is None:
             out = flash_attn_func(q, k, v, softmax_scale=self.scaling, causal=True, window_size=window)
         else:
-            out = _varlen(q, k, v, keep, self.scaling, window)
+            out = varlen_attention(q, k, v, keep, self.scaling, window)
         return self.o_proj(out.reshape(batch, seq, -1)), None

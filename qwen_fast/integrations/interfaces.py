@@ -1,0 +1,220 @@
+"""qwen_fast as a transformers 5.x experts and attention implementation.
+
+`register()` (also `qwen_fast.register_transformers()`) adds "qwen_fast" to transformers' ExpertsInterface,
+AttentionInterface and AttentionMaskInterface. Afterwards
+
+    model = AutoModelForCausalLM.from_pretrained(
+        path, experts_implementation="qwen_fast", attn_implementation="qwen_fast"
+    )
+    model.set_experts_implementation("qwen_fast")  # or switch a loaded model, and back
+    model.set_attn_implementation("qwen_fast")
+
+run the model's experts (every class decorated with transformers' @use_experts_implementation whose layout is the
+SwiGLU gate_up_proj [E, 2I, H] / down_proj [E, H, I] one: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V3, ...)
+through qwen_fast.fused_experts, and its attention through qwen_fast.flash_attn_func / flash_attn_varlen_func, each
+on the backend qwen_fast picks per call (`qwen_fast.use_backend`). Routing, RoPE, the cache and the projections stay
+the model's own. To write and read a paged KV cache in place, swap the modules instead (qwen_fast.nn).
+
+Registering is explicit: importing qwen_fast does not import transformers; this module does.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.activations import SiLUActivation
+from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
+from transformers.masking_utils import flash_attention_mask
+
+from qwen_fast.nn.attention import key_padding, varlen_attention
+from qwen_fast.ops import flash_attn_func, flash_attn_varlen_func, fused_experts
+
+# The layout flags transformers' @use_experts_implementation sets on an experts module, and the value fused_experts
+# needs: gate and up rows concatenated in gate_up_proj [E, 2I, H], down_proj [E, H, I], no bias, no post-expert
+# norm, every expert on this process (expert parallelism routes sentinel ids >= E).
+_LAYOUT = {
+    "has_gate": True,
+    "is_concatenated": True,
+    "is_transposed": False,
+    "has_bias": False,
+    "has_post_expert_norm": False,
+    "_is_expert_parallel": False,
+}
+
+
+def _check_experts(module: nn.Module) -> None:
+    """ValueError naming `module`'s class and the first layout flag (or activation) fused_experts cannot run."""
+    cls = type(module).__name__
+    for flag, needed in _LAYOUT.items():
+        if getattr(module, flag, needed) != needed:
+            raise ValueError(
+                f"qwen_fast experts need {flag}={needed}; {cls} has {flag}={getattr(module, flag)!r}. "
+                "Use another experts_implementation for this model"
+            )
+    if type(module)._apply_gate is not _default_apply_gate:
+        raise ValueError(
+            f"qwen_fast experts compute silu(gate) * up; {cls} overrides _apply_gate. "
+            "Use another experts_implementation for this model"
+        )
+    act_fn = getattr(module, "act_fn", None)
+    if not isinstance(act_fn, (nn.SiLU, SiLUActivation)):
+        raise ValueError(
+            f"qwen_fast experts compute SwiGLU (act_fn SiLU); {cls} has act_fn={type(act_fn).__name__}. "
+            "Use another experts_implementation for this model"
+        )
+
+
+def experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """transformers' experts forward, run by qwen_fast.fused_experts on the module's weights in place.
+
+    Args:
+        self: a transformers experts module: gate_up_proj [E, 2I, H] (gate rows, then up rows) and down_proj
+            [E, H, I] in the model dtype, the layout flags of @use_experts_implementation, act_fn SiLU.
+        hidden_states: [T, H], the weights' dtype.
+        top_k_index: [T, k] int64 (or int32) expert ids in [0, E).
+        top_k_weights: [T, k] fp32 or the model dtype.
+
+    Returns:
+        [T, H] in hidden_states' dtype: sum_j top_k_weights[t, j] * expert_{top_k_index[t, j]}(x_t), accumulated in
+        fp32.
+
+    Raises:
+        ValueError: a layout fused_experts does not compute (the message names the class and the flag).
+    """
+    _check_experts(self)
+    return fused_experts(hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index)
+
+
+def _packed_cu_seqlens(position_ids: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
+    """int32 [N + 1] offsets of the sequences packed in one row (batch 1, positions that restart), else None.
+
+    A sequence starts wherever the position does not follow the previous one (transformers' rule for packed
+    sequences, find_packed_sequence_indices).
+    """
+    if position_ids is None or tuple(position_ids.shape) != (1, seq) or batch != 1 or seq < 2:
+        return None
+    starts = torch.nonzero(position_ids.reshape(-1).diff() != 1).reshape(-1) + 1
+    if starts.numel() == 0:
+        return None
+    ends = torch.tensor([0, seq], device=starts.device)
+    return torch.cat((ends[:1], starts, ends[1:])).to(torch.int32)
+
+
+def attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """transformers' attention function contract, run by qwen_fast's flash attention (GQA without repeating K/V).
+
+    Args:
+        module: the calling attention module (is_causal, read unless kwargs has is_causal).
+        query: [B, Hq, S, D]; key, value: [B, Hkv, Sk, D] (Hq a multiple of Hkv), query's dtype.
+        attention_mask: from the mask function registered with it (transformers' flash_attention_mask): None, or
+            the key padding [B, L] (True = a real token, L <= Sk: a static cache's keys past L are unwritten);
+            a user's 4D [B, 1, S, Sk] mask must be causal (windowed) with key padding.
+        scaling: softmax scale, default D ** -0.5.
+        dropout: must be 0 (transformers passes attention_dropout in training): refused otherwise.
+        sliding_window: keys per query, the query's own included (None: all).
+        kwargs: is_causal; position_ids (batch 1, restarting positions: packed sequences) or cu_seq_lens_q /
+            cu_seq_lens_k (padding-free batches), both run through flash_attn_varlen_func.
+
+    Returns:
+        ([B, S, Hq, D] in query's dtype, None). Query rows that are padding output 0.
+    """
+    cls = type(module).__name__
+    if dropout:
+        raise ValueError(
+            f"qwen_fast attention has no dropout; {cls} asked for dropout={dropout} (training with "
+            "attention_dropout > 0): set config.attention_dropout = 0 or use another attn_implementation"
+        )
+    for name in ("softcap", "s_aux"):
+        if kwargs.get(name) is not None:
+            raise ValueError(f"qwen_fast attention does not support {name}; {cls} passed {name}={kwargs[name]!r}")
+    causal = kwargs.get("is_causal")
+    causal = getattr(module, "is_causal", True) if causal is None else bool(causal)
+    q, k, v = (t.transpose(1, 2) for t in (query, key, value))  # [B, S, H, D] views: flash-attn's layout
+    scale = q.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    # A window of w keys: w - 1 to the left (and, not causal, to the right: transformers' flash attention; its sdpa
+    # masks |i - j| <= w there, one key more on each side).
+    window = (-1, -1) if sliding_window is None else (sliding_window - 1, 0 if causal else sliding_window - 1)
+    options = {"softmax_scale": scale, "causal": causal, "window_size": window}
+
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    if attention_mask is None and cu_q is None:
+        cu_q = cu_k = _packed_cu_seqlens(kwargs.get("position_ids"), q.shape[0], q.shape[1])
+    if attention_mask is None and cu_q is not None:
+        # Sequences packed along the rows: flash_attn_varlen_func on the flattened tokens. max_seqlen_q/k are upper
+        # bounds (flash-attn's contract): the token counts, known without a host sync.
+        rows_q, rows_k = q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:])
+        out = flash_attn_varlen_func(
+            rows_q, rows_k, v.reshape(-1, *v.shape[2:]), cu_q.to(torch.int32), cu_k.to(torch.int32),
+            rows_q.shape[0], rows_k.shape[0], **options,
+        )  # fmt: skip
+        return out.view(q.shape), None
+
+    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] < k.shape[1]:
+        k, v = k[:, : attention_mask.shape[1]], v[:, : attention_mask.shape[1]]  # a static cache's unwritten slots
+    keep = key_padding(attention_mask, q.shape[1], window[0])
+    if keep is None:
+        return flash_attn_func(q, k, v, **options), None
+    if not causal:
+        raise ValueError(f"qwen_fast attention supports key padding for causal attention only; {cls} is not causal")
+    return varlen_attention(q, k, v, keep, scale, window), None
+
+
+def register(name: str = "qwen_fast") -> str:
+    """Register qwen_fast with transformers as `name` (experts, attention and attention-mask implementation).
+
+    Idempotent. Returns `name`, for `from_pretrained(..., experts_implementation=name, attn_implementation=name)`.
+
+    >>> from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+    >>> model = Qwen3MoeForCausalLM(Qwen3MoeConfig(
+    ...     vocab_size=32, hidden_size=16, intermediate_size=32, moe_intermediate_size=8, num_hidden_layers=1,
+    ...     num_attention_heads=2, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2))
+    >>> name = qwen_fast.register_transformers()
+    >>> model.set_experts_implementation(name); model.set_attn_implementation(name)
+    >>> with qwen_fast.record_backends() as calls:
+    ...     logits = model(torch.tensor([[1, 2, 3]])).logits
+    >>> sorted({op for op, _ in calls})
+    ['flash_attn_func', 'fused_experts']
+
+    Raises:
+        ValueError: `name` is empty, contains "flash" or "/" (transformers would fetch it as a Hub kernel), or is
+            already registered for something else.
+    """
+    if not isinstance(name, str) or not name or "flash" in name or "/" in name:
+        raise ValueError(
+            f'name must be a non-empty string without "flash" or "/" (transformers loads those from the Hub), '
+            f"got {name!r}"
+        )
+    # Padding reaches the attention function only if the mask interface knows the name (else transformers passes
+    # no mask at all). flash_attention_mask, not sdpa_mask: qwen_fast runs a padded batch by packing its real tokens
+    # (flash_attn_varlen_func), which needs only the [B, Sk] key padding: O(B * Sk) instead of sdpa's [B, 1, S, Sk]
+    # boolean mask, and nothing to check per layer. Like transformers' flash attention, it drops mask overlays
+    # (or/and mask functions, e.g. bidirectional image tokens), which the MoE decoders served here do not use;
+    # packed sequences are recovered from position_ids, as flash attention does.
+    entries: list[tuple[type, Callable]] = [
+        (ExpertsInterface, experts_forward),
+        (AttentionInterface, attention_forward),
+        (AttentionMaskInterface, flash_attention_mask),
+    ]
+    for interface, function in entries:
+        current = interface().get(name)
+        if current is not None and current is not function:
+            raise ValueError(
+                f"name {name!r} is already registered in transformers' {interface.__name__} as "
+                f"{getattr(current, '__qualname__', current)!r}; pick another name"
+            )
+    for interface, function in entries:
+        interface.register(name, function)
+    return name
