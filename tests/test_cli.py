@@ -108,10 +108,10 @@ import time
 import pytest
 
 
-@pytest.mark.parametrize("impl, seconds", [("slow", 2e-3), ("fast", 1e-3)])
+@pytest.mark.parametrize("impl, seconds", [("slow", 5e-3), ("fast", 1e-3)])
 @pytest.mark.parametrize("size", [1, 2])
 def test_sleep(benchmark, impl, seconds, size):
-    benchmark.pedantic(time.sleep, (seconds * size,), rounds=2)
+    benchmark.pedantic(time.sleep, (seconds * size,), rounds=3)
     benchmark.extra_info.update(op="sleep", shape=f"size={size}", impl=impl, baseline="slow", device="cpu")
 
 
@@ -133,7 +133,7 @@ def test_bench_writes_json_and_plots(tmp_path, capsys):
     rows, unnamed = bench.load(out / "bench.json")
     speedups = {(r["shape"], r["impl"]): r["speedup"] for r in rows}
     assert speedups[("size=1", "slow")] == 1.0 and speedups[("size=2", "slow")] == 1.0
-    assert all(1.2 < speedups[(s, "fast")] < 2.5 for s in ("size=1", "size=2"))  # sleeps of 1 ms vs 2 ms
+    assert all(2 < speedups[(s, "fast")] < 10 for s in ("size=1", "size=2"))  # sleeps of 1 ms vs 5 ms (median of 3)
 
 
 def test_bench_missing_dir_is_a_clear_error(tmp_path, capsys):

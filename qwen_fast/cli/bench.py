@@ -77,12 +77,21 @@ def load(path: Path) -> tuple[list[dict], list[str]]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = [f"{'op':24} {'shape':32} {'impl':32} {'median':>12} {'speedup':>9}  baseline"]
+    """One line per row, grouped by op and then shape (each in the order it first ran)."""
+    first = {key: i for i, row in reversed(list(enumerate(rows))) for key in ((row["op"],), (row["op"], row["shape"]))}
+    rows = sorted(rows, key=lambda row: (first[(row["op"],)], first[(row["op"], row["shape"])]))
+    cells = [("op", "shape", "impl", "median", "speedup", "baseline")]
     for row in rows:
-        speedup = "-" if row["speedup"] is None else f"{row['speedup']:.2f}x"
-        median = f"{row['median'] * 1e6:.1f} us"
-        lines.append(f"{row['op']:24} {row['shape']:32} {row['impl']:32} {median:>12} {speedup:>9}  {row['baseline']}")
-    return "\n".join(lines)
+        speedup = "-" if row["speedup"] is None else f"{row['speedup']:.3g}x"
+        cells.append((row["op"], row["shape"], row["impl"], f"{row['median'] * 1e6:.1f} us", speedup, row["baseline"]))
+    widths = [max(len(line[i]) for line in cells) for i in range(len(cells[0]))]
+    right = (3, 4)  # the numbers
+    return "\n".join(
+        "  ".join(
+            c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(line, widths, strict=True))
+        ).rstrip()
+        for line in cells
+    )
 
 
 def run(args: argparse.Namespace) -> int:

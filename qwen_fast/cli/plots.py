@@ -6,16 +6,19 @@ from pathlib import Path
 
 def plot_speedups(rows: list[dict], out: Path) -> list[Path]:
     """One PNG per op in `rows` (dicts with op, shape, impl, baseline, device, speedup; see qwen_fast/cli/bench.py):
-    x = shapes in the order they ran, one bar per impl, log-scale speedup, 1x marked. Rows without a speedup are
-    left out; an op with none is not plotted. Returns the paths written."""
+    x = shapes in the order they ran, one bar per impl, log-scale speedup, 1x marked. Rows without a speedup, and
+    shapes where only the baseline ran, are left out; an op with nothing left is not plotted. Returns the paths
+    written."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
 
     written = []
     for op in dict.fromkeys(row["op"] for row in rows):
-        mine = [row for row in rows if row["op"] == op and row["speedup"] is not None]
+        compared = {row["shape"] for row in rows if row["op"] == op and row["impl"] != row["baseline"]}
+        mine = [row for row in rows if row["op"] == op and row["speedup"] is not None and row["shape"] in compared]
         if not mine:
             continue
         shapes = list(dict.fromkeys(row["shape"] for row in mine))
@@ -28,6 +31,7 @@ def plot_speedups(rows: list[dict], out: Path) -> list[Path]:
             ax.bar([x - 0.4 + (i + 0.5) * width for x in xs], [speedup[shapes[x], impl] for x in xs], width, label=impl)
         ax.axhline(1.0, color="black", linewidth=0.8)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}x"))
         ax.set_xticks(range(len(shapes)), shapes, rotation=30, ha="right", fontsize=8)
         ax.set_ylabel("speedup (x, log scale)")
         baselines = ", ".join(dict.fromkeys(row["baseline"] for row in mine))
