@@ -5,10 +5,11 @@
 
 With no subcommand it prints the environment and the backends table (`check`'s report, without the self-test).
 Each subcommand is a module of this package with `add_parser(subparsers)` and `run(args) -> int`; adding one is a
-new module and one entry in COMMANDS.
+new module and one entry in COMMANDS (its parser's description: the module docstring, printed as written).
 """
 
 import argparse
+import functools
 import sys
 
 from qwen_fast import __version__
@@ -25,7 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="`qwen-fast COMMAND --help` describes each command.",
     )
     parser.add_argument("--version", action="version", version=f"qwen-fast {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    # A command's description is its module docstring, printed as written.
+    command_parser = functools.partial(argparse.ArgumentParser, formatter_class=argparse.RawDescriptionHelpFormatter)
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=command_parser)
     for command in COMMANDS:
         command.add_parser(subparsers)
     return parser

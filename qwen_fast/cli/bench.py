@@ -15,8 +15,9 @@ listed and left out of the table and plots):
               "reference", "transformers.<experts implementation or router>", "torch_sdpa", "vllm", ...
     baseline  the impl this row's speedup is measured against, on the same op and shape: the torch reference, or
               the peer a user would otherwise run (transformers, torch SDPA)
-speedup = median time of the baseline / median time of the impl (> 1: faster than the baseline). A row whose baseline
-did not run (skipped, deselected by -k) is listed without a speedup. `device` in extra_info titles the plots.
+speedup = median time of the baseline / median time of the impl (> 1: faster than the baseline); an (op, shape, impl)
+timed twice keeps its faster median. A row whose baseline did not run (skipped, deselected by -k) is listed without a
+speedup; a plot leaves out the shapes where only the baseline ran. `device` in extra_info titles the plots.
 """
 
 import argparse
@@ -34,17 +35,15 @@ MISSING_EXTRA = "{module} is not installed: install the benchmark extra, pip ins
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "bench",
-        help="run the bench/ suites (pytest-benchmark), write bench.json and speedup plots",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    summary = "run the bench/ suites (pytest-benchmark), write bench.json and speedup plots"
+    parser = subparsers.add_parser("bench", help=summary, description=__doc__)
     parser.add_argument(
         "bench_dir", nargs="?", type=Path, default=Path("bench"),
         help="directory of bench_*.py suites (default: ./bench, in the source checkout)",
     )  # fmt: skip
-    parser.add_argument("--out", type=Path, default=Path("bench-results"), help="output directory (bench-results/)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench-results"), metavar="DIR", help="default: bench-results/"
+    )
     parser.add_argument("-k", metavar="EXPR", help="pytest -k expression selecting benchmarks")
     parser.add_argument("--quick", action="store_true", help="fewer rounds: " + " ".join(QUICK))
     parser.set_defaults(run=run)

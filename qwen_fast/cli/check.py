@@ -53,12 +53,8 @@ def report(env: dict[str, str] | None = None) -> str:
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser(
-        "check",
-        help="environment, backends, and a self-test of every op against the reference",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    summary = "environment, backends, and a self-test of every op against the reference"
+    parser = subparsers.add_parser("check", help=summary, description=__doc__)
     ops = list(selftest.CASES)
     parser.add_argument(
         "--ops", nargs="+", choices=ops, default=ops, metavar="OP", help=f"ops to test: {', '.join(ops)}"
