@@ -73,7 +73,11 @@ def run(args: argparse.Namespace) -> int:
     print(report(env), end="\n\n", flush=True)
     cases = selftest.plan(args.ops, args.backends, args.quick)
     if not cases:
-        print(f"qwen-fast check: no usable backend among {args.backends} for {', '.join(args.ops)}", file=sys.stderr)
+        print(
+            f"qwen-fast check: no usable backend among {args.backends} for {', '.join(args.ops)} (the table above "
+            "says why)",
+            file=sys.stderr,
+        )
         return 2
     print(f"self-test: {len(cases)} (op, backend, device) cases, fp32, against qwen_fast.reference")
     results = []
