@@ -81,6 +81,9 @@ def test_flash_attn_prefill(benchmark, dtype, heads_q, heads_kv, seqlen, causal,
     flops = 4 * heads_q * seqlen * seqlen * HEAD_DIM * (0.5 if causal else 1.0)
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu, {torch.get_num_threads()} threads",
-        impl=impl,
+        op="flash_attn_func",
+        shape=f"{str(dtype)[6:]} Hq={heads_q}/Hkv={heads_kv} S={seqlen}{' causal' if causal else ''}",
+        impl=f"qwen_fast.{BACKEND}" if impl == "qwen_fast" else impl,
+        baseline="torch_sdpa",
         tflops=flops / benchmark.stats["median"] / 1e12,
     )

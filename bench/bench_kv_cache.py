@@ -46,6 +46,10 @@ def test_reshape_and_cache(benchmark, backend, num_tokens, dtype):
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
         backend=backend,
+        op="reshape_and_cache",
+        shape=f"N={num_tokens} {str(dtype)[6:]}",
+        impl=f"qwen_fast.{backend}",
+        baseline="qwen_fast.torch",
         gb_per_s=moved / benchmark.stats["mean"] / 1e9,
     )
 
@@ -101,5 +105,9 @@ def test_paged_decode(benchmark, backend, batch, context):
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu, {torch.get_num_threads()} threads",
         backend=backend,
+        op="flash_attn_with_kvcache decode",
+        shape=f"B={batch} context={context}",
+        impl="torch_sdpa" if backend == "sdpa" else f"qwen_fast.{backend}",
+        baseline="torch_sdpa",
         gb_per_s=read / benchmark.stats["mean"] / 1e9,
     )

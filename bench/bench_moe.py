@@ -39,7 +39,7 @@ def _inputs(num_tokens: int, dtype_name: str):
     return x, w13, w2, weights, ids
 
 
-def _time(benchmark, fn, inputs, label: str) -> None:
+def _time(benchmark, fn, inputs, label: str, op: str = "fused_experts") -> None:
     def run():
         out = fn()
         if DEVICE == "cuda":
@@ -61,7 +61,10 @@ def _time(benchmark, fn, inputs, label: str) -> None:
     mean = benchmark.stats["mean"]
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+        op=op,
+        shape=f"T={x.shape[0]} {str(x.dtype)[6:]}",
         impl=label,
+        baseline="transformers.grouped_mm",  # transformers' default experts implementation
         us=mean * 1e6,
         tflop_per_s=6 * num_pairs * HIDDEN * INTER / mean / 1e12,
         weight_gb_per_s=weight_bytes / mean / 1e9,
@@ -126,13 +129,13 @@ def test_moe_block(benchmark, impl, num_tokens, dtype):
         weights, ids = qwen_fast.reference.fused_topk(F.linear(x, gate_weight), TOPK)  # for extra_info's counts
         inputs = (x, w13, w2, weights, ids)
         if impl != "qwen_fast":
-            _time(benchmark, lambda: block(x.view(1, num_tokens, HIDDEN)), inputs, f"transformers.{impl}")
+            _time(benchmark, lambda: block(x.view(1, num_tokens, HIDDEN)), inputs, f"transformers.{impl}", "moe_block")
             return
 
         ours = qwen_fast.nn.SparseMoeBlock.from_hf(block)  # the drop-in, on the same parameters
         backend = BACKENDS[0]
         with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
-            _time(benchmark, lambda: ours(x.view(1, num_tokens, HIDDEN)), inputs, f"qwen_fast.{backend}")
+            _time(benchmark, lambda: ours(x.view(1, num_tokens, HIDDEN)), inputs, f"qwen_fast.{backend}", "moe_block")
     assert ("fused_experts", backend) in calls
 
 

@@ -36,6 +36,10 @@ def test_moe_align_block_size(benchmark, backend, num_tokens):
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
         backend=backend,
+        op="moe_align_block_size",
+        shape=f"T={num_tokens}",
+        impl=f"qwen_fast.{backend}",
+        baseline="qwen_fast.torch",
         block_size=block_size,
         ids_per_us=topk_ids.numel() / benchmark.stats["mean"] / 1e6,
     )

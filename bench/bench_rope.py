@@ -84,5 +84,9 @@ def test_qk_norm_rope_and_cache(benchmark, variant, backend, num_tokens, dtype):
         device=torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu, {torch.get_num_threads()} threads",
         backend=backend,
         variant=variant,
+        op="qk_norm_rope_and_cache",
+        shape=f"T={num_tokens} {str(dtype)[6:]}",
+        impl="reference" if variant == "reference" else f"qwen_fast.{backend} {variant}",
+        baseline="reference",
         gb_per_s=moved / benchmark.stats["mean"] / 1e9,
     )

@@ -40,7 +40,7 @@ def _inputs(routing: str, num_tokens: int):
     return logits, kwargs
 
 
-def _time(benchmark, fn, logits: torch.Tensor, label: str) -> None:
+def _time(benchmark, fn, logits: torch.Tensor, label: str, routing: str) -> None:
     def run():
         out = fn()
         if DEVICE == "cuda":
@@ -53,7 +53,10 @@ def _time(benchmark, fn, logits: torch.Tensor, label: str) -> None:
     mean = benchmark.stats["mean"]
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu",
+        op="fused_topk",
+        shape=f"{routing} T={num_tokens}",
         impl=label,
+        baseline="transformers.router",  # the model's own router (its softmax/sigmoid + top-k part)
         us=mean * 1e6,
         gb_per_s=moved / mean / 1e9,
     )
@@ -67,7 +70,7 @@ def test_fused_topk(benchmark, backend, num_tokens, routing):
     renormalize = kwargs.pop("renormalize")
     with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
         _time(benchmark, lambda: qwen_fast.fused_topk(logits, TOPK, renormalize, **kwargs), logits,
-              f"qwen_fast.{backend}")  # fmt: skip
+              f"qwen_fast.{backend}", routing)  # fmt: skip
     assert calls and {b for _, b in calls} == {backend}
 
 
@@ -101,7 +104,7 @@ def test_transformers_router(benchmark, num_tokens, routing):
     identity = types.SimpleNamespace(linear=lambda x, weight: x)  # the logits are the input: no router GEMM
     with mock.patch.object(modeling, "F", identity), torch.no_grad():
         assert torch.equal(router(logits)[0], logits.float() if routing == "deepseek-v3" else logits)
-        _time(benchmark, lambda: router(logits), logits, f"transformers.{type(router).__name__}")
+        _time(benchmark, lambda: router(logits), logits, "transformers.router", routing)
 
 
 @pytest.mark.parametrize("num_tokens", TOKENS)
@@ -117,4 +120,4 @@ def test_vllm_fused_topk(benchmark, num_tokens, routing):
             hidden, logits, TOPK, True, 8, 4, scoring_func="sigmoid", routed_scaling_factor=2.5,
             e_score_correction_bias=kwargs["e_score_correction_bias"],
         )  # fmt: skip
-    _time(benchmark, fn, logits, "vllm")
+    _time(benchmark, fn, logits, "vllm", routing)
