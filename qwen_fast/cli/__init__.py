@@ -1,5 +1,6 @@
 """`qwen-fast`, the command line (also `python -m qwen_fast`).
 
+    qwen-fast demo [--model PATH] [--batch B] [--new-tokens N] [--backend B]   transformers vs qwen_fast.patch
     qwen-fast check [--ops OP ...] [--backends B ...] [--quick] [--json PATH]   environment, backends, self-test
     qwen-fast bench [BENCH_DIR] [--out DIR] [-k EXPR] [--quick]                 bench/ suites, bench.json, plots
 
@@ -13,9 +14,9 @@ import functools
 import sys
 
 from qwen_fast import __version__
-from qwen_fast.cli import bench, check
+from qwen_fast.cli import bench, check, demo
 
-COMMANDS = (check, bench)
+COMMANDS = (demo, check, bench)
 
 
 def build_parser() -> argparse.ArgumentParser:

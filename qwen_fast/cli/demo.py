@@ -34,8 +34,7 @@ EMBEDDED = "qwen3_moe_small.json"
 
 
 def add_parser(subparsers) -> None:
-    parser = subparsers.add_parser("demo", help="transformers vs qwen_fast.patch on one model", description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    parser = subparsers.add_parser("demo", help="transformers vs qwen_fast.patch on one model", description=__doc__)
     parser.add_argument("--model", metavar="PATH", help="a local transformers checkpoint (default: embedded config)")
     parser.add_argument("--prompt", action="append", help="prompt text (repeatable; needs the checkpoint's tokenizer)")
     parser.add_argument("--batch", type=int, default=4, help="random prompts when no --prompt (default 4)")

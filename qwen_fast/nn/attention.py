@@ -81,8 +81,8 @@ def key_padding(attention_mask: torch.Tensor | None, num_q: int, window_left: in
         expected = visible_keys(num_q, keep.shape[1], True, (window_left, 0), keep.device)[None] & keep[:, None, :]
         if not torch.equal(allowed[:, 0], expected):
             raise ValueError(
-                "qwen_fast attention supports causal attention masks with key padding only; attention_mask differs from "
-                f"the causal mask (window_left={window_left}) of its padding"
+                "qwen_fast attention supports causal attention masks with key padding only; attention_mask differs "
+                f"from the causal mask (window_left={window_left}) of its padding"
             )
     else:
         raise ValueError(
@@ -95,8 +95,8 @@ def key_padding(attention_mask: torch.Tensor | None, num_q: int, window_left: in
         starts = (keep[:, 1:] & ~keep[:, :-1]).sum(dim=1) + keep[:, 0]
         if bool((starts > 1).any()):
             raise ValueError(
-                "qwen_fast attention with a sliding window needs each sequence's tokens contiguous (padding only before or "
-                "after them), got padding between tokens"
+                "qwen_fast attention with a sliding window needs each sequence's tokens contiguous (padding only "
+                "before or after them), got padding between tokens"
             )
     return keep
 
