@@ -109,10 +109,10 @@ def _load(path: str | None, device: str, dtype: torch.dtype):
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device).eval()
         described = f"{path} ({type(model).__name__})"
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        except (OSError, ValueError):
-            tokenizer = None
+        # Only a tokenizer saved with the checkpoint: transformers builds an empty one from the config otherwise.
+        files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+        has_tokenizer = any(os.path.exists(os.path.join(path, name)) for name in files)
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True) if has_tokenizer else None
     config = model.config
     size = sum(p.numel() for p in model.parameters()) / 1e6
     experts = getattr(config, "num_experts", None) or getattr(config, "num_local_experts", None)
