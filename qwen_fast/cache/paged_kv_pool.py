@@ -211,6 +211,17 @@ class PagedKVPool:
         slots = pages[positions // self.block_size] * self.block_size + positions % self.block_size
         return slots.to(self.device or "cpu")
 
+    def truncate(self, seq: int, length: int) -> None:
+        """Keep the first `length` tokens of `seq` (at most its length) and drop the rest: the pages past them lose
+        this sequence's reference (and return to the free list unless another sequence shares them)."""
+        table = self._tables[self._check_seq(seq)]
+        check_int("length", length, low=0, high=self._lens[seq])
+        keep = -(-length // self.block_size)
+        self.allocator.free(table[keep:])
+        del table[keep:]
+        self._lens[seq] = length
+        self._set_row(seq)
+
     def fork(self, seq: int) -> int:
         """A new sequence that shares all of `seq`'s pages (prefix sharing); returns its id. Either one's next write
         into the shared last page copies it first."""
