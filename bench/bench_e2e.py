@@ -108,9 +108,14 @@ def _record(benchmark, phase: str, impl: str, shape: str, tokens: int, calls: li
         assert not calls, calls
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("dtype", DTYPES)
+def _every_case(test):
+    """Parametrize `test` over dtype, batch and implementation (ids read dtype-batch-impl)."""
+    for name, values in (("dtype", DTYPES), ("batch", BATCHES), ("impl", IMPLS)):
+        test = pytest.mark.parametrize(name, values)(test)
+    return test
+
+
+@_every_case
 def test_prefill(benchmark, impl, batch, dtype):
     model = _model(dtype)
     tokens = torch.randint(CONFIG["vocab_size"], (batch, PROMPT), device=DEVICE)
@@ -129,9 +134,7 @@ def test_prefill(benchmark, impl, batch, dtype):
     _record(benchmark, "prefill", impl, f"B={batch} P={PROMPT} {dtype}", batch * PROMPT, calls)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("batch", BATCHES)
-@pytest.mark.parametrize("dtype", DTYPES)
+@_every_case
 def test_decode(benchmark, impl, batch, dtype):
     model = _model(dtype)
     context = torch.randint(CONFIG["vocab_size"], (batch, CONTEXT), device=DEVICE)
