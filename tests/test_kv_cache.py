@@ -274,6 +274,20 @@ def test_flash_attn_with_kvcache_ignores_unused_block_table_entries():
     assert out.shape == (2, 1, 8, 64) and torch.isfinite(out).all()
 
 
+@pytest.mark.parametrize("cache_seqlens", [4, None])
+def test_flash_attn_with_kvcache_checks_exactly_the_used_block_table_entries(cache_seqlens):
+    """An int or absent cache_seqlens: the columns every sequence uses are checked, the columns past them are not."""
+    args = _paged() | {"k": None, "v": None, "cache_seqlens": cache_seqlens}
+    used = 1 if cache_seqlens == 4 else 3  # pages of 4 slots
+    args["block_table"] = torch.tensor([[3, 5, 6], [1, 2, 7]], dtype=torch.int32)
+    args["block_table"][0, used:] = -1
+    if used < 3:
+        assert qwen_fast.flash_attn_with_kvcache(**args).shape == (2, 1, 8, 64)
+    args["block_table"][1, used - 1] = 8
+    with pytest.raises(ValueError, match=rf"block_table\[1, {used - 1}\] = 8 is used but not a block of k_cache"):
+        qwen_fast.flash_attn_with_kvcache(**args)
+
+
 @pytest.mark.parametrize(
     "kwargs,error,message",
     [

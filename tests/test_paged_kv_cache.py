@@ -200,6 +200,38 @@ def test_fork_shares_pages_and_copies_on_write(block_size, prefix):
     assert pool.allocator.num_free == pool.num_blocks
 
 
+@pytest.mark.parametrize("block_size", [1, 5])
+def test_truncate_drops_the_tail_and_releases_pages_a_fork_does_not_share(block_size):
+    pool = _pool(block_size)
+    parent = pool.add_sequence()
+    appended = {parent: {layer: [] for layer in range(pool.num_layers)}}
+    _append_random(pool, parent, 12, appended)
+    child = pool.fork(parent)
+    appended[child] = {layer: list(chunks) for layer, chunks in appended[parent].items()}
+    _append_random(pool, child, 6, appended)  # 18 tokens, its pages past the shared ones are its own
+    shared = pool.sequence_blocks(parent)
+    own = [block for block in pool.sequence_blocks(child) if block not in shared]
+    free_before = pool.allocator.num_free
+
+    pool.truncate(child, 7)  # back inside the shared pages: its own pages return to the free list
+    assert pool.sequence_length(child) == 7 and pool.seq_lens[child] == 7
+    assert pool.sequence_blocks(child) == shared[: -(-7 // block_size)]
+    assert pool.allocator.num_free == free_before + len(own) and all(pool.allocator.refcount(b) == 0 for b in own)
+    assert pool.block_table[child, len(pool.sequence_blocks(child)) :].eq(0).all()
+    keys = [torch.cat([key for key, _ in appended[child][layer]])[:7] for layer in range(pool.num_layers)]
+    values = [torch.cat([value for _, value in appended[child][layer]])[:7] for layer in range(pool.num_layers)]
+    appended[child] = {layer: [(keys[layer], values[layer])] for layer in range(pool.num_layers)}
+    _assert_holds(pool, child, appended[child])
+    _append_random(pool, child, 3, appended)  # writes after the cut: into a copy where the page is shared
+    _assert_holds(pool, child, appended[child])
+    _assert_holds(pool, parent, appended[parent])
+    with pytest.raises(ValueError, match=r"length must be in \[0, 10\], got 11"):
+        pool.truncate(child, 11)
+    pool.truncate(child, 0)
+    pool.free(parent)
+    assert pool.sequence_blocks(child) == [] and pool.allocator.num_free == pool.num_blocks
+
+
 def test_pool_out_of_blocks_is_an_error_that_changes_nothing():
     pool = _pool(block_size=4, num_blocks=3)
     seq = pool.add_sequence()
@@ -383,6 +415,38 @@ def test_generate_accepts_past_key_values_and_reset_frees_the_pages():
     assert cache.allocator.num_free == 9 and cache.get_seq_length() == 0 and cache.seq_lens.eq(0).all()
     second = model.generate(prompt, cache=cache, max_new_tokens=8, do_sample=False)
     assert torch.equal(first, second)
+
+
+def test_crop_rolls_back_steps_as_dynamic_cache_does():
+    """crop(-n) forgets the last n tokens (pages freed); the next forward sees DynamicCache's cropped context."""
+    model = _tiny_model("qwen3_moe")
+    tokens = torch.randint(VOCAB, (2, 11))
+    cache = PagedKVCache.for_model(model, max_batch=2, block_size=4)
+    dynamic = transformers.DynamicCache(config=model.config)
+    with torch.no_grad():
+        for kv in (cache, dynamic):
+            model(tokens, cache=kv)
+            kv.crop(-4)  # 7 tokens left
+        assert cache.get_seq_length() == 7 and cache.seq_lens.tolist() == [7, 7]
+        assert [len(cache.sequence_blocks(seq)) for seq in (0, 1)] == [2, 2] and cache.allocator.num_free == 64 - 4
+        ours = model(tokens[:, 7:10], cache=cache).logits
+        expected = model(tokens[:, 7:10], cache=dynamic).logits
+    assert_close(ours, expected, torch.float32)
+    assert cache.get_seq_length() == 10 and cache.is_croppable
+    with pytest.raises(ValueError, match=r"tokens_to_remove must be <= 0 \(crop\(-n\) removes n tokens.*got 3"):
+        cache.crop(3)
+    cache.crop(-20)  # more than held: empty
+    assert cache.get_seq_length() == 0 and cache.allocator.num_free == 64
+
+
+def test_assisted_generation_with_paged_cache_matches_greedy():
+    """Assisted decoding crops the cache after each rejected draft: the tokens are plain greedy decoding's."""
+    model, assistant = _tiny_model("qwen3_moe"), _tiny_model("qwen3")
+    prompt = torch.randint(VOCAB, (1, 6))
+    expected, _ = _generate(model, None, prompt, output_logits=False)
+    cache = PagedKVCache.for_model(model, max_batch=1, block_size=4)
+    tokens, _ = _generate(model, cache, prompt, output_logits=False, assistant_model=assistant)
+    assert torch.equal(tokens, expected)
 
 
 def test_generate_out_of_blocks_is_a_clear_error():

@@ -31,6 +31,7 @@ class PagedCacheLayer(CacheLayerMixin):
     """One layer's view of a PagedKVCache: the number of tokens this layer has written (the pages are the cache's)."""
 
     is_sliding = False
+    is_croppable = True  # PagedKVCache.crop rolls the pages back exactly (assisted decoding needs it)
 
     def __init__(self, cache: "PagedKVCache", layer_idx: int):
         super().__init__()
@@ -215,6 +216,22 @@ class PagedKVCache(PagedKVPool, Cache):
         """Free every sequence (the pools stay allocated) and forget what each layer has seen."""
         self.free_all()
         Cache.reset(self)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last `tokens_to_remove` tokens (an int <= 0, transformers 5.x's convention: crop(-n) removes n)
+        of every layer and sequence; pages no longer needed return to the pool. The next forward continues from the
+        shorter length (assisted decoding rolls back rejected draft tokens this way)."""
+        if check_int("tokens_to_remove", tokens_to_remove) > 0:
+            raise ValueError(
+                f"tokens_to_remove must be <= 0 (crop(-n) removes n tokens, as transformers 5.x's Cache.crop), got "
+                f"{tokens_to_remove}"
+            )
+        for layer in self.layers:
+            layer.length = max(layer.length + tokens_to_remove, 0)
+        length = max(layer.length for layer in self.layers)
+        for seq in self.active_sequences():
+            if self._lens[seq] > length:
+                self.truncate(seq, length)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: sequence b continues sequence beam_idx[b], sharing its pages (no copy until a write)."""

@@ -6,8 +6,10 @@ block_table[s, p // block_size] * block_size + p % block_size. All layers share 
 position p sits in the same slot of every layer's pools.
 
 Host side (Python lists, the source of truth): each active sequence's block list and length. Device side, kept in
-sync lazily (a copy when read after a change, into the same tensors, so their addresses never change; the block
-table is copied only when a page was added or dropped, not on every token):
+sync lazily: a change only marks its sequence; the first read of `block_table` or `seq_lens` after changes writes the
+marked rows' new entries into host tensors and copies them into the same device tensors (their addresses never
+change), so a decode step of B sequences costs one lengths copy, and a block table copy only when a page was added
+or dropped, not on every token:
     block_table  int32 [max_batch, max_blocks_per_seq]: row s lists sequence s's pages; unused entries are 0.
     seq_lens     int32 [max_batch]: tokens reserved per sequence (0 for an inactive row).
 
@@ -89,6 +91,8 @@ class PagedKVPool:
         self._tables: list[list[int] | None] = [None] * max_batch  # None: the row is not an active sequence
         self._lens = [0] * max_batch
         self._host_block_table = torch.zeros(max_batch, self.max_blocks_per_seq, dtype=torch.int32)
+        self._host_rows: list[list[int]] = [[] for _ in range(max_batch)]  # what each host row holds before its 0s
+        self._changed: set[int] = set()  # sequences whose block list or length changed since the last flush
         self._host_seq_lens = torch.zeros(max_batch, dtype=torch.int32)
         self._block_table, self._seq_lens = self._host_block_table, self._host_seq_lens
         self._tables_dirty = self._lens_dirty = False
@@ -119,6 +123,7 @@ class PagedKVPool:
     @property
     def block_table(self) -> torch.Tensor:
         """int32 [max_batch, max_blocks_per_seq] on the device: row s lists sequence s's pages, then zeros."""
+        self._flush()
         if self._tables_dirty:
             self._block_table.copy_(self._host_block_table)
             self._tables_dirty = False
@@ -128,22 +133,41 @@ class PagedKVPool:
     def seq_lens(self) -> torch.Tensor:
         """int32 [max_batch] on the device: tokens reserved per sequence (`append` counts them before they are
         written)."""
+        self._flush()
         if self._lens_dirty:
             self._seq_lens.copy_(self._host_seq_lens)
             self._lens_dirty = False
         return self._seq_lens
 
     def _set_row(self, seq: int) -> None:
-        """Mirror sequence seq's block list and length into the host tables."""
-        table = self._tables[seq] or []
-        row = self._host_block_table[seq]
-        if row[: len(table)].tolist() != table or row[len(table) :].any():
-            row.zero_()
-            row[: len(table)] = torch.tensor(table, dtype=torch.int32)
-            self._tables_dirty = True
-        self._host_seq_lens[seq] = self._lens[seq]
-        self._lens_dirty = True
+        """Sequence seq's block list or length changed: mark it for the next flush."""
+        self._changed.add(seq)
         self.version += 1
+
+    def _flush(self) -> None:
+        """Mirror the marked sequences' block lists (only the entries that differ) and all lengths into the host
+        tables."""
+        if not self._changed:
+            return
+        rows, columns, values = [], [], []  # the host block table entries to write, in one indexed assignment
+        for seq in self._changed:
+            table, held = self._tables[seq] or [], self._host_rows[seq]
+            if table == held:
+                continue
+            same = min(len(table), len(held))
+            if table[:same] != held[:same]:
+                same = next(i for i, (new, old) in enumerate(zip(table[:same], held[:same], strict=True)) if new != old)
+            end = max(len(table), len(held))
+            rows += [seq] * (end - same)
+            columns += range(same, end)
+            values += table[same:] + [0] * (len(held) - len(table))  # zeros where the list got shorter
+            self._host_rows[seq] = list(table)
+        if rows:
+            self._host_block_table[rows, columns] = torch.tensor(values, dtype=torch.int32)
+            self._tables_dirty = True
+        self._host_seq_lens.copy_(torch.tensor(self._lens, dtype=torch.int32))
+        self._lens_dirty = True
+        self._changed.clear()
 
     # -- sequences -----------------------------------------------------------------------------------------------
 
@@ -190,8 +214,10 @@ class PagedKVPool:
                 f"tokens, {self.allocator.num_free} free of {self.num_blocks} in total (free finished sequences, "
                 "or size the cache with a larger num_blocks)"
             )
-        self._copy_pages(self.allocator.make_writable(table, written))
-        table += self.allocator.allocate(new_pages)
+        if copies:
+            self._copy_pages(self.allocator.make_writable(table, written))
+        if new_pages:
+            table += self.allocator.allocate(new_pages)
         self._lens[seq] = new
         self._set_row(seq)
 
@@ -210,6 +236,17 @@ class PagedKVPool:
         positions = torch.arange(start, end)
         slots = pages[positions // self.block_size] * self.block_size + positions % self.block_size
         return slots.to(self.device or "cpu")
+
+    def truncate(self, seq: int, length: int) -> None:
+        """Keep the first `length` tokens of `seq` (at most its length) and drop the rest: the pages past them lose
+        this sequence's reference (and return to the free list unless another sequence shares them)."""
+        table = self._tables[self._check_seq(seq)]
+        check_int("length", length, low=0, high=self._lens[seq])
+        keep = -(-length // self.block_size)
+        self.allocator.free(table[keep:])
+        del table[keep:]
+        self._lens[seq] = length
+        self._set_row(seq)
 
     def fork(self, seq: int) -> int:
         """A new sequence that shares all of `seq`'s pages (prefix sharing); returns its id. Either one's next write

@@ -237,10 +237,18 @@ def _check_kvcache_args(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -
     return capacity
 
 
-def _check_used_blocks(block_table, num_blocks, block_size, cache_seqlens, num_new) -> None:
+def _check_used_blocks(block_table, num_blocks, block_size, cache_seqlens, num_new, longest) -> None:
     """The block_table entries a sequence uses lie in [0, num_blocks); entries past its length may hold anything.
-    Checked on CPU only (on CUDA it would need a host sync)."""
+    `longest`: the most positions a sequence holds after the append. Checked on CPU only (on CUDA it would need a
+    host sync): one min/max over the columns the longest sequence uses; the per-row mask of used entries is built
+    only when that finds an entry out of range (it may belong to a shorter sequence, which does not use it)."""
     if block_table.device.type != "cpu" or block_table.numel() == 0 or torch.compiler.is_compiling():
+        return
+    columns = block_table[:, : -(-longest // block_size)]
+    if columns.numel() == 0:
+        return
+    low, high = (int(bound) for bound in torch.aminmax(columns))
+    if low >= 0 and high < num_blocks:
         return
     if cache_seqlens is None:
         lengths = torch.full((block_table.shape[0],), block_table.shape[1] * block_size)
@@ -296,21 +304,23 @@ def flash_attn_with_kvcache(
     """
     capacity = _check_kvcache_args(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
     num_new = 0 if k is None else k.shape[1]
+    longest = capacity  # positions the longest sequence holds after the append (an upper bound off CPU)
     if isinstance(cache_seqlens, torch.Tensor):
         check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
         check_shape("cache_seqlens", cache_seqlens, q.shape[:1], "[B] =")
         if q.device.type == "cpu" and cache_seqlens.numel() and not torch.compiler.is_compiling():
-            low, high = int(cache_seqlens.min()), int(cache_seqlens.max())
+            low, high = (int(bound) for bound in torch.aminmax(cache_seqlens))
             if low < 0 or high + num_new > capacity:
                 raise ValueError(
                     f"cache_seqlens must lie in [0, {capacity - num_new}] so that {num_new} new tokens fit the "
                     f"cache's {capacity} slots per sequence, got [{low}, {high}]"
                 )
+            longest = high + num_new
     elif cache_seqlens is not None:
-        check_int("cache_seqlens", cache_seqlens, low=0, high=capacity - num_new)
+        longest = check_int("cache_seqlens", cache_seqlens, low=0, high=capacity - num_new) + num_new
     check_attention_options(softmax_scale, causal, window_size)
     if block_table is not None:
-        _check_used_blocks(block_table, k_cache.shape[0], k_cache.shape[1], cache_seqlens, num_new)
+        _check_used_blocks(block_table, k_cache.shape[0], k_cache.shape[1], cache_seqlens, num_new, longest)
     return FLASH_ATTN_WITH_KVCACHE(
         q.device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal, tuple(window_size)
     )
