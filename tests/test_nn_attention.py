@@ -211,9 +211,11 @@ def test_generate_with_paged_cache_reads_pages(family, block_size):
     cache = qwen_fast.PagedKVCache.for_model(model, max_batch=2, block_size=block_size)
     with qwen_fast.record_backends() as calls:
         assert torch.equal(model.generate(prompt, cache=cache, max_new_tokens=12, do_sample=False), expected)
-    # one pass for q/k norm + RoPE + cache write, then attention over the pages in place (no gather)
+    # one pass for q/k norm + RoPE + cache write, then attention over the pages in place (no gather); the prefill
+    # into the empty cache attends over its own rows
     fused = {"qk_norm_rope_and_cache"} if family == "qwen3_moe" else {"rotary_embedding", "reshape_and_cache"}
-    assert {op for op, _ in calls} == fused | {"flash_attn_with_kvcache"}
+    assert {op for op, _ in calls} == fused | {"flash_attn_func", "flash_attn_with_kvcache"}
+    assert calls.count(("flash_attn_func", calls[-1][1])) == len(model.model.layers)  # the prefill only
     assert cache.seq_lens[:2].tolist() == [17, 17]  # 6 + 12 tokens, the last one never fed back
     # A padded batch takes the gathering path (Cache.update) and varlen attention, still on the pages.
     cache = qwen_fast.PagedKVCache.for_model(model, max_batch=2, block_size=block_size)
@@ -221,3 +223,19 @@ def test_generate_with_paged_cache_reads_pages(family, block_size):
         out = model.generate(prompt, attention_mask=mask, cache=cache, max_new_tokens=12, do_sample=False)
     assert torch.equal(out, padded)
     assert {op for op, _ in calls} == {"rotary_embedding", "reshape_and_cache", "flash_attn_varlen_func"}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "qwen2"])
+def test_chunked_prefill_on_paged_cache(family):
+    """A second multi-token chunk attends over the pages (the first chunk's keys included), not just its own rows."""
+    model = MODELS[family]().eval()
+    ids = torch.randint(SMALL["vocab_size"], (2, 9))
+    with torch.no_grad():
+        expected = model(ids).logits
+        swap_attention(model)
+        cache = qwen_fast.PagedKVCache.for_model(model, max_batch=2, block_size=4)
+        first = model(ids[:, :5], cache=cache).logits
+        with qwen_fast.record_backends() as calls:
+            second = model(ids[:, 5:], cache=cache).logits
+    assert_close(torch.cat((first, second), dim=1), expected)
+    assert "flash_attn_with_kvcache" in {op for op, _ in calls} and "flash_attn_func" not in {op for op, _ in calls}

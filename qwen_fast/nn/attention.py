@@ -10,7 +10,7 @@ Per call, with hidden_states [B, S, H] and the model's rotary (cos, sin) [B, S, 
       - a qwen_fast.PagedKVCache and no padding (the serving path): qk_norm_rope_and_cache normalises and rotates
         q and k and writes k and v into the pages in one pass (Qwen2: rotary_embedding, then reshape_and_cache), and
         flash_attn_with_kvcache reads the keys straight from the pages (block_table, cache_seqlens): nothing is
-        gathered;
+        gathered; the prefill of an empty cache attends over the new rows with flash_attn_func instead;
       - any other transformers Cache (or a padded batch on a PagedKVCache): cache.update(k, v) returns the layer's
         keys, then flash_attn_func;
       - padding (a 2D [B, S_k] mask, or transformers' 4D causal mask with padding): the valid query and key rows are
@@ -214,17 +214,25 @@ class GQAAttention(nn.Module):
             key_cache, value_cache = cache.key_caches[self.layer_idx], cache.value_caches[self.layer_idx]
             q_rows, k_rows, v_rows = (t.reshape(batch * seq, -1, self.head_dim) for t in (q, k, v))
             if self.q_norm is not None:  # one pass: q/k RMSNorm, RoPE, cache write
-                q_rows, _ = qk_norm_rope_and_cache(
+                q_rows, k_rows = qk_norm_rope_and_cache(
                     q_rows, k_rows, v_rows, self.q_norm.weight, self.k_norm.weight, self.q_norm.variance_epsilon,
                     positions, table, key_cache, value_cache, slots,
                 )  # fmt: skip
             else:
                 q_rows, k_rows = rotary_embedding(positions, q_rows, k_rows, table)
                 reshape_and_cache(k_rows, v_rows, key_cache, value_cache, slots)
-            out = flash_attn_with_kvcache(
-                q_rows.view(q.shape), key_cache, value_cache, cache_seqlens=start + seq, block_table=block_table,
-                softmax_scale=self.scaling, causal=True, window_size=window,
-            )  # fmt: skip
+            if start == 0 and seq > 1:
+                # Prefill of an empty cache: the keys are exactly the new rows, so the prefill kernel attends over
+                # them where they are (the paged kernel's loop is shaped for a few queries per sequence).
+                out = flash_attn_func(
+                    q_rows.view(q.shape), k_rows.view(k.shape), v, softmax_scale=self.scaling, causal=True,
+                    window_size=window,
+                )  # fmt: skip
+            else:
+                out = flash_attn_with_kvcache(
+                    q_rows.view(q.shape), key_cache, value_cache, cache_seqlens=start + seq, block_table=block_table,
+                    softmax_scale=self.scaling, causal=True, window_size=window,
+                )  # fmt: skip
             return self.o_proj(out.reshape(batch, seq, -1)), None
 
         if self.q_norm is not None:
