@@ -100,10 +100,12 @@ def _record(benchmark, phase: str, impl: str, shape: str, tokens: int, calls: li
         ms=median * 1e3,
         backends=sorted({f"{op}:{backend}" for op, backend in calls}),
     )
-    # Which code ran: the patched model calls qwen_fast's ops (attention from the pages on decode), the others none.
+    # Which code ran: the patched model calls qwen_fast's ops (attention over the pages on decode, over the prompt's
+    # own rows on the prefill of an empty cache), the others none.
     if impl == "qwen_fast":
         ran = {op for op, _ in calls}
-        assert {"fused_topk", "fused_experts", "flash_attn_with_kvcache"} <= ran, ran
+        attention = "flash_attn_func" if phase == "prefill" else "flash_attn_with_kvcache"
+        assert {"fused_topk", "fused_experts", "qk_norm_rope_and_cache", attention} <= ran, ran
     else:
         assert not calls, calls
 

@@ -7,7 +7,7 @@
 // The keys the rows can see, [lo, hi) (bottom-right aligned causal/window bounds, see reference/attention.py), are cut
 // into `splits` equal slices; the slice is walked in tiles of kTile positions, each position's page found through the
 // block table (position p: page block_table[b, p / block_size], row p % block_size), so any block_size works. Per
-// tile: K and V rows converted to fp32 (fp16/bf16) or read in place (fp32), scores [rows, kTile] by at::vec dot
+// tile: K and V rows converted to fp32 (fp16/bf16) or read in place (fp32), scores [rows, kTile] by vectorised dot
 // products of the pre-scaled fp32 queries, then per row the online softmax (Milakov & Gimelshein 2018): new max,
 // rescale of the fp32 accumulator, exp weights, accumulator += p * v. Invisible keys are skipped.
 // Parallel over (b, g, s) with at::parallel_for. splits = 1 when B * Hkv fills the threads; otherwise each sequence's
@@ -16,8 +16,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/functional.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -26,50 +24,39 @@
 #include <vector>
 
 #include "../ops.h"
+#include "vec.h"
 
 namespace qwen_fast {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
+using vec::kLanes;
 constexpr int64_t kTile = 32;            // keys per tile: K and V tiles of 32 x D fp32 stay in L1 for D <= 128
 constexpr int64_t kMinSplitKeys = 256;   // below this a split costs more in its merge than it saves
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// Four independent accumulators hide the FMA latency.
-inline float dot(const float* a, const float* b, int64_t n) {
-  constexpr int64_t kStep = 4 * Vec::size();
-  Vec acc0(0.0f), acc1(0.0f), acc2(0.0f), acc3(0.0f);
+// Two independent accumulators hide the FMA latency (vec.h: 8-lane vectors, AVX2 + FMA in the clone that runs).
+QF_VEC_INLINE float dot(const float* a, const float* b, int64_t n) {
+  vec::Vec acc0 = {}, acc1 = {};
   int64_t i = 0;
-  for (; i + kStep <= n; i += kStep) {
-    acc0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc0);
-    acc1 = at::vec::fmadd(Vec::loadu(a + i + Vec::size()), Vec::loadu(b + i + Vec::size()), acc1);
-    acc2 = at::vec::fmadd(Vec::loadu(a + i + 2 * Vec::size()), Vec::loadu(b + i + 2 * Vec::size()), acc2);
-    acc3 = at::vec::fmadd(Vec::loadu(a + i + 3 * Vec::size()), Vec::loadu(b + i + 3 * Vec::size()), acc3);
+  for (; i + 2 * kLanes <= n; i += 2 * kLanes) {
+    acc0 += vec::load(a + i) * vec::load(b + i);
+    acc1 += vec::load(a + i + kLanes) * vec::load(b + i + kLanes);
   }
-  for (; i + Vec::size() <= n; i += Vec::size()) acc0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), acc0);
-  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, (acc0 + acc1) + (acc2 + acc3));
+  for (; i + kLanes <= n; i += kLanes) acc0 += vec::load(a + i) * vec::load(b + i);
+  float sum = vec::hsum(acc0 + acc1);
   for (; i < n; ++i) sum += a[i] * b[i];
   return sum;
 }
 
 // y = y * scale + p * x
-inline void scale_axpy(float* y, float scale, float p, const float* x, int64_t n) {
-  const Vec vs(scale), vp(p);
+QF_VEC_INLINE void scale_axpy(float* y, float scale, float p, const float* x, int64_t n) {
   int64_t i = 0;
-  for (; i + Vec::size() <= n; i += Vec::size()) {
-    at::vec::fmadd(Vec::loadu(x + i), vp, Vec::loadu(y + i) * vs).store(y + i);
-  }
+  for (; i + kLanes <= n; i += kLanes) vec::store(y + i, vec::load(y + i) * scale + p * vec::load(x + i));
   for (; i < n; ++i) y[i] = y[i] * scale + p * x[i];
 }
 
-// The tile update below is compiled twice, for AVX2 + FMA and for the baseline x86-64, and picked when the library
-// loads (GCC target_clones): the extension is built without -mavx2, which would leave at::vec at SSE2 width.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define QF_CPU_CLONES __attribute__((target_clones("arch=haswell", "default")))
-#else
-#define QF_CPU_CLONES
-#endif
-
+// The tile update below is compiled for AVX2 + FMA and for the baseline x86-64, picked when the library loads
+// (QF_CPU_CLONES, vec.h): the extension is built without -mavx2.
 // One tile of n keys (fp32 rows keys[j], values[j], positions tile + j) for every query row of a group: row r sees
 // positions [lower[r], upper[r]); its scores, online-softmax max / sum and accumulator acc[r] [D] are updated.
 QF_CPU_CLONES void attend_tile(const float* q, int64_t rows, int64_t d, const float* const* keys,
@@ -204,7 +191,7 @@ class GroupAttention {
     if constexpr (std::is_same_v<scalar_t, float>) {
       return src;
     } else {
-      at::vec::convert(src, buffer, p_.head_dim);
+      vec::to_float(src, buffer, p_.head_dim);
       return buffer;
     }
   }
