@@ -11,7 +11,7 @@
 // of kBlockK keys: K and V [kBlockK, D] converted to fp32 once; scores s = Q K^T [rows, kBlockK] by one GEMM
 // (at::mm_out on the workspace, i.e. the BLAS torch links: the extension is built without -mavx2, so at::vec's
 // dot products ran its portable 8-float path, several times slower than the GEMM);
-// the mask (key in [d(i) - left, d(i) + right], d(i) = i + Sk - Sq); online softmax with at::vec exp2:
+// the mask (key in [d(i) - left, d(i) + right], d(i) = i + Sk - Sq); online softmax with vec.h's exp (softmax_tile):
 // m' = max(m, max s), p = exp2(s - m'), acc = acc * exp2(m - m'), l likewise; then acc += P V by a second GEMM.
 // A row with no visible key so far has m = -inf; the exponent base is then 0, so p = 0 and nothing is NaN; the
 // output is acc / l, or 0 where l = 0. Only the key range some row of the item can see ([d(first) - left,
@@ -19,7 +19,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -28,6 +27,7 @@
 #include <vector>
 
 #include "../ops.h"
+#include "vec.h"
 
 // MKL's per-thread thread count (C interface), exported by torch's x86 builds (MKL is linked into libtorch_cpu); weak, so that the
 // extension still loads where torch has no MKL. The tile GEMMs run inside our own parallel region, where an MKL
@@ -37,7 +37,7 @@ extern "C" int MKL_Set_Num_Threads_Local(int) __attribute__((weak));
 namespace qwen_fast {
 namespace {
 
-using Vec = at::vec::Vectorized<float>;
+using vec::kLanes;
 constexpr int64_t kBlockQ = 16;  // query positions per work item (rows = kBlockQ * G)
 constexpr int64_t kBlockK = 128;  // keys per tile: one [rows, kBlockK] score GEMM
 constexpr float kLog2e = 1.4426950408889634f;
@@ -95,25 +95,47 @@ void check_flash_attn_varlen(const at::Tensor& q, const at::Tensor& k, const at:
   }
 }
 
-// Online softmax of one row's scores s[0:n] (base 2, invisible keys already -inf): turns s into p, updates the
-// row's max m and sum l, and returns the factor exp2(m_old - m_new) that rescales the row's accumulator.
-inline float softmax_step(float* s, int64_t n, float& m, float& l) {
-  float row_max = kNegInf;
-  for (int64_t j = 0; j < n; ++j) row_max = std::max(row_max, s[j]);
-  const float m_new = std::max(m, row_max);
-  const float base = m_new == kNegInf ? 0.0f : m_new;  // no visible key yet: exp2(-inf - 0) = 0, never NaN
-  const Vec vbase(base);
-  Vec sum(0.0f);
-  for (int64_t j = 0; j < n; j += Vec::size()) {
-    const int64_t lanes = std::min<int64_t>(Vec::size(), n - j);  // the tail loads/stores `lanes`, sums 0 past it
-    const Vec p = (Vec::loadu(s + j, lanes) - vbase).exp2();
-    p.store(s + j, lanes);
-    sum = sum + Vec::set(Vec(0.0f), p, lanes);
+// One key tile's softmax for every row of an item (base 2): row r sees tile keys [first, last] with
+// first = diag(r) - left, last = diag(r) + right (diag(r) = diag0 + r / group, relative to the tile; -1 edges are
+// unbounded); invisible scores become -inf. Each row's scores s[0:nk] turn into p = exp2(s - m'), its max m and sum l
+// are updated and its accumulator [D] rescaled by exp2(m - m'). A row with no visible key so far keeps m = -inf and
+// gets p = 0: never NaN. Compiled for AVX2 + FMA and for the baseline (QF_CPU_CLONES, vec.h: at::vec is the scalar
+// generic without -mavx2); exp2(x) = exp(x ln 2), and x below -87 (p < 2^-125) is 0.
+QF_CPU_CLONES void softmax_tile(float* scores, int64_t rows, int64_t nk, int64_t group, int64_t diag0, int64_t left,
+                                int64_t right, float* m, float* l, float* acc, int64_t D) {
+  constexpr float kLn2 = 0.69314718055994531f;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = scores + r * nk;
+    const int64_t diag = diag0 + r / group;
+    const int64_t first_key = left < 0 ? 0 : diag - left, last_key = right < 0 ? nk - 1 : diag + right;
+    float row_max = kNegInf;
+    for (int64_t j = 0; j < nk; ++j) {
+      if (j < first_key || j > last_key) s[j] = kNegInf;
+      row_max = std::max(row_max, s[j]);
+    }
+    const float m_new = std::max(m[r], row_max);
+    const float base = m_new == kNegInf ? 0.0f : m_new;  // no visible key yet: exp2(-inf - 0) = 0
+    vec::Vec sum = {};
+    int64_t j = 0;
+    for (; j + kLanes <= nk; j += kLanes) {
+      const vec::Vec x = (vec::load(s + j) - base) * kLn2;
+      const vec::Vec p = x < -87.0f ? vec::Vec{} : vec::exp(x);
+      vec::store(s + j, p);
+      sum += p;
+    }
+    float total = vec::hsum(sum);
+    for (; j < nk; ++j) {
+      s[j] = std::exp2(s[j] - base);
+      total += s[j];
+    }
+    const float alpha = std::exp2(m[r] - base);
+    l[r] = l[r] * alpha + total;
+    m[r] = m_new;
+    float* row_acc = acc + r * D;
+    int64_t d = 0;
+    for (; d + kLanes <= D; d += kLanes) vec::store(row_acc + d, vec::load(row_acc + d) * alpha);
+    for (; d < D; ++d) row_acc[d] *= alpha;
   }
-  const float alpha = std::exp2(m - base);
-  l = l * alpha + at::vec::vec_reduce_all([](Vec& x, Vec& y) { return x + y; }, sum);
-  m = m_new;
-  return alpha;
 }
 
 struct Workspace {
@@ -164,18 +186,8 @@ void attend_item(const Item& item, const Layout& L, const scalar_t* q, const sca
     const at::Tensor k_tile = at::from_blob(ws.k.data(), {nk, D}, f32);
     at::Tensor scores = at::from_blob(ws.s.data(), {rows, nk}, f32);
     at::mm_out(scores, q_rows, k_tile.t());
-    for (int64_t r = 0; r < rows; ++r) {
-      float* s = ws.s.data() + r * nk;
-      const int64_t diag = item.first + r / G + shift;
-      const int64_t first_key = L.left < 0 ? 0 : diag - L.left - n0;        // visible: first_key <= j <= last_key
-      const int64_t last_key = L.right < 0 ? nk - 1 : diag + L.right - n0;  // (relative to n0)
-      for (int64_t j = 0; j < nk; ++j) {
-        if (j < first_key || j > last_key) s[j] = kNegInf;
-      }
-      const float alpha = softmax_step(s, nk, ws.m[r], ws.l[r]);
-      float* acc = ws.acc.data() + r * D;
-      for (int64_t d = 0; d < D; ++d) acc[d] *= alpha;
-    }
+    softmax_tile(ws.s.data(), rows, nk, G, item.first + shift - n0, L.left, L.right, ws.m.data(), ws.l.data(),
+                 ws.acc.data(), D);
     // acc [rows, D] += p [rows, nk] @ v [nk, D].
     at::addmm_out(acc_rows, acc_rows, scores, at::from_blob(ws.v.data(), {nk, D}, f32));
   }
