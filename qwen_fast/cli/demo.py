@@ -26,7 +26,7 @@ PARTS = {
     "qk_norm_rope_and_cache": "q/k RMSNorm + RoPE + KV-cache write",
     "rotary_embedding": "RoPE",
     "reshape_and_cache": "KV-cache write",
-    "flash_attn_func": "attention",
+    "flash_attn_func": "attention (prefill, over the new rows)",
     "flash_attn_varlen_func": "attention (padded batch)",
     "flash_attn_with_kvcache": "attention over the paged cache",
 }
