@@ -26,18 +26,16 @@ tokens_per_s (B * P per prefill, B per decode step) and ms (the median), and for
 
 import contextlib
 import functools
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import qwen_fast
+from qwen_fast.configs.models import config_kwargs
 
 transformers = pytest.importorskip("transformers")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-SMALL = Path(qwen_fast.__file__).parent / "configs" / "models" / "qwen3_moe_small.json"
 if DEVICE == "cuda":
     # Qwen3-30B-A3B's config.json, 2 of its 48 layers.
     CONFIG = dict(
@@ -49,7 +47,7 @@ if DEVICE == "cuda":
     DTYPES, BATCHES, PROMPT, CONTEXT = ["bfloat16"], [1, 32], 512, 2048
     PREFILL_ROUNDS, DECODE_ROUNDS = 20, 50
 else:
-    CONFIG = {k: v for k, v in json.loads(SMALL.read_text()).items() if k not in ("model_type", "architectures")}
+    CONFIG = config_kwargs()
     DTYPES, BATCHES, PROMPT, CONTEXT = ["float32", "bfloat16"], [1, 8], 128, 256
     PREFILL_ROUNDS, DECODE_ROUNDS = 5, 20
 IMPLS = ["qwen_fast", "transformers.grouped_mm", "transformers.eager"]

@@ -8,15 +8,14 @@ difference, whether the generated tokens agree and tokens/s for both.
 """
 
 import argparse
-import json
 import os
 import time
 from collections import Counter
-from importlib import resources
 
 import torch
 
 import qwen_fast
+from qwen_fast.configs.models import SMALL_QWEN3_MOE, config_kwargs
 
 # op -> the part of the model it serves, as printed
 PARTS = {
@@ -30,7 +29,6 @@ PARTS = {
     "flash_attn_varlen_func": "attention (padded batch)",
     "flash_attn_with_kvcache": "attention over the paged cache",
 }
-EMBEDDED = "qwen3_moe_small.json"
 
 
 def add_parser(subparsers) -> None:
@@ -100,11 +98,10 @@ def _load(path: str | None, device: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     if path is None:
-        settings = json.loads(resources.files("qwen_fast.configs").joinpath("models", EMBEDDED).read_text())
-        config = Qwen3MoeConfig(**{k: v for k, v in settings.items() if k not in ("model_type", "architectures")})
+        config = Qwen3MoeConfig(**config_kwargs(SMALL_QWEN3_MOE))
         with torch.device(device):
             model = Qwen3MoeForCausalLM(config).to(dtype).eval()
-        described = f"embedded small Qwen3-MoE ({EMBEDDED}, random weights)"
+        described = f"embedded small Qwen3-MoE ({SMALL_QWEN3_MOE}, random weights)"
         tokenizer = None
     else:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=True).to(device).eval()
