@@ -10,32 +10,15 @@ import sys
 import pytest
 import torch
 from numerics import assert_close
-from transformers import (
-    AttentionInterface,
-    AutoModelForCausalLM,
-    MixtralConfig,
-    MixtralForCausalLM,
-    OlmoeConfig,
-    OlmoeForCausalLM,
-    Qwen3MoeConfig,
-    Qwen3MoeForCausalLM,
-)
+from tiny_models import tiny_model
+from transformers import AttentionInterface, AutoModelForCausalLM
 
 import qwen_fast
 from qwen_fast.integrations import interfaces
 
 NAME = qwen_fast.register_transformers()
-COMMON = dict(vocab_size=97, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-              max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
-FAMILIES = {
-    "qwen3_moe": lambda: Qwen3MoeForCausalLM(Qwen3MoeConfig(
-        **COMMON, head_dim=16, intermediate_size=64, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2,
-        norm_topk_prob=True)),
-    "mixtral": lambda: MixtralForCausalLM(MixtralConfig(
-        **COMMON, head_dim=16, intermediate_size=32, num_local_experts=8, num_experts_per_tok=2, sliding_window=5)),
-    "olmoe": lambda: OlmoeForCausalLM(OlmoeConfig(
-        **COMMON, intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True)),
-}  # fmt: skip
+# family -> config overrides of tests/tiny_models.py (Mixtral with a sliding window of 5 keys)
+FAMILIES = {"qwen3_moe": {}, "mixtral": {"sliding_window": 5}, "olmoe": {"norm_topk_prob": True}}
 FAST = {"experts_implementation": NAME, "attn_implementation": NAME}
 # Two prompts of 9 tokens, the second left-padded to 6 real ones.
 PROMPTS = torch.tensor([[5, 17, 3, 88, 41, 9, 60, 23, 71], [0, 0, 0, 12, 7, 95, 33, 4, 50]])
@@ -45,9 +28,8 @@ MASK = (torch.arange(9) >= torch.tensor([[0], [3]])).long()
 @pytest.fixture(scope="module", params=list(FAMILIES))
 def checkpoint(request, tmp_path_factory):
     """A tiny random checkpoint of each family (fp32), saved once per module."""
-    torch.manual_seed(0)
     path = tmp_path_factory.mktemp(request.param)
-    FAMILIES[request.param]().save_pretrained(path)
+    tiny_model(request.param, **FAMILIES[request.param]).save_pretrained(path)
     return path
 
 
@@ -171,8 +153,7 @@ def test_attention_function_conventions(causal, window):
      ("act_fn", torch.nn.GELU())],
 )  # fmt: skip
 def test_unsupported_experts_layout_is_refused(flag, value):
-    torch.manual_seed(0)
-    model = FAMILIES["qwen3_moe"]().eval()
+    model = tiny_model("qwen3_moe")
     model.set_experts_implementation(NAME)
     setattr(model.model.layers[0].mlp.experts, flag, value)
     with pytest.raises(ValueError, match=rf"Qwen3MoeExperts has {flag}="), torch.no_grad():
@@ -180,8 +161,7 @@ def test_unsupported_experts_layout_is_refused(flag, value):
 
 
 def test_attention_dropout_in_training_is_refused():
-    torch.manual_seed(0)
-    model = FAMILIES["qwen3_moe"]()
+    model = tiny_model("qwen3_moe")
     model.model.layers[0].self_attn.attention_dropout = 0.1
     model.set_attn_implementation(NAME)
     with pytest.raises(ValueError, match=r"Qwen3MoeAttention asked for dropout=0.1"):
