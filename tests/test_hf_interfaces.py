@@ -66,7 +66,8 @@ def test_greedy_generation_matches_default(checkpoint):
     default, fast = _load(checkpoint), _load(checkpoint, **FAST)
     with qwen_fast.record_backends() as calls:
         single, batch = _greedy(fast, PROMPTS[:1]), _greedy(fast, PROMPTS, MASK)
-    assert set(_ops(calls)) == {"fused_experts", "flash_attn_func", "flash_attn_varlen_func"}
+    # prefill: flash_attn_func (or varlen with padding); decode: flash_attn_with_kvcache over the written keys
+    assert set(_ops(calls)) == {"fused_experts", "flash_attn_func", "flash_attn_varlen_func", "flash_attn_with_kvcache"}
     assert torch.equal(single, _greedy(default, PROMPTS[:1]))
     assert torch.equal(batch, _greedy(default, PROMPTS, MASK))
 

@@ -170,9 +170,13 @@ def test_compiles_fullgraph():
         assert_close(compiled(x, embeddings, None)[0], module(x, embeddings, None)[0])
 
 
-def swap_attention(model: torch.nn.Module) -> None:
+def swap_attention(model: torch.nn.Module, flash_masks: bool = False) -> None:
+    """GQAAttention in every layer; flash_masks: also the "qwen_fast" mask implementation (None without padding, else
+    2D key padding), as qwen_fast.patch sets it; else the model keeps sdpa's 4D masks."""
     for layer in model.model.layers:
         layer.self_attn = GQAAttention.from_hf(layer.self_attn)
+    if flash_masks:
+        model.set_attn_implementation(qwen_fast.register_transformers())
 
 
 MODELS = {
@@ -196,7 +200,8 @@ def test_generate_matches_transformers(family):
     assert {op for op, _ in calls} == {"rotary_embedding", "flash_attn_varlen_func"}
     with qwen_fast.record_backends() as calls:
         assert torch.equal(model.generate(prompt, max_new_tokens=12, do_sample=False), unpadded)
-    assert {op for op, _ in calls} == {"rotary_embedding", "flash_attn_func"}
+    # the prefill over its own rows; each decode step over the keys its positions say are written
+    assert {op for op, _ in calls} == {"rotary_embedding", "flash_attn_func", "flash_attn_with_kvcache"}
 
 
 @pytest.mark.parametrize(("family", "block_size"), [("qwen3_moe", 1), ("qwen3_moe", 5), ("qwen2", 5)])
@@ -207,7 +212,7 @@ def test_generate_with_paged_cache_reads_pages(family, block_size):
     mask = torch.ones_like(prompt)
     mask[0, :3] = 0
     padded = model.generate(prompt, attention_mask=mask, max_new_tokens=12, do_sample=False)
-    swap_attention(model)
+    swap_attention(model, flash_masks=True)
     cache = qwen_fast.PagedKVCache.for_model(model, max_batch=2, block_size=block_size)
     with qwen_fast.record_backends() as calls:
         assert torch.equal(model.generate(prompt, cache=cache, max_new_tokens=12, do_sample=False), expected)
@@ -232,7 +237,7 @@ def test_chunked_prefill_on_paged_cache(family):
     ids = torch.randint(SMALL["vocab_size"], (2, 9))
     with torch.no_grad():
         expected = model(ids).logits
-        swap_attention(model)
+        swap_attention(model, flash_masks=True)
         cache = qwen_fast.PagedKVCache.for_model(model, max_batch=2, block_size=4)
         first = model(ids[:, :5], cache=cache).logits
         with qwen_fast.record_backends() as calls:

@@ -8,12 +8,16 @@ that layer's keys and values [B, Hkv, S_total, D] gathered back from the pages, 
 attention mask hides them. An attention module that reads the pages directly (flash_attn_with_kvcache) uses
 `key_caches[layer]`, `value_caches[layer]`, `block_table` and `seq_lens` instead (see PagedKVPool).
 
-The first layer to see new tokens reserves their pages for the whole batch (all layers share the block table); the
-other layers write into the same slots. Beam search works: `reorder_cache` makes each beam share the pages of the
-beam it continues (copy-on-write on the next write into a shared page). Sliding-window layers are not supported.
-An OutOfBlocksError inside generate() may leave the batch's sequences at different lengths: reset() the cache
-before using it again.
+Each forward has one step plan (StepPlan, made by layer 0 through the opaque op in step_plan.py): it reserves the new
+tokens' pages for the whole batch (all layers share the block table) and every layer writes into the same slots. A
+cache built for a model patched by qwen_fast is compileable: the patched attention reads only the plan's fixed-shape
+device tensors, so `generate(..., compile_config=...)` or torch.compile over a decode loop compiles the step once.
+Beam search works: `reorder_cache` makes each beam share the pages of the beam it continues (copy-on-write on the
+next write into a shared page). Sliding-window layers are not supported. An OutOfBlocksError inside generate() may
+leave the batch's sequences at different lengths: reset() the cache before using it again.
 """
+
+from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -21,14 +25,35 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from qwen_fast.ops import reshape_and_cache
 from qwen_fast.ops._checks import FLOAT_DTYPES, check_int, check_shape, check_tensor
 
+from . import step_plan
 from .paged_kv_pool import PagedKVPool
 
 DEFAULT_POOL_BYTES = 4 << 30
 """`for_model`'s cap on the pools' total size (all layers, keys and values) when num_blocks is not given."""
 
 
+@dataclass
+class StepPlan:
+    """What the attention layers of one forward read from a PagedKVCache, made by the first of them (layer 0).
+
+    slots: int64 [B * S_new], the new tokens' cache slots (b-major), for the cache write.
+    block_table: int32 [B, W] and seq_lens: int32 [B], the cache's device tensors (rows 0 .. B - 1) after the
+        plan: flash_attn_with_kvcache's block_table and cache_seqlens (lengths including the new tokens).
+    batch, num_new: B and S_new.
+    rope: whatever per-step RoPE facts the first layer derived (qwen_fast.nn.GQAAttention keeps its table and
+        positions here), reused by the others.
+    """
+
+    slots: torch.Tensor
+    block_table: torch.Tensor
+    seq_lens: torch.Tensor
+    batch: int
+    num_new: int
+    rope: tuple | None = None
+
+
 class PagedCacheLayer(CacheLayerMixin):
-    """One layer's view of a PagedKVCache: the number of tokens this layer has written (the pages are the cache's)."""
+    """One layer's view of a PagedKVCache: the number of tokens the step plan gave it (the pages are the cache's)."""
 
     is_sliding = False
     is_croppable = True  # PagedKVCache.crop rolls the pages back exactly (assisted decoding needs it)
@@ -37,24 +62,32 @@ class PagedCacheLayer(CacheLayerMixin):
         super().__init__()
         self.cache, self.layer_idx, self.length = cache, layer_idx, 0
 
+    @property
+    def is_compileable(self) -> bool:
+        return self.cache.compileable
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.cache._check_states(key_states, value_states)
         self.cache._materialize(key_states.device, key_states.dtype)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        """Write key_states/value_states [B, Hkv, S_new, D] at positions length .. length + S_new - 1 of sequences
-        0 .. B - 1; return this layer's keys and values [B, Hkv, length + S_new, D] read from the pages."""
+        """Write key_states/value_states [B, Hkv, S_new, D] after what sequences 0 .. B - 1 hold (all the same length
+        L); return this layer's keys and values [B, Hkv, L + S_new, D] read from the pages."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        keys, values = self.cache._write_batch(self.layer_idx, key_states, value_states, self.length)
-        self.length += key_states.shape[2]
-        return keys, values
+        return self.cache._write_batch(self.layer_idx, key_states, value_states)
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if torch.compiler.is_compiling():  # no host state in a traced step: a flash-style mask ignores the sizes
+            return self.cache.max_blocks_per_seq * self.cache.block_size, 0
         return self.length + query_length, 0
 
-    def get_seq_length(self) -> int:
+    def get_seq_length(self) -> int | torch.Tensor:
+        """Tokens this layer holds; while torch.compile traces, sequence 0's length as a 0-d device tensor (as
+        transformers' StaticCache), so that no compiled step depends on host state."""
+        if torch.compiler.is_compiling():
+            return self.cache._seq_lens[0]
         return self.length
 
     def get_max_length(self) -> int:
@@ -85,10 +118,14 @@ class PagedKVCache(PagedKVPool, Cache):
         ([[0, 1, 4], [2, 3, 5]], [10, 10])
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, compileable: bool = False, **kwargs):
         PagedKVPool.__init__(self, *args, **kwargs)
         Cache.__init__(self, layers=[PagedCacheLayer(self, i) for i in range(self.num_layers)])
-        self._batch_memo: tuple[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.compileable = bool(compileable)
+        self._handle = step_plan.register(self)
+        self._step: StepPlan | None = None
+        self._step_layers: set[int] = set()  # layers that read the current plan (eager check of the plan's age)
+        self._step_starts: list[int] = []  # what each sequence held before the current plan (host)
 
     @classmethod
     def for_model(
@@ -100,6 +137,7 @@ class PagedKVCache(PagedKVPool, Cache):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         max_seq_len: int | None = None,
+        compileable: bool | None = None,
     ) -> "PagedKVCache":
         """A cache sized from `model.config` (its text config): num_hidden_layers, num_key_value_heads, head_dim
         (or hidden_size // num_attention_heads), max_position_embeddings (the default max_seq_len).
@@ -107,6 +145,11 @@ class PagedKVCache(PagedKVPool, Cache):
         num_blocks=None: enough pages for max_batch sequences of max_seq_len tokens each, but no more than fit in
         DEFAULT_POOL_BYTES (4 GiB) over all layers' key and value pools (at least one page); pass num_blocks to size
         it yourself. device and dtype default to the model's. A config with sliding-window layers is a ValueError.
+
+        compileable (`is_compileable`, which makes `generate` compile its decode step when asked to, and by default on
+        CUDA): default True when `model` is patched by qwen_fast (its attention modules read the pages in place, and a
+        decode step is then one fixed-shape graph), False otherwise (transformers' attention reads the keys that
+        `update` gathers, whose length grows every step).
         """
         if not hasattr(model, "config"):
             raise TypeError(f"model must be a transformers model with a .config, got {type(model).__name__}")
@@ -136,9 +179,14 @@ class PagedKVCache(PagedKVPool, Cache):
             page_bytes = 2 * config.num_hidden_layers * block_size * heads_kv * head_dim * dtype.itemsize
             wanted = check_int("max_batch", max_batch, low=1) * -(-max_seq_len // block_size)
             num_blocks = max(1, min(wanted, DEFAULT_POOL_BYTES // page_bytes))
+        if compileable is None:
+            from qwen_fast.nn import GQAAttention
+
+            compileable = any(isinstance(module, GQAAttention) for module in model.modules())
         return cls(
-            config.num_hidden_layers, heads_kv, head_dim, max_batch, max_seq_len, num_blocks, block_size, device, dtype
-        )
+            config.num_hidden_layers, heads_kv, head_dim, max_batch, max_seq_len, num_blocks, block_size, device, dtype,
+            compileable=compileable,
+        )  # fmt: skip
 
     def _check_states(self, key_states: object, value_states: object) -> None:
         check_tensor("key_states", key_states, ndim=4, dtypes=FLOAT_DTYPES)
@@ -153,69 +201,78 @@ class PagedKVCache(PagedKVPool, Cache):
         if self.device is not None and key_states.device != self.device:
             raise ValueError(f"key_states must be on the cache's device {self.device}, got {key_states.device}")
 
-    def _write_batch(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor, start: int):
-        """Write key_states/value_states [B, Hkv, S_new, D] at positions start .. end - 1 of sequences 0 .. B - 1;
-        return the layer's keys and values [B, Hkv, end, D] read back from the pages."""
+    def plan_layer(self, layer: int, batch: int, num_new: int) -> StepPlan:
+        """The step plan for attention layer `layer` of a forward that appends `num_new` tokens to sequences
+        0 .. batch - 1: layer 0 makes it (qwen_fast_cache::plan_step reserves the pages, see step_plan.py), every other
+        layer reads it. For attention modules that write and read the pages themselves (qwen_fast.nn.GQAAttention:
+        the cache write at `slots`, then flash_attn_with_kvcache over `block_table` and `seq_lens`)."""
+        if layer == 0:
+            slots = step_plan.plan_step(self, batch, num_new)
+            self._step = StepPlan(slots, self._block_table[:batch], self._seq_lens[:batch], batch, num_new)
+            if not torch.compiler.is_compiling():
+                self._step_layers = {0}
+            return self._step
+        plan = self._step
+        if not torch.compiler.is_compiling():
+            if plan is None or (plan.batch, plan.num_new) != (batch, num_new) or layer in self._step_layers:
+                raise ValueError(
+                    f"layer {layer} appends {num_new} tokens to {batch} sequences but the cache holds no plan for it: "
+                    "layer 0 plans each step, so every forward must run layer 0 first and each layer once"
+                )
+            self._step_layers.add(layer)
+        return plan
+
+    def _plan(self, batch: int, num_new: int, block_table: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+        """Host side of plan_step: reserve positions len_s .. len_s + num_new - 1 of sequences s < batch (claimed on
+        first use), mirror the tables into `block_table` and `seq_lens` (the device tables the op was given);
+        returns the slots, int64 [batch * num_new] on the device."""
+        check_int("batch", batch, low=0, high=self.max_batch)
+        check_int("num_new", num_new, low=0)
+        for seq in range(batch):
+            if self._tables[seq] is None:
+                self._tables[seq], self._lens[seq] = [], 0
+                self._set_row(seq)
+        self._step_starts = [self._lens[seq] for seq in range(batch)]
+        for seq in range(batch):
+            self.reserve(seq, num_new)
+        self._flush(block_table, seq_lens)
+        if batch:
+            longest = max(self._step_starts) + num_new
+            for entry in self.layers:
+                entry.length = max(entry.length, longest)
+        positions = torch.tensor(self._step_starts, dtype=torch.int64)[:, None] + torch.arange(num_new)
+        pages = self._host_block_table[:batch].long().gather(1, positions // self.block_size)
+        return (pages * self.block_size + positions % self.block_size).view(-1).to(block_table.device)
+
+    def _write_batch(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
+        """Write key_states/value_states [B, Hkv, S_new, D] after what sequences 0 .. B - 1 hold (one length L for
+        all); return the layer's keys and values [B, Hkv, L + S_new, D] read back from the pages."""
         self._check_states(key_states, value_states)
         batch, heads_kv, new, head_dim = key_states.shape
-        end = start + new
-        self._reserve_batch(layer, batch, start, end)
-        pages, slots = self._batch_pages(batch, start, end)
+        plan = self.plan_layer(layer, batch, new)
+        start = self._step_starts[0] if batch else 0
+        if any(held != start for held in self._step_starts):
+            raise ValueError(
+                f"the batch's sequences hold {self._step_starts} tokens: transformers' attention needs one length for "
+                "all (the cache was changed outside generate(), or use qwen_fast.patch, whose attention reads each "
+                "sequence's own length)"
+            )
         key_rows, value_rows = (
             states.transpose(1, 2).reshape(batch * new, heads_kv, head_dim).contiguous()
             for states in (key_states, value_states)
         )
-        reshape_and_cache(key_rows, value_rows, self.key_caches[layer], self.value_caches[layer], slots)
+        reshape_and_cache(key_rows, value_rows, self.key_caches[layer], self.value_caches[layer], plan.slots)
+        end = start + new
+        pages = plan.block_table[:, : -(-end // self.block_size)].long()
         keys, values = self.gather_pages(layer, pages, end)  # [B, end, Hkv, D]
         return keys.transpose(1, 2), values.transpose(1, 2)
-
-    def reserve_layer(self, layer: int, key_states: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor]:
-        """For an attention module that writes and reads the pages itself (qwen_fast.nn.GQAAttention through
-        flash_attn_with_kvcache): reserve positions L .. L + S_new - 1 of sequences 0 .. B - 1 for `layer`, where L is
-        what the layer holds, count them as written, and return (L, block_table[:B], slots): flash_attn_with_kvcache's
-        cache_seqlens and block_table, and the int64 [B * S_new] slots of the new tokens (b-major) for a cache write.
-        key_states [B, S_new, Hkv, D] (flash-attn's layout) fixes the pools' device
-        and dtype on first use; nothing is written here."""
-        entry = self.layers[self._check_layer(layer)]
-        states = key_states.transpose(1, 2)
-        if not entry.is_initialized:
-            entry.lazy_initialization(states, states)
-        self._check_states(states, states)
-        start = entry.length
-        batch, end = states.shape[0], start + states.shape[2]
-        self._reserve_batch(layer, batch, start, end)
-        entry.length = end
-        return start, self.block_table[:batch], self._batch_pages(batch, start, end)[1]
-
-    def _reserve_batch(self, layer: int, batch: int, start: int, end: int) -> None:
-        """Sequences 0 .. B - 1 get positions start .. end - 1 (reserved by the first layer to get there)."""
-        for seq in range(batch):
-            if self._tables[seq] is None:
-                self._tables[seq], self._lens[seq] = [], 0
-            if self._lens[seq] < end:
-                if self._lens[seq] != start:
-                    raise ValueError(
-                        f"layer {layer} writes positions {start} .. {end - 1} of seq {seq}, which holds "
-                        f"{self._lens[seq]} tokens: the cache was changed outside generate()"
-                    )
-                self.reserve(seq, end - start)
-
-    def _batch_pages(self, batch: int, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Pages int64 [batch, ceil(end / block_size)] of sequences 0 .. batch - 1 and the slots int64 [batch * (end -
-        start)] of their positions start .. end - 1, computed on the device from block_table; reused by every layer
-        until a table changes."""
-        key = (batch, start, end, self.version)
-        if self._batch_memo is None or self._batch_memo[0] != key:
-            pages = self.block_table[:batch, : -(-end // self.block_size)].long()
-            positions = torch.arange(start, end, device=self.device)
-            slots = pages[:, positions // self.block_size] * self.block_size + positions % self.block_size
-            self._batch_memo = (key, (pages, slots.view(-1)))
-        return self._batch_memo[1]
 
     def reset(self) -> None:
         """Free every sequence (the pools stay allocated) and forget what each layer has seen."""
         self.free_all()
         Cache.reset(self)
+        self._step = None
+        self._flush()  # a compiled step reads the device lengths before its plan (get_seq_length)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the last `tokens_to_remove` tokens (an int <= 0, transformers 5.x's convention: crop(-n) removes n)
@@ -232,6 +289,7 @@ class PagedKVCache(PagedKVPool, Cache):
         for seq in self.active_sequences():
             if self._lens[seq] > length:
                 self.truncate(seq, length)
+        self._flush()
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Beam search: sequence b continues sequence beam_idx[b], sharing its pages (no copy until a write)."""
@@ -244,3 +302,4 @@ class PagedKVCache(PagedKVPool, Cache):
             self.allocator.free(self._tables[seq])
             self._tables[seq], self._lens[seq] = table, length
             self._set_row(seq)
+        self._flush()

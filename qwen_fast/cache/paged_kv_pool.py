@@ -7,9 +7,9 @@ position p sits in the same slot of every layer's pools.
 
 Host side (Python lists, the source of truth): each active sequence's block list and length. Device side, kept in
 sync lazily: a change only marks its sequence; the first read of `block_table` or `seq_lens` after changes writes the
-marked rows' new entries into host tensors and copies them into the same device tensors (their addresses never
-change), so a decode step of B sequences costs one lengths copy, and a block table copy only when a page was added
-or dropped, not on every token:
+marked rows' changed entries into the host mirrors and the same entries into the device tensors (their addresses
+never change, so a compiled or CUDA-graphed step can hold them), so a decode step of B sequences costs one lengths
+copy, and a write of the new block table entries only when a page was added or dropped, not on every token:
     block_table  int32 [max_batch, max_blocks_per_seq]: row s lists sequence s's pages; unused entries are 0.
     seq_lens     int32 [max_batch]: tokens reserved per sequence (0 for an inactive row).
 
@@ -95,7 +95,6 @@ class PagedKVPool:
         self._changed: set[int] = set()  # sequences whose block list or length changed since the last flush
         self._host_seq_lens = torch.zeros(max_batch, dtype=torch.int32)
         self._block_table, self._seq_lens = self._host_block_table, self._host_seq_lens
-        self._tables_dirty = self._lens_dirty = False
         self.version = 0  # bumped on every change of a block table or length
         self.device: torch.device | None = None
         self.dtype = dtype
@@ -107,26 +106,26 @@ class PagedKVPool:
     # -- device state --------------------------------------------------------------------------------------------
 
     def _materialize(self, device: torch.device, dtype: torch.dtype | None) -> None:
-        """Fix the device (tables move there) and the dtype; allocate the pools once both are known."""
+        """Fix the device (tables move there) and the dtype; allocate the pools once both are known. The device
+        tensors keep their addresses from then on (marked static for torch.compile's CUDA graphs)."""
         if self.device is None:
+            self._flush()
             self.device = device
-            self._block_table = torch.zeros_like(self._host_block_table, device=device)
-            self._seq_lens = torch.zeros_like(self._host_seq_lens, device=device)
-            self._tables_dirty = self._lens_dirty = True
+            self._block_table = self._host_block_table.to(device, copy=True)
+            self._seq_lens = self._host_seq_lens.to(device, copy=True)
+            _mark_static(self._block_table, self._seq_lens)
         if self.dtype is None:
             self.dtype = dtype
         if not self.key_caches and self.dtype is not None:
             shape = (self.num_blocks, self.block_size, self.num_kv_heads, self.head_dim)
             self.key_caches = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(self.num_layers)]
             self.value_caches = [torch.zeros(shape, dtype=self.dtype, device=device) for _ in range(self.num_layers)]
+            _mark_static(*self.key_caches, *self.value_caches)
 
     @property
     def block_table(self) -> torch.Tensor:
         """int32 [max_batch, max_blocks_per_seq] on the device: row s lists sequence s's pages, then zeros."""
         self._flush()
-        if self._tables_dirty:
-            self._block_table.copy_(self._host_block_table)
-            self._tables_dirty = False
         return self._block_table
 
     @property
@@ -134,9 +133,6 @@ class PagedKVPool:
         """int32 [max_batch] on the device: tokens reserved per sequence (`append` counts them before they are
         written)."""
         self._flush()
-        if self._lens_dirty:
-            self._seq_lens.copy_(self._host_seq_lens)
-            self._lens_dirty = False
         return self._seq_lens
 
     def _set_row(self, seq: int) -> None:
@@ -144,12 +140,14 @@ class PagedKVPool:
         self._changed.add(seq)
         self.version += 1
 
-    def _flush(self) -> None:
+    def _flush(self, block_table: torch.Tensor | None = None, seq_lens: torch.Tensor | None = None) -> None:
         """Mirror the marked sequences' block lists (only the entries that differ) and all lengths into the host
-        tables."""
+        tables and the device tables (`block_table` and `seq_lens` when given: where a step plan writes them)."""
+        block_table = self._block_table if block_table is None else block_table
+        seq_lens = self._seq_lens if seq_lens is None else seq_lens
         if not self._changed:
             return
-        rows, columns, values = [], [], []  # the host block table entries to write, in one indexed assignment
+        rows, columns, values = [], [], []  # the block table entries to write, in one indexed assignment
         for seq in self._changed:
             table, held = self._tables[seq] or [], self._host_rows[seq]
             if table == held:
@@ -162,12 +160,17 @@ class PagedKVPool:
             columns += range(same, end)
             values += table[same:] + [0] * (len(held) - len(table))  # zeros where the list got shorter
             self._host_rows[seq] = list(table)
-        if rows:
-            self._host_block_table[rows, columns] = torch.tensor(values, dtype=torch.int32)
-            self._tables_dirty = True
-        self._host_seq_lens.copy_(torch.tensor(self._lens, dtype=torch.int32))
-        self._lens_dirty = True
         self._changed.clear()
+        if rows:
+            index = (torch.tensor(rows), torch.tensor(columns))
+            entries = torch.tensor(values, dtype=torch.int32)
+            self._host_block_table[index] = entries
+            if block_table is not self._host_block_table:
+                device = block_table.device
+                block_table[tuple(i.to(device) for i in index)] = entries.to(device)
+        self._host_seq_lens.copy_(torch.tensor(self._lens, dtype=torch.int32))
+        if seq_lens is not self._host_seq_lens:
+            seq_lens.copy_(self._host_seq_lens)
 
     # -- sequences -----------------------------------------------------------------------------------------------
 
@@ -310,3 +313,11 @@ class PagedKVPool:
             cache.index_select(0, pages.reshape(-1)).view(shape)[..., :length, :, :]
             for cache in (self.key_caches[layer], self.value_caches[layer])
         )
+
+
+def _mark_static(*tensors: torch.Tensor) -> None:
+    """Tell torch.compile these tensors keep their addresses (CUDA graphs then read them in place; transformers'
+    StaticCache does the same). Not while tracing, where it is not allowed."""
+    if not torch.compiler.is_compiling():
+        for tensor in tensors:
+            torch._dynamo.mark_static_address(tensor)

@@ -27,8 +27,8 @@ from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
 from transformers.masking_utils import flash_attention_mask
 
-from qwen_fast.nn.attention import key_padding, varlen_attention
-from qwen_fast.ops import flash_attn_func, flash_attn_varlen_func, fused_experts
+from qwen_fast.nn.cached_attention import attend
+from qwen_fast.ops import flash_attn_varlen_func, fused_experts
 
 # The layout flags transformers' @use_experts_implementation sets on an experts module, and the value fused_experts
 # needs: gate and up rows concatenated in gate_up_proj [E, 2I, H], down_proj [E, H, I], no bias, no post-expert
@@ -162,14 +162,19 @@ def attention_forward(
         )  # fmt: skip
         return out.view(q.shape), None
 
-    if attention_mask is not None and attention_mask.dim() == 2 and attention_mask.shape[1] < k.shape[1]:
-        k, v = k[:, : attention_mask.shape[1]], v[:, : attention_mask.shape[1]]  # a static cache's unwritten slots
-    keep = key_padding(attention_mask, q.shape[1], window[0])
-    if keep is None:
-        return flash_attn_func(q, k, v, **options), None
-    if not causal:
-        raise ValueError(f"qwen_fast attention supports key padding for causal attention only; {cls} is not causal")
-    return varlen_attention(q, k, v, keep, scale, window), None
+    return attend(q, k, v, attention_mask, kwargs.get("position_ids"), scale, causal, window), None
+
+
+def attention_mask_function(
+    batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0, *args, **kwargs
+) -> torch.Tensor | None:
+    """transformers' flash_attention_mask (None without padding, else the 2D key padding [B, kv_length]), except that
+    a mask shorter than kv_length (a static cache returns its whole buffer, the unwritten slots last) is padded with
+    False to kv_length: one shape every step, so a compiled decode step does not recompile as the mask grows."""
+    mask = flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, *args, **kwargs)
+    if mask is not None and mask.shape[1] < kv_length:
+        mask = torch.nn.functional.pad(mask, (0, kv_length - mask.shape[1]), value=False)
+    return mask
 
 
 def register(name: str = "qwen_fast") -> str:
@@ -206,7 +211,7 @@ def register(name: str = "qwen_fast") -> str:
     entries: list[tuple[type, Callable]] = [
         (ExpertsInterface, experts_forward),
         (AttentionInterface, attention_forward),
-        (AttentionMaskInterface, flash_attention_mask),
+        (AttentionMaskInterface, attention_mask_function),
     ]
     for interface, function in entries:
         current = interface().get(name)

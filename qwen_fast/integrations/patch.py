@@ -18,6 +18,7 @@ from qwen_fast.nn import GQAAttention, SparseMoeBlock
 from qwen_fast.nn._hf import carry_hooks
 
 from . import deepseek_v3, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe
+from .family import Family
 
 logger = logging.getLogger("qwen_fast")
 
@@ -131,25 +132,34 @@ def patch(model: nn.Module, moe: bool = True, attention: bool = True, *, hf_pari
 
     handle = PatchHandle(model)
     patched, not_patched, interface = Counter(), Counter(), Counter()
+    swaps: list[tuple[str, nn.Module]] = []  # built first: a module that cannot be patched changes nothing
     for name, module in list(model.named_modules()):
         cls = type(module).__name__
-        if cls in _MOE_BLOCKS:
+        family = _family(module)
+        if cls in _MOE_BLOCKS and family is not None:
             if moe:
-                _swap(model, name, SparseMoeBlock.from_hf(module, hf_parity=hf_parity), handle)
+                swaps.append((name, SparseMoeBlock.from_hf(module, hf_parity=hf_parity)))
                 patched[f"{cls} -> qwen_fast.nn.SparseMoeBlock"] += 1
-        elif cls in _ATTENTION:
-            family = _ATTENTION[cls]
+        elif cls in _ATTENTION and family is not None:
             if not attention:
                 continue
             if family.route == "module":
-                _swap(model, name, GQAAttention.from_hf(module), handle)
+                swaps.append((name, GQAAttention.from_hf(module)))
                 patched[f"{cls} -> qwen_fast.nn.GQAAttention"] += 1
             elif family.route == "interface":
                 interface[cls] += 1
             else:
                 not_patched[f"{cls}: {family.reason}"] += 1
+        elif cls in _MOE_BLOCKS or cls in _ATTENTION:
+            not_patched[f"{cls} from {type(module).__module__}: not transformers' class of that name"] += 1
         elif cls.endswith(_LOOKS_PATCHABLE) and not isinstance(module, (SparseMoeBlock, GQAAttention)):
             not_patched[f"{cls}: not a class qwen_fast supports"] += 1
+    for name, new in swaps:
+        _swap(model, name, new, handle)
+    if any(isinstance(new, GQAAttention) for _, new in swaps):
+        # GQAAttention reads flash-style masks (None without padding, else the 2D key padding), which the
+        # "qwen_fast" mask implementation gives; a module transformers cannot switch keeps its 4D masks.
+        _use_attention_interface(model, handle)
     for cls, count in interface.items():
         reason = _use_attention_interface(model, handle)
         if reason:
@@ -170,6 +180,16 @@ def patch(model: nn.Module, moe: bool = True, attention: bool = True, *, hf_pari
     if handle.not_patched:
         logger.warning("%s", handle.summary())
     return handle
+
+
+def _family(module: nn.Module) -> Family | None:
+    """The family whose transformers module defines `module`'s class (as the modules' from_hf match: by module path
+    and name, so a remote-code class that borrows a supported name is not taken for it), or None."""
+    cls = type(module)
+    family = _MOE_BLOCKS.get(cls.__name__) or _ATTENTION.get(cls.__name__)
+    if family is None or cls.__module__ != f"transformers.models.{family.model_type}.modeling_{family.model_type}":
+        return None
+    return family
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module, handle: PatchHandle) -> None:

@@ -26,15 +26,15 @@ import torch
 from torch import nn
 
 from qwen_fast.ops import (
-    flash_attn_func,
-    flash_attn_varlen_func,
-    flash_attn_with_kvcache,
-    qk_norm_rope_and_cache,
-    reshape_and_cache,
-    rotary_embedding,
+    FLASH_ATTN,
+    FLASH_ATTN_WITH_KVCACHE,
+    QK_NORM_ROPE_AND_CACHE,
+    RESHAPE_AND_CACHE,
+    ROTARY_EMBEDDING,
 )
-from qwen_fast.reference.attention import visible_keys
 from qwen_fast.reference.norm import rms_norm
+
+from .cached_attention import attend
 
 SUPPORTED = ("Qwen3Attention", "Qwen3MoeAttention", "Qwen2Attention", "Qwen2MoeAttention")
 
@@ -52,67 +52,15 @@ class HeadRMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.variance_epsilon)
 
 
-def _rope_table(cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """transformers' per-token (cos, sin) [B, S, D] (each half repeated) as a rotary_embedding table [B * S, D] =
-    [cos | sin] over the D / 2 frequencies, row t for token t: the rotation then runs with transformers' operands and
-    roundings (the table is in the model dtype)."""
-    half = cos.shape[-1] // 2
-    return torch.cat((cos[..., :half], sin[..., :half]), dim=-1).reshape(-1, cos.shape[-1]).contiguous()
-
-
-def key_padding(attention_mask: torch.Tensor | None, num_q: int, window_left: int) -> torch.Tensor | None:
-    """bool [B, S_k] (True = a real token) from transformers' attention mask, or None when nothing is padded.
-
-    Accepts None, a 2D [B, S_k] 0/1 mask, or a 4D [B, 1, S_q, S_k] mask (bool: True = attend; float: 0 = attend,
-    a large negative number = masked). A 4D mask must be exactly the causal (windowed) mask restricted to the keys
-    some query sees; anything else raises ValueError. With a window, padding must not sit between tokens.
-    """
-    if attention_mask is None:
-        return None
-    if attention_mask.dim() == 2:
-        keep = attention_mask.bool()
-    elif attention_mask.dim() == 4:
-        allowed = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
-        if allowed.shape[1] != 1 or allowed.shape[2] != num_q:
-            raise ValueError(
-                f"attention_mask must be [B, 1, S_q, S_k] with S_q = {num_q}, got {tuple(attention_mask.shape)}"
-            )
-        keep = allowed[:, 0].any(dim=1)  # a key no query may see is as good as padding
-        expected = visible_keys(num_q, keep.shape[1], True, (window_left, 0), keep.device)[None] & keep[:, None, :]
-        if not torch.equal(allowed[:, 0], expected):
-            raise ValueError(
-                "qwen_fast attention supports causal attention masks with key padding only; attention_mask differs "
-                f"from the causal mask (window_left={window_left}) of its padding"
-            )
-    else:
-        raise ValueError(
-            f"attention_mask must be 2D [B, S_k] or 4D [B, 1, S_q, S_k], got {tuple(attention_mask.shape)}"
-        )
-    if bool(keep.all()):
-        return None
-    if window_left >= 0:
-        # Packing the valid tokens preserves window distances only if no padding sits between two of them.
-        starts = (keep[:, 1:] & ~keep[:, :-1]).sum(dim=1) + keep[:, 0]
-        if bool((starts > 1).any()):
-            raise ValueError(
-                "qwen_fast attention with a sliding window needs each sequence's tokens contiguous (padding only "
-                "before or after them), got padding between tokens"
-            )
-    return keep
-
-
-def varlen_attention(q, k, v, keep, scale, window) -> torch.Tensor:
-    """Attention of the valid rows only: q [B, S_q, Hq, D], k/v [B, S_k, Hkv, D], keep bool [B, S_k]."""
-    keep_q = keep[:, keep.shape[1] - q.shape[1] :]
-    cu_q, cu_k = (torch.nn.functional.pad(m.sum(1).cumsum(0), (1, 0)).to(torch.int32) for m in (keep_q, keep))
-    # max_seqlen_q/k are upper bounds (flash-attn's contract): the padded lengths, known without a host sync.
-    rows = flash_attn_varlen_func(
-        q[keep_q], k[keep], v[keep], cu_q, cu_k, q.shape[1], k.shape[1],
-        softmax_scale=scale, causal=True, window_size=window,
-    )  # fmt: skip
-    out = q.new_zeros(q.shape)
-    out[keep_q] = rows
-    return out
+def rope_rows(cos: torch.Tensor, sin: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' per-token (cos, sin) [B or 1, S, D] (each half repeated) as a rotary_embedding table [rows * S,
+    D] = [cos | sin] over the D / 2 frequencies (in the model dtype: the rotation then runs with transformers'
+    operands and roundings), and the int64 [B * S] table row of each token (b-major): row b * S + s, or s when the
+    batch shares one [1, S, D]."""
+    half, seq = cos.shape[-1] // 2, cos.shape[1]
+    table = torch.cat((cos[..., :half], sin[..., :half]), dim=-1).reshape(-1, cos.shape[-1])
+    positions = torch.arange(cos.shape[0] * seq, device=cos.device).view(cos.shape[0], seq).expand(batch, seq)
+    return table, positions.reshape(-1)
 
 
 class GQAAttention(nn.Module):
@@ -189,60 +137,61 @@ class GQAAttention(nn.Module):
         attention_mask: torch.Tensor | None = None,
         cache=None,
         past_key_values=None,
+        position_ids: torch.Tensor | None = None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
-        """hidden_states [B, S, H], position_embeddings (cos, sin) [B, S, D], attention_mask None / 2D / 4D,
-        cache a transformers Cache (transformers < 5.24 passes it as past_key_values) -> ([B, S, H], None)."""
+        """hidden_states [B, S, H], position_embeddings (cos, sin) [B or 1, S, D], attention_mask None / 2D / 4D,
+        cache a transformers Cache (transformers < 5.24 passes it as past_key_values), position_ids [B or 1, S]
+        -> ([B, S, H], None)."""
         from qwen_fast.cache import PagedKVCache
 
         cache = cache if cache is not None else past_key_values
         batch, seq, _ = hidden_states.shape
+        device = hidden_states.device
         q = self.q_proj(hidden_states).view(batch, seq, -1, self.head_dim)
         k = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim)
         v = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim)
-        table = _rope_table(*position_embeddings)
-        # Row of token (b, s) in the table: transformers' cos/sin are [B, S, D], or [1, S, D] shared by the batch.
-        rows = position_embeddings[0].shape[0]
-        positions = torch.arange(rows * seq, device=hidden_states.device).view(rows, seq).expand(batch, seq)
-        positions = positions.reshape(-1)
         window = (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
-        keep = key_padding(attention_mask, seq, window[0])
+        if isinstance(cache, PagedKVCache) and attention_mask is None:
+            return self.o_proj(self._paged(cache, q, k, v, position_embeddings, window).reshape(batch, seq, -1)), None
 
-        if isinstance(cache, PagedKVCache) and keep is None:
-            # Serving path: the new k/v go straight into the pages and attention reads the pages in place.
-            start, block_table, slots = cache.reserve_layer(self.layer_idx, k)
-            key_cache, value_cache = cache.key_caches[self.layer_idx], cache.value_caches[self.layer_idx]
-            q_rows, k_rows, v_rows = (t.reshape(batch * seq, -1, self.head_dim) for t in (q, k, v))
-            if self.q_norm is not None:  # one pass: q/k RMSNorm, RoPE, cache write
-                q_rows, k_rows = qk_norm_rope_and_cache(
-                    q_rows, k_rows, v_rows, self.q_norm.weight, self.k_norm.weight, self.q_norm.variance_epsilon,
-                    positions, table, key_cache, value_cache, slots,
-                )  # fmt: skip
-            else:
-                q_rows, k_rows = rotary_embedding(positions, q_rows, k_rows, table)
-                reshape_and_cache(k_rows, v_rows, key_cache, value_cache, slots)
-            if start == 0 and seq > 1:
-                # Prefill of an empty cache: the keys are exactly the new rows, so the prefill kernel attends over
-                # them where they are (the paged kernel's loop is shaped for a few queries per sequence).
-                out = flash_attn_func(
-                    q_rows.view(q.shape), k_rows.view(k.shape), v, softmax_scale=self.scaling, causal=True,
-                    window_size=window,
-                )  # fmt: skip
-            else:
-                out = flash_attn_with_kvcache(
-                    q_rows.view(q.shape), key_cache, value_cache, cache_seqlens=start + seq, block_table=block_table,
-                    softmax_scale=self.scaling, causal=True, window_size=window,
-                )  # fmt: skip
-            return self.o_proj(out.reshape(batch, seq, -1)), None
-
+        table, positions = rope_rows(*position_embeddings, batch)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary_embedding(positions.view(batch, seq), q, k, table)
+        q, k = ROTARY_EMBEDDING(device, positions, q.reshape(batch * seq, -1, self.head_dim),
+                                k.reshape(batch * seq, -1, self.head_dim), table.contiguous(), True)  # fmt: skip
+        q, k = q.view(batch, seq, -1, self.head_dim), k.view(batch, seq, -1, self.head_dim)
         if cache is not None:
             k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
             k, v = k.transpose(1, 2), v.transpose(1, 2)
-        if keep is None:
-            out = flash_attn_func(q, k, v, softmax_scale=self.scaling, causal=True, window_size=window)
-        else:
-            out = varlen_attention(q, k, v, keep, self.scaling, window)
+        out = attend(q, k, v, attention_mask, position_ids, self.scaling, True, window)
         return self.o_proj(out.reshape(batch, seq, -1)), None
+
+    def _paged(self, cache, q, k, v, position_embeddings, window) -> torch.Tensor:
+        """The serving path: the step plan's slots, the fused q/k norm + RoPE + page write, attention over the pages
+        in place. Two op calls per layer; the plan (pages, RoPE rows) is made once per step by layer 0."""
+        batch, seq = q.shape[:2]
+        device = q.device
+        plan = cache.plan_layer(self.layer_idx, batch, seq)
+        if plan.rope is None:
+            table, positions = rope_rows(*position_embeddings, batch)
+            plan.rope = (table.contiguous(), positions)
+        table, positions = plan.rope
+        key_cache, value_cache = cache.key_caches[self.layer_idx], cache.value_caches[self.layer_idx]
+        q_rows, k_rows, v_rows = (t.reshape(batch * seq, -1, self.head_dim) for t in (q, k, v))
+        if self.q_norm is not None:
+            q_rows, k_rows = QK_NORM_ROPE_AND_CACHE(
+                device, q_rows, k_rows, v_rows, self.q_norm.weight, self.k_norm.weight,
+                float(self.q_norm.variance_epsilon), positions, table, key_cache, value_cache, plan.slots, True,
+            )  # fmt: skip
+        else:
+            q_rows, k_rows = ROTARY_EMBEDDING(device, positions, q_rows, k_rows, table, True)
+            RESHAPE_AND_CACHE(device, k_rows.contiguous(), v_rows.contiguous(), key_cache, value_cache, plan.slots)
+        if seq > 1 and not torch.compiler.is_compiling() and not any(cache._step_starts):
+            # Prefill of an empty cache (known on the host when eager): the keys are exactly the new rows, so the
+            # prefill kernel attends over them where they are (the paged kernel's loop is shaped for few queries).
+            return FLASH_ATTN(device, q_rows.view(q.shape), k_rows.view(k.shape), v, self.scaling, True, *window)
+        return FLASH_ATTN_WITH_KVCACHE(
+            device, q_rows.view(q.shape), key_cache, value_cache, None, None, plan.seq_lens, plan.block_table,
+            self.scaling, True, window,
+        )  # fmt: skip
