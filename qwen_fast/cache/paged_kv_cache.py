@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
-from qwen_fast.ops import reshape_and_cache
+from qwen_fast.ops import RESHAPE_AND_CACHE
 from qwen_fast.ops._checks import FLOAT_DTYPES, check_int, check_shape, check_tensor
 
 from . import step_plan
@@ -246,23 +246,30 @@ class PagedKVCache(PagedKVPool, Cache):
 
     def _write_batch(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
         """Write key_states/value_states [B, Hkv, S_new, D] after what sequences 0 .. B - 1 hold (one length L for
-        all); return the layer's keys and values [B, Hkv, L + S_new, D] read back from the pages."""
-        self._check_states(key_states, value_states)
+        all); return the layer's keys and values [B, Hkv, L + S_new, D] read back from the pages. While torch.compile
+        traces, the keys of every block-table column instead ([B, Hkv, W * block_size, D], one shape every step, as a
+        StaticCache returns its whole buffer; get_mask_sizes says the same width, so the mask hides what is unwritten):
+        correct, but it reads the whole width per layer; a step without padding reads the pages in place instead."""
         batch, heads_kv, new, head_dim = key_states.shape
         plan = self.plan_layer(layer, batch, new)
-        start = self._step_starts[0] if batch else 0
-        if any(held != start for held in self._step_starts):
-            raise ValueError(
-                f"the batch's sequences hold {self._step_starts} tokens: transformers' attention needs one length for "
-                "all (the cache was changed outside generate(), or use qwen_fast.patch, whose attention reads each "
-                "sequence's own length)"
-            )
+        if torch.compiler.is_compiling():
+            end = self.max_blocks_per_seq * self.block_size
+        else:
+            self._check_states(key_states, value_states)
+            start = self._step_starts[0] if batch else 0
+            if any(held != start for held in self._step_starts):
+                raise ValueError(
+                    f"the batch's sequences hold {self._step_starts} tokens: transformers' attention needs one length "
+                    "for all (the cache was changed outside generate(), or use qwen_fast.patch, whose attention reads "
+                    "each sequence's own length)"
+                )
+            end = start + new
         key_rows, value_rows = (
             states.transpose(1, 2).reshape(batch * new, heads_kv, head_dim).contiguous()
             for states in (key_states, value_states)
         )
-        reshape_and_cache(key_rows, value_rows, self.key_caches[layer], self.value_caches[layer], plan.slots)
-        end = start + new
+        RESHAPE_AND_CACHE(key_rows.device, key_rows, value_rows, self.key_caches[layer], self.value_caches[layer],
+                          plan.slots)  # fmt: skip
         pages = plan.block_table[:, : -(-end // self.block_size)].long()
         keys, values = self.gather_pages(layer, pages, end)  # [B, end, Hkv, D]
         return keys.transpose(1, 2), values.transpose(1, 2)

@@ -25,7 +25,6 @@ from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.activations import SiLUActivation
 from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
-from transformers.masking_utils import flash_attention_mask
 
 from qwen_fast.nn.cached_attention import attend
 from qwen_fast.ops import flash_attn_varlen_func, fused_experts
@@ -119,7 +118,7 @@ def attention_forward(
     Args:
         module: the calling attention module (is_causal, read unless kwargs has is_causal).
         query: [B, Hq, S, D]; key, value: [B, Hkv, Sk, D] (Hq a multiple of Hkv), query's dtype.
-        attention_mask: from the mask function registered with it (transformers' flash_attention_mask): None, or
+        attention_mask: from the mask function registered with it (attention_mask_function): None, or
             the key padding [B, L] (True = a real token, L <= Sk: a static cache's keys past L are unwritten);
             a user's 4D [B, 1, S, Sk] mask must be causal (windowed) with key padding.
         scaling: softmax scale, default D ** -0.5.
@@ -166,14 +165,23 @@ def attention_forward(
 
 
 def attention_mask_function(
-    batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0, *args, **kwargs
+    batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0, mask_function=None,
+    attention_mask: torch.Tensor | None = None, **kwargs,
 ) -> torch.Tensor | None:
-    """transformers' flash_attention_mask (None without padding, else the 2D key padding [B, kv_length]), except that
-    a mask shorter than kv_length (a static cache returns its whole buffer, the unwritten slots last) is padded with
-    False to kv_length: one shape every step, so a compiled decode step does not recompile as the mask grows."""
-    mask = flash_attention_mask(batch_size, q_length, kv_length, q_offset, kv_offset, *args, **kwargs)
-    if mask is not None and mask.shape[1] < kv_length:
-        mask = torch.nn.functional.pad(mask, (0, kv_length - mask.shape[1]), value=False)
+    """The key padding qwen_fast's attention reads: None when nothing is padded, else bool [B, kv_length].
+
+    As transformers' flash_attention_mask (the last kv_length columns of the 2D mask; None when all are real), except
+    that a mask shorter than kv_length (a static cache returns its whole buffer, the unwritten slots last) is padded
+    with False to kv_length, so a compiled decode step sees one shape every step; and while torch.compile traces, a
+    full-length mask is returned as it is (no data-dependent `all()`: the attention handles a mask without padding).
+    """
+    if attention_mask is None:
+        return None
+    mask = attention_mask[:, -kv_length:].bool()
+    if mask.shape[1] < kv_length:
+        return torch.nn.functional.pad(mask, (0, kv_length - mask.shape[1]), value=False)
+    if not torch.compiler.is_compiling() and bool(mask.all()):
+        return None
     return mask
 
 

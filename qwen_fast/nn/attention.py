@@ -143,8 +143,6 @@ class GQAAttention(nn.Module):
         """hidden_states [B, S, H], position_embeddings (cos, sin) [B or 1, S, D], attention_mask None / 2D / 4D,
         cache a transformers Cache (transformers < 5.24 passes it as past_key_values), position_ids [B or 1, S]
         -> ([B, S, H], None)."""
-        from qwen_fast.cache import PagedKVCache
-
         cache = cache if cache is not None else past_key_values
         batch, seq, _ = hidden_states.shape
         device = hidden_states.device
@@ -152,7 +150,7 @@ class GQAAttention(nn.Module):
         k = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim)
         v = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim)
         window = (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
-        if isinstance(cache, PagedKVCache) and attention_mask is None:
+        if attention_mask is None and hasattr(cache, "plan_layer"):  # a qwen_fast.PagedKVCache
             return self.o_proj(self._paged(cache, q, k, v, position_embeddings, window).reshape(batch, seq, -1)), None
 
         table, positions = rope_rows(*position_embeddings, batch)
@@ -178,7 +176,9 @@ class GQAAttention(nn.Module):
             plan.rope = (table.contiguous(), positions)
         table, positions = plan.rope
         key_cache, value_cache = cache.key_caches[self.layer_idx], cache.value_caches[self.layer_idx]
-        q_rows, k_rows, v_rows = (t.reshape(batch * seq, -1, self.head_dim) for t in (q, k, v))
+        q_rows = q.reshape(batch * seq, -1, self.head_dim)
+        k_rows = k.reshape(batch * seq, -1, self.head_dim)
+        v_rows = v.reshape(batch * seq, -1, self.head_dim)
         if self.q_norm is not None:
             q_rows, k_rows = QK_NORM_ROPE_AND_CACHE(
                 device, q_rows, k_rows, v_rows, self.q_norm.weight, self.k_norm.weight,

@@ -3,8 +3,6 @@
 import torch
 from torch import nn
 
-from qwen_fast.ops import use_backend
-
 from . import _hf
 from .experts import MoEExperts
 from .router import TopKRouter, check_hidden_size
@@ -21,8 +19,9 @@ class SparseMoeBlock(nn.Module):
     patched model's state_dict has the same keys. The gate is called as a module: hooks on it (transformers'
     output_router_logits recorder) see its (router_logits, weights, ids).
 
-    Backends: like qwen_fast.fused_moe, a forced backend (qwen_fast.use_backend, QWEN_FAST_BACKEND) selects the
-    experts' kernels, the bulk of the work; routing always takes fused_topk's own `auto` choice.
+    Backends: a forced backend (qwen_fast.use_backend, QWEN_FAST_BACKEND) runs both the routing and the experts'
+    kernels (every backend has fused_topk). The block checks its input's hidden size; the router and experts then
+    run their op entries without the functional API's per-call checks (their arguments are valid by construction).
 
     HF parity. `from_hf(block, hf_parity=False)` (the default) feeds the router's fp32 weights straight into the
     fp32 combine: more accurate than transformers, which casts them to the model dtype for Qwen3-MoE, Qwen2-MoE and
@@ -97,9 +96,8 @@ class SparseMoeBlock(nn.Module):
         x = hidden_states.reshape(-1, self.gate.hidden_dim)
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
-        with use_backend("auto"):  # routing: fused_topk's own choice, as in fused_moe
-            _, weights, ids = self.gate(x)
-        out = self.experts(x, ids, weights)
+        _, weights, ids = self.gate(x)  # called as a module: output_router_logits reads it through hooks
+        out = self.experts.run(x, ids, weights)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:

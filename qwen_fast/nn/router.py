@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from qwen_fast.ops import fused_topk
+from qwen_fast.ops import FUSED_TOPK
 from qwen_fast.ops._checks import check_int
 from qwen_fast.ops.routing import check_routing_args
 
@@ -142,7 +142,10 @@ class TopKRouter(nn.Module):
             router_logits = F.linear(hidden_states.float(), self.weight.float())
         else:
             router_logits = F.linear(hidden_states, self.weight)
-        weights, ids = fused_topk(
+        # The routing arguments were checked at construction and the logits are this router's own [T, E]: the op
+        # entry, without fused_topk's per-call checks.
+        weights, ids = FUSED_TOPK(
+            router_logits.device,
             router_logits,
             self.top_k,
             self.renormalize,
