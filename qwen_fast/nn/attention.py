@@ -7,19 +7,22 @@ Per call, with hidden_states [B, S, H] and the model's rotary (cos, sin) [B, S, 
     q, k     = rotate-half RoPE (qwen_fast.rotary_embedding with a table made of transformers' cos/sin, in the
                model dtype: transformers' operands and roundings)
     attention, causal (bottom-right aligned), GQA without repeating K/V, optional sliding window:
-      - a qwen_fast.PagedKVCache and no padding (the serving path): qk_norm_rope_and_cache normalises and rotates
-        q and k and writes k and v into the pages in one pass (Qwen2: rotary_embedding, then reshape_and_cache), and
-        flash_attn_with_kvcache reads the keys straight from the pages (block_table, cache_seqlens): nothing is
-        gathered; the prefill of an empty cache attends over the new rows with flash_attn_func instead;
-      - any other transformers Cache (or a padded batch on a PagedKVCache): cache.update(k, v) returns the layer's
-        keys, then flash_attn_func;
-      - padding (a 2D [B, S_k] mask, or transformers' 4D causal mask with padding): the valid query and key rows are
-        packed and run through flash_attn_varlen_func; the output rows of padding queries are 0.
+      - a qwen_fast.PagedKVCache and no mask (the serving path; the "qwen_fast" mask implementation, which
+        qwen_fast.patch selects, passes None when nothing is padded): layer 0 makes the step's plan (the pages of the
+        new tokens, their slots, the RoPE rows; qwen_fast/cache/step_plan.py) and every layer makes two op calls:
+        qk_norm_rope_and_cache (q/k RMSNorm, RoPE, k and v into the pages in one pass; Qwen2: rotary_embedding, then
+        reshape_and_cache) and flash_attn_with_kvcache over the pages in place (the plan's block_table and lengths):
+        nothing is gathered, and the traced step holds only fixed-shape device tensors, so torch.compile compiles
+        it once; an eager prefill of an empty cache attends over its own rows with flash_attn_func instead;
+      - any other transformers Cache (or a mask on a PagedKVCache): cache.update(k, v) returns the layer's keys, then
+        qwen_fast/nn/cached_attention.py chooses from shapes and positions (StaticCache's unwritten slots are never
+        read) and packs padded batches for flash_attn_varlen_func with fixed shapes; padding queries output 0.
     out      = o_proj(attention)
 
-The attention ops pick their backend per call like every qwen_fast op (`qwen_fast.use_backend`). A 4D mask that is
-not "causal (with the layer's window) and key padding" is refused with an error rather than approximated. The module
-is for inference: attention dropout is not applied.
+The ops run through their op entries (qwen_fast.ops.FLASH_ATTN_WITH_KVCACHE, ...): they pick their backend like every
+qwen_fast op (`qwen_fast.use_backend`), without the functional API's per-call input checks, since the module builds
+their arguments itself. A 4D mask that is not "causal (with the layer's window) and key padding" is refused with an
+error rather than approximated. The module is for inference: attention dropout is not applied.
 """
 
 import torch
