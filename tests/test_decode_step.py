@@ -105,17 +105,27 @@ def test_generate_compiles_the_step_once(cache, batch, padded, backend, fresh_dy
     assert fresh_dynamo["stats"]["unique_graphs"] == (2 if cache == "paged" and padded else 1)
 
 
-@pytest.mark.parametrize(("batch", "backend"), [(1, "inductor"), (8, "eager")])
-def test_compiled_decode_loop_never_recompiles(batch, backend, fresh_dynamo, monkeypatch):
+@pytest.mark.parametrize(
+    ("batch", "backend", "mode"),
+    [
+        (1, "inductor", None),
+        (8, "eager", None),
+        pytest.param(8, "inductor", "reduce-overhead", marks=pytest.mark.gpu, id="cuda-graphs"),
+    ],
+)
+def test_compiled_decode_loop_never_recompiles(batch, backend, mode, fresh_dynamo, monkeypatch):
     """torch.compile(model, fullgraph=True) over a hand-written decode loop on a PagedKVCache, no position_ids
-    (the model asks the cache for its length): 64+ steps across page boundaries, no recompile, no graph break."""
+    (the model asks the cache for its length): 64+ steps across page boundaries, no recompile, no graph break; on
+    CUDA also captured in CUDA graphs (the plan op stays outside them)."""
     monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    model = tiny_model("qwen3_moe")
+    device = "cuda" if mode == "reduce-overhead" else "cpu"
+    model = tiny_model("qwen3_moe").to(device)
     ids, _ = _prompt(batch, False)
+    ids = ids.to(device)
     expected = model.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False)
     qwen_fast.patch(model)
     cache = qwen_fast.PagedKVCache.for_model(model, max_batch=batch, block_size=4)
-    step = torch.compile(model, fullgraph=True, backend=backend)
+    step = torch.compile(model, fullgraph=True, backend=backend, mode=mode)
     tokens = [ids]
     with torch.no_grad():
         logits = model(ids, cache=cache).logits  # the prefill, eager
@@ -163,7 +173,12 @@ def test_decoder_layer_host_work():
         cos_sin = model.model.rotary_emb(hidden, torch.tensor([[ids.shape[1]]]))
         run_layer(0)
         calls = run_layer(1)
-    assert [op for op, _ in calls] == ["qk_norm_rope_and_cache", "flash_attn_with_kvcache", "fused_topk", "fused_experts"]
+    assert [op for op, _ in calls] == [
+        "qk_norm_rope_and_cache",
+        "flash_attn_with_kvcache",
+        "fused_topk",
+        "fused_experts",
+    ]
     assert len(counted[1]) <= 20, counted[1]
     assert [name for name in counted[0] if name.endswith(":_plan")] == ["paged_kv_cache.py:_plan"]
 

@@ -172,3 +172,32 @@ def test_bad_arguments():
     model.model.layers[0].self_attn = torch.nn.Identity()
     with pytest.raises(RuntimeError, match="was replaced after patching"):
         handle.undo()
+
+
+def test_matches_transformers_classes_only_and_swaps_all_or_nothing(monkeypatch):
+    """A class that borrows a supported name (remote code) is not taken for transformers' own; a module that fails to
+    convert leaves the whole model as it was."""
+    model = tiny_model("qwen3_moe")
+    model.model.layers[1].mlp = type("Qwen3MoeSparseMoeBlock", (torch.nn.Identity,), {})()
+    handle = qwen_fast.patch(model)
+    assert "1 x Qwen3MoeSparseMoeBlock -> qwen_fast.nn.SparseMoeBlock" in handle.patched
+    assert handle.not_patched == [
+        f"1 x Qwen3MoeSparseMoeBlock from {__name__}: not transformers' class of that name"
+    ]
+    handle.undo()
+
+    model = tiny_model("qwen3_moe")
+    before = [type(module) for module in model.modules()]
+    convert, seen = qwen_fast.nn.SparseMoeBlock.from_hf, []
+
+    def fails_second(block, hf_parity=False):
+        seen.append(block)
+        if len(seen) == 2:
+            raise TypeError("cannot convert this block")
+        return convert(block, hf_parity)
+
+    monkeypatch.setattr(qwen_fast.nn.SparseMoeBlock, "from_hf", fails_second)
+    with pytest.raises(TypeError, match="cannot convert this block"):
+        qwen_fast.patch(model)
+    assert [type(module) for module in model.modules()] == before
+    assert model.config._attn_implementation == "sdpa" and not hasattr(model, "_qwen_fast_patch")

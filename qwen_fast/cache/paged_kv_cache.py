@@ -26,7 +26,7 @@ from qwen_fast.ops import RESHAPE_AND_CACHE
 from qwen_fast.ops._checks import FLOAT_DTYPES, check_int, check_shape, check_tensor
 
 from . import step_plan
-from .paged_kv_pool import PagedKVPool
+from .paged_kv_pool import PagedKVPool, to_device
 
 DEFAULT_POOL_BYTES = 4 << 30
 """`for_model`'s cap on the pools' total size (all layers, keys and values) when num_blocks is not given."""
@@ -242,7 +242,7 @@ class PagedKVCache(PagedKVPool, Cache):
                 entry.length = max(entry.length, longest)
         positions = torch.tensor(self._step_starts, dtype=torch.int64)[:, None] + torch.arange(num_new)
         pages = self._host_block_table[:batch].long().gather(1, positions // self.block_size)
-        return (pages * self.block_size + positions % self.block_size).view(-1).to(block_table.device)
+        return to_device((pages * self.block_size + positions % self.block_size).view(-1), block_table.device)
 
     def _write_batch(self, layer: int, key_states: torch.Tensor, value_states: torch.Tensor):
         """Write key_states/value_states [B, Hkv, S_new, D] after what sequences 0 .. B - 1 hold (one length L for

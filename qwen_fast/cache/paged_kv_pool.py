@@ -167,10 +167,11 @@ class PagedKVPool:
             self._host_block_table[index] = entries
             if block_table is not self._host_block_table:
                 device = block_table.device
-                block_table[tuple(i.to(device) for i in index)] = entries.to(device)
-        self._host_seq_lens.copy_(torch.tensor(self._lens, dtype=torch.int32))
+                block_table[tuple(to_device(i, device) for i in index)] = to_device(entries, device)
+        lengths = torch.tensor(self._lens, dtype=torch.int32)
+        self._host_seq_lens.copy_(lengths)
         if seq_lens is not self._host_seq_lens:
-            seq_lens.copy_(self._host_seq_lens)
+            seq_lens.copy_(to_device(lengths, seq_lens.device))
 
     # -- sequences -----------------------------------------------------------------------------------------------
 
@@ -321,3 +322,12 @@ def _mark_static(*tensors: torch.Tensor) -> None:
     if not torch.compiler.is_compiling():
         for tensor in tensors:
             torch._dynamo.mark_static_address(tensor)
+
+
+def to_device(host: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A fresh host tensor's copy on `device`. To CUDA from pinned memory without blocking: a copy from pageable
+    memory would wait for the stream first (a host sync in the middle of a step); the caching host allocator keeps
+    the pinned block until the copy is done."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device, non_blocking=True)
+    return host.to(device)

@@ -165,8 +165,14 @@ def attention_forward(
 
 
 def attention_mask_function(
-    batch_size: int, q_length: int, kv_length: int, q_offset: int = 0, kv_offset: int = 0, mask_function=None,
-    attention_mask: torch.Tensor | None = None, **kwargs,
+    batch_size: int,
+    q_length: int,
+    kv_length: int,
+    q_offset: int = 0,
+    kv_offset: int = 0,
+    mask_function=None,
+    attention_mask: torch.Tensor | None = None,
+    **kwargs,
 ) -> torch.Tensor | None:
     """The key padding qwen_fast's attention reads: None when nothing is padded, else bool [B, kv_length].
 
