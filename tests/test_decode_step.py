@@ -113,11 +113,10 @@ def test_generate_compiles_the_step_once(cache, batch, padded, backend, fresh_dy
         pytest.param(8, "inductor", "reduce-overhead", marks=pytest.mark.gpu, id="cuda-graphs"),
     ],
 )
-def test_compiled_decode_loop_never_recompiles(batch, backend, mode, fresh_dynamo, monkeypatch):
+def test_compiled_decode_loop_never_recompiles(batch, backend, mode, fresh_dynamo):
     """torch.compile(model, fullgraph=True) over a hand-written decode loop on a PagedKVCache, no position_ids
     (the model asks the cache for its length): 64+ steps across page boundaries, no recompile, no graph break; on
     CUDA also captured in CUDA graphs (the plan op stays outside them)."""
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
     device = "cuda" if mode == "reduce-overhead" else "cpu"
     model = tiny_model("qwen3_moe").to(device)
     ids, _ = _prompt(batch, False)
@@ -127,7 +126,7 @@ def test_compiled_decode_loop_never_recompiles(batch, backend, mode, fresh_dynam
     cache = qwen_fast.PagedKVCache.for_model(model, max_batch=batch, block_size=4)
     step = torch.compile(model, fullgraph=True, backend=backend, mode=mode)
     tokens = [ids]
-    with torch.no_grad():
+    with torch.no_grad(), torch._dynamo.config.patch(error_on_recompile=True):
         logits = model(ids, cache=cache).logits  # the prefill, eager
         for _ in range(NEW_TOKENS - 1):
             tokens.append(logits[:, -1:].argmax(-1))
