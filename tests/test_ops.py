@@ -65,26 +65,33 @@ class _RegisteredOps(TorchDispatchMode):
 
 
 @functools.cache
-def _registered_calls(op: str, backend: str, index: int) -> tuple:
-    """(OpOverload, args, kwargs) of the registered ops that qwen_fast.<op> calls on `backend` for sample `index`
-    (0: the first sample in the op's first dtype; 1: the second sample, often an empty one, in its last dtype)."""
-    spec = SPECS[op]
-    dtypes = spec.dtypes_for(spec.samples[index], backend, "cpu")
-    kwargs = spec.samples[index].build(Inputs(torch.device("cpu"), dtypes[-index]))
+def _registered_calls(op: str, backend: str, sample: str, dtype: torch.dtype) -> tuple:
+    """(OpOverload, args, kwargs) of the registered ops that qwen_fast.<op> calls on `backend` for `sample`."""
+    kwargs = SPECS[op].sample(sample).build(Inputs(torch.device("cpu"), dtype))
     with qwen_fast.use_backend(backend), _RegisteredOps() as mode:
         getattr(qwen_fast, op)(**kwargs)
     return tuple(mode.calls)
 
 
-KERNEL_BACKENDS = [("cpu", ()), ("triton", (pytest.mark.interpret,))]
-OPCHECKS = [pytest.param(op, backend, index, marks=marks, id=f"{op}-{backend}-{index}")
-            for op in SPECS for backend, marks in KERNEL_BACKENDS if backend in OPS[op].impls
-            for index in (0, 1)]  # fmt: skip
+def _opchecks():
+    """Per op and kernel backend: the first sample in the first dtype, the second (often an empty one) in the last
+    dtype, and the op's extra opcheck samples in the last dtype."""
+    for op, spec in SPECS.items():
+        for backend, marks in (("cpu", ()), ("triton", (pytest.mark.interpret,))):
+            if backend not in OPS[op].impls:
+                continue
+            first, second, *_ = spec.samples
+            for index, sample in enumerate((first, second, *map(spec.sample, spec.opcheck))):
+                dtype = spec.dtypes_for(sample, backend, "cpu")[-1 if index else 0]
+                name = str(dtype).removeprefix("torch.")
+                yield pytest.param(
+                    op, backend, sample.name, dtype, marks=marks, id=f"{op}-{backend}-{name}-{sample.name}"
+                )
 
 
-@pytest.mark.parametrize("op,backend,index", OPCHECKS)
-def test_opcheck(op, backend, index):
-    calls = _registered_calls(op, backend, index)
+@pytest.mark.parametrize("op,backend,sample,dtype", list(_opchecks()))
+def test_opcheck(op, backend, sample, dtype):
+    calls = _registered_calls(op, backend, sample, dtype)
     assert calls, f"qwen_fast.{op} on {backend} called no registered op"
     for func, args, kwargs in calls:
         torch.library.opcheck(func, args, kwargs)
@@ -99,7 +106,8 @@ def test_every_registered_op_is_opchecked():
     reached = set()
     for op in SPECS:
         for backend in (b for b in backends if b in OPS[op].impls):
-            reached |= {f"{func.namespace}::{func._opname}" for func, _, _ in _registered_calls(op, backend, 0)}
+            calls = _registered_calls(op, backend, SPECS[op].samples[0].name, SPECS[op].dtypes[0])
+            reached |= {f"{func.namespace}::{func._opname}" for func, _, _ in calls}
     assert registered <= reached, f"registered ops no public function reaches: {sorted(registered - reached)}"
 
 

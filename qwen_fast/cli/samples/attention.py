@@ -178,9 +178,12 @@ FLASH_ATTN_WITH_KVCACHE = OpSpec(
         Sample("new-kv-fused-views", _kvcache(*APPEND2, views=lambda a: _fused(a, "kv", 2))),
         Sample("q-hf-layout", _kvcache(*APPEND2, views=lambda a: {"q": relayout(a["q"], 1, 2)})),
         Sample("long-context-1500", _kvcache(16, 1, 0, 8, 1, 128, [1500, 700]), interpret=False),
+        Sample("long-context-1500-window", _kvcache(16, 1, 0, 8, 1, 128, [1500, 700], window_size=(900, 0)),
+               interpret=False),
     ),
     budget=True,
     exact=("k_cache", "v_cache"),
+    opcheck=("read3-paged16-noncausal-window",),
 )  # fmt: skip
 
 

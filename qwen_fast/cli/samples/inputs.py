@@ -69,8 +69,11 @@ class Inputs:
         return self.put(torch.tensor(values), dtype)
 
     def expert_ids(self, tokens: int, experts: int, topk: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
-        """[T, k] distinct experts per token (k = E: a permutation per token)."""
-        return self.put(torch.rand(tokens, experts, generator=self.generator).argsort(-1)[:, :topk], dtype)
+        """[T, k] distinct experts per token (k = E: a permutation per token), in fresh row-major memory (an empty
+        slice would keep the row stride E, which opcheck's copies cannot take)."""
+        ids = torch.rand(tokens, experts, generator=self.generator).argsort(-1)[:, :topk]
+        ids = ids.clone(memory_format=torch.contiguous_format)
+        return self.put(ids, dtype)
 
     def routing(self, tokens: int, experts: int, topk: int) -> dict:
         """topk_weights fp32 [T, k] and topk_ids int32 [T, k] from the reference router on random logits."""
@@ -138,7 +141,8 @@ class OpSpec:
     budget: attention outputs are held to flash-attn's error budget instead of the elementwise table.
     exact: tensors (argument names, or "output[i]") that must equal the reference's bit for bit on every backend
     (copies); exact_on_cpu: the same on CPU tensors only (GPUs may contract into FMAs). Integer tensors are always
-    compared exactly. compiles_reference: the reference itself traces with torch.compile(fullgraph=True)."""
+    compared exactly. compiles_reference: the reference itself traces with torch.compile(fullgraph=True).
+    opcheck: samples torch.library.opcheck runs on besides the first two (arguments that take other paths)."""
 
     samples: tuple[Sample, ...]
     dtypes: tuple[torch.dtype, ...] = FLOAT_DTYPES
@@ -147,6 +151,7 @@ class OpSpec:
     exact: tuple[str, ...] = ()
     exact_on_cpu: tuple[str, ...] = ()
     compiles_reference: bool = True
+    opcheck: tuple[str, ...] = ()
 
     def sample(self, name: str | None = None) -> Sample:
         if name is None:

@@ -88,6 +88,7 @@ FUSED_TOPK = OpSpec(
         Sample("gpu-deepseek-v3-T4096", _topk(4096, 256, 8, **DEEPSEEK_V3), gpu=True),
     ),
     interpret_dtypes=(torch.float32, torch.float16, torch.bfloat16),  # no tl.dot: bf16 is exact in the interpreter
+    opcheck=("deepseek-v3",),
 )  # fmt: skip
 
 
@@ -187,6 +188,7 @@ FUSED_EXPERTS = OpSpec(
         *(Sample(f"gpu-qwen3-30b-T{t}", _experts(t, 128, 8, 2048, 768), gpu=True, dtypes=LOW)
           for t in (1, 64, 512, 1024, 2048)),  # every BLOCK_M: 16, 16, 32, 64, 128
     ),
+    compiles_reference=False,  # the reference groups tokens by expert with data-dependent shapes
 )  # fmt: skip
 
 
@@ -213,4 +215,5 @@ FUSED_MOE = OpSpec(
         Sample("grouped-sigmoid", _moe(9, 8, 2, routed_scaling_factor=2.5, **SIGMOID_GROUPS)),
         Sample("gating-spaced", _moe(9, 8, 2, views=lambda a: {"gating_output": spaced(a["gating_output"], 0)})),
     ),
+    compiles_reference=False,  # the reference's experts have data-dependent shapes
 )

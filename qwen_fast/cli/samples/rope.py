@@ -88,7 +88,9 @@ ROTARY_EMBEDDING = OpSpec(
 )  # fmt: skip
 
 
-def _qk(tokens, head_dim, heads_q, heads_kv, block_size, fused, is_neox, table_dtype, views=None):
+def qk_norm_rope_and_cache_args(
+    tokens, head_dim, heads_q, heads_kv, block_size, fused, is_neox, table_dtype, views=None
+):
     """qk_norm_rope_and_cache with Qwen3-style norm weights (1 + N(0, 0.5^2)); every third token from the second
     on is padding (slot -1)."""
 
@@ -115,12 +117,12 @@ QK_NORM_ROPE_AND_CACHE = OpSpec(
             "positions": x.ints([0, 3, 17, 40, 63], torch.int64), "cos_sin_cache": x.rope_table(32, 64),
             "key_cache": x.zeros(4, 4, 2, 32), "value_cache": x.zeros(4, 4, 2, 32),
             "slot_mapping": x.ints([3, 14, -1, 0, 9], torch.int64)}),
-        *(Sample(_name(*case, *mode), _qk(*case, *mode)) for case in CASES for mode in MODES),
-        Sample("positions-expanded", _qk(7, 64, 4, 2, 5, True, True, "fp32", lambda a: {
+        *(Sample(_name(*case, *mode), qk_norm_rope_and_cache_args(*case, *mode)) for case in CASES for mode in MODES),
+        Sample("positions-expanded", qk_norm_rope_and_cache_args(7, 64, 4, 2, 5, True, True, "fp32", lambda a: {
             "positions": expanded(a["positions"][:1], (7,), 0)})),
-        Sample("slots-spaced", _qk(7, 64, 4, 2, 5, False, True, "fp32", lambda a: {
+        Sample("slots-spaced", qk_norm_rope_and_cache_args(7, 64, 4, 2, 5, False, True, "fp32", lambda a: {
             "slot_mapping": spaced(a["slot_mapping"], 0, -1)})),
-        Sample("caches-padded", _qk(7, 64, 4, 2, 5, False, False, "model", lambda a: {
+        Sample("caches-padded", qk_norm_rope_and_cache_args(7, 64, 4, 2, 5, False, False, "model", lambda a: {
             "key_cache": padded(a["key_cache"]), "value_cache": padded(a["value_cache"])})),
     ),
     exact=("value_cache",),  # a copy; the keys are compared with the table (fp32 sums of squares in any order)
