@@ -23,8 +23,11 @@
 
 namespace qwen_fast {
 
-// Strides of rotary_embedding / qk_norm_rope_and_cache's tensors (elements). Rows of D are contiguous.
+// Strides of rotary_embedding / qk_norm_rope_and_cache's tensors (elements). Rows of D are contiguous; positions and
+// slots may be strided or expanded (stride 0) views.
 struct RopeLayout {
+  int64_t positions_stride, slot_stride;    // positions [T], slot_mapping [T]
+  int64_t cos_sin_stride;                   // cos_sin_cache [max_position, D], row stride
   int64_t q_token_stride, q_head_stride;    // query [T, Hq, D]
   int64_t k_token_stride, k_head_stride;    // key [T, Hkv, D]
   int64_t v_token_stride, v_head_stride;    // value [T, Hkv, D] (fused op only)
@@ -118,19 +121,25 @@ QF_HOST_DEVICE int64_t cache_row(int64_t slot, const RopeLayout& l) {
 // The tensors of one call. rotary_embedding leaves the norm weights, value and caches null.
 template <typename Scalar, typename Cache>
 struct RopeArgs {
-  const int64_t* positions;  // [T]
+  const int64_t* positions;  // [T], stride l.positions_stride
   const Scalar* query;       // [T, Hq, D]
   const Scalar* key;         // [T, Hkv, D]
   const Scalar* value;       // [T, Hkv, D] or null
-  const Scalar* q_weight;    // [D] or null (no norm)
-  const Scalar* k_weight;    // [D] or null
-  const Cache* cos_sin;      // [max_position, D]: [cos | sin]
+  const Scalar* q_weight;    // [D] contiguous, or null (no norm)
+  const Scalar* k_weight;    // [D] contiguous, or null
+  const Cache* cos_sin;      // [max_position, D]: [cos | sin], rows l.cos_sin_stride apart
   Scalar* query_out;         // [T, Hq, D], contiguous
   Scalar* key_out;           // [T, Hkv, D], contiguous
   Scalar* key_cache;         // [num_blocks, block_size, Hkv, D] or null
   Scalar* value_cache;       // key_cache's layout or null
-  const int64_t* slots;      // [T] or null
+  const int64_t* slots;      // [T] (stride l.slot_stride) or null
 };
+
+// Token's row of the cos/sin table: cos at [0, D/2), sin at [D/2, D).
+template <typename Scalar, typename Cache>
+QF_HOST_DEVICE const Cache* cos_sin_row(const RopeArgs<Scalar, Cache>& a, const RopeLayout& l, int64_t token) {
+  return a.cos_sin + a.positions[token * l.positions_stride] * l.cos_sin_stride;
+}
 
 // Where head `head` of token `token` reads and writes: heads [0, Hq) are query heads, [Hq, Hq + Hkv) key heads
 // (with their value rows and, unless the slot is padding, cache rows).
@@ -158,7 +167,7 @@ QF_HOST_DEVICE HeadRow<Scalar> head_row(const RopeArgs<Scalar, Cache>& a, const 
   r.x = a.key + token * l.k_token_stride + head * l.k_head_stride;
   r.weight = a.k_weight;
   r.out = a.key_out + token * l.ko_token_stride + head * l.head_dim;
-  const int64_t row = a.key_cache == nullptr ? -1 : cache_row(a.slots[token], l);
+  const int64_t row = a.key_cache == nullptr ? -1 : cache_row(a.slots[token * l.slot_stride], l);
   if (row >= 0) {
     r.cache = a.key_cache + row + head * l.cache_head_stride;
     r.value = a.value + token * l.v_token_stride + head * l.v_head_stride;

@@ -33,12 +33,16 @@ inline RopeLayout check_rotary(const char* op, const at::Tensor& positions, cons
   check_rope_row(op, "key", key, num_tokens, head_dim, query.scalar_type());
   TORCH_CHECK(positions.scalar_type() == at::kLong && positions.dim() == 1 && positions.size(0) == num_tokens, op,
               ": positions must be int64 [T=", num_tokens, "], got ", positions.scalar_type(), " ", positions.sizes());
-  TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == head_dim && cos_sin_cache.is_contiguous(), op,
-              ": cos_sin_cache must be contiguous [max_position, D=", head_dim, "], got ", cos_sin_cache.sizes());
+  TORCH_CHECK(cos_sin_cache.dim() == 2 && cos_sin_cache.size(1) == head_dim, op,
+              ": cos_sin_cache must be [max_position, D=", head_dim, "], got ", cos_sin_cache.sizes());
+  TORCH_CHECK(cos_sin_cache.stride(1) == 1 || head_dim <= 1, op, ": the rows of cos_sin_cache must be contiguous, got "
+              "strides ", cos_sin_cache.strides());
   TORCH_CHECK(cos_sin_cache.scalar_type() == at::kFloat || cos_sin_cache.scalar_type() == query.scalar_type(), op,
               ": cos_sin_cache must be float32 or query's dtype ", query.scalar_type(), ", got ",
               cos_sin_cache.scalar_type());
   RopeLayout l{};
+  l.positions_stride = positions.stride(0);
+  l.cos_sin_stride = cos_sin_cache.stride(0);
   l.q_token_stride = query.stride(0);
   l.q_head_stride = query.stride(1);
   l.k_token_stride = key.stride(0);
@@ -83,6 +87,7 @@ inline RopeLayout check_qk_norm_rope_and_cache(const at::Tensor& query, const at
                   slot_mapping.size(0) == num_tokens,
               op, ": slot_mapping must be int64 [T=", num_tokens, "], got ", slot_mapping.scalar_type(), " ",
               slot_mapping.sizes());
+  l.slot_stride = slot_mapping.stride(0);
   l.v_token_stride = value.stride(0);
   l.v_head_stride = value.stride(1);
   l.block_stride = key_cache.stride(0);

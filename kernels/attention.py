@@ -258,8 +258,10 @@ def flash_attn_func(q, k, v, softmax_scale, causal, window_size) -> torch.Tensor
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
                            window_size) -> torch.Tensor:  # fmt: skip
     """Launcher; arguments as qwen_fast.flash_attn_varlen_func (checked there): q [Tq, Hq, D], k/v [Tk, Hkv, D],
-    cu_seqlens int32 [B + 1]. Returns [Tq, Hq, D]; query rows outside every sequence are 0."""
+    cu_seqlens int32 [B + 1], any strides (the kernel reads offset b at b: made contiguous, a copy of B + 1 ints only
+    when strided). Returns [Tq, Hq, D]; query rows outside every sequence are 0."""
     out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
     return _launch(q, k, v, out, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k,
                    softmax_scale, causal, window_size, batch_strides=False)  # fmt: skip
 

@@ -26,7 +26,9 @@ num_splits comes from the shapes only (the batch, heads, row tiles, the cache ca
 never from cache_seqlens' values: no host synchronisation, so the launch can be captured in a CUDA graph; each split
 then adapts its slice to the sequence's actual length inside the kernel.
 
-Offsets are int64 (page * page stride passes 2^31 for large pools). fp32 tl.dot uses input_precision "ieee".
+Offsets are int64 (page * page stride passes 2^31 for large pools). Every tensor is read through its strides (head
+dims contiguous): seqlens and block_table may be strided or expanded views (a stride-0 seqlens of one length, a
+block table sliced out of a wider one). fp32 tl.dot uses input_precision "ieee".
 Tiles (_config), each the largest that compiled without register spills on sm_80 and sm_90 (gpu_check; the gathered
 K/V tiles hold one pointer per 16-byte vector, which costs registers that a dense flash-attention tile does not):
 16-bit caches whose rows start on 16 bytes (every contiguous cache of D % 8 == 0; the launcher checks and the kernel is
@@ -73,7 +75,9 @@ def _attention_kernel(
     stride_vp,
     stride_vr,
     stride_vh,
+    stride_sl,
     stride_bt,
+    stride_bc,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -100,7 +104,7 @@ def _attention_kernel(
     q_tile = tl.load(q + q_offs[:, None] + dims[None, :], mask=row_ok[:, None] & dim_ok[None, :], other=0.0)
 
     # Keys visible to row i: [d(i) - left, d(i) + right] within [0, L); the tile's range spans its first and last query.
-    length = tl.load(seqlens + b)
+    length = tl.load(seqlens + b * stride_sl)
     diagonal = query + length - seqlen_q
     first_query = (tile * BLOCK_M) // group
     last_query = (tl.minimum(tile * BLOCK_M + BLOCK_M, num_rows) - 1) // group
@@ -119,7 +123,7 @@ def _attention_kernel(
     for key_start in range(start, end, BLOCK_N):
         pos = key_start + tl.arange(0, BLOCK_N)
         key_ok = pos < end
-        page = tl.load(table_row + pos // block_size, mask=key_ok, other=0).to(tl.int64)
+        page = tl.load(table_row + (pos // block_size).to(tl.int64) * stride_bc, mask=key_ok, other=0).to(tl.int64)
         slot_row = (pos % block_size).to(tl.int64)
         kv_mask = key_ok[:, None] & dim_ok[None, :]
         k_rows = k_cache + (page * stride_kp + slot_row * stride_kr + kv_head * stride_kh)
@@ -262,7 +266,8 @@ def paged_attention(
         *q.stride()[:3],
         *k_cache.stride()[:3],
         *v_cache.stride()[:3],
-        block_table.stride(0),
+        seqlens.stride(0),
+        *block_table.stride(),
         HEAD_DIM=head_dim,
         BLOCK_M=config["BLOCK_M"],
         BLOCK_N=config["BLOCK_N"],
@@ -294,7 +299,7 @@ def compile_specs() -> list[CompileSpec]:
                 signature |= {"part_out": "*fp32", "part_lse": "*fp32", "seqlens": "*i32", "block_table": "*i32"}
                 signature |= {n: "i32" for n in ("seqlen_q", "group", "num_splits", "block_size")}
                 signature |= {"qk_scale": "fp32", "window_left": "i32", "window_right": "i32"}
-                for name in ("qb", "qs", "qh", "kp", "kr", "kh", "vp", "vr", "vh", "bt"):
+                for name in ("qb", "qs", "qh", "kp", "kr", "kh", "vp", "vr", "vh", "sl", "bt", "bc"):
                     signature[f"stride_{name}"] = "i64"
                 constexprs = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "ALIGNED")}
                 constexprs |= {"HEAD_DIM": head_dim, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}

@@ -15,6 +15,9 @@ for a table in the input dtype (ROUND_EACH), with every product and sum rounded 
 
 Why BLOCK_H = 4: one Qwen3 KV group (Hkv = 4) per key program, Hq / 4 query programs per token; a [4, 64] fp32 tile
 pair is 16 registers per thread at 2 warps, far from spilling. Offsets are int64 (token * strides, slot * strides).
+Every input is read through its strides except the last (head) dims and the [D] norm weights, which must be
+contiguous: positions and slot_mapping may be strided or expanded views (a stride-0 positions row shared by a batch
+is what GQAAttention passes), cos_sin_cache rows may be spaced.
 
 CUDA devices run both this kernel and the extension's CUDA kernel (csrc/cuda/rope.cu, warp per head row, the CPU
 kernel's per-row code); `auto` prefers the CUDA one, like the other small latency-bound ops.
@@ -59,8 +62,9 @@ def _norm_rope_tile(x, rows, row_mask, first, second, pair_mask, weight, cos, si
 @triton.jit
 def _rope_kernel(
     positions, query, key, value, q_weight, k_weight, cos_sin, query_out, key_out, key_cache, value_cache,
-    slot_mapping, q_token_stride, q_head_stride, k_token_stride, k_head_stride, v_token_stride, v_head_stride,
-    block_stride, page_stride, cache_head_stride, block_size, num_q_heads, num_kv_heads, eps,
+    slot_mapping, positions_stride, slot_stride, cos_sin_stride, q_token_stride, q_head_stride, k_token_stride,
+    k_head_stride, v_token_stride, v_head_stride, block_stride, page_stride, cache_head_stride, block_size,
+    num_q_heads, num_kv_heads, eps,
     HEAD_DIM: tl.constexpr, BLOCK_HALF: tl.constexpr, BLOCK_H: tl.constexpr, IS_NEOX: tl.constexpr,
     FUSED: tl.constexpr, ROUND_EACH: tl.constexpr,
 ):  # fmt: skip
@@ -74,7 +78,7 @@ def _rope_kernel(
         first, second = pair, pair + half
     else:
         first, second = 2 * pair, 2 * pair + 1
-    table = cos_sin + tl.load(positions + token) * HEAD_DIM
+    table = cos_sin + tl.load(positions + token * positions_stride) * cos_sin_stride
     cos = tl.load(table + pair, mask=pair_mask, other=0.0).to(tl.float32)
     sin = tl.load(table + half + pair, mask=pair_mask, other=0.0).to(tl.float32)
     if group < q_groups:
@@ -98,7 +102,7 @@ def _rope_kernel(
         tl.store(key_out + out_rows + first[None, :], out1, mask=mask)
         tl.store(key_out + out_rows + second[None, :], out2, mask=mask)
         if FUSED:
-            slot = tl.load(slot_mapping + token)
+            slot = tl.load(slot_mapping + token * slot_stride)
             if slot >= 0:
                 page = (slot // block_size) * block_stride + (slot % block_size) * page_stride
                 cache_rows = (page + heads * cache_head_stride)[:, None]
@@ -136,8 +140,9 @@ def _launch(positions, query, key, cos_sin_cache, is_neox, value=None, q_weight=
     config = _config(head_dim)
     _rope_kernel[(num_tokens, groups)](
         positions, query, key, value, q_weight, k_weight, cos_sin_cache, query_out, key_out, key_cache, value_cache,
-        slot_mapping, query.stride(0), query.stride(1), key.stride(0), key.stride(1), value.stride(0),
-        value.stride(1), *cache_strides, key_cache.shape[1] if fused else 1, num_q_heads, num_kv_heads, eps,
+        slot_mapping, positions.stride(0), slot_mapping.stride(0), cos_sin_cache.stride(0), query.stride(0),
+        query.stride(1), key.stride(0), key.stride(1), value.stride(0), value.stride(1), *cache_strides,
+        key_cache.shape[1] if fused else 1, num_q_heads, num_kv_heads, eps,
         HEAD_DIM=head_dim, BLOCK_HALF=config["BLOCK_HALF"], BLOCK_H=BLOCK_H, IS_NEOX=is_neox, FUSED=fused,
         ROUND_EACH=cos_sin_cache.dtype != torch.float32, num_warps=config["num_warps"],
     )  # fmt: skip
@@ -170,8 +175,9 @@ def compile_specs() -> list[CompileSpec]:
         for name in ("query_out", "key_out", "key_cache", "value_cache"):
             signature[name] = pointer
         signature["slot_mapping"] = "*i64"
-        for name in ("q_token_stride", "q_head_stride", "k_token_stride", "k_head_stride", "v_token_stride",
-                     "v_head_stride", "block_stride", "page_stride", "cache_head_stride"):  # fmt: skip
+        for name in ("positions_stride", "slot_stride", "cos_sin_stride", "q_token_stride", "q_head_stride",
+                     "k_token_stride", "k_head_stride", "v_token_stride", "v_head_stride", "block_stride",
+                     "page_stride", "cache_head_stride"):  # fmt: skip
             signature[name] = "i64"
         signature |= {"block_size": "i32", "num_q_heads": "i32", "num_kv_heads": "i32", "eps": "fp32"}
         for name in ("HEAD_DIM", "BLOCK_HALF", "BLOCK_H", "IS_NEOX", "FUSED", "ROUND_EACH"):

@@ -13,19 +13,20 @@ namespace qwen_fast {
 namespace {
 
 // Positions in [0, max_position) and slots below the caches' capacity: out-of-range indices would read or write
-// outside the tensors.
+// outside the tensors. Both are read through their strides, as the kernels read them.
 void check_ranges(const char* op, const at::Tensor& positions, int64_t max_position, const at::Tensor* slots,
                   int64_t capacity) {
   const int64_t* pos = positions.const_data_ptr<int64_t>();
   for (int64_t t = 0; t < positions.size(0); ++t) {
-    TORCH_CHECK(pos[t] >= 0 && pos[t] < max_position, op, ": positions[", t, "] = ", pos[t],
-                " is outside the cos_sin_cache's [0, ", max_position, ")");
+    const int64_t p = pos[t * positions.stride(0)];
+    TORCH_CHECK(p >= 0 && p < max_position, op, ": positions[", t, "] = ", p, " is outside the cos_sin_cache's [0, ",
+                max_position, ")");
   }
   if (slots == nullptr) return;
   const int64_t* slot = slots->const_data_ptr<int64_t>();
   for (int64_t t = 0; t < slots->size(0); ++t) {
-    TORCH_CHECK(slot[t] < capacity, op, ": slot_mapping[", t, "] = ", slot[t], " is past the caches' ", capacity,
-                " slots");
+    const int64_t s = slot[t * slots->stride(0)];
+    TORCH_CHECK(s < capacity, op, ": slot_mapping[", t, "] = ", s, " is past the caches' ", capacity, " slots");
   }
 }
 
@@ -39,7 +40,7 @@ struct CpuLaunch {
     const int64_t heads = layout.num_q_heads + layout.num_kv_heads;
     at::parallel_for(0, num_tokens, 16, [&](int64_t begin, int64_t end) {
       for (int64_t t = begin; t < end; ++t) {
-        const Cache* cos = args.cos_sin + args.positions[t] * layout.head_dim;
+        const Cache* cos = cos_sin_row(args, layout, t);
         for (int64_t h = 0; h < heads; ++h) {
           const HeadRow<Scalar> row = head_row(args, layout, t, h);
           const float sum = row.weight == nullptr ? 0.0f : partial_sum_squares(row.x, layout.head_dim, 0, 1);
@@ -57,9 +58,8 @@ std::tuple<at::Tensor, at::Tensor> rotary_embedding_cpu(const at::Tensor& positi
                                                         const at::Tensor& key, const at::Tensor& cos_sin_cache,
                                                         bool is_neox) {
   const RopeLayout layout = check_rotary("rotary_embedding", positions, query, key, cos_sin_cache, is_neox);
-  const at::Tensor pos = positions.contiguous();
-  check_ranges("rotary_embedding", pos, cos_sin_cache.size(0), nullptr, 0);
-  return with_rope_args(pos, query, key, cos_sin_cache, RopeExtras{}, CpuLaunch{layout, query.size(0)});
+  check_ranges("rotary_embedding", positions, cos_sin_cache.size(0), nullptr, 0);
+  return with_rope_args(positions, query, key, cos_sin_cache, RopeExtras{}, CpuLaunch{layout, query.size(0)});
 }
 
 std::tuple<at::Tensor, at::Tensor> qk_norm_rope_and_cache_cpu(
@@ -69,10 +69,10 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_and_cache_cpu(
   const RopeLayout layout = check_qk_norm_rope_and_cache(query, key, value, q_norm_weight, k_norm_weight, eps,
                                                          positions, cos_sin_cache, key_cache, value_cache,
                                                          slot_mapping, is_neox);
-  const at::Tensor pos = positions.contiguous(), slots = slot_mapping.contiguous();
-  check_ranges("qk_norm_rope_and_cache", pos, cos_sin_cache.size(0), &slots, key_cache.size(0) * layout.block_size);
-  const RopeExtras extras{&value, &q_norm_weight, &k_norm_weight, &key_cache, &value_cache, &slots};
-  return with_rope_args(pos, query, key, cos_sin_cache, extras, CpuLaunch{layout, query.size(0)});
+  check_ranges("qk_norm_rope_and_cache", positions, cos_sin_cache.size(0), &slot_mapping,
+               key_cache.size(0) * layout.block_size);
+  const RopeExtras extras{&value, &q_norm_weight, &k_norm_weight, &key_cache, &value_cache, &slot_mapping};
+  return with_rope_args(positions, query, key, cos_sin_cache, extras, CpuLaunch{layout, query.size(0)});
 }
 
 TORCH_LIBRARY_IMPL(qwen_fast, CPU, m) {

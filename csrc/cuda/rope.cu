@@ -29,7 +29,7 @@ __global__ void norm_rope_kernel(const RopeArgs<Scalar, Cache> args, const RopeL
     sum = partial_sum_squares(row.x, layout.head_dim, lane, 32);
     for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_xor_sync(0xffffffffu, sum, offset);
   }
-  const Cache* cos = args.cos_sin + args.positions[token] * layout.head_dim;
+  const Cache* cos = cos_sin_row(args, layout, token);
   process_row(row, cos, sum, layout, lane, 32);
   __syncwarp();  // the cache rows copy the output row, written by the other lanes
   copy_rows_to_cache(row, layout, lane, 32);
@@ -64,7 +64,7 @@ std::tuple<at::Tensor, at::Tensor> rotary_embedding_cuda(const at::Tensor& posit
                                                          bool is_neox) {
   const RopeLayout layout = check_rotary("rotary_embedding", positions, query, key, cos_sin_cache, is_neox);
   const at::cuda::OptionalCUDAGuard guard(query.device());
-  return with_rope_args(positions.contiguous(), query, key, cos_sin_cache, RopeExtras{}, cuda_launch(layout, query));
+  return with_rope_args(positions, query, key, cos_sin_cache, RopeExtras{}, cuda_launch(layout, query));
 }
 
 std::tuple<at::Tensor, at::Tensor> qk_norm_rope_and_cache_cuda(
@@ -75,9 +75,8 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_and_cache_cuda(
                                                          positions, cos_sin_cache, key_cache, value_cache,
                                                          slot_mapping, is_neox);
   const at::cuda::OptionalCUDAGuard guard(query.device());
-  const at::Tensor slots = slot_mapping.contiguous();
-  const RopeExtras extras{&value, &q_norm_weight, &k_norm_weight, &key_cache, &value_cache, &slots};
-  return with_rope_args(positions.contiguous(), query, key, cos_sin_cache, extras, cuda_launch(layout, query));
+  const RopeExtras extras{&value, &q_norm_weight, &k_norm_weight, &key_cache, &value_cache, &slot_mapping};
+  return with_rope_args(positions, query, key, cos_sin_cache, extras, cuda_launch(layout, query));
 }
 
 TORCH_LIBRARY_IMPL(qwen_fast, CUDA, m) {
