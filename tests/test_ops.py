@@ -24,15 +24,15 @@ from qwen_fast.ops import OPS
 
 
 def _cases():
+    """(op, backend, device, sample, dtype), the backends innermost: consecutive cases share the reference's result."""
     for op, spec in SPECS.items():
-        for device, backend, marks in BACKENDS:
-            if backend not in OPS[op].impls:
-                continue
-            for sample in spec.samples:
-                for dtype in spec.dtypes_for(sample, backend, device):
-                    name = str(dtype).removeprefix("torch.")
-                    yield pytest.param(op, backend, device, sample.name, dtype, marks=marks,
-                                       id=f"{op}-{backend}-{device}-{name}-{sample.name}")  # fmt: skip
+        for sample in spec.samples:
+            for dtype in dict.fromkeys(spec.dtypes + spec.interpret_dtypes):
+                for device, backend, marks in BACKENDS:
+                    if backend in OPS[op].impls and dtype in spec.dtypes_for(sample, backend, device):
+                        name = str(dtype).removeprefix("torch.")
+                        yield pytest.param(op, backend, device, sample.name, dtype, marks=marks,
+                                           id=f"{op}-{sample.name}-{name}-{backend}-{device}")  # fmt: skip
 
 
 @pytest.mark.parametrize("op,backend,device,sample,dtype", list(_cases()))
@@ -74,19 +74,16 @@ def _registered_calls(op: str, backend: str, sample: str, dtype: torch.dtype) ->
 
 
 def _opchecks():
-    """Per op and kernel backend: the first sample in the first dtype, the second (often an empty one) in the last
-    dtype, and the op's extra opcheck samples in the last dtype."""
+    """Per op and kernel backend: the first sample in the first dtype, and the op's opcheck samples (arguments that
+    take other paths: no tokens, grouped routing, no new keys, ...) in the last dtype."""
     for op, spec in SPECS.items():
         for backend, marks in (("cpu", ()), ("triton", (pytest.mark.interpret,))):
             if backend not in OPS[op].impls:
                 continue
-            first, second, *_ = spec.samples
-            for index, sample in enumerate((first, second, *map(spec.sample, spec.opcheck))):
+            for index, sample in enumerate((spec.samples[0], *map(spec.sample, spec.opcheck))):
                 dtype = spec.dtypes_for(sample, backend, "cpu")[-1 if index else 0]
-                name = str(dtype).removeprefix("torch.")
-                yield pytest.param(
-                    op, backend, sample.name, dtype, marks=marks, id=f"{op}-{backend}-{name}-{sample.name}"
-                )
+                name = f"{op}-{backend}-{str(dtype).removeprefix('torch.')}-{sample.name}"
+                yield pytest.param(op, backend, sample.name, dtype, marks=marks, id=name)
 
 
 @pytest.mark.parametrize("op,backend,sample,dtype", list(_opchecks()))
@@ -131,8 +128,8 @@ def _compiled(compiler: str):
     return call
 
 
-# (backend, compiler, marks): inductor over the extension's kernels; aot_eager (fakes, functionalization) for the
-# reference and for Triton under the interpreter.
+# (backend, compiler, marks): inductor over the extension's kernels; aot_eager (fakes, functionalization) over Triton
+# under the interpreter and over the references that compile.
 COMPILERS = [("cpu", "inductor", ()), ("torch", "aot_eager", ()), ("triton", "aot_eager", (pytest.mark.interpret,))]
 COMPILES = [pytest.param(op, backend, compiler, marks=marks, id=f"{op}-{backend}")
             for op in SPECS for backend, compiler, marks in COMPILERS

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .inputs import Inputs, OpSpec, Sample, expanded, padded, relayout, spaced
+from .inputs import Inputs, OpSpec, Sample, expanded, index_layout, padded, relayout, spaced
 
 
 def _fused(args: dict, names: str, dim: int) -> dict:
@@ -101,12 +101,14 @@ FLASH_ATTN_VARLEN = OpSpec(
         Sample("all-empty", _packed([0, 0], [0, 0], 8, 2, 72, 2, causal=True)),
         Sample("causal-window", _packed([3, 0, 7, 1], [3, 0, 7, 13], 8, 2, 64, causal=True, window_size=(4, 0))),
         Sample("qkv-fused-views", _packed([4, 9], [4, 9], 8, 2, 64, views=lambda a: _fused(a, "qkv", 1), causal=True)),
-        Sample("cu-seqlens-spaced", _packed([3, 0, 7, 1], [3, 0, 7, 13], 4, 1, 64, views=_cu_spaced, causal=True)),
+        index_layout("cu-seqlens-spaced", _packed([3, 0, 7, 1], [3, 0, 7, 13], 4, 1, 64, views=_cu_spaced,
+                                                  causal=True)),
         Sample("S97-D128", _packed([97, 2], [7, 2], 8, 2, 128, causal=True), interpret=False),
         Sample("gpu-S1000", _packed([1000, 0, 700, 300], [1000, 0, 700, 300], 32, 4, 128, causal=True,
                                     window_size=(100, -1)), gpu=True),
     ),
     budget=True,
+    opcheck=("empty-and-keyless",),
 )  # fmt: skip
 
 
@@ -165,15 +167,17 @@ FLASH_ATTN_WITH_KVCACHE = OpSpec(
         Sample("seqlens-none", _kvcache(*READ3, views=lambda a: {"cache_seqlens": None}, causal=False)),
         Sample("caches-padded", _kvcache(*APPEND2, views=lambda a: {  # rows of 65 elements: unaligned
             "k_cache": padded(a["k_cache"]), "v_cache": padded(a["v_cache"])})),
-        Sample("seqlens-expanded", _kvcache(*APPEND2[:-1], [13, 13, 13], views=lambda a: {
+        index_layout("seqlens-expanded", _kvcache(*APPEND2[:-1], [13, 13, 13], views=lambda a: {
             "cache_seqlens": expanded(a["cache_seqlens"][:1], (3,), 0)})),
-        Sample("seqlens-expanded-read", _kvcache(*READ3[:-1], [40, 40, 40], views=lambda a: {
+        index_layout("seqlens-expanded-read", _kvcache(*READ3[:-1], [40, 40, 40], views=lambda a: {
             "cache_seqlens": expanded(a["cache_seqlens"][:1], (3,), 0)})),
-        Sample("block-table-column-major", _kvcache(*APPEND2, views=lambda a: {
+        index_layout("seqlens-spaced-read", _kvcache(*READ3, views=lambda a: {
+            "cache_seqlens": spaced(a["cache_seqlens"], 0, 0)})),
+        index_layout("block-table-column-major", _kvcache(*APPEND2, views=lambda a: {
             "block_table": relayout(a["block_table"], 0, 1)})),
-        Sample("block-table-spaced", _kvcache(*APPEND2, views=lambda a: {
+        index_layout("block-table-spaced", _kvcache(*APPEND2, views=lambda a: {
             "block_table": spaced(a["block_table"], 1, 0)})),
-        Sample("block-table-expanded-read", _kvcache(*READ3, views=lambda a: {  # every sequence on the same pages
+        index_layout("block-table-expanded-read", _kvcache(*READ3, views=lambda a: {  # every sequence on the same pages
             "block_table": expanded(a["block_table"][:1], a["block_table"].shape, 0)})),
         Sample("new-kv-fused-views", _kvcache(*APPEND2, views=lambda a: _fused(a, "kv", 2))),
         Sample("q-hf-layout", _kvcache(*APPEND2, views=lambda a: {"q": relayout(a["q"], 1, 2)})),
@@ -222,9 +226,11 @@ RESHAPE_AND_CACHE = OpSpec(
         Sample("N33-D96", _write(33, 4, 96, 5, 16)),
         Sample("N20-block5", _write(20, 2, 64, 7, 5)),
         Sample("kv-fused-views", _write(20, 2, 64, 7, 5, _kv_of_qkv)),
-        Sample("slots-spaced", _write(20, 2, 64, 7, 5, lambda a: {"slot_mapping": spaced(a["slot_mapping"], 0, -1)})),
+        index_layout("slots-spaced", _write(20, 2, 64, 7, 5, lambda a: {
+            "slot_mapping": spaced(a["slot_mapping"], 0, -1)})),
         Sample("caches-padded", _write(20, 2, 64, 7, 5, lambda a: {
             "key_cache": padded(a["key_cache"]), "value_cache": padded(a["value_cache"])})),
     ),
     exact=("key_cache", "value_cache"),
+    compiles_reference=True,
 )  # fmt: skip

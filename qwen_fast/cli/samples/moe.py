@@ -7,7 +7,7 @@ for bit), and every tensor argument as a non-contiguous or stride-0 view.
 
 import torch
 
-from .inputs import Inputs, OpSpec, Sample, expanded, relayout, spaced
+from .inputs import Inputs, OpSpec, Sample, expanded, index_layout, relayout, spaced
 
 
 def _topk(tokens, experts, topk, renormalize=True, bias=None, **routing):
@@ -77,7 +77,7 @@ FUSED_TOPK = OpSpec(
         Sample("k=all-kept-nonorm", _topk(4, 16, 8, False, bias=torch.float32, **SIGMOID_GROUPS)),
         Sample("logits-spaced", lambda x: {"gating_output": spaced(spaced(x.grid(7, 61), 0), 1), "topk": 4}),
         Sample("logits-column-major", lambda x: {"gating_output": relayout(x.grid(9, 16), 0, 1), "topk": 4}),
-        Sample("bias-spaced-expanded-logits", lambda x: {
+        index_layout("bias-spaced-expanded-logits", lambda x: {
             "gating_output": expanded(x.grid(1, 24), (6, 24)), "topk": 3, "scoring_func": "sigmoid",
             "e_score_correction_bias": spaced(x.grid(24, dtype=torch.float32).div(16)), "num_expert_group": 4,
             "topk_group": 2}),
@@ -88,7 +88,7 @@ FUSED_TOPK = OpSpec(
         Sample("gpu-deepseek-v3-T4096", _topk(4096, 256, 8, **DEEPSEEK_V3), gpu=True),
     ),
     interpret_dtypes=(torch.float32, torch.float16, torch.bfloat16),  # no tl.dot: bf16 is exact in the interpreter
-    opcheck=("deepseek-v3",),
+    opcheck=("T0", "deepseek-v3"),
 )  # fmt: skip
 
 
@@ -131,7 +131,7 @@ MOE_ALIGN_BLOCK_SIZE = OpSpec(
     ),
     dtypes=(torch.int32, torch.int64),
     interpret_dtypes=(torch.int32, torch.int64),
-    compiles_reference=False,  # the reference reads the counts on the host
+    opcheck=("T0",),
 )  # fmt: skip
 
 
@@ -180,15 +180,14 @@ FUSED_EXPERTS = OpSpec(
         Sample("experts-expanded", _experts(9, 8, 2, views=lambda a: {  # one expert's weights for all: stride 0
             "w13": expanded(a["w13"][:1], a["w13"].shape), "w2": expanded(a["w2"][:1], a["w2"].shape)})),
         Sample("hidden-spaced", _experts(9, 8, 2, views=lambda a: {"hidden_states": spaced(a["hidden_states"], 0)})),
-        Sample("routing-spaced", _experts(9, 8, 2, views=lambda a: {
+        index_layout("routing-spaced", _experts(9, 8, 2, views=lambda a: {
             "topk_ids": spaced(spaced(a["topk_ids"], 0, 0), 1, 0), "topk_weights": relayout(a["topk_weights"], 0, 1)})),
-        Sample("routing-expanded", _experts(9, 8, 2, views=lambda a: {
+        index_layout("routing-expanded", _experts(9, 8, 2, views=lambda a: {
             "topk_ids": expanded(a["topk_ids"][:1], (9, 2), 0), "topk_weights": expanded(a["topk_weights"][:1], (9, 2))
         })),
         *(Sample(f"gpu-qwen3-30b-T{t}", _experts(t, 128, 8, 2048, 768), gpu=True, dtypes=LOW)
           for t in (1, 64, 512, 1024, 2048)),  # every BLOCK_M: 16, 16, 32, 64, 128
     ),
-    compiles_reference=False,  # the reference groups tokens by expert with data-dependent shapes
 )  # fmt: skip
 
 
@@ -215,5 +214,4 @@ FUSED_MOE = OpSpec(
         Sample("grouped-sigmoid", _moe(9, 8, 2, routed_scaling_factor=2.5, **SIGMOID_GROUPS)),
         Sample("gating-spaced", _moe(9, 8, 2, views=lambda a: {"gating_output": spaced(a["gating_output"], 0)})),
     ),
-    compiles_reference=False,  # the reference's experts have data-dependent shapes
 )

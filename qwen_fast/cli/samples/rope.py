@@ -9,7 +9,7 @@ are not 16-byte aligned.
 
 import torch
 
-from .inputs import Inputs, OpSpec, Sample, expanded, padded, spaced
+from .inputs import Inputs, OpSpec, Sample, expanded, index_layout, padded, spaced
 
 POSITIONS = 131072  # Qwen3-235B-A22B with YaRN
 
@@ -79,12 +79,16 @@ ROTARY_EMBEDDING = OpSpec(
             "cos_sin_cache": x.rope_table(32, 64)}),
         *(Sample(_name(*case, *mode), _rotary(*case[:4], *mode, fused=case[5])) for case in CASES for mode in MODES),
         Sample("batched-noncontiguous", lambda x: _batched(x, lambda p: p)),
-        Sample("positions-expanded-over-batch", lambda x: _batched(x, lambda p: expanded(p[:1], (2, 3), 0))),
-        Sample("positions-spaced", _rotary(7, 64, 4, 2, True, "fp32", views=lambda a: {
+        index_layout("positions-expanded-over-batch", lambda x: _batched(x, lambda p: expanded(p[:1], (2, 3), 0))),
+        index_layout("positions-stride0", _rotary(7, 64, 4, 2, True, "fp32", views=lambda a: {  # decode, batch 7
+            "positions": expanded(a["positions"][:1], (7,), 0)})),
+        index_layout("positions-spaced", _rotary(7, 64, 4, 2, True, "fp32", views=lambda a: {
             "positions": spaced(a["positions"], 0, 0)})),
         Sample("key-none", _rotary(7, 64, 4, 2, False, "fp32", views=lambda a: {"key": None})),
     ),
     exact_on_cpu=("output[0]", "output[1]"),  # same operations in the same order: the reference's bits
+    compiles_reference=True,
+    opcheck=("T7-D64-4x4-b5-separate-interleaved-table-model",),
 )  # fmt: skip
 
 
@@ -118,12 +122,14 @@ QK_NORM_ROPE_AND_CACHE = OpSpec(
             "key_cache": x.zeros(4, 4, 2, 32), "value_cache": x.zeros(4, 4, 2, 32),
             "slot_mapping": x.ints([3, 14, -1, 0, 9], torch.int64)}),
         *(Sample(_name(*case, *mode), qk_norm_rope_and_cache_args(*case, *mode)) for case in CASES for mode in MODES),
-        Sample("positions-expanded", qk_norm_rope_and_cache_args(7, 64, 4, 2, 5, True, True, "fp32", lambda a: {
+        index_layout("positions-expanded", qk_norm_rope_and_cache_args(7, 64, 4, 2, 5, True, True, "fp32", lambda a: {
             "positions": expanded(a["positions"][:1], (7,), 0)})),
-        Sample("slots-spaced", qk_norm_rope_and_cache_args(7, 64, 4, 2, 5, False, True, "fp32", lambda a: {
+        index_layout("slots-spaced", qk_norm_rope_and_cache_args(7, 64, 4, 2, 5, False, True, "fp32", lambda a: {
             "slot_mapping": spaced(a["slot_mapping"], 0, -1)})),
         Sample("caches-padded", qk_norm_rope_and_cache_args(7, 64, 4, 2, 5, False, False, "model", lambda a: {
             "key_cache": padded(a["key_cache"]), "value_cache": padded(a["value_cache"])})),
     ),
     exact=("value_cache",),  # a copy; the keys are compared with the table (fp32 sums of squares in any order)
+    compiles_reference=True,
+    opcheck=("T7-D64-4x4-b5-separate-interleaved-table-model",),
 )  # fmt: skip
