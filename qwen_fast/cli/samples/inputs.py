@@ -22,10 +22,12 @@ INTERPRET_DTYPES = (torch.float32, torch.float16)
 
 
 @functools.cache
-def _cos_sin_table(head_dim: int, positions: int, yarn: bool) -> torch.Tensor:
-    """fp32 [positions, head_dim]: rope_theta 1e6, with Qwen3-235B's YaRN (factor 4 over 32,768) when `yarn`."""
+def _cos_sin_table(head_dim: int, positions: int, yarn: bool, dtype: torch.dtype) -> torch.Tensor:
+    """[positions, head_dim] on CPU, computed in fp32 and cast to `dtype`: rope_theta 1e6, with Qwen3-235B's YaRN
+    (factor 4 over 32,768) when `yarn`. Cached: the 131,072-row tables are the slow part of a RoPE sample; the ops
+    only read them."""
     scaling = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768} if yarn else None
-    return reference.compute_cos_sin_cache(head_dim, positions, 1e6, rope_scaling=scaling)
+    return reference.compute_cos_sin_cache(head_dim, positions, 1e6, rope_scaling=scaling).to(dtype)
 
 
 class Inputs:
@@ -81,7 +83,8 @@ class Inputs:
         return {"topk_weights": self.put(weights, torch.float32), "topk_ids": self.put(ids)}
 
     def rope_table(self, head_dim: int, positions: int, yarn: bool = False, dtype=torch.float32) -> torch.Tensor:
-        return self.put(_cos_sin_table(head_dim, positions, yarn), dtype)
+        """The cos/sin table in `dtype` (None: the dtype under test)."""
+        return _cos_sin_table(head_dim, positions, yarn, dtype or self.dtype).to(self.device)
 
 
 def _fill(tensor: torch.Tensor, decoy: int | None) -> float | int:
