@@ -10,16 +10,37 @@
 
 namespace qwen_fast {
 
+// Strides (elements) of a source [N, Hkv, D] and its cache [num_blocks, block_size, Hkv, D]; head dims contiguous.
+struct CacheStrides {
+  int64_t token;       // source dim 0
+  int64_t head;        // source dim 1
+  int64_t block;       // cache dim 0 (one block)
+  int64_t page;        // cache dim 1 (one slot inside a block)
+  int64_t cache_head;  // cache dim 2
+};
+
+// key/value and their caches each have their own strides (e.g. key and value sliced out of one fused projection,
+// or K and V caches interleaved in one buffer).
 struct CacheLayout {
-  int64_t token_stride;       // key/value stride of dim 0
-  int64_t head_stride;        // key/value stride of dim 1
-  int64_t block_stride;       // cache stride of dim 0 (one block)
-  int64_t page_stride;        // cache stride of dim 1 (one slot inside a block)
-  int64_t cache_head_stride;  // cache stride of dim 2
+  CacheStrides key;
+  CacheStrides value;
   int64_t block_size;
   int64_t num_heads;
   int64_t head_dim;
 };
+
+// Copies dims begin, begin + step, ... of every head of row `token` of src to page row (block, offset) of cache.
+template <typename Bits>
+QF_HOST_DEVICE void copy_rows(const Bits* src, Bits* cache, const CacheStrides& s, const CacheLayout& l, int64_t token,
+                              int64_t block, int64_t offset, int64_t begin, int64_t step) {
+  const int64_t src_row = token * s.token;
+  const int64_t dst_row = block * s.block + offset * s.page;
+  for (int64_t head = 0; head < l.num_heads; ++head) {
+    const int64_t src_head = src_row + head * s.head;
+    const int64_t dst_head = dst_row + head * s.cache_head;
+    for (int64_t dim = begin; dim < l.head_dim; dim += step) cache[dst_head + dim] = src[src_head + dim];
+  }
+}
 
 template <typename Bits>
 QF_HOST_DEVICE void copy_token_to_cache(const Bits* key, const Bits* value, Bits* key_cache, Bits* value_cache,
@@ -28,16 +49,8 @@ QF_HOST_DEVICE void copy_token_to_cache(const Bits* key, const Bits* value, Bits
   if (slot < 0) return;  // padding token
   const int64_t block = slot / l.block_size;
   const int64_t offset = slot % l.block_size;
-  const int64_t src_row = token * l.token_stride;
-  const int64_t dst_row = block * l.block_stride + offset * l.page_stride;
-  for (int64_t head = 0; head < l.num_heads; ++head) {
-    const int64_t src = src_row + head * l.head_stride;
-    const int64_t dst = dst_row + head * l.cache_head_stride;
-    for (int64_t dim = begin; dim < l.head_dim; dim += step) {
-      key_cache[dst + dim] = key[src + dim];
-      value_cache[dst + dim] = value[src + dim];
-    }
-  }
+  copy_rows(key, key_cache, l.key, l, token, block, offset, begin, step);
+  copy_rows(value, value_cache, l.value, l, token, block, offset, begin, step);
 }
 
 }  // namespace qwen_fast

@@ -4,7 +4,9 @@ Algorithm: program (t, h) owns token t's head h, a row of D elements. It reads s
 slot is padding and the program exits. Otherwise the row goes to block slot // block_size, offset
 slot % block_size, of key_cache and value_cache [num_blocks, block_size, Hkv, D]. The row is loaded into registers
 as one BLOCK_D vector (D rounded up to a power of two, masked) and stored; nothing else is held. Offsets are
-computed in int64 (slot * strides passes 2^31 for large pools).
+computed in int64 (slot * strides passes 2^31 for large pools). key, value and the two caches are each read through
+their own strides (head dims contiguous), so key and value may be slices of one fused projection and the caches
+views of one interleaved buffer; slot_mapping is made contiguous by the launcher (N int64, a copy only when strided).
 """
 
 import torch
@@ -21,11 +23,16 @@ def _reshape_and_cache_kernel(
     key_cache,
     value_cache,
     slot_mapping,
-    token_stride,
-    head_stride,
-    block_stride,
-    page_stride,
-    cache_head_stride,
+    k_token_stride,
+    k_head_stride,
+    v_token_stride,
+    v_head_stride,
+    kc_block_stride,
+    kc_page_stride,
+    kc_head_stride,
+    vc_block_stride,
+    vc_page_stride,
+    vc_head_stride,
     block_size,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -38,10 +45,12 @@ def _reshape_and_cache_kernel(
         offset = slot % block_size
         dims = tl.arange(0, BLOCK_D)
         mask = dims < HEAD_DIM
-        src = token * token_stride + head * head_stride + dims
-        dst = block * block_stride + offset * page_stride + head * cache_head_stride + dims
-        tl.store(key_cache + dst, tl.load(key + src, mask=mask), mask=mask)
-        tl.store(value_cache + dst, tl.load(value + src, mask=mask), mask=mask)
+        k_src = token * k_token_stride + head * k_head_stride + dims
+        k_dst = block * kc_block_stride + offset * kc_page_stride + head * kc_head_stride + dims
+        tl.store(key_cache + k_dst, tl.load(key + k_src, mask=mask), mask=mask)
+        v_src = token * v_token_stride + head * v_head_stride + dims
+        v_dst = block * vc_block_stride + offset * vc_page_stride + head * vc_head_stride + dims
+        tl.store(value_cache + v_dst, tl.load(value + v_src, mask=mask), mask=mask)
 
 
 def _config(head_dim: int) -> dict:
@@ -67,11 +76,10 @@ def reshape_and_cache(
         key_cache,
         value_cache,
         slot_mapping.contiguous(),  # the kernel reads slot t at offset t
-        key.stride(0),
-        key.stride(1),
-        key_cache.stride(0),
-        key_cache.stride(1),
-        key_cache.stride(2),
+        *key.stride()[:2],
+        *value.stride()[:2],
+        *key_cache.stride()[:3],
+        *value_cache.stride()[:3],
         key_cache.shape[1],
         HEAD_DIM=head_dim,
         BLOCK_D=config["BLOCK_D"],
@@ -87,8 +95,8 @@ def compile_specs() -> list[CompileSpec]:
             pointer = "*" + TRITON_DTYPE[dtype]
             signature = {name: pointer for name in ("key", "value", "key_cache", "value_cache")}
             signature["slot_mapping"] = "*i64"
-            for name in ("token_stride", "head_stride", "block_stride", "page_stride", "cache_head_stride"):
-                signature[name] = "i64"
+            for name in "k_token k_head v_token v_head kc_block kc_page kc_head vc_block vc_page vc_head".split():
+                signature[f"{name}_stride"] = "i64"
             signature |= {"block_size": "i32", "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr"}
             specs.append(
                 CompileSpec(

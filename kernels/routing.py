@@ -73,7 +73,9 @@ def _fused_topk_kernel(
         exps = tl.where(valid, tl.exp(x - max_logit[:, None]), 0.0)
         inv_sum = 1.0 / tl.where(live, tl.sum(exps, axis=1), 1.0)
     s = _score(x, max_logit[:, None], inv_sum[:, None], sigmoid)
-    choice = s + tl.load(bias + expert, mask=valid & (has_bias != 0), other=0.0)
+    choice = s
+    if has_bias != 0:  # a scalar branch: Triton 3.9's interpreter rejects a scalar condition inside a load mask
+        choice = s + tl.load(bias + expert, mask=valid, other=0.0)
     none = tl.full([BLOCK_T, BLOCK_E], -(2**63), tl.int64)
     cand = tl.where(valid, _candidates(choice, expert), none)
     if num_groups > 1:

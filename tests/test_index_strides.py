@@ -1,6 +1,7 @@
-"""Regression tests for index tensors read as if contiguous (issue 10): the kernels honour the strides of the stride-0
-positions that GQAAttention builds for a batch at decode, of an expanded cache_seqlens and of a column-strided block
-table. The op harness feeds every op such inputs; these pin the two bugs that were found, on the kernel backends."""
+"""Regression tests for tensors read as if contiguous (issue 10): the kernels honour the strides of the stride-0
+positions that GQAAttention builds for a batch at decode, of an expanded cache_seqlens, of a column-strided block
+table, and of a value cache laid out unlike the key cache. The op harness feeds every op such inputs; these pin the
+bugs that were found, on the kernel backends."""
 
 import pytest
 import torch
@@ -73,3 +74,25 @@ def test_flash_attn_with_kvcache_reads_strided_seqlens_and_block_table(backend, 
     want = reference.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens.contiguous(),
                                              block_table=block_table.contiguous())  # fmt: skip
     assert_close(got, want)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_flash_attn_with_kvcache_appends_to_caches_of_different_strides(backend):
+    """New k/v go to a key cache and a value cache with different strides (the value cache a view of a wider buffer);
+    the Triton append used to write the values through the key cache's strides."""
+    batch, heads_kv, head_dim, block_size, num_blocks = 2, 2, 16, 4, 6
+    block_table = torch.arange(num_blocks, dtype=torch.int32).view(batch, 3)
+    cache_seqlens = torch.tensor([3, 7], dtype=torch.int32)
+    q, k, v = (
+        torch.randn(batch, 1, 4, head_dim),
+        torch.randn(batch, 1, heads_kv, head_dim),
+        torch.randn(batch, 1, heads_kv, head_dim),
+    )
+    k_cache = torch.randn(num_blocks, block_size, heads_kv, head_dim)
+    v_wide = torch.randn(num_blocks, block_size, heads_kv, 2 * head_dim)
+    want_k, want_v = k_cache.clone(), v_wide[..., :head_dim].clone()
+    want = reference.flash_attn_with_kvcache(q, want_k, want_v, k, v, cache_seqlens, block_table)
+    v_cache = v_wide[..., :head_dim]
+    got = _run(backend, qwen_fast.flash_attn_with_kvcache, q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+    assert_close(got, want)
+    assert torch.equal(k_cache, want_k) and torch.equal(v_cache, want_v)
