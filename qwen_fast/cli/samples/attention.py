@@ -169,6 +169,7 @@ FLASH_ATTN_WITH_KVCACHE = OpSpec(
         Sample("seqlens-none", _kvcache(*READ3, views=lambda a: {"cache_seqlens": None}, causal=False)),
         Sample("caches-padded", _kvcache(*APPEND2, views=lambda a: {  # rows of 65 elements: unaligned
             "k_cache": padded(a["k_cache"]), "v_cache": padded(a["v_cache"])})),
+        Sample("caches-different-layouts", _kvcache(*APPEND2, views=lambda a: {"v_cache": padded(a["v_cache"])})),
         index_layout("seqlens-expanded", _kvcache(*APPEND2[:-1], [13, 13, 13], views=lambda a: {
             "cache_seqlens": expanded(a["cache_seqlens"][:1], (3,), 0)})),
         index_layout("seqlens-expanded-read", _kvcache(*READ3[:-1], [40, 40, 40], views=lambda a: {
