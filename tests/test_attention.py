@@ -258,142 +258,13 @@ def test_flash_attn_varlen_func_bad_input(kwargs, error, message):
         qwen_fast.flash_attn_varlen_func(**(_varlen() | kwargs))
 
 
-# --- kernels: every backend against the reference, masks, layouts, registration ------------------------------------
-
-# (backend, dtypes it is tested in here). The interpreter cannot run bf16 tl.dot: Triton on CPU is fp32 and fp16.
-KERNEL_BACKENDS = [
-    ("cpu", ALL_DTYPES),
-    pytest.param("triton", [torch.float32, torch.float16], marks=pytest.mark.interpret),
-]
+# --- kernels: every backend on every sample (masks, layouts, registration) is tests/test_ops.py -------------------
 
 
-def _on(backend, fn, *args, **kwargs):
-    """Run qwen_fast.<fn> with `backend` forced and prove that it ran there."""
-    with qwen_fast.record_backends() as trace, qwen_fast.use_backend(backend):
-        out = getattr(qwen_fast, fn)(*args, **kwargs)
-    assert trace == [(fn, backend)]
-    return out
-
-
-def _check_backend(backend, q, k, v, **options):
-    """The backend's flash_attn_func against the reference (fp32 tight, fp16/bf16 the flash-attn budget); rows
-    without a visible key must be exactly 0."""
-    out = _on(backend, "flash_attn_func", q, k, v, **options)
-    assert out.shape == q.shape and out.dtype == q.dtype and not out.isnan().any()
-    _check(out, lambda *x: flash_attn_func(*x, **options), (q, k, v))
-    causal, window = options.get("causal", False), options.get("window_size", (-1, -1))
-    blind = ~_flash_mask(q.shape[1], k.shape[1], causal, window).any(dim=1)
-    assert (out[:, blind] == 0).all()
-
-
-# Interpreter-sized cases: (B, Sq, Sk, Hq, Hkv, D, causal, window): GQA 1/4/8, D 64/72/128/136, Sq != Sk both ways,
-# causal, windows, rows with nothing to see (causal Sq > Sk; window (0, 0) with Sq > Sk).
-TINY_CASES = [
-    (1, 1, 7, 4, 4, 64, False, (-1, -1)),
-    (2, 7, 33, 8, 1, 64, True, (-1, -1)),
-    (1, 33, 7, 8, 2, 72, True, (-1, -1)),
-    (1, 33, 33, 4, 1, 128, True, (3, -1)),
-    (1, 33, 33, 8, 8, 72, False, (5, 2)),
-    (1, 7, 33, 8, 1, 64, False, (0, 0)),
-    (1, 33, 7, 4, 1, 64, False, (0, 0)),
-    (1, 33, 1, 8, 2, 128, False, (-1, 3)),
-    (1, 7, 9, 4, 2, 136, True, (-1, -1)),  # a masked head dim of 256 (the triton launcher pads a copy)
-]
-
-
-@pytest.mark.parametrize("case", TINY_CASES, ids=str)
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("backend,dtypes", KERNEL_BACKENDS)
-def test_kernel_matches_reference_small(backend, dtypes, dtype, case):
-    if dtype not in dtypes:
-        pytest.skip(f"{backend} is not tested in {dtype} here")
-    batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, causal, window = case
-    q, k, v = _qkv(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype)
-    _check_backend(backend, q, k, v, causal=causal, window_size=window)
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("head_dim", [64, 128, 256])
-@pytest.mark.parametrize("heads_q, heads_kv", [(4, 4), (8, 2), (8, 1), (16, 1)])
-@pytest.mark.parametrize(
-    "seqlen_q, seqlen_k, causal, window",
-    [(1, 300, True, (-1, -1)), (97, 97, True, (-1, -1)), (7, 300, False, (-1, -1)), (300, 97, True, (40, -1))],
-)
-def test_cpu_matches_reference(seqlen_q, seqlen_k, causal, window, heads_q, heads_kv, head_dim, dtype):
-    q, k, v = _qkv(1, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype)
-    _check_backend("cpu", q, k, v, causal=causal, window_size=window)
-
-
-@pytest.mark.parametrize("backend,dtypes", KERNEL_BACKENDS)
-def test_kernel_reads_strided_inputs_and_scale(backend, dtypes):
-    """q/k/v as views of transformers' [B, H, S, D] layout (token stride D, head stride S * D), custom scale."""
-    dtype = dtypes[-1]
-    q, k, v = (torch.randn(2, h, s, 64).to(dtype).transpose(1, 2) for h, s in ((8, 9), (2, 20), (2, 20)))
-    _check_backend(backend, q, k, v, softmax_scale=0.3, causal=True)
-
-
-def _packed(lens_q, lens_k, heads_q, heads_kv, head_dim, dtype, extra_q=0):
-    q = torch.randn(sum(lens_q) + extra_q, heads_q, head_dim).to(dtype)
-    k = torch.randn(sum(lens_k), heads_kv, head_dim).to(dtype)
-    v = torch.randn(sum(lens_k), heads_kv, head_dim).to(dtype)
-    cu_q = torch.tensor([0, *lens_q]).cumsum(0).int()
-    cu_k = torch.tensor([0, *lens_k]).cumsum(0).int()
-    return q, k, v, cu_q, cu_k
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize(
-    "lens_q, lens_k, causal, window",
-    [
-        ([3, 0, 7, 1], [3, 0, 33, 0], True, (-1, -1)),
-        ([1, 33, 2], [7, 5, 0], False, (2, 1)),
-        ([0, 0], [0, 0], True, (-1, -1)),
-    ],
-)
-@pytest.mark.parametrize("backend,dtypes", KERNEL_BACKENDS)
-def test_kernel_varlen_matches_reference(backend, dtypes, lens_q, lens_k, causal, window, dtype):
-    """Empty sequences, a sequence with queries but no keys (rows -> 0), and 2 trailing query rows outside every
-    sequence (-> 0, as the reference)."""
-    if dtype not in dtypes:
-        pytest.skip(f"{backend} is not tested in {dtype} here")
-    q, k, v, cu_q, cu_k = _packed(lens_q, lens_k, 8, 2, 72, dtype, extra_q=2)
-    args = (q, k, v, cu_q, cu_k, max(lens_q), max(lens_k))
-    options = {"causal": causal, "window_size": window}
-    out = _on(backend, "flash_attn_varlen_func", *args, **options)
-    assert out.shape == q.shape and not out.isnan().any() and (out[-2:] == 0).all()
-    _check(out, lambda q, k, v: flash_attn_varlen_func(q, k, v, *args[3:], **options), (q, k, v))
-
-
-def _native_args(dtype=torch.float32):
-    q, k, v, cu_q, cu_k = _packed([5, 0, 3], [7, 2, 0], 8, 2, 64, dtype)
+def _native_args():
+    q, k, v = torch.randn(8, 8, 64), torch.randn(9, 2, 64), torch.randn(9, 2, 64)
+    cu_q, cu_k = torch.tensor([0, 5, 5, 8], dtype=torch.int32), torch.tensor([0, 7, 9, 9], dtype=torch.int32)
     return q, k, v, cu_q, cu_k, 5, 7, 0.125, True, 4, -1
-
-
-def test_opcheck_native():
-    torch.library.opcheck(torch.ops.qwen_fast.flash_attn_varlen_func.default, _native_args())
-    torch.library.opcheck(torch.ops.qwen_fast.flash_attn_varlen_func.default, _native_args(torch.bfloat16))
-
-
-@pytest.mark.interpret
-def test_opcheck_triton():
-    q, k, v, cu_q, cu_k, max_q, max_k, scale, causal, left, right = _native_args(torch.float16)
-    torch.library.opcheck(torch.ops.qwen_fast_triton.flash_attn_varlen.default, _native_args(torch.float16))
-    dense = _qkv(2, 3, 5, 4, 2, 64, torch.float16)
-    torch.library.opcheck(torch.ops.qwen_fast_triton.flash_attn.default, (*dense, scale, causal, left, right))
-
-
-def test_compiles_fullgraph_with_the_cpu_backend():
-    q, k, v = _qkv(2, 9, 12, 8, 2, 64)
-
-    @torch.compile(fullgraph=True, backend="inductor")
-    def layer(q, k, v):
-        return qwen_fast.flash_attn_func(q, k, v, causal=True) * 2
-
-    torch._dynamo.reset()
-    with qwen_fast.use_backend("cpu"), qwen_fast.record_backends() as trace:
-        out = layer(q, k, v)
-    assert ("flash_attn_func", "cpu") in trace
-    assert_close(out, 2 * flash_attn_func(q, k, v, causal=True))
 
 
 def test_native_checks_its_arguments():
@@ -410,19 +281,3 @@ def test_native_checks_its_arguments():
         op(q, k, v, cu_q, torch.tensor([0, 7, 2, 9], dtype=torch.int32), *rest)
     with pytest.raises(RuntimeError, match="cu_seqlens must be int32"):
         op(q, k, v, cu_q.long(), cu_k, *rest)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("heads_q, heads_kv, head_dim", [(32, 4, 128), (64, 4, 128), (16, 2, 256), (8, 8, 64)])
-def test_triton_cuda_bf16(heads_q, heads_kv, head_dim, causal):
-    q, k, v = (t.cuda() for t in _qkv(2, 1000, 1000, heads_q, heads_kv, head_dim, torch.bfloat16))
-    _check_backend("triton", q, k, v, causal=causal)
-    decode = q[:, -1:]
-    _check_backend("triton", decode, k, v, causal=causal)
-    cu = torch.tensor([0, 1000, 1000, 1700, 2000], dtype=torch.int32, device="cuda")
-    packed = [t.reshape(-1, *t.shape[2:]) for t in (q, k, v)]
-    out = _on("triton", "flash_attn_varlen_func", *packed, cu, cu, 1000, 1000, causal=causal, window_size=(100, -1))
-    ref = flash_attn_varlen_func(*[t.float() for t in packed], cu, cu, 1000, 1000, causal=causal, window_size=(100, -1))
-    low = flash_attn_varlen_func(*packed, cu, cu, 1000, 1000, causal=causal, window_size=(100, -1))
-    assert_within_budget(out, ref, low)

@@ -5,6 +5,8 @@ import torch
 from numerics import assert_close, assert_within_budget
 
 import qwen_fast
+from qwen_fast.cli import selftest
+from qwen_fast.cli.samples import SPECS, Inputs
 from qwen_fast.reference.attention import flash_attn_func
 from qwen_fast.reference.kv_cache import flash_attn_with_kvcache, reshape_and_cache
 
@@ -133,83 +135,16 @@ def test_with_kvcache_prefill_into_empty_cache_equals_causal_attention():
     assert_close(out, flash_attn_func(q, k, v, causal=True))
 
 
-# --- reshape_and_cache: every backend against the reference, opcheck, torch.compile, bad input ---------------------
-
-# (backend, device of the tensors)
-KV_BACKENDS = [
-    ("cpu", "cpu"),
-    ("torch", "cpu"),
-    pytest.param("triton", "cpu", marks=pytest.mark.interpret),
-    pytest.param("cuda", "cuda", marks=pytest.mark.gpu),
-    pytest.param("triton", "cuda", marks=pytest.mark.gpu),
-]
+# --- bad input: named, value-bearing errors from qwen_fast.reshape_and_cache ----------------------------------------
+# Every backend against the reference on every sample (strided views included), opcheck, compile: tests/test_ops.py.
 
 
-def _cache_inputs(num_tokens, heads, head_dim, num_blocks, block_size, dtype, strided=False, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    if strided:  # key and value as views into one fused projection, as in an attention layer
-        qkv = torch.randn(num_tokens, 3, heads, head_dim, generator=gen).to(dtype)
-        key, value = qkv[:, 1], qkv[:, 2]
-    else:
-        key = torch.randn(num_tokens, heads, head_dim, generator=gen).to(dtype)
-        value = torch.randn(num_tokens, heads, head_dim, generator=gen).to(dtype)
-    key_cache = torch.randn(num_blocks, block_size, heads, head_dim, generator=gen).to(dtype)
-    value_cache = torch.randn(num_blocks, block_size, heads, head_dim, generator=gen).to(dtype)
-    capacity = num_blocks * block_size
-    slots = torch.randperm(capacity, generator=gen)[:num_tokens]
+def _cache_inputs(num_tokens, heads, head_dim, num_blocks, block_size, dtype):
+    key, value = torch.randn(num_tokens, heads, head_dim).to(dtype), torch.randn(num_tokens, heads, head_dim).to(dtype)
+    key_cache = torch.randn(num_blocks, block_size, heads, head_dim).to(dtype)
+    slots = torch.randperm(num_blocks * block_size)[:num_tokens]
     slots[::3] = -1  # padding tokens
-    slots = slots.to(torch.int64)
-    if strided:  # the slot mapping as a strided view too (a kernel reading slot t at offset t would be wrong)
-        slots = torch.stack((slots, torch.full_like(slots, 10**9)), dim=1)[:, 0]
-    return key, value, key_cache, value_cache, slots
-
-
-@pytest.mark.parametrize("backend,device", KV_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize(
-    "num_tokens,heads,head_dim,num_blocks,block_size",
-    [(0, 4, 64, 3, 16), (1, 1, 64, 1, 1), (7, 4, 128, 9, 1), (33, 4, 96, 5, 16), (20, 2, 64, 7, 5)],
-)
-@pytest.mark.parametrize("strided", [False, True])
-def test_reshape_and_cache_matches_reference(
-    backend, device, dtype, num_tokens, heads, head_dim, num_blocks, block_size, strided
-):
-    inputs = _cache_inputs(num_tokens, heads, head_dim, num_blocks, block_size, dtype, strided)
-    key, value, key_cache, value_cache, slots = (t.to(device) for t in inputs)
-    expected_k, expected_v = key_cache.clone(), value_cache.clone()
-    reshape_and_cache(key, value, expected_k, expected_v, slots)
-    with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
-        qwen_fast.reshape_and_cache(key, value, key_cache, value_cache, slots)
-    assert calls == [("reshape_and_cache", backend)]
-    assert torch.equal(key_cache, expected_k) and torch.equal(value_cache, expected_v)  # a copy is exact
-
-
-def test_reshape_and_cache_opcheck_native():
-    torch.library.opcheck(torch.ops.qwen_fast.reshape_and_cache.default, _cache_inputs(9, 2, 64, 4, 5, torch.float16))
-
-
-@pytest.mark.interpret
-def test_reshape_and_cache_opcheck_triton():
-    torch.library.opcheck(
-        torch.ops.qwen_fast_triton.reshape_and_cache.default, _cache_inputs(9, 2, 64, 4, 5, torch.float16)
-    )
-
-
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_reshape_and_cache_compiles_fullgraph(backend):
-    key, value, key_cache, value_cache, slots = _cache_inputs(9, 2, 64, 4, 5, torch.float32)
-    expected_k, expected_v = key_cache.clone(), value_cache.clone()
-    reshape_and_cache(key, value, expected_k, expected_v, slots)
-
-    @torch.compile(fullgraph=True, backend="eager" if backend == "torch" else "inductor")
-    def write(k, v, kc, vc, s):
-        qwen_fast.reshape_and_cache(k, v, kc, vc, s)
-        return kc.sum() + vc.sum()
-
-    torch._dynamo.reset()
-    with qwen_fast.use_backend(backend):
-        write(key, value, key_cache, value_cache, slots)
-    assert torch.equal(key_cache, expected_k) and torch.equal(value_cache, expected_v)
+    return key, value, key_cache, key_cache.clone(), slots
 
 
 def _replace(inputs, **changes):
@@ -339,120 +274,22 @@ def test_flash_attn_with_kvcache_bad_input(kwargs, error, message):
         qwen_fast.flash_attn_with_kvcache(**(_paged() | kwargs))
 
 
-# --- flash_attn_with_kvcache: every backend against the reference within flash-attn's error budget ---------------
-
-# (paged, block_size, seqlen_q, num_new, heads_q, heads_kv, head_dim, window_size, causal, cache_seqlens)
-ATTN_CASES = {
-    "decode-paged16-g8": (True, 16, 1, 1, 16, 2, 128, (-1, -1), True, [0, 37, 70]),
-    "decode-paged1-g16": (True, 1, 1, 1, 16, 1, 64, (-1, -1), True, [5, 0, 23]),
-    "append2-paged5-g4": (True, 5, 2, 2, 8, 2, 64, (-1, -1), True, [0, 13, 41]),
-    "append5-contig-g1": (False, None, 5, 5, 2, 2, 64, (-1, -1), True, [3, 0, 30]),
-    "append5-paged5-window": (True, 5, 5, 5, 8, 1, 128, (6, 0), True, [0, 9, 44]),
-    "read3-paged16-noncausal-window": (True, 16, 3, 0, 8, 2, 64, (4, 2), False, [2, 0, 57]),
-    "read3-contig-g8": (False, None, 3, 0, 8, 1, 64, (-1, -1), True, [1, 0, 29]),
-}
+# --- flash_attn_with_kvcache kernels: their own paths (every backend on every sample is tests/test_ops.py) -------
 
 
-def _attn_case(name, dtype, device="cpu", seed=0, padded=False):
-    """The case's arguments; `padded` caches are views [..., :D] of a pool with D + 1 columns (rows not aligned)."""
-    paged, block_size, seqlen_q, num_new, heads_q, heads_kv, head_dim, window, causal, lengths = ATTN_CASES[name]
-    gen = torch.Generator().manual_seed(seed)
-    batch = len(lengths)
-    totals = [n + num_new for n in lengths]
-    if paged:  # a shuffled pool, with sequences spanning many pages and one spare page per sequence
-        blocks_per_seq = max(-(-n // block_size) for n in totals) + 1
-        num_blocks = batch * blocks_per_seq + 3
-        block_table = torch.randperm(num_blocks, generator=gen)[: batch * blocks_per_seq].view(batch, -1).int()
-        cache_shape = (num_blocks, block_size, heads_kv, head_dim)
-    else:
-        block_table, cache_shape = None, (batch, max(totals) + 2, heads_kv, head_dim)
-    new_shape = (batch, num_new, heads_kv, head_dim)
-    pool_shape = (*cache_shape[:3], head_dim + padded)
-    args = {
-        "q": torch.randn(batch, seqlen_q, heads_q, head_dim, generator=gen),
-        "k_cache": torch.randn(pool_shape, generator=gen),
-        "v_cache": torch.randn(pool_shape, generator=gen),
-        "k": torch.randn(new_shape, generator=gen) if num_new else None,
-        "v": torch.randn(new_shape, generator=gen) if num_new else None,
-    }
-    args = {k: None if t is None else t.to(device=device, dtype=dtype) for k, t in args.items()}
-    args["k_cache"], args["v_cache"] = args["k_cache"][..., :head_dim], args["v_cache"][..., :head_dim]
-    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
-    table = None if block_table is None else block_table.to(device)
-    return args | {"cache_seqlens": seqlens, "block_table": table, "causal": causal, "window_size": window}
+def _sample(name, dtype=torch.float32, device="cpu"):
+    return SPECS["flash_attn_with_kvcache"].sample(name).build(Inputs(torch.device(device), dtype))
 
 
-def _clone(args, dtype=None):
-    """A copy of the arguments (fresh caches), the floating-point tensors cast to `dtype` when given."""
-    copy = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in args.items()}
-    if dtype is not None:
-        copy |= {k: v.to(dtype) for k, v in copy.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
-    return copy
-
-
-def _check_backend(backend, args):
-    """Runs `backend` on args (mutating its caches) and checks output and caches against the reference."""
-    ref_fp32 = flash_attn_with_kvcache(**_clone(args, torch.float32))
-    expected = _clone(args)
-    ref_lowprec = flash_attn_with_kvcache(**expected)
-    with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
-        out = qwen_fast.flash_attn_with_kvcache(**args)
-    assert calls == [("flash_attn_with_kvcache", backend)]
-    assert out.dtype == args["q"].dtype and out.shape == ref_fp32.shape
-    assert_within_budget(out.cpu(), ref_fp32.cpu(), ref_lowprec.cpu())
-    assert torch.equal(args["k_cache"], expected["k_cache"]) and torch.equal(args["v_cache"], expected["v_cache"])
-
-
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("case", list(ATTN_CASES))
-def test_with_kvcache_cpu_backend(case, dtype):
-    _check_backend("cpu", _attn_case(case, dtype))
-
-
-@pytest.mark.interpret
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", ["decode-paged16-g8", "decode-paged1-g16", "append5-paged5-window", "read3-contig-g8"])
-def test_with_kvcache_triton_backend_interpreted(case, dtype):
-    _check_backend("triton", _attn_case(case, dtype))
-
-
-@pytest.mark.parametrize(
-    "backend", ["cpu", pytest.param("triton", marks=pytest.mark.interpret), pytest.param("cuda", marks=pytest.mark.gpu)]
-)
-def test_with_kvcache_unaligned_cache_rows(backend):
-    """Caches whose rows do not start on 16 bytes: the Triton launcher's unaligned config, strided CPU reads."""
-    device, backend = ("cuda", "triton") if backend == "cuda" else ("cpu", backend)
-    args = _attn_case("append2-paged5-g4", torch.float16, device, padded=True)
-    assert args["k_cache"].stride(-2) == 65
-    _check_backend(backend, args)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("case", list(ATTN_CASES))
-def test_with_kvcache_triton_backend_cuda(case, dtype):
-    _check_backend("triton", _attn_case(case, dtype, device="cuda"))
-
-
-def _long_context(device, dtype, window_size=(-1, -1)):
-    """One sequence long enough to be split across threads / programs: 1500 keys over pages of 16."""
-    lengths, block_size, gen = [1500, 700], 16, torch.Generator().manual_seed(1)
-    block_table = torch.randperm(200, generator=gen)[:190].view(2, 95).int()
-    k_cache, v_cache = (torch.randn(200, block_size, 1, 128, generator=gen).to(device, dtype) for _ in range(2))
-    q = torch.randn(2, 1, 8, 128, generator=gen).to(device, dtype)
-    seqlens = torch.tensor(lengths, dtype=torch.int32, device=device)
-    return {"q": q, "k_cache": k_cache, "v_cache": v_cache, "cache_seqlens": seqlens,
-            "block_table": block_table.to(device), "window_size": window_size}  # fmt: skip
-
-
-@pytest.mark.parametrize("window_size", [(-1, -1), (900, 0)])
-def test_with_kvcache_cpu_splits_long_context_across_threads(window_size):
+@pytest.mark.parametrize("sample", ["long-context-1500", "long-context-1500-window"])
+def test_with_kvcache_cpu_splits_long_context_across_threads(sample):
     threads = torch.get_num_threads()
     torch.set_num_threads(4)  # 2 (sequence, KV head) items for 4 threads: each sequence split in 2 and merged
     try:
-        _check_backend("cpu", _long_context("cpu", torch.bfloat16, window_size))
+        result = selftest.run_case("flash_attn_with_kvcache", "cpu", torch.device("cpu"), sample, torch.bfloat16)
     finally:
         torch.set_num_threads(threads)
+    assert result.status == "PASS", result.line()
 
 
 @pytest.mark.interpret
@@ -460,55 +297,15 @@ def test_with_kvcache_cpu_splits_long_context_across_threads(window_size):
 def test_triton_paged_attention_split_merge(splits):
     from qwen_fast.kernels.paged_attention import paged_attention
 
-    args = _attn_case("read3-paged16-noncausal-window", torch.float32)
-    expected = flash_attn_with_kvcache(**_clone(args))
+    args = _sample("read3-paged16-noncausal-window")
+    expected = flash_attn_with_kvcache(**args)
     seqlens, table = args["cache_seqlens"], args["block_table"]
     out = paged_attention(args["q"], args["k_cache"], args["v_cache"], seqlens, table, 64**-0.5, 4, 2, splits)
     assert_within_budget(out, expected, expected)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_with_kvcache_triton_long_context_cuda(dtype):
-    _check_backend("triton", _long_context("cuda", dtype))
-
-
-def _paged_attention_args(dtype):
-    args = _attn_case("append2-paged5-g4", dtype)
-    return (args["q"], args["k_cache"], args["v_cache"], args["cache_seqlens"], args["block_table"], 0.125, -1, 0)
-
-
-@pytest.mark.parametrize("new_kv", [True, False])
-def test_with_kvcache_opcheck_native(new_kv):
-    args = _attn_case("append2-paged5-g4", torch.float32)
-    k, v = (args["k"], args["v"]) if new_kv else (None, None)
-    inputs = (args["q"], args["k_cache"], args["v_cache"], k, v, args["cache_seqlens"], args["block_table"])
-    torch.library.opcheck(torch.ops.qwen_fast.flash_attn_with_kvcache.default, (*inputs, 0.125, -1, 0))
-
-
-@pytest.mark.interpret
-def test_paged_attention_opcheck_triton():
-    torch.library.opcheck(torch.ops.qwen_fast_triton.paged_attention.default, _paged_attention_args(torch.float32))
-
-
-def test_with_kvcache_compiles_fullgraph_cpu():
-    args = _attn_case("append2-paged5-g4", torch.float32)
-    expected = _clone(args)
-    ref = flash_attn_with_kvcache(**expected)
-
-    @torch.compile(fullgraph=True)
-    def step(q, k_cache, v_cache, k, v, cache_seqlens, block_table):
-        return qwen_fast.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
-
-    torch._dynamo.reset()
-    with qwen_fast.use_backend("cpu"):
-        out = step(*(args[n] for n in ("q", "k_cache", "v_cache", "k", "v", "cache_seqlens", "block_table")))
-    assert_within_budget(out, ref, ref)
-    assert torch.equal(args["k_cache"], expected["k_cache"]) and torch.equal(args["v_cache"], expected["v_cache"])
-
-
 def test_with_kvcache_native_rejects_bad_pages_before_writing():
-    args = _attn_case("append2-paged5-g4", torch.float32)
+    args = _sample("append2-paged5-g4")
     k_before = args["k_cache"].clone()
     table = args["block_table"].clone()
     table[0, 0] = -1
@@ -521,15 +318,15 @@ def test_with_kvcache_native_rejects_bad_pages_before_writing():
 @pytest.mark.gpu
 def test_with_kvcache_triton_decode_captures_in_cuda_graph():
     """No host synchronisation on the triton path: a decode step (append + attention) records in a CUDA graph."""
-    args = _attn_case("decode-paged16-g8", torch.bfloat16, device="cuda")
-    expected = _clone(args)
-    ref = flash_attn_with_kvcache(**expected)
-    with qwen_fast.use_backend("triton"):
-        qwen_fast.flash_attn_with_kvcache(**_clone(args))  # compiles the kernels outside the capture
+    name, dtype = "decode-paged16-g8", torch.bfloat16
+
+    def captured(op, kwargs):
+        qwen_fast.flash_attn_with_kvcache(**_sample(name, dtype, "cuda"))  # compiles the kernels outside the capture
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out = qwen_fast.flash_attn_with_kvcache(**args)
-    graph.replay()
-    torch.cuda.synchronize()
-    assert_within_budget(out, flash_attn_with_kvcache(**_clone(args, torch.float32)), ref)
-    assert torch.equal(args["k_cache"], expected["k_cache"]) and torch.equal(args["v_cache"], expected["v_cache"])
+            out = qwen_fast.flash_attn_with_kvcache(**kwargs)
+        graph.replay()
+        return out
+
+    result = selftest.run_case("flash_attn_with_kvcache", "triton", torch.device("cuda"), name, dtype, call=captured)
+    assert result.status == "PASS", result.line()

@@ -11,6 +11,7 @@ Qwen2-MoE adds shared_expert(x) * sigmoid(shared_expert_gate(x)), DeepSeek-V3 ad
 import pytest
 import torch
 import torch.nn.functional as F
+from backends import backend_params
 from numerics import assert_close
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -30,10 +31,6 @@ HIDDEN, INTER = 64, 32  # hidden_size, moe_intermediate_size
 DEEPSEEK_ROUTING = dict(scoring_func="sigmoid", num_expert_group=8, topk_group=4, routed_scaling_factor=2.5)
 
 
-def _qwen2_shared(block, x):
-    return F.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)
-
-
 # family -> (block factory, top-k, renormalize, fused_topk kwargs, shared-expert output or None)
 FAMILIES = {
     "qwen3_moe-norm": (lambda: Qwen3MoeSparseMoeBlock(Qwen3MoeConfig(
@@ -45,7 +42,7 @@ FAMILIES = {
     "qwen2_moe": (lambda: Qwen2MoeSparseMoeBlock(Qwen2MoeConfig(
         hidden_size=HIDDEN, moe_intermediate_size=INTER, shared_expert_intermediate_size=2 * INTER, num_experts=60,
         num_experts_per_tok=4, norm_topk_prob=False)),
-        4, False, {}, _qwen2_shared),
+        4, False, {}, lambda block, x: F.sigmoid(block.shared_expert_gate(x)) * block.shared_expert(x)),
     "mixtral": (lambda: MixtralSparseMoeBlock(MixtralConfig(
         hidden_size=HIDDEN, intermediate_size=INTER, num_local_experts=8, num_experts_per_tok=2)),
         2, True, {}, None),
@@ -215,13 +212,8 @@ def test_fused_moe_is_topk_then_experts():
 
 def _experts_args(T=3, H=8, I=4, E=4, k=2):  # noqa: E741
     weights, ids = qwen_fast.reference.fused_topk(torch.randn(T, E), k)
-    return {
-        "hidden_states": torch.randn(T, H),
-        "w13": torch.randn(E, 2 * I, H),
-        "w2": torch.randn(E, H, I),
-        "topk_weights": weights,
-        "topk_ids": ids,
-    }
+    x, w13, w2 = torch.randn(T, H), torch.randn(E, 2 * I, H), torch.randn(E, H, I)
+    return {"hidden_states": x, "w13": w13, "w2": w2, "topk_weights": weights, "topk_ids": ids}
 
 
 @pytest.mark.parametrize(
@@ -234,26 +226,16 @@ def _experts_args(T=3, H=8, I=4, E=4, k=2):  # noqa: E741
         (lambda a: {"w13": a["w13"][:, :7]}, ValueError, r"w13 \[E, 2I, H\] must have an even, nonzero 2I"),
         (lambda a: {"w2": a["w2"][:, :, :3]}, ValueError, r"w2 must be \[E, H, I\] .*\(4, 8, 4\), got \(4, 8, 3\)"),
         (lambda a: {"w2": a["w2"][:3]}, ValueError, r"w2 must be \[E, H, I\] .*\(4, 8, 4\), got \(3, 8, 4\)"),
-        (
-            lambda a: {"topk_ids": a["topk_ids"].float()},
-            TypeError,
-            "topk_ids must be int32 or int64, got torch.float32",
-        ),
+        (lambda a: {"topk_ids": a["topk_ids"].float()}, TypeError, "topk_ids must be int32 or int64, got torch.float"),
         (lambda a: {"topk_weights": a["topk_weights"][:, :1]}, ValueError, r"topk_weights must be \[T, k\]"),
-        (
-            lambda a: {"topk_ids": a["topk_ids"][:2], "topk_weights": a["topk_weights"][:2]},
-            ValueError,
-            "must have hidden_states' T = 3 rows",
-        ),
+        (lambda a: {"topk_ids": a["topk_ids"][:2], "topk_weights": a["topk_weights"][:2]}, ValueError,
+         "must have hidden_states' T = 3 rows"),
         (lambda a: {"topk_ids": a["topk_ids"] + 4}, ValueError, r"topk_ids must lie in \[0, 4\)"),
-        (
-            lambda a: {"topk_ids": torch.zeros(3, 5, dtype=torch.int32), "topk_weights": torch.ones(3, 5)},
-            ValueError,
-            "k = 5 choices per token but there are only 4 experts",
-        ),
+        (lambda a: {"topk_ids": torch.zeros(3, 5, dtype=torch.int32), "topk_weights": torch.ones(3, 5)}, ValueError,
+         "k = 5 choices per token but there are only 4 experts"),
         (lambda a: {"w2": a["w2"].to("meta")}, ValueError, "w2 must be on cpu like the other inputs, got meta"),
     ],
-)
+)  # fmt: skip
 def test_fused_experts_bad_input(change, error, message):
     args = _experts_args()
     with pytest.raises(error, match=message):
@@ -271,46 +253,30 @@ def test_fused_experts_bad_input(change, error, message):
     ],
 )
 def test_fused_moe_bad_input(kwargs, error, message):
-    args = _experts_args()
-    call = {
-        "hidden_states": args["hidden_states"],
-        "w13": args["w13"],
-        "w2": args["w2"],
-        "gating_output": torch.randn(3, 4),
-        "topk": 2,
-    } | kwargs
+    args = {name: _experts_args()[name] for name in ("hidden_states", "w13", "w2")}
+    call = args | {"gating_output": torch.randn(3, 4), "topk": 2} | kwargs
     with pytest.raises(error, match=message):
         qwen_fast.fused_moe(**call)
 
 
-# --- fused_experts: every backend against the reference, opcheck, torch.compile, determinism ------------------------
+# --- kernels: every backend on every sample is tests/test_ops.py; here their own tile paths and properties ----------
 
-# (backend, device of the tensors, dtypes). The interpreter cannot run bf16 tl.dot: Triton on CPU is fp32 and fp16.
-EXPERT_BACKENDS = [
-    ("cpu", "cpu", (torch.float32, torch.bfloat16, torch.float16)),
-    pytest.param("triton", "cpu", (torch.float32, torch.float16), marks=pytest.mark.interpret),
-    pytest.param("triton", "cuda", (torch.float32, torch.bfloat16, torch.float16), marks=pytest.mark.gpu),
-]
 EXPERT_H, EXPERT_I = 40, 24  # not multiples of any tile
 
 
 def _pairs(num_tokens: int, num_experts: int, topk: int, case: str = "random") -> torch.Tensor:
-    """int32 [T, k] expert ids, distinct within a token; 'one-expert': every token on expert 3 (k = 1); 'sparse':
-    every token on the same k of E experts (the others get nothing)."""
-    if case == "one-expert":
-        return torch.full((num_tokens, 1), 3, dtype=torch.int32)
+    """int32 [T, k] expert ids, distinct within a token; 'sparse': every token on the same k of E experts."""
     if case == "sparse":
         chosen = torch.randperm(num_experts)[:topk]
         return chosen.expand(num_tokens, topk)[:, torch.randperm(topk)].int()
     return torch.rand(num_tokens, num_experts).argsort(-1)[:, :topk].int()
 
 
-def _expert_inputs(num_tokens, num_experts, topk, dtype, device, case="random", weight_dtype=torch.float32):
-    ids = _pairs(num_tokens, num_experts, topk, case)
+def _expert_inputs(num_tokens, num_experts, topk, dtype, device="cpu"):
+    ids = _pairs(num_tokens, num_experts, topk)
     x = torch.randn(num_tokens, EXPERT_H).to(dtype)
     w13, w2 = _experts(num_experts, dtype, EXPERT_H, EXPERT_I)
-    weights = torch.rand(ids.shape).to(weight_dtype)
-    return [t.to(device) for t in (x, w13, w2, weights, ids)]
+    return [t.to(device) for t in (x, w13, w2, torch.rand(ids.shape), ids)]
 
 
 def _run(backend, *args):
@@ -320,55 +286,10 @@ def _run(backend, *args):
     return out
 
 
-def _check_backend(backend, device, dtypes, dtype, num_tokens, num_experts, topk, case="random", **kwargs):
-    if dtype not in dtypes:
-        pytest.skip(f"{backend} on {device} does not run {dtype}")
-    if topk > num_experts:
-        pytest.skip(f"k = {topk} > E = {num_experts}")
-    args = _expert_inputs(num_tokens, num_experts, topk, dtype, device, case, **kwargs)
-    out = _run(backend, *args)
-    assert out.shape == (num_tokens, EXPERT_H) and out.dtype == dtype and out.device.type == device
-    assert_close(out.cpu(), fused_experts(*[a.cpu() for a in args]))
-
-
-@pytest.mark.parametrize("topk", [1, 2, 8])
-@pytest.mark.parametrize("num_experts", [8, 61])
-@pytest.mark.parametrize("num_tokens", [0, 1, 7, 64])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("backend,device,dtypes", EXPERT_BACKENDS)
-def test_fused_experts_backend_matches_reference(backend, device, dtypes, dtype, num_tokens, num_experts, topk):
-    _check_backend(backend, device, dtypes, dtype, num_tokens, num_experts, topk)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-@pytest.mark.parametrize(
-    "num_tokens,num_experts,topk,case,weight_dtype",
-    [
-        (257, 61, 8, "random", torch.float32),  # many blocks per expert
-        (33, 8, 1, "one-expert", torch.float32),  # all tokens on one expert, 7 experts empty
-        (21, 61, 3, "sparse", torch.float32),  # 58 experts with no tokens
-        (9, 8, 2, "random", None),  # routing weights in the model dtype (transformers' Qwen3 router)
-    ],
-)
-@pytest.mark.parametrize("backend,device,dtypes", EXPERT_BACKENDS)
-def test_fused_experts_backend_routing_cases(backend, device, dtypes, dtype, num_tokens, num_experts, topk, case,
-                                             weight_dtype):  # fmt: skip
-    if num_tokens > 64 and backend == "triton" and device == "cpu":
-        pytest.skip("the interpreter runs each program serially: large T only on the cpu backend and on CUDA")
-    _check_backend(backend, device, dtypes, dtype, num_tokens, num_experts, topk, case,
-                   weight_dtype=weight_dtype or dtype)  # fmt: skip
-
-
-@pytest.mark.parametrize("backend,device,dtypes", EXPERT_BACKENDS)
-def test_fused_experts_backend_deterministic_and_strided_weights(backend, device, dtypes):
-    """Same bits run to run; weights stored transposed ([E, H, 2I] memory) are read through their strides."""
-    dtype = dtypes[-1]
-    x, w13, w2, weights, ids = _expert_inputs(64, 8, 2, dtype, device)
-    out = _run(backend, x, w13, w2, weights, ids)
-    assert torch.equal(out, _run(backend, x, w13, w2, weights, ids))
-    w13_t = w13.transpose(1, 2).contiguous().transpose(1, 2)
-    w2_t = w2.transpose(1, 2).contiguous().transpose(1, 2)
-    assert_close(_run(backend, x, w13_t, w2_t, weights, ids.long()), out)
+@pytest.mark.parametrize("backend,device", backend_params("fused_experts", kernels_only=True))
+def test_fused_experts_same_bits_run_to_run(backend, device):
+    args = _expert_inputs(64, 8, 2, torch.float16, device)
+    assert torch.equal(_run(backend, *args), _run(backend, *args))
 
 
 def _tile_routing(case: str) -> tuple[int, int, torch.Tensor]:
@@ -424,44 +345,6 @@ def test_fused_experts_cpu_same_bits_for_any_thread_count(dtype):
     assert all(torch.equal(outs[0], out) for out in outs[1:])
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("num_tokens", [1, 64, 512, 1024, 2048])  # BLOCK_M 16, 16, 32, 64, 128
-def test_fused_experts_triton_qwen3_30b_shape(num_tokens, dtype):
-    num_experts, topk, hidden, inter = 128, 8, 2048, 768
-    x = torch.randn(num_tokens, hidden, device="cuda").to(dtype)
-    w13 = (torch.randn(num_experts, 2 * inter, hidden, device="cuda") / hidden**0.5).to(dtype)
-    w2 = (torch.randn(num_experts, hidden, inter, device="cuda") / inter**0.5).to(dtype)
-    weights, ids = qwen_fast.reference.fused_topk(torch.randn(num_tokens, num_experts, device="cuda"), topk)
-    out = _run("triton", x, w13, w2, weights, ids)
-    assert_close(out, fused_experts(x, w13, w2, weights, ids))
-
-
-def test_fused_experts_opcheck_native():
-    torch.library.opcheck(torch.ops.qwen_fast.fused_experts.default, _expert_inputs(7, 8, 2, torch.float32, "cpu"))
-
-
-@pytest.mark.interpret
-def test_fused_experts_opcheck_triton():
-    torch.library.opcheck(
-        torch.ops.qwen_fast_triton.fused_experts.default, _expert_inputs(7, 8, 2, torch.float16, "cpu")
-    )
-
-
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.interpret)])
-def test_fused_experts_compiles_fullgraph(backend):
-    args = _expert_inputs(7, 8, 2, torch.float32, "cpu")
-    expected = fused_experts(*args)
-
-    @torch.compile(fullgraph=True, backend="inductor" if backend == "cpu" else "eager")
-    def layer(x, w13, w2, weights, ids):
-        return qwen_fast.fused_experts(x, w13, w2, weights, ids) + x
-
-    torch._dynamo.reset()
-    with qwen_fast.use_backend(backend):
-        assert_close(layer(*args), expected + args[0])
-
-
 def test_fused_experts_native_checks_its_arguments():
     """Direct torch.ops calls skip the Python checks: the C++ op names the bad argument and its value."""
     x, w13, w2, weights, ids = _expert_inputs(5, 8, 2, torch.float32, "cpu")
@@ -479,21 +362,16 @@ def test_fused_experts_native_checks_its_arguments():
 def test_fused_experts_triton_every_block_m(num_tokens, block_m, dtype):
     """Each BLOCK_M the heuristic can pick (E = 8, k = 8: T*k/E = T rows per expert) against the reference."""
     assert qwen_fast.ops.moe_align.choose_block_size(num_tokens, 8, 8) == block_m
-    _check_backend("triton", "cpu", (dtype,), dtype, num_tokens, 8, 8)
+    args = _expert_inputs(num_tokens, 8, 8, dtype)
+    assert_close(_run("triton", *args), fused_experts(*args))
 
 
-@pytest.mark.parametrize(
-    "routing",
-    [{}, {"scoring_func": "sigmoid", "num_expert_group": 4, "topk_group": 2, "routed_scaling_factor": 2.5}],
-    ids=["softmax", "grouped-sigmoid"],
-)
-@pytest.mark.parametrize("num_tokens", [0, 1, 9])
-@pytest.mark.parametrize("backend,device,dtypes", EXPERT_BACKENDS)
-def test_fused_moe_runs_the_experts_backend(backend, device, dtypes, num_tokens, routing):
+@pytest.mark.parametrize("backend,device", backend_params("fused_moe", kernels_only=True))
+def test_fused_moe_runs_the_experts_backend(backend, device):
     """fused_moe = fused_topk (its own auto choice) + the forced backend's fused_experts kernel."""
-    dtype = dtypes[-1]
-    x = torch.randn(num_tokens, EXPERT_H).to(dtype)
-    w13, w2 = _experts(8, dtype, EXPERT_H, EXPERT_I)
+    num_tokens, routing = 9, {"scoring_func": "sigmoid", "num_expert_group": 4, "topk_group": 2}
+    x = torch.randn(num_tokens, EXPERT_H).half()
+    w13, w2 = _experts(8, torch.float16, EXPERT_H, EXPERT_I)
     logits = torch.randn(num_tokens, 8)
     args = [t.to(device) for t in (x, w13, w2, logits)]
     routing_backend = qwen_fast.ops.FUSED_TOPK.select(torch.device(device))  # auto's choice: cpu, or cuda on GPU

@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from backends import backend_params
 from numerics import assert_close, assert_within_budget
 from transformers import Qwen3Config, Qwen3MoeConfig
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
@@ -12,11 +13,12 @@ from transformers.models.qwen3 import modeling_qwen3
 from transformers.models.qwen3_moe import modeling_qwen3_moe
 
 import qwen_fast
+from qwen_fast.cli.samples import Inputs
+from qwen_fast.cli.samples.rope import qk_norm_rope_and_cache_args
 from qwen_fast.reference.attention import flash_attn_func
 from qwen_fast.reference.kv_cache import reshape_and_cache as reference_reshape_and_cache
 from qwen_fast.reference.norm import rms_norm
 from qwen_fast.reference.rope import apply_rotary_emb, compute_cos_sin_cache
-from qwen_fast.reference.rope import qk_norm_rope_and_cache as reference_qk_norm_rope_and_cache
 
 ALL_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -221,170 +223,27 @@ def test_attention_layer_matches_transformers(family, rope, dtype):
         assert_within_budget(out, hf(attention, hidden), hf(low, hidden.to(dtype)))
 
 
-# --- rotary_embedding and qk_norm_rope_and_cache: every backend against the reference ---------------------------------
+# --- kernels: every backend on every sample (strided views included), opcheck and compile are tests/test_ops.py -----
 
-# (backend, device of the tensors)
-ROPE_BACKENDS = [
-    ("cpu", "cpu"),
-    ("torch", "cpu"),
-    pytest.param("triton", "cpu", marks=pytest.mark.interpret),
-    pytest.param("cuda", "cuda", marks=pytest.mark.gpu),
-    pytest.param("triton", "cuda", marks=pytest.mark.gpu),
-]
-# (T, D, Hq, Hkv, block_size, q/k/v as views of one qkv projection)
-ROPE_CASES = [
-    (0, 64, 8, 2, 16, False),
-    (1, 128, 8, 2, 1, True),
-    (7, 64, 4, 4, 5, False),
-    (33, 128, 8, 2, 16, True),
-    (33, 64, 4, 4, 1, False),
-]
-# (is_neox, cos_sin_cache in fp32 or in the model dtype): both pairings and both roundings, in two runs
-ROPE_MODES = [(True, "fp32"), (False, "model")]
+QK_ORDER = ("query", "key", "value", "q_norm_weight", "k_norm_weight", "eps", "positions", "cos_sin_cache",
+            "key_cache", "value_cache", "slot_mapping", "is_neox")  # fmt: skip
 
 
-def _skip_unsupported(backend, device, dtype):
-    if backend == "triton" and device == "cpu" and dtype == torch.bfloat16:
-        pytest.skip("Triton's interpreter rounds bfloat16 casts differently (interpreter tests use fp32/fp16)")
+def _qk_args(device="cpu", dtype=torch.float32, fused=False):
+    """9 tokens (every third from the second is padding), D = 64, 4 query / 2 KV heads, 4 pages of 5 slots."""
+    return qk_norm_rope_and_cache_args(9, 64, 4, 2, 5, fused, True, "fp32")(Inputs(torch.device(device), dtype))
 
 
-def _rope_inputs(num_tokens, head_dim, heads_q, heads_kv, block_size, strided, dtype, cache_dtype, seed=0):
-    """Random q/k/v, Qwen3-style norm weights, positions up to 131071, the Qwen3-235B YaRN table, caches, slots."""
-    gen = torch.Generator().manual_seed(seed)
-    if strided:
-        qkv = torch.randn(num_tokens, heads_q + 2 * heads_kv, head_dim, generator=gen).to(dtype)
-        query, key, value = qkv.split([heads_q, heads_kv, heads_kv], dim=1)
-    else:
-        query = torch.randn(num_tokens, heads_q, head_dim, generator=gen).to(dtype)
-        key = (3 * torch.randn(num_tokens, heads_kv, head_dim, generator=gen)).to(dtype)
-        value = torch.randn(num_tokens, heads_kv, head_dim, generator=gen).to(dtype)
-    q_weight = (1 + 0.5 * torch.randn(head_dim, generator=gen)).to(dtype)
-    k_weight = (1 + 0.5 * torch.randn(head_dim, generator=gen)).to(dtype)
-    positions = torch.randint(0, 131072, (num_tokens,), generator=gen)
-    positions[-1:] = 131071
-    num_blocks = num_tokens // block_size + 3
-    key_cache = torch.randn(num_blocks, block_size, heads_kv, head_dim, generator=gen).to(dtype)
-    value_cache = torch.randn(num_blocks, block_size, heads_kv, head_dim, generator=gen).to(dtype)
-    slots = torch.randperm(num_blocks * block_size, generator=gen)[:num_tokens]
-    slots[1::3] = -1  # padding tokens
-    cos_sin_cache = _long_cache(head_dim, "yarn_qwen3_235b", dtype if cache_dtype == "model" else torch.float32)
-    return {
-        "query": query, "key": key, "value": value, "q_norm_weight": q_weight, "k_norm_weight": k_weight, "eps": 1e-6,
-        "positions": positions, "cos_sin_cache": cos_sin_cache, "key_cache": key_cache, "value_cache": value_cache,
-        "slot_mapping": slots,
-    }  # fmt: skip
-
-
-def _on(device, inputs):
-    return {name: x.to(device) if isinstance(x, torch.Tensor) else x for name, x in inputs.items()}
-
-
-@pytest.mark.parametrize("backend,device", ROPE_BACKENDS)
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("is_neox, cache_dtype", ROPE_MODES)
-@pytest.mark.parametrize("num_tokens, head_dim, heads_q, heads_kv, block_size, strided", ROPE_CASES)
-def test_qk_norm_rope_and_cache_matches_reference(
-    backend, device, dtype, is_neox, cache_dtype, num_tokens, head_dim, heads_q, heads_kv, block_size, strided
-):
-    _skip_unsupported(backend, device, dtype)
-    inputs = _on(device, _rope_inputs(num_tokens, head_dim, heads_q, heads_kv, block_size, strided, dtype, cache_dtype))
-    expected = dict(inputs, key_cache=inputs["key_cache"].clone(), value_cache=inputs["value_cache"].clone())
-    key_cache_before = inputs["key_cache"].clone()
-    q_ref, k_ref = reference_qk_norm_rope_and_cache(**expected, is_neox=is_neox)
-
-    with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
-        q_out, k_out = qwen_fast.qk_norm_rope_and_cache(**inputs, is_neox=is_neox)
-    assert calls == [("qk_norm_rope_and_cache", backend)]
-    assert q_out.shape == q_ref.shape and k_out.shape == k_ref.shape and q_out.dtype == k_out.dtype == dtype
-    assert_close(q_out, q_ref)
-    assert_close(k_out, k_ref)
-    # The value rows are copied exactly; the key cache holds exactly the returned keys at the kept slots, nothing else
-    # changes (padding tokens write nowhere).
-    assert torch.equal(inputs["value_cache"], expected["value_cache"])
-    own_keys = key_cache_before.clone()
-    reference_reshape_and_cache(k_out, inputs["value"], own_keys, own_keys.clone(), inputs["slot_mapping"])
-    assert torch.equal(inputs["key_cache"], own_keys)
-    assert_close(inputs["key_cache"], expected["key_cache"])
-
-
-@pytest.mark.parametrize("backend,device", ROPE_BACKENDS)
-@pytest.mark.parametrize("dtype", ALL_DTYPES)
-@pytest.mark.parametrize("is_neox, cache_dtype", ROPE_MODES)
-@pytest.mark.parametrize("num_tokens, head_dim, heads_q, heads_kv, block_size, strided", ROPE_CASES)
-def test_rotary_embedding_matches_reference(
-    backend, device, dtype, is_neox, cache_dtype, num_tokens, head_dim, heads_q, heads_kv, block_size, strided
-):
-    _skip_unsupported(backend, device, dtype)
-    inputs = _on(device, _rope_inputs(num_tokens, head_dim, heads_q, heads_kv, block_size, strided, dtype, cache_dtype))
-    args = inputs["positions"], inputs["query"], inputs["key"], inputs["cos_sin_cache"], is_neox
-    q_ref, k_ref = apply_rotary_emb(*args)
-    with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
-        q_out, k_out = qwen_fast.rotary_embedding(*args)
-    assert calls == [("rotary_embedding", backend)]
-    if device == "cpu":  # same operations in the same order: the same bits (GPUs may contract into FMAs)
-        assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref)
-    assert_close(q_out, q_ref)
-    assert_close(k_out, k_ref)
-
-
-@pytest.mark.parametrize("backend", ["cpu", "torch", pytest.param("triton", marks=pytest.mark.interpret)])
-def test_rotary_embedding_batched_layout_and_no_key(backend):
-    """[B, S, H, D] with positions [B, S] (a non-contiguous batch view), and key=None."""
-    cache = _long_cache(64, "yarn_qwen3_235b")
-    query = torch.randn(3, 2, 5, 64).transpose(0, 1)[:, :, 1:]  # [B=2, S=3, Hq=4, D]; not contiguous
-    key = torch.randn(2, 3, 2, 64)
-    positions = torch.tensor([[0, 1, 2], [131069, 131070, 131071]])
-    q_ref, k_ref = apply_rotary_emb(positions, query, key, cache, is_neox=True)
-    with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
-        q_out, k_out = qwen_fast.rotary_embedding(positions, query, key, cache)
-        q_alone, none = qwen_fast.rotary_embedding(positions, query, None, cache, is_neox=True)
-    assert calls == [("rotary_embedding", backend)] * 2
-    assert q_out.shape == query.shape and k_out.shape == key.shape and none is None
-    assert torch.equal(q_out, q_ref) and torch.equal(k_out, k_ref) and torch.equal(q_alone, q_ref)
-
-
-def _small_rope_args(dtype=torch.float16, cache_dtype="fp32"):
-    return _rope_inputs(9, 64, 4, 2, 5, True, dtype, cache_dtype)
-
-
-def _rotary_args(inputs, is_neox=True):
-    return inputs["positions"], inputs["query"], inputs["key"], inputs["cos_sin_cache"], is_neox
-
-
-def test_rope_opcheck_native():
-    inputs = _small_rope_args()
-    torch.library.opcheck(torch.ops.qwen_fast.rotary_embedding.default, _rotary_args(inputs))
-    torch.library.opcheck(torch.ops.qwen_fast.qk_norm_rope_and_cache.default, (*inputs.values(), False))
-
-
-@pytest.mark.interpret
-def test_rope_opcheck_triton():
-    inputs = _small_rope_args(cache_dtype="model")
-    torch.library.opcheck(torch.ops.qwen_fast_triton.rotary_embedding.default, _rotary_args(inputs, False))
-    torch.library.opcheck(torch.ops.qwen_fast_triton.qk_norm_rope_and_cache.default, (*inputs.values(), True))
-
-
-@pytest.mark.parametrize("backend", ["cpu", "torch"])
-def test_rope_compiles_fullgraph(backend):
-    inputs = _small_rope_args(torch.float32)
-    expected = dict(inputs, key_cache=inputs["key_cache"].clone(), value_cache=inputs["value_cache"].clone())
-    q_ref, k_ref = reference_qk_norm_rope_and_cache(**expected)
-    q_rot_ref, _ = apply_rotary_emb(*_rotary_args(inputs))
-
-    @torch.compile(fullgraph=True, backend="eager" if backend == "torch" else "inductor")
-    def attention_prologue(args):
-        q, k = qwen_fast.qk_norm_rope_and_cache(**args)
-        q_rot, _ = qwen_fast.rotary_embedding(args["positions"], args["query"], args["key"], args["cos_sin_cache"])
-        return q, k, q_rot
-
-    torch._dynamo.reset()
+@pytest.mark.parametrize("backend,device", backend_params("qk_norm_rope_and_cache"))
+def test_qk_norm_rope_and_cache_writes_the_keys_it_returns(backend, device):
+    """The key cache holds exactly the returned keys at the kept slots and nothing else changes (padding tokens write
+    nowhere); the value cache holds the values."""
+    args = _qk_args(device, torch.float16, fused=True)
+    own_keys, own_values = args["key_cache"].clone(), args["value_cache"].clone()
     with qwen_fast.use_backend(backend):
-        q, k, q_rot = attention_prologue(inputs)
-    assert_close(q, q_ref)
-    assert_close(k, k_ref)
-    assert torch.equal(q_rot, q_rot_ref)
-    assert torch.equal(inputs["value_cache"], expected["value_cache"])
-    assert_close(inputs["key_cache"], expected["key_cache"])
+        _, k_out = qwen_fast.qk_norm_rope_and_cache(**args)
+    reference_reshape_and_cache(k_out, args["value"], own_keys, own_values, args["slot_mapping"])
+    assert torch.equal(args["key_cache"], own_keys) and torch.equal(args["value_cache"], own_values)
 
 
 # --- bad input: named, value-bearing errors -------------------------------------------------------------------------
@@ -446,9 +305,9 @@ def test_rope_compiles_fullgraph(backend):
     ],
 )
 def test_qk_norm_rope_and_cache_bad_input(change, error, message):
-    inputs = _rope_inputs(9, 64, 4, 2, 5, False, torch.float32, "fp32")
+    inputs = _qk_args()
     with pytest.raises(error, match=message):
-        qwen_fast.qk_norm_rope_and_cache(**{"is_neox": True, **inputs, **change(inputs)})
+        qwen_fast.qk_norm_rope_and_cache(**(inputs | change(inputs)))
 
 
 @pytest.mark.parametrize(
@@ -470,12 +329,14 @@ def test_rotary_embedding_bad_input(args, error, message):
 
 def test_native_rope_ops_check_ranges():
     """Direct torch.ops calls skip the Python checks: the C++ ones raise instead of reading out of bounds."""
-    inputs = _small_rope_args(torch.float32)
+    inputs = _qk_args()
     args = dict(inputs, positions=inputs["positions"] + 1)
+    rotary = [args[name] for name in ("positions", "query", "key", "cos_sin_cache", "is_neox")]
     with pytest.raises(RuntimeError, match=r"positions\[8\] = 131072 is outside the cos_sin_cache's \[0, 131072\)"):
-        torch.ops.qwen_fast.rotary_embedding(*_rotary_args(args))
+        torch.ops.qwen_fast.rotary_embedding(*rotary)
     args = dict(inputs, slot_mapping=inputs["slot_mapping"] + 100)
     with pytest.raises(RuntimeError, match=r"slot_mapping\[0\] = \d+ is past the caches' 20 slots"):
-        torch.ops.qwen_fast.qk_norm_rope_and_cache(*args.values(), True)
+        torch.ops.qwen_fast.qk_norm_rope_and_cache(*(args[name] for name in QK_ORDER))
+    args = dict(inputs, q_norm_weight=inputs["query"])
     with pytest.raises(RuntimeError, match="the norm weights must be contiguous"):
-        torch.ops.qwen_fast.qk_norm_rope_and_cache(*dict(inputs, q_norm_weight=inputs["query"]).values(), True)
+        torch.ops.qwen_fast.qk_norm_rope_and_cache(*(args[name] for name in QK_ORDER))

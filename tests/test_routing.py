@@ -13,6 +13,7 @@ transformers accepts a different pick only where the selection scores are exactl
 
 import pytest
 import torch
+from backends import backend_params
 from numerics import assert_close
 from transformers import DeepseekV3Config, MixtralConfig, OlmoeConfig, Qwen2MoeConfig, Qwen3MoeConfig
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
@@ -266,214 +267,33 @@ def test_no_tokens(kwargs):
     [
         ({"gating_output": [[1.0, 2.0]]}, TypeError, "gating_output must be a torch.Tensor, got list"),
         ({"gating_output": torch.randn(4)}, ValueError, r"gating_output must have 2 dimensions, got shape \(4,\)"),
-        (
-            {"gating_output": torch.zeros(3, 8, dtype=torch.int64)},
-            TypeError,
-            "gating_output must be .* got torch.int64",
-        ),
+        ({"gating_output": torch.zeros(3, 8).long()}, TypeError, "gating_output must be .* got torch.int64"),
         ({"gating_output": torch.zeros(3, 0)}, ValueError, "at least one expert"),
         ({"topk": 9}, ValueError, r"topk must be in \[1, 8\], got 9"),
         ({"topk": 0}, ValueError, r"topk must be in \[1, 8\], got 0"),
         ({"topk": 2.0}, TypeError, "topk must be an int, got float 2.0"),
         ({"renormalize": "yes"}, TypeError, "renormalize must be a bool, got str 'yes'"),
         ({"scoring_func": "relu"}, ValueError, "scoring_func must be 'softmax' or 'sigmoid', got 'relu'"),
-        (
-            {"e_score_correction_bias": torch.zeros(7)},
-            ValueError,
-            r"e_score_correction_bias must be \[E\].*\(8,\), got \(7,\)",
-        ),
+        ({"e_score_correction_bias": torch.zeros(7)}, ValueError, r"correction_bias must be \[E\].*\(8,\), got \(7,\)"),
         ({"num_expert_group": 4}, ValueError, "num_expert_group and topk_group go together"),
-        (
-            {"num_expert_group": 3, "topk_group": 1},
-            ValueError,
-            "num_expert_group=3 must divide the number of experts 8",
-        ),
+        ({"num_expert_group": 3, "topk_group": 1}, ValueError, "num_expert_group=3 must divide the number of exp"),
         ({"num_expert_group": 4, "topk_group": 5}, ValueError, r"topk_group must be in \[1, 4\], got 5"),
-        (
-            {"num_expert_group": 4, "topk_group": 1, "topk": 3},
-            ValueError,
-            "topk=3 exceeds the 2 experts of topk_group=1",
-        ),
+        ({"num_expert_group": 4, "topk_group": 1, "topk": 3}, ValueError, "topk=3 exceeds the 2 experts of topk_gr"),
         ({"routed_scaling_factor": float("nan")}, ValueError, "routed_scaling_factor must be finite and > 0, got nan"),
         ({"routed_scaling_factor": "2"}, TypeError, "routed_scaling_factor must be a float, got str"),
     ],
-)
+)  # fmt: skip
 def test_fused_topk_bad_input(kwargs, error, message):
     args = {"gating_output": torch.randn(3, 8), "topk": 2} | kwargs
     with pytest.raises(error, match=message):
         qwen_fast.fused_topk(**args)
 
 
-# --- every backend against the reference -----------------------------------------------------------------------------
-#
-# What "equal" means. The kernels compute the reference's scores with the same formulas in fp32 (softmax =
-# exp(x - max) * (1 / sum), sigmoid = 1 / (1 + exp(-x)), + bias), but with their own exp and their own summation order,
-# so a score may differ from torch's in the last bit. The selection is on those scores, ties to the lower index, like
-# the reference (not on the logits: different logits with equal scores, e.g. sigmoid saturating to 1.0 or softmax
-# underflowing to 0, are ties). Hence ids are compared EXACTLY wherever distinct selection scores are more than a few
-# ulps apart, which the test logits guarantee: they lie on a grid of 1/64 (exact in fp16 and fp32, coarser after the
-# bf16 rounding), so distinct logits move a score by >= 1.5% (softmax) or >= 1e-5 (sigmoid at |x| < 10), and equal
-# logits give bit-equal scores in every implementation (exact ties, which must follow the lower-index rule). Only
-# fp32 logits a few ulps apart can legitimately flip (test_fp32_near_ties_flip_only_within_ulps says exactly when).
-
-# (backend, device of the tensors)
-TOPK_BACKENDS = [
-    ("cpu", "cpu"),
-    ("torch", "cpu"),
-    pytest.param("triton", "cpu", marks=pytest.mark.interpret),
-    pytest.param("cuda", "cuda", marks=pytest.mark.gpu),
-    pytest.param("triton", "cuda", marks=pytest.mark.gpu),
-]
-DTYPES = {"cpu": (torch.float32, torch.bfloat16, torch.float16), "torch": (torch.float32,)}
-INTERPRET_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # no tl.dot: bf16 is exact under the interpreter
+# --- kernels: the one place they may order experts differently from the reference ----------------------------------
+# Every backend against the reference on every sample (ids bit for bit, exact ties included): tests/test_ops.py.
 
 
-def _grid_logits(num_tokens: int, num_experts: int, dtype: torch.dtype, seed: int = 0) -> torch.Tensor:
-    """N(0, 2^2) logits rounded to multiples of 1/64: exact ties happen, near ties (closer than 1/64) do not."""
-    gen = torch.Generator().manual_seed(seed)
-    return ((torch.randn(num_tokens, num_experts, generator=gen) * 128).round() / 64).to(dtype)
-
-
-def _run_backend(backend, device, logits, topk, renormalize, **kwargs):
-    if kwargs.get("e_score_correction_bias") is not None:
-        kwargs["e_score_correction_bias"] = kwargs["e_score_correction_bias"].to(device)
-    with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
-        weights, ids = qwen_fast.fused_topk(logits.to(device), topk, renormalize, **kwargs)
-    assert calls == [("fused_topk", backend)]
-    assert weights.device.type == device and weights.dtype == torch.float32 and ids.dtype == torch.int32
-    return weights.cpu(), ids.cpu()
-
-
-def _check_backend(backend, device, logits, topk, renormalize, **kwargs):
-    """ids bit-equal to the reference's, weights within the fp32 tolerance."""
-    expected_w, expected_ids = fused_topk(logits, topk, renormalize, **kwargs)
-    weights, ids = _run_backend(backend, device, logits, topk, renormalize, **kwargs)
-    assert torch.equal(ids, expected_ids)
-    assert_close(weights, expected_w)
-
-
-def _matrix():
-    """(backend, device, T, E, k, renormalize, dtype). The interpreter runs each program serially (about 7 ms per
-    round of the top-k), so Triton on CPU tensors keeps T * E <= 8192 and k <= 64 (k = E for E <= 61), and takes one
-    dtype per shape in turn."""
-    cases = [
-        (num_tokens, num_experts, topk)
-        for num_tokens in (0, 1, 7, 64, 257)
-        for num_experts in (8, 61, 128, 512)
-        for topk in sorted({1, 2, 8, num_experts})
-        if topk <= num_experts
-    ]
-    for param in TOPK_BACKENDS:
-        backend, device = getattr(param, "values", param)
-        marks = getattr(param, "marks", ())
-        interpreted = backend == "triton" and device == "cpu"
-        dtypes = INTERPRET_DTYPES if interpreted else DTYPES.get(backend, INTERPRET_DTYPES)
-        for index, (num_tokens, num_experts, topk) in enumerate(cases):
-            if interpreted and (num_tokens * num_experts > 8192 or topk > 64):
-                continue
-            for renormalize in (True, False):
-                for dtype in dtypes:
-                    if interpreted and dtype != dtypes[(index + renormalize) % len(dtypes)]:
-                        continue
-                    yield pytest.param(
-                        backend, device, num_tokens, num_experts, topk, renormalize, dtype, marks=marks,
-                        id=f"{backend}-{device}-T{num_tokens}-E{num_experts}-k{topk}-norm{int(renormalize)}-{dtype}",
-                    )  # fmt: skip
-
-
-@pytest.mark.parametrize("backend,device,num_tokens,num_experts,topk,renormalize,dtype", list(_matrix()))
-def test_fused_topk_backends_match_reference(backend, device, num_tokens, num_experts, topk, renormalize, dtype):
-    logits = _grid_logits(num_tokens, num_experts, dtype)
-    _check_backend(backend, device, logits, topk, renormalize)
-
-
-# name: (T, E, k, renormalize, routing kwargs); "bias" draws an e_score_correction_bias on the 1/64 grid.
-GROUPED_CASES = {
-    "deepseek-v3": (64, 256, 8, True, {"scoring_func": "sigmoid", "bias": torch.float32, "num_expert_group": 8,
-                                       "topk_group": 4, "routed_scaling_factor": 2.5}),
-    "deepseek-v3-nonorm-bf16-bias": (7, 256, 8, False, {"scoring_func": "sigmoid", "bias": torch.bfloat16,
-                                                        "num_expert_group": 8, "topk_group": 4,
-                                                        "routed_scaling_factor": 2.5}),
-    "small-groups-of-6": (33, 24, 3, True, {"scoring_func": "sigmoid", "bias": torch.float32, "num_expert_group": 4,
-                                            "topk_group": 2}),
-    "softmax-groups": (9, 60, 5, False, {"num_expert_group": 3, "topk_group": 1}),
-    "groups-of-one": (5, 8, 2, True, {"scoring_func": "sigmoid", "num_expert_group": 8, "topk_group": 3}),
-    "sigmoid-plain": (17, 61, 8, True, {"scoring_func": "sigmoid"}),
-    "k=all-kept": (4, 16, 8, False, {"scoring_func": "sigmoid", "bias": torch.float32, "num_expert_group": 4,
-                                     "topk_group": 2}),
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("backend,device", TOPK_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", list(GROUPED_CASES))
-def test_fused_topk_grouped_match_reference(backend, device, case, dtype):
-    num_tokens, num_experts, topk, renormalize, kwargs = GROUPED_CASES[case]
-    kwargs = dict(kwargs)
-    bias_dtype = kwargs.pop("bias", None)
-    if bias_dtype is not None:
-        kwargs["e_score_correction_bias"] = (_grid_logits(1, num_experts, torch.float32, seed=1)[0] / 16).to(bias_dtype)
-    logits = _grid_logits(num_tokens, num_experts, dtype)
-    _check_backend(backend, device, logits, topk, renormalize, **kwargs)
-
-
-def _ulp_steps(base: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
-    """base moved up by `steps` (0..3) units in the last place of its own dtype."""
-    out = base.clone()
-    for step in range(1, int(steps.max()) + 1):
-        up = torch.nextafter(out, torch.full_like(out, float("inf")))
-        out = torch.where(steps >= step, up, out)
-    return out
-
-
-def _tie_logits(kind: str, num_experts: int, dtype: torch.dtype) -> torch.Tensor:
-    """Rows whose correct routing rests on the tie rule alone."""
-    if kind == "all-equal":  # every score equal: ids 0, 1, ..., k-1
-        return torch.zeros(5, num_experts, dtype=dtype)
-    if kind == "duplicates":  # 4 distinct values, each held by many experts
-        return (torch.randint(0, 4, (9, num_experts), generator=torch.Generator().manual_seed(2)) / 2).to(dtype)
-    if kind == "sigmoid-saturated":  # logits 20..40 all have sigmoid == 1.0 in fp32: tied though the logits differ
-        return torch.linspace(20, 40, num_experts).flip(0).expand(3, -1).to(dtype)
-    if kind == "softmax-underflow":  # one dominant expert; exp(x - max) == 0 for all the others, though they differ
-        logits = torch.linspace(-400, -200, num_experts).expand(3, -1).clone()
-        logits[:, num_experts // 2] = 100.0
-        return logits.to(dtype)
-    raise ValueError(kind)
-
-
-@pytest.mark.parametrize("backend,device", TOPK_BACKENDS)
-@pytest.mark.parametrize("num_experts", [8, 61, 512])
-@pytest.mark.parametrize("kind", ["all-equal", "duplicates", "sigmoid-saturated", "softmax-underflow"])
-def test_fused_topk_ties_go_to_the_lower_index(backend, device, kind, num_experts):
-    scoring_func = "sigmoid" if kind == "sigmoid-saturated" else "softmax"
-    for dtype in (torch.float32, torch.bfloat16):
-        logits = _tie_logits(kind, num_experts, dtype)
-        for topk in sorted({1, 8, num_experts}):
-            if topk > 64 and backend == "triton" and device == "cpu":
-                continue  # the interpreter's top-k rounds are slow; k = E is covered at E = 61
-            _check_backend(backend, device, logits, topk, True, scoring_func=scoring_func)
-    if kind == "all-equal":
-        _, ids = _run_backend(backend, device, logits, 8, True)
-        assert ids.tolist() == [list(range(8))] * 5
-        groups = {"scoring_func": "sigmoid", "num_expert_group": 4 if num_experts % 4 == 0 else 1, "topk_group": 1}
-        _check_backend(backend, device, logits, 2, True, **groups)  # tied groups: the lowest is kept
-
-
-@pytest.mark.parametrize("backend,device", TOPK_BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fused_topk_low_precision_near_ties_are_exact(backend, device, dtype):
-    """Logits one to three units apart in bf16/fp16: their scores differ by >= 2^-11 relative, far above fp32
-    rounding, so every backend orders them exactly as the reference."""
-    base = _grid_logits(16, 128, torch.float32, seed=3).to(dtype)
-    steps = torch.randint(0, 4, base.shape, generator=torch.Generator().manual_seed(4))
-    logits = _ulp_steps(base, steps)
-    for topk, kwargs in ((8, {}), (8, {"scoring_func": "sigmoid"})):
-        _check_backend(backend, device, logits, topk, True, **kwargs)
-    if not (backend == "triton" and device == "cpu"):
-        _check_backend(backend, device, logits, 128, False)
-
-
-@pytest.mark.parametrize("backend,device", TOPK_BACKENDS)
+@pytest.mark.parametrize("backend,device", backend_params("fused_topk"))
 def test_fp32_near_ties_flip_only_within_ulps(backend, device):
     """fp32 logits zero to three ulps apart: the one place where a kernel may order two experts differently from the
     reference, and exactly why.
@@ -487,11 +307,15 @@ def test_fp32_near_ties_flip_only_within_ulps(backend, device):
     expf is within 2 ulps, glibc's and Sleef's within 1): ids differing anywhere else fail the test.
     """
     gen = torch.Generator().manual_seed(5)
-    base = torch.randn(256, 64, generator=gen).repeat_interleave(2, dim=1)
-    logits = _ulp_steps(base, torch.randint(0, 4, base.shape, generator=gen))
+    logits = torch.randn(256, 64, generator=gen).repeat_interleave(2, dim=1)
+    steps = torch.randint(0, 4, logits.shape, generator=gen)
+    for step in (1, 2, 3):
+        logits = torch.where(steps >= step, torch.nextafter(logits, torch.full_like(logits, float("inf"))), logits)
     topk = 128 if not (backend == "triton" and device == "cpu") else 8
     expected_w, expected_ids = fused_topk(logits, topk, True)
-    weights, ids = _run_backend(backend, device, logits, topk, True)
+    with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
+        weights, ids = (t.cpu() for t in qwen_fast.fused_topk(logits.to(device), topk, True))
+    assert calls == [("fused_topk", backend)]
     scores = torch.softmax(logits, dim=-1)
     differ = ids != expected_ids
     got_scores = scores.gather(1, ids.long())[differ]
@@ -503,43 +327,7 @@ def test_fp32_near_ties_flip_only_within_ulps(backend, device):
     assert_close(weights, expected_w)
 
 
-# --- registration: opcheck, torch.compile, the native op's own checks -----------------------------------------------
-
-OPCHECK_ARGS = [
-    (torch.randn(9, 16), 4, True, "softmax", None, None, None, 1.0),
-    (torch.randn(5, 32, dtype=torch.bfloat16), 6, False, "sigmoid", torch.randn(32), 4, 2, 2.5),
-    (torch.randn(0, 8, dtype=torch.float16), 8, True, "softmax", None, None, None, 1.0),
-]
-
-
-def test_fused_topk_opcheck_native():
-    for args in OPCHECK_ARGS:
-        torch.library.opcheck(torch.ops.qwen_fast.fused_topk.default, args)
-
-
-@pytest.mark.interpret
-def test_fused_topk_opcheck_triton():
-    for args in OPCHECK_ARGS:
-        torch.library.opcheck(torch.ops.qwen_fast_triton.fused_topk.default, args)
-
-
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=pytest.mark.interpret)])
-def test_fused_topk_compiles_fullgraph(backend):
-    logits, bias = _grid_logits(7, 64, torch.float32), torch.randn(64) / 8
-    kwargs = dict(scoring_func="sigmoid", e_score_correction_bias=bias, num_expert_group=8, topk_group=2)
-    expected = fused_topk(logits, 4, True, **kwargs)
-
-    @torch.compile(fullgraph=True)
-    def route(x):
-        weights, ids = qwen_fast.fused_topk(x, 4, True, **kwargs)
-        return weights * 2, ids
-
-    torch._dynamo.reset()
-    with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
-        weights, ids = route(logits)
-    assert calls == [("fused_topk", backend)]  # recorded once, while tracing
-    assert torch.equal(ids, expected[1])
-    assert_close(weights, expected[0] * 2)
+# --- the native op's own checks, the expert limit, auto's choice --------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -578,11 +366,12 @@ def test_fused_topk_expert_limit_is_named():
         qwen_fast.fused_topk(torch.randn(2, 1025), 2)
     with qwen_fast.record_backends() as calls:
         assert qwen_fast.fused_topk(torch.randn(2, 1025), 2)[1].shape == (2, 2)
-        assert qwen_fast.fused_moe(
-            torch.randn(2, 8), torch.randn(1025, 8, 8), torch.randn(1025, 8, 4), torch.randn(2, 1025), 2
-        ).shape == (2, 8)
         assert qwen_fast.fused_topk(torch.randn(2, 1024), 2)[1].shape == (2, 2)
-    assert calls == [("fused_topk", "torch"), ("fused_moe", "cpu"), ("fused_topk", "torch"), ("fused_topk", "cpu")]
+    assert calls == [("fused_topk", "torch"), ("fused_topk", "cpu")]
+    with qwen_fast.record_backends() as calls:  # the experts still run on the cpu kernel, the routing on torch
+        x, w13, w2 = torch.randn(2, 8), torch.randn(1025, 8, 8), torch.randn(1025, 8, 4)
+        assert qwen_fast.fused_moe(x, w13, w2, torch.randn(2, 1025), 2).shape == (2, 8)
+    assert calls[0] == ("fused_moe", "cpu") and ("fused_topk", "torch") in calls
 
 
 def test_fused_topk_auto_picks_the_cpu_kernel():
@@ -591,28 +380,12 @@ def test_fused_topk_auto_picks_the_cpu_kernel():
     assert calls == [("fused_topk", "cpu")]
 
 
-# --- GPU: the cuda and triton kernels at sizes the CPU tests skip ---------------------------------------------------
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("backend", ["cuda", "triton"])
-@pytest.mark.parametrize(
-    "num_tokens,num_experts,topk,kwargs",
-    [
-        (70000, 128, 8, {}),  # more than 65,535 blocks / programs along one grid axis
-        (300, 1024, 1024, {}),  # the expert limit, k = E
-        (100, 1024, 6, {"scoring_func": "sigmoid", "num_expert_group": 1024, "topk_group": 6}),  # groups of one
-        (4096, 256, 8, {"scoring_func": "sigmoid", "num_expert_group": 8, "topk_group": 4}),
-    ],
-)
-def test_fused_topk_large_on_gpu(backend, num_tokens, num_experts, topk, kwargs):
-    for dtype in (torch.bfloat16, torch.float32):
-        _check_backend(backend, "cuda", _grid_logits(num_tokens, num_experts, dtype), topk, True, **kwargs)
+# --- GPU ---------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.gpu
 def test_fused_topk_cuda_graph_and_deterministic():
-    logits = _grid_logits(512, 128, torch.bfloat16).cuda()
+    logits = ((torch.randn(512, 128) * 128).round() / 64).bfloat16().cuda()
     bias = torch.randn(128, device="cuda") / 8
     args = (logits, 8, True, "sigmoid", bias, 8, 4, 2.5)
     first = torch.ops.qwen_fast.fused_topk(*args)

@@ -1,7 +1,9 @@
 """`qwen-fast check`: the environment, which backends serve each op here, and a self-test of every op on every
-usable backend against the reference (qwen_fast/cli/selftest.py). Exit status 1 when any case fails.
+usable backend against the reference (qwen_fast/cli/selftest.py, over the sample table qwen_fast/cli/samples).
+Exit status 1 when any case fails.
 
     qwen-fast check                                   everything usable here (Triton on CPU: TRITON_INTERPRET=1)
+    qwen-fast check --all --ops fused_topk            every sample and dtype of the table (the test suite's cases)
     qwen-fast check --ops fused_topk fused_moe --backends cpu torch --json check.json
 """
 
@@ -64,6 +66,9 @@ def add_parser(subparsers) -> None:
         help=f"only these backends ({', '.join(qwen_fast.ops.BACKENDS)}); default: every one usable here",
     )  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="test only the backend `auto` picks per op and device")
+    parser.add_argument(
+        "--all", action="store_true", help="every sample of the table in every dtype (default: each op's first, fp32)"
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the environment and results as JSON")
     parser.set_defaults(run=run)
 
@@ -71,7 +76,7 @@ def add_parser(subparsers) -> None:
 def run(args: argparse.Namespace) -> int:
     env = environment()
     print(report(env), end="\n\n", flush=True)
-    cases = selftest.plan(args.ops, args.backends, args.quick)
+    cases = selftest.plan(args.ops, args.backends, args.quick, args.all)
     if not cases:
         print(
             f"qwen-fast check: no usable backend among {args.backends} for {', '.join(args.ops)} (the table above "
@@ -79,10 +84,10 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    print(f"self-test: {len(cases)} (op, backend, device) cases, fp32, against qwen_fast.reference")
+    print(f"self-test: {len(cases)} (op, backend, device, sample, dtype) cases against qwen_fast.reference")
     results = []
-    for op, backend, device in cases:
-        results.append(selftest.run_case(op, backend, device))
+    for case in cases:
+        results.append(selftest.run_case(*case))
         print(results[-1].line(), flush=True)
     failed = [r for r in results if r.status != "PASS"]
     print(f"\n{len(results) - len(failed)} passed, {len(failed)} failed")
