@@ -4,11 +4,11 @@ import math
 
 import torch
 
-from qwen_fast import _native
 from qwen_fast.reference import attention as reference
 
 from ._checks import FLOAT_DTYPES, check_int, check_last_dim_contiguous, check_shape, check_tensor
 from ._dispatch import Op
+from ._library import define_triton_op, launcher, native_op
 
 # The kernels take the softmax scale resolved (None -> D ** -0.5) and the window as two ints (-1: unbounded).
 
@@ -44,35 +44,33 @@ def _fake_flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: i
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-if _native.LOAD_ERROR is None:
-    torch.library.register_fake("qwen_fast::flash_attn_varlen_func")(_fake_flash_attn_varlen)
+_launch_flash_attn = launcher("attention", "flash_attn_func")
+_launch_flash_attn_varlen = launcher("attention", "flash_attn_varlen_func")
 
 
-@torch.library.custom_op("qwen_fast_triton::flash_attn", mutates_args=())
-def _flash_attn_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool, window_left: int,
-    window_right: int,
-) -> torch.Tensor:  # fmt: skip
-    from qwen_fast.kernels.attention import flash_attn_func as launch
-
-    return launch(q, k, v, softmax_scale, causal, (window_left, window_right))
+def _flash_attn_launch(q, k, v, softmax_scale, causal, window_left, window_right):
+    return _launch_flash_attn(q, k, v, softmax_scale, causal, (window_left, window_right))
 
 
-_flash_attn_triton.register_fake(_fake_flash_attn)
+def _flash_attn_varlen_launch(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_left, window_right):
+    return _launch_flash_attn_varlen(
+        q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, (window_left, window_right)
+    )  # fmt: skip
 
 
-@torch.library.custom_op("qwen_fast_triton::flash_attn_varlen", mutates_args=())
-def _flash_attn_varlen_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int, window_right: int,
-) -> torch.Tensor:  # fmt: skip
-    from qwen_fast.kernels.attention import flash_attn_varlen_func as launch
-
-    return launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                  (window_left, window_right))  # fmt: skip
-
-
-_flash_attn_varlen_triton.register_fake(_fake_flash_attn_varlen)
+_flash_attn_triton = define_triton_op(
+    "flash_attn(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, int window_left, int window_right) "
+    "-> Tensor",
+    _flash_attn_launch,
+    _fake_flash_attn,
+)
+_flash_attn_varlen_triton = define_triton_op(
+    "flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+    "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right) -> Tensor",
+    _flash_attn_varlen_launch,
+    _fake_flash_attn_varlen,
+)
+_flash_attn_varlen_native = native_op("flash_attn_varlen_func", _fake_flash_attn_varlen)
 
 
 def _flash_attn_native(q, k, v, softmax_scale, causal, window_left, window_right):
@@ -81,17 +79,11 @@ def _flash_attn_native(q, k, v, softmax_scale, causal, window_left, window_right
     device = q.device
     cu_q = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * seqlen_q
     cu_k = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * seqlen_k
-    out = torch.ops.qwen_fast.flash_attn_varlen_func(
+    out = _flash_attn_varlen_native(
         q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]), cu_q, cu_k,
         seqlen_q, seqlen_k, softmax_scale, causal, window_left, window_right,
     )  # fmt: skip
     return out.view(q.shape)
-
-
-def _flash_attn_varlen_native(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *options):
-    return torch.ops.qwen_fast.flash_attn_varlen_func(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *options
-    )  # fmt: skip
 
 
 def _reference_flash_attn(q, k, v, softmax_scale, causal, window_left, window_right):

@@ -2,11 +2,11 @@
 
 import torch
 
-from qwen_fast import _native
 from qwen_fast.reference import kv_cache as reference
 
 from ._checks import FLOAT_DTYPES, check_int, check_last_dim_contiguous, check_shape, check_tensor
 from ._dispatch import NATIVE_FIRST, Op
+from ._library import define_triton_op, launcher, native_op
 from .attention import check_attention_options, check_heads
 
 
@@ -20,29 +20,13 @@ def _fake_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping) ->
     torch._check(slot_mapping.dtype == torch.int64, lambda: f"slot_mapping must be int64, got {slot_mapping.dtype}")
 
 
-if _native.LOAD_ERROR is None:
-    torch.library.register_fake("qwen_fast::reshape_and_cache")(_fake_reshape_and_cache)
-
-
-@torch.library.custom_op("qwen_fast_triton::reshape_and_cache", mutates_args=("key_cache", "value_cache"))
-def _reshape_and_cache_triton(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    from qwen_fast.kernels.kv_cache import reshape_and_cache as launch
-
-    launch(key, value, key_cache, value_cache, slot_mapping)
-
-
-_reshape_and_cache_triton.register_fake(_fake_reshape_and_cache)
-
-
-def _reshape_and_cache_native(key, value, key_cache, value_cache, slot_mapping) -> None:
-    torch.ops.qwen_fast.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
-
+_reshape_and_cache_triton = define_triton_op(
+    "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) "
+    "-> ()",
+    launcher("kv_cache", "reshape_and_cache"),
+    _fake_reshape_and_cache,
+)
+_reshape_and_cache_native = native_op("reshape_and_cache", _fake_reshape_and_cache)
 
 RESHAPE_AND_CACHE = Op(
     "reshape_and_cache",
@@ -139,27 +123,13 @@ def _fake_flash_attn_with_kvcache(
     )
 
 
-if _native.LOAD_ERROR is None and _native.has_kernel("flash_attn_with_kvcache", "CPU"):
-    torch.library.register_fake("qwen_fast::flash_attn_with_kvcache")(_fake_flash_attn_with_kvcache)
-
-
-@torch.library.custom_op("qwen_fast_triton::paged_attention", mutates_args=())
-def _paged_attention_triton(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    seqlens: torch.Tensor,
-    block_table: torch.Tensor,
-    softmax_scale: float,
-    window_left: int,
-    window_right: int,
-) -> torch.Tensor:
-    from qwen_fast.kernels.paged_attention import paged_attention as launch
-
-    return launch(q, k_cache, v_cache, seqlens, block_table, softmax_scale, window_left, window_right)
-
-
-_paged_attention_triton.register_fake(_fake_paged_attention)
+_paged_attention_triton = define_triton_op(
+    "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, Tensor block_table, "
+    "float softmax_scale, int window_left, int window_right) -> Tensor",
+    launcher("paged_attention", "paged_attention"),
+    _fake_paged_attention,
+)
+_flash_attn_with_kvcache_native = native_op("flash_attn_with_kvcache", _fake_flash_attn_with_kvcache)
 
 
 def _kernel_args(q, k_cache, cache_seqlens, block_table, softmax_scale, causal, window_size) -> tuple:
@@ -195,7 +165,7 @@ def _with_kvcache_native(q, k_cache, v_cache, k, v, cache_seqlens, block_table, 
     seqlens, table, scale, left, right = _kernel_args(
         q, k_cache, cache_seqlens, block_table, softmax_scale, causal, window_size
     )
-    return torch.ops.qwen_fast.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, seqlens, table, scale, left, right)
+    return _flash_attn_with_kvcache_native(q, k_cache, v_cache, k, v, seqlens, table, scale, left, right)
 
 
 FLASH_ATTN_WITH_KVCACHE = Op(

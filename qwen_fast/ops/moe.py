@@ -2,12 +2,12 @@
 
 import torch
 
-from qwen_fast import _native
 from qwen_fast.reference import moe as reference
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_shape, check_tensor
-from ._dispatch import Op, use_backend
-from .moe_align import check_expert_ids
+from ._dispatch import Op
+from ._library import define_triton_op, launcher, native_op
+from .moe_align import MOE_ALIGN_BLOCK_SIZE, check_expert_ids
 from .routing import FUSED_TOPK, check_routing_args
 
 
@@ -25,29 +25,28 @@ def _fake_fused_experts(hidden_states, w13, w2, topk_weights, topk_ids) -> torch
     return hidden_states.new_empty(hidden_states.shape)
 
 
-if _native.LOAD_ERROR is None:
-    torch.library.register_fake("qwen_fast::fused_experts")(_fake_fused_experts)
+_choose_config = launcher("moe_gemm", "choose_config")
+_launch_experts = launcher("moe_gemm", "fused_experts")
 
 
-@torch.library.custom_op("qwen_fast_triton::fused_experts", mutates_args=())
-def _fused_experts_triton(
-    hidden_states: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-) -> torch.Tensor:
-    from qwen_fast.kernels.moe_gemm import fused_experts as launch
-
-    return launch(hidden_states, w13, w2, topk_weights, topk_ids)
-
-
-_fused_experts_triton.register_fake(_fake_fused_experts)
+def triton_fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, config: dict | None = None) -> torch.Tensor:
+    """The Triton fused_experts, composed here: the tiles (kernels/moe_gemm.py choose_config, or `config`, a tuner's
+    candidate), the routing layout from moe_align_block_size's auto backend (its Op: arguments already checked),
+    then the GEMM and combine kernels. Arguments as fused_experts."""
+    num_tokens, topk = topk_ids.shape
+    if num_tokens == 0:
+        return hidden_states.new_empty(hidden_states.shape)
+    config = _choose_config(num_tokens, topk, w13) if config is None else config
+    layout = MOE_ALIGN_BLOCK_SIZE.auto(topk_ids.device, topk_ids, config["BLOCK_M"], w13.shape[0])
+    return _launch_experts(hidden_states, w13, w2, topk_weights, *layout, config)
 
 
-def _fused_experts_native(hidden_states, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
-    return torch.ops.qwen_fast.fused_experts(hidden_states, w13, w2, topk_weights, topk_ids)
-
+_fused_experts_triton = define_triton_op(
+    "fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids) -> Tensor",
+    triton_fused_experts,
+    _fake_fused_experts,
+)
+_fused_experts_native = native_op("fused_experts", _fake_fused_experts)
 
 # The experts' GEMMs are Triton's job on CUDA (no CUDA C++ kernel); on CPU the C++ extension's tiled kernels
 # (csrc/cpu/moe.cpp).
@@ -58,22 +57,17 @@ FUSED_EXPERTS = Op(
 )
 
 
-def _fused_moe_on(backend: str):
-    """fused_moe whose experts run on `backend`: routing through fused_topk's own `auto` choice, then that backend's
-    fused_experts kernel (arguments already checked by fused_moe)."""
-
-    def run(hidden_states, w13, w2, gating_output, topk, renormalize=True, **routing_kwargs):
-        with use_backend("auto"):
-            weights, ids = FUSED_TOPK(gating_output.device, gating_output, topk, renormalize, **routing_kwargs)
-        return FUSED_EXPERTS.impls[backend](hidden_states, w13, w2, weights, ids)
-
-    return run
+def _fused_moe(hidden_states, w13, w2, gating_output, topk, renormalize=True, **routing_kwargs):
+    """fused_moe on the kernels: routing on fused_topk's auto backend, then fused_experts on the backend this call
+    was dispatched to (the forced one, or auto's, which is fused_experts' own choice). Arguments already checked."""
+    weights, ids = FUSED_TOPK.auto(gating_output.device, gating_output, topk, renormalize, **routing_kwargs)
+    return FUSED_EXPERTS(hidden_states.device, hidden_states, w13, w2, weights, ids)
 
 
 # A forced backend names the experts' kernels, the bulk of the work; routing takes its fastest backend.
 FUSED_MOE = Op(
     "fused_moe",
-    {"triton": _fused_moe_on("triton"), "cpu": _fused_moe_on("cpu"), "torch": reference.fused_moe},
+    {"triton": _fused_moe, "cpu": _fused_moe, "torch": reference.fused_moe},
     FUSED_EXPERTS.auto_order,
     native_op="fused_experts",
 )

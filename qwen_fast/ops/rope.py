@@ -8,11 +8,11 @@ kernels/rope.py). rotary_embedding's CPU kernel gives the reference's bits (the 
 
 import torch
 
-from qwen_fast import _native
 from qwen_fast.reference import rope as reference
 
 from ._checks import FLOAT_DTYPES, check_last_dim_contiguous, check_shape, check_tensor
 from ._dispatch import NATIVE_FIRST, Op
+from ._library import define_triton_op, launcher, native_op
 
 
 def _fake_rotary_embedding(positions, query, key, cos_sin_cache, is_neox) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,45 +35,21 @@ def _fake_qk_norm_rope_and_cache(
     return _fake_rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
 
 
-if _native.LOAD_ERROR is None:
-    torch.library.register_fake("qwen_fast::rotary_embedding")(_fake_rotary_embedding)
-    torch.library.register_fake("qwen_fast::qk_norm_rope_and_cache")(_fake_qk_norm_rope_and_cache)
-
-
-@torch.library.custom_op("qwen_fast_triton::rotary_embedding", mutates_args=())
-def _rotary_embedding_triton(
-    positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from qwen_fast.kernels.rope import rotary_embedding as launch
-
-    return launch(positions, query, key, cos_sin_cache, is_neox)
-
-
-_rotary_embedding_triton.register_fake(_fake_rotary_embedding)
-
-
-@torch.library.custom_op("qwen_fast_triton::qk_norm_rope_and_cache", mutates_args=("key_cache", "value_cache"))
-def _qk_norm_rope_and_cache_triton(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_norm_weight: torch.Tensor,
-    k_norm_weight: torch.Tensor, eps: float, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-    key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor, is_neox: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    from qwen_fast.kernels.rope import qk_norm_rope_and_cache as launch
-
-    return launch(query, key, value, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, key_cache,
-                  value_cache, slot_mapping, is_neox)  # fmt: skip
-
-
-_qk_norm_rope_and_cache_triton.register_fake(_fake_qk_norm_rope_and_cache)
-
-
-def _rotary_embedding_native(*args):
-    return torch.ops.qwen_fast.rotary_embedding(*args)
-
-
-def _qk_norm_rope_and_cache_native(*args):
-    return torch.ops.qwen_fast.qk_norm_rope_and_cache(*args)
-
+_rotary_embedding_triton = define_triton_op(
+    "rotary_embedding(Tensor positions, Tensor query, Tensor key, Tensor cos_sin_cache, bool is_neox) "
+    "-> (Tensor, Tensor)",
+    launcher("rope", "rotary_embedding"),
+    _fake_rotary_embedding,
+)
+_qk_norm_rope_and_cache_triton = define_triton_op(
+    "qk_norm_rope_and_cache(Tensor query, Tensor key, Tensor value, Tensor q_norm_weight, Tensor k_norm_weight, "
+    "float eps, Tensor positions, Tensor cos_sin_cache, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+    "Tensor slot_mapping, bool is_neox) -> (Tensor, Tensor)",
+    launcher("rope", "qk_norm_rope_and_cache"),
+    _fake_qk_norm_rope_and_cache,
+)
+_rotary_embedding_native = native_op("rotary_embedding", _fake_rotary_embedding)
+_qk_norm_rope_and_cache_native = native_op("qk_norm_rope_and_cache", _fake_qk_norm_rope_and_cache)
 
 ROTARY_EMBEDDING = Op(
     "rotary_embedding",

@@ -8,11 +8,11 @@ import math
 
 import torch
 
-from qwen_fast import _native
 from qwen_fast.reference import routing as reference
 
 from ._checks import FLOAT_DTYPES, check_int, check_shape, check_tensor
 from ._dispatch import NATIVE_FIRST, Op
+from ._library import define_triton_op, launcher, native_op
 
 
 def _fake_fused_topk(
@@ -47,30 +47,13 @@ def _fake_fused_topk(
     return new((num_tokens, topk), dtype=torch.float32), new((num_tokens, topk), dtype=torch.int32)
 
 
-if _native.LOAD_ERROR is None:
-    torch.library.register_fake("qwen_fast::fused_topk")(_fake_fused_topk)
-
-
-@torch.library.custom_op("qwen_fast_triton::fused_topk", mutates_args=())
-def _fused_topk_triton(
-    gating_output: torch.Tensor,
-    topk: int,
-    renormalize: bool,
-    scoring_func: str,
-    e_score_correction_bias: torch.Tensor | None,
-    num_expert_group: int | None,
-    topk_group: int | None,
-    routed_scaling_factor: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from qwen_fast.kernels.routing import fused_topk as launch
-
-    return launch(
-        gating_output, topk, renormalize, scoring_func, e_score_correction_bias, num_expert_group, topk_group,
-        routed_scaling_factor,
-    )  # fmt: skip
-
-
-_fused_topk_triton.register_fake(_fake_fused_topk)
+_fused_topk_triton = define_triton_op(
+    "fused_topk(Tensor gating_output, int topk, bool renormalize, str scoring_func, Tensor? e_score_correction_bias, "
+    "int? num_expert_group, int? topk_group, float routed_scaling_factor) -> (Tensor, Tensor)",
+    launcher("routing", "fused_topk"),
+    _fake_fused_topk,
+)
+_fused_topk_native = native_op("fused_topk", _fake_fused_topk)
 
 
 def _positional(impl):
@@ -84,10 +67,6 @@ def _positional(impl):
         )  # fmt: skip
 
     return run
-
-
-def _fused_topk_native(*args):
-    return torch.ops.qwen_fast.fused_topk(*args)
 
 
 # The cuda, triton and cpu kernels take E <= KERNEL_MAX_EXPERTS (kernels/routing.py, csrc/routing_checks.h).
