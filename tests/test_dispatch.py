@@ -8,6 +8,7 @@ import pytest
 import torch
 from numerics import assert_close
 from torch._library.custom_ops import OPDEFS
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 import qwen_fast
 from qwen_fast.ops import OPS, Op, _dispatch, record_backends, reread_environment, use_backend
@@ -266,6 +267,53 @@ def test_triton_ops_are_library_ops_with_mutation_marks():
         expected = ["key_cache", "value_cache"] if name in ("reshape_and_cache", "qk_norm_rope_and_cache") else []
         assert written == expected, name
         assert f"qwen_fast_triton::{name}" not in OPDEFS, name
+
+
+def _contract_cases() -> dict:
+    """op -> (public call, the op's arguments as the kernels take them): one argument breaks the contract."""
+    key, cache, slots = torch.randn(3, 2, 8), torch.zeros(2, 4, 2, 8), torch.tensor([0, 5, -1])
+    x, w13, bad_w2 = torch.randn(3, 8), torch.randn(4, 8, 8), torch.randn(4, 8, 3)
+    weights, ids = torch.rand(3, 2), torch.randint(0, 4, (3, 2), dtype=torch.int32)
+    q, k = torch.randn(5, 4, 16), torch.randn(5, 2, 16)
+    cu = torch.tensor([0, 5])  # int64: the kernels take int32
+    odd = torch.randn(3, 2, 7)
+    cos_sin = torch.randn(8, 7)
+    return {
+        "reshape_and_cache": (
+            lambda: qwen_fast.reshape_and_cache(key, odd, cache, cache, slots),
+            (key, odd, cache, cache, slots),
+        ),
+        "fused_topk": (lambda: qwen_fast.fused_topk(x, 9), (x, 9, True, "softmax", None, None, None, 1.0)),
+        "moe_align_block_size": (lambda: qwen_fast.moe_align_block_size(weights, 16, 4), (weights, 16, 4)),
+        "fused_experts": (
+            lambda: qwen_fast.fused_experts(x, w13, bad_w2, weights, ids),
+            (x, w13, bad_w2, weights, ids),
+        ),
+        "flash_attn_varlen": (
+            lambda: qwen_fast.flash_attn_varlen_func(q, k, k, cu, cu, 5, 5),
+            (q, k, k, cu, cu, 5, 5, 0.25, False, -1, -1),
+        ),
+        "rotary_embedding": (
+            lambda: qwen_fast.rotary_embedding(torch.arange(3), odd, odd, cos_sin),
+            (torch.arange(3), odd, odd, cos_sin, True),
+        ),
+    }
+
+
+@pytest.mark.parametrize("name", list(_contract_cases()))
+def test_eager_check_and_fake_state_one_contract(name):
+    """The public function's named error and the fake's torch._check come from one statement of the contract: the
+    Triton op's fake (and the extension op's, where one exists) fails with the public function's message."""
+    public, op_args = _contract_cases()[name]
+    with pytest.raises((ValueError, TypeError)) as eager:
+        public()
+    native = {"flash_attn_varlen": "flash_attn_varlen_func"}.get(name, name)
+    ops = [getattr(torch.ops.qwen_fast_triton, name)]
+    ops += [getattr(torch.ops.qwen_fast, native)] if qwen_fast._native.LOAD_ERROR is None else []
+    for op in ops:
+        with FakeTensorMode() as mode, pytest.raises(RuntimeError) as fake:
+            op(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in op_args))
+        assert str(eager.value) in str(fake.value), op
 
 
 def test_kernels_never_import_the_ops():

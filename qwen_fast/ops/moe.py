@@ -4,7 +4,7 @@ import torch
 
 from qwen_fast.reference import moe as reference
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_shape, check_tensor
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, Require, check_shape, check_tensor, raise_unless, traced
 from ._dispatch import Op
 from ._library import define_triton_op, launcher, native_op
 from .moe_align import MOE_ALIGN_BLOCK_SIZE, check_expert_ids
@@ -12,16 +12,7 @@ from .routing import FUSED_TOPK, check_routing_args
 
 
 def _fake_fused_experts(hidden_states, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
-    torch._check(hidden_states.dim() == 2, lambda: f"hidden_states must be [T, H], got {tuple(hidden_states.shape)}")
-    torch._check(w13.dim() == 3 and w2.dim() == 3, lambda: "w13 must be [E, 2I, H] and w2 [E, H, I]")
-    torch._check(w13.shape[2] == hidden_states.shape[1], lambda: "w13 [E, 2I, H] must match hidden_states in H")
-    torch._check(
-        w2.shape[0] == w13.shape[0] and w2.shape[1] == w13.shape[2] and 2 * w2.shape[2] == w13.shape[1],
-        lambda: f"w2 {tuple(w2.shape)} must be [E, H, I] for w13 [E, 2I, H] = {tuple(w13.shape)}",
-    )
-    torch._check(topk_ids.dim() == 2 and topk_ids.shape[0] == hidden_states.shape[0], lambda: "topk_ids must be [T, k]")
-    torch._check(topk_weights.shape == topk_ids.shape, lambda: "topk_weights must have topk_ids' shape [T, k]")
-    torch._check(w13.dtype == hidden_states.dtype and w2.dtype == hidden_states.dtype, lambda: "one weight dtype")
+    check_experts_args(hidden_states, w13, w2, topk_weights, topk_ids, traced)
     return hidden_states.new_empty(hidden_states.shape)
 
 
@@ -73,22 +64,45 @@ FUSED_MOE = Op(
 )
 
 
-def check_expert_weights(hidden_states: object, w13: object, w2: object) -> None:
+def check_expert_weights(hidden_states: object, w13: object, w2: object, require: Require = raise_unless) -> None:
     """hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], one dtype and device."""
-    check_tensor("hidden_states", hidden_states, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("hidden_states", hidden_states, ndim=2, dtypes=FLOAT_DTYPES, require=require)
     dtype, device = hidden_states.dtype, hidden_states.device
-    check_tensor("w13", w13, ndim=3, dtypes=(dtype,), device=device)
-    check_tensor("w2", w2, ndim=3, dtypes=(dtype,), device=device)
+    check_tensor("w13", w13, ndim=3, dtypes=(dtype,), device=device, require=require)
+    check_tensor("w2", w2, ndim=3, dtypes=(dtype,), device=device, require=require)
     num_experts, two_i, hidden = w13.shape
-    if hidden != hidden_states.shape[1]:
-        raise ValueError(
+    require(
+        hidden == hidden_states.shape[1],
+        ValueError,
+        lambda: (
             f"w13 [E, 2I, H] = {tuple(w13.shape)} must match hidden_states [T, H] = {tuple(hidden_states.shape)} in H"
-        )
-    if two_i % 2 or two_i == 0:
-        raise ValueError(
-            f"w13 [E, 2I, H] must have an even, nonzero 2I (gate rows then up rows), got {tuple(w13.shape)}"
-        )
-    check_shape("w2", w2, (num_experts, hidden, two_i // 2), "[E, H, I] from w13 [E, 2I, H] =")
+        ),
+    )
+    require(
+        (two_i % 2 == 0) & (two_i != 0),
+        ValueError,
+        lambda: f"w13 [E, 2I, H] must have an even, nonzero 2I (gate rows then up rows), got {tuple(w13.shape)}",
+    )
+    check_shape("w2", w2, (num_experts, hidden, two_i // 2), "[E, H, I] from w13 [E, 2I, H] =", require)
+
+
+def check_experts_args(hidden_states, w13, w2, topk_weights, topk_ids, require: Require = raise_unless) -> None:
+    """fused_experts' contract (the eager check and the fake; `require`: see _checks.py)."""
+    check_expert_weights(hidden_states, w13, w2, require)
+    device = hidden_states.device
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, device=device, require=require)
+    check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, device=device, require=require)
+    check_shape("topk_weights", topk_weights, topk_ids.shape, "[T, k] = topk_ids' shape", require)
+    require(
+        topk_ids.shape[0] == hidden_states.shape[0],
+        ValueError,
+        lambda: f"topk_ids [T, k] = {tuple(topk_ids.shape)} must have hidden_states' T = {hidden_states.shape[0]} rows",
+    )
+    require(
+        topk_ids.shape[1] <= w13.shape[0],
+        ValueError,
+        lambda: f"topk_ids has k = {topk_ids.shape[1]} choices per token but there are only {w13.shape[0]} experts",
+    )
 
 
 def fused_experts(
@@ -120,22 +134,9 @@ def fused_experts(
         >>> qwen_fast.fused_experts(x, w13, w2, weights, ids).shape
         torch.Size([3, 8])
     """
-    check_expert_weights(hidden_states, w13, w2)
-    device = hidden_states.device
-    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, device=device)
-    check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, device=device)
-    check_shape("topk_weights", topk_weights, topk_ids.shape, "[T, k] = topk_ids' shape")
-    if topk_ids.shape[0] != hidden_states.shape[0]:
-        raise ValueError(
-            f"topk_ids [T, k] = {tuple(topk_ids.shape)} must have hidden_states' T = {hidden_states.shape[0]} rows"
-        )
-    num_experts = w13.shape[0]
-    if topk_ids.shape[1] > num_experts:
-        raise ValueError(
-            f"topk_ids has k = {topk_ids.shape[1]} choices per token but there are only {num_experts} experts"
-        )
-    check_expert_ids("topk_ids", topk_ids, num_experts)
-    return FUSED_EXPERTS(device, hidden_states, w13, w2, topk_weights, topk_ids)
+    check_experts_args(hidden_states, w13, w2, topk_weights, topk_ids)
+    check_expert_ids("topk_ids", topk_ids, w13.shape[0])
+    return FUSED_EXPERTS(hidden_states.device, hidden_states, w13, w2, topk_weights, topk_ids)
 
 
 def fused_moe(

@@ -5,7 +5,7 @@ import torch
 from qwen_fast.configs import moe_block_size
 from qwen_fast.reference import moe_align as reference
 
-from ._checks import INDEX_DTYPES, check_int, check_tensor
+from ._checks import INDEX_DTYPES, Require, check_int, check_tensor, raise_unless, traced
 from ._dispatch import NATIVE_FIRST, Op
 from ._library import define_triton_op, launcher, native_op
 
@@ -31,15 +31,19 @@ def _align_sizes(topk_ids: torch.Tensor, block_size: int, num_experts: int) -> t
     return max_padded, (max_padded + block_size - 1) // block_size
 
 
+def _check_align_args(
+    topk_ids: object, block_size: object, num_experts: object, require: Require = raise_unless
+) -> None:
+    """moe_align_block_size's contract (the eager check and the fake; `require`: see _checks.py)."""
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, require=require)
+    check_int("block_size", block_size, low=1, require=require)
+    check_int("num_experts", num_experts, low=1, require=require)
+
+
 def _fake_moe_align_block_size(
     topk_ids: torch.Tensor, block_size: int, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    torch._check(topk_ids.dim() == 2, lambda: f"topk_ids must be [T, k], got {tuple(topk_ids.shape)}")
-    torch._check(
-        topk_ids.dtype in (torch.int32, torch.int64), lambda: f"topk_ids must be int32 or int64, got {topk_ids.dtype}"
-    )
-    torch._check(block_size >= 1, lambda: f"block_size must be >= 1, got {block_size}")
-    torch._check(num_experts >= 1, lambda: f"num_experts must be >= 1, got {num_experts}")
+    _check_align_args(topk_ids, block_size, num_experts, traced)
     max_padded, max_blocks = _align_sizes(topk_ids, block_size, num_experts)
     new = topk_ids.new_empty
     return new(max_padded, dtype=torch.int32), new(max_blocks, dtype=torch.int32), new(1, dtype=torch.int32)
@@ -99,8 +103,6 @@ def moe_align_block_size(
         >>> sorted_ids.tolist(), expert_ids.tolist(), total.tolist()
         ([1, 4, 0, 2, 5, 6, 3, 6, 6, 6], [0, 2, 2, 3, -1], [8])
     """
-    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
-    check_int("block_size", block_size, low=1)
-    check_int("num_experts", num_experts, low=1)
+    _check_align_args(topk_ids, block_size, num_experts)
     check_expert_ids("topk_ids", topk_ids, num_experts)
     return MOE_ALIGN_BLOCK_SIZE(topk_ids.device, topk_ids, block_size, num_experts)
