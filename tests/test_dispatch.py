@@ -150,7 +150,7 @@ def test_probes_run_once_per_device_type_and_forced_name(environ):
 def test_reread_environment_forgets_the_cached_choices():
     op = _demo_op()
     op(torch.device("cpu"), 1)
-    assert op._routes == {("cpu", "auto"): "cpu"}
+    assert op._routes == {(torch.device("cpu"), "auto"): "cpu"}
     reread_environment()
     assert op._routes == {}
 

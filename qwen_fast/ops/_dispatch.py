@@ -5,8 +5,9 @@
 tensors' device here, raises an error that names the op and the backends that would work. Nothing falls back
 silently. `record_backends()` lists which backend ran each op call (the tests use it to prove what ran).
 
-Cost. An op call is a dictionary lookup: each Op caches its choice per (device type, forced name), the only things
-it depends on (the dtype does not enter: every backend takes every dtype the op's contract allows). The
+Cost. An op call is a dictionary lookup: each Op caches its choice per (device, forced name); it depends only on the
+device type and the forced name (the dtype does not enter: every backend takes every dtype the op's contract allows),
+and the key is the torch.device itself because reading `device.type` costs more than the whole lookup. The
 availability probes (the extension's registry, the triton import, TRITON_INTERPRET) run once per cache entry.
 `kernel_limit` (a size the kernels cannot take, e.g. fused_topk's E > 1024) is a per-call check on the arguments.
 `use_backend` only switches which cache entry is read: nesting it and leaving it invalidate nothing.
@@ -17,7 +18,7 @@ a program (or a test) that changes either variable later calls `reread_environme
 forgets every cached choice.
 
 torch.compile. Under Dynamo the choice is a constant of the graph (assume_constant_result over the op name, device
-type and forced name): the graph guards only on the forced name, which changes only where use_backend changes it.
+and forced name): the graph guards only on the forced name, which changes only where use_backend changes it.
 """
 
 import contextlib
@@ -133,7 +134,7 @@ class Op:
     auto_order: dict[str, tuple[str, ...]]
     native_op: str = ""
     kernel_limit: Callable[..., str | None] | None = None
-    _routes: dict[tuple[str, str], str] = field(default_factory=dict, init=False, repr=False)
+    _routes: dict[tuple[torch.device, str], str] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         _OPS.add(self)
@@ -150,51 +151,51 @@ class Op:
             return _triton_problem(device_type)
         return _native_problem(self.native_op or self.name, backend, device_type)
 
-    def _forced_error(self, forced: str, device_type: str, problem: str, limit: str | None = None) -> RuntimeError:
-        usable = [b for b in self.impls if self.problem(b, device_type) is None and (limit is None or b == "torch")]
+    def _forced_error(self, forced: str, device: torch.device, problem: str, limit: str | None = None) -> RuntimeError:
+        usable = [b for b in self.impls if self.problem(b, device) is None and (limit is None or b == "torch")]
         return RuntimeError(
             f"qwen_fast.{self.name}: backend {forced!r} is forced but cannot run here: {problem}. "
-            f"Usable for {device_type} tensors: {', '.join(usable)}"
+            f"Usable for {device.type} tensors: {', '.join(usable)}"
         )
 
-    def _route(self, device_type: str, forced: str) -> str:
-        """The backend for (device type, forced name), resolved and cached on first use."""
+    def _route(self, device: torch.device, forced: str) -> str:
+        """The backend for (device, forced name), resolved and cached on first use."""
         if forced == "auto":
-            order = self.auto_order.get(device_type, ("torch",))
-            backend = next((b for b in order if self.problem(b, device_type) is None), "torch")
+            order = self.auto_order.get(device.type, ("torch",))
+            backend = next((b for b in order if self.problem(b, device) is None), "torch")
         else:
             _check_name(forced, ENV)  # use_backend checks its name: only the environment can hold a bad one
-            problem = self.problem(forced, device_type)
+            problem = self.problem(forced, device)
             if problem is not None:
-                raise self._forced_error(forced, device_type, problem)
+                raise self._forced_error(forced, device, problem)
             backend = forced
-        self._routes[device_type, forced] = backend
+        self._routes[device, forced] = backend
         return backend
 
-    def _within_limit(self, backend: str, forced: str, device_type: str, args: tuple, kwargs: dict) -> str:
+    def _within_limit(self, backend: str, forced: str, device: torch.device, args: tuple, kwargs: dict) -> str:
         """`backend`, or torch when the arguments are past the kernels' limit and nothing is forced."""
         limit = self.kernel_limit(*args, **kwargs)
         if limit is None:
             return backend
         if forced != "auto":
-            raise self._forced_error(forced, device_type, limit, limit)
+            raise self._forced_error(forced, device, limit, limit)
         return "torch"
 
     def select(self, device: torch.device, args: tuple = (), kwargs: dict | None = None) -> str:
         """The backend a call with `args`/`kwargs` on `device` runs on (without arguments: kernel_limit unchecked)."""
-        backend = self._routes.get((device.type, _forced)) or self._route(device.type, _forced)
+        backend = self._routes.get((device, _forced)) or self._route(device, _forced)
         if self.kernel_limit is not None and backend != "torch" and (args or kwargs):
-            backend = self._within_limit(backend, _forced, device.type, args, kwargs or {})
+            backend = self._within_limit(backend, _forced, device, args, kwargs or {})
         return backend
 
     def __call__(self, device: torch.device, *args, **kwargs):
         forced = _forced
         if is_dynamo_compiling():
-            backend = _traced_route(self.name, device.type, forced)
+            backend = _traced_route(self.name, device, forced)
         else:
-            backend = self._routes.get((device.type, forced)) or self._route(device.type, forced)
+            backend = self._routes.get((device, forced)) or self._route(device, forced)
         if self.kernel_limit is not None and backend != "torch":
-            backend = self._within_limit(backend, forced, device.type, args, kwargs)
+            backend = self._within_limit(backend, forced, device, args, kwargs)
         if _trace is not None:
             _trace.append((self.name, backend))
         return self.impls[backend](*args, **kwargs)
@@ -203,21 +204,21 @@ class Op:
         """The call with auto's choice whatever is forced: for a composite op's secondary parts (fused_moe's
         routing, the Triton fused_experts' alignment), where a forced backend names the main part's kernels."""
         if is_dynamo_compiling():
-            backend = _traced_route(self.name, device.type, "auto")
+            backend = _traced_route(self.name, device, "auto")
         else:
-            backend = self._routes.get((device.type, "auto")) or self._route(device.type, "auto")
+            backend = self._routes.get((device, "auto")) or self._route(device, "auto")
         if self.kernel_limit is not None and backend != "torch":
-            backend = self._within_limit(backend, "auto", device.type, args, kwargs)
+            backend = self._within_limit(backend, "auto", device, args, kwargs)
         if _trace is not None:
             _trace.append((self.name, backend))
         return self.impls[backend](*args, **kwargs)
 
 
 @torch.compiler.assume_constant_result
-def _traced_route(name: str, device_type: str, forced: str) -> str:
+def _traced_route(name: str, device: torch.device, forced: str) -> str:
     """Op `name`'s backend, evaluated once while Dynamo traces: a constant of the graph, with no guard of its own."""
     op = _BY_NAME[name]
-    return op._routes.get((device_type, forced)) or op._route(device_type, forced)
+    return op._routes.get((device, forced)) or op._route(device, forced)
 
 
 # The default `auto` order: the extension's kernels for the small latency-bound ops, then Triton, then the reference.
