@@ -24,7 +24,7 @@ def same_sizes(a: Sequence, b: Sequence) -> object:
     if len(a) != len(b):
         return False
     equal = True
-    for x, y in zip(a, b, strict=True):
+    for x, y in zip(a, b):  # noqa: B905 (lengths checked above)
         equal = equal & (x == y)
     return equal
 
@@ -40,6 +40,10 @@ def traced(ok: object, error: type[Exception], message: Callable[[], str]) -> No
     torch._check(ok, message)
 
 
+# The helpers below build their messages only when a condition is not plainly True (a failure, or a symbolic
+# condition under tracing): the checks run on every public call, so a passing one costs its comparison alone.
+
+
 def check_tensor(
     name: str,
     value: object,
@@ -49,35 +53,40 @@ def check_tensor(
     device: torch.device | None = None,
     require: Require = raise_unless,
 ) -> torch.Tensor:
-    """`value` is a tensor with `ndim` dims, one of `dtypes`, on `device`."""
+    """`value` is a tensor with `ndim` dims, one of `dtypes`, on `device` (conditions that are never symbolic)."""
+    if (
+        isinstance(value, torch.Tensor)
+        and (ndim is None or value.dim() == ndim)
+        and (dtypes is None or value.dtype in dtypes)
+        and (device is None or value.device == device)
+    ):
+        return value
     require(
         isinstance(value, torch.Tensor), TypeError, lambda: f"{name} must be a torch.Tensor, got {type(value).__name__}"
     )
-    if ndim is not None:
-        require(
-            value.dim() == ndim,
-            ValueError,
-            lambda: f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}",
-        )
-    if dtypes is not None:
-        allowed = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
-        require(value.dtype in dtypes, TypeError, lambda: f"{name} must be {allowed}, got {value.dtype}")
-    if device is not None:
-        require(
-            value.device == device,
-            ValueError,
-            lambda: f"{name} must be on {device} like the other inputs, got {value.device}",
-        )
+    require(
+        ndim is None or value.dim() == ndim,
+        ValueError,
+        lambda: f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}",
+    )
+    require(
+        dtypes is None or value.dtype in dtypes,
+        TypeError,
+        lambda: f"{name} must be {' or '.join(str(d).removeprefix('torch.') for d in dtypes)}, got {value.dtype}",
+    )
+    require(
+        device is None or value.device == device,
+        ValueError,
+        lambda: f"{name} must be on {device} like the other inputs, got {value.device}",
+    )
     return value
 
 
 def check_shape(name: str, value: torch.Tensor, expected: Sequence, what: str, require: Require = raise_unless) -> None:
     """`value.shape == expected`; `what` names the dims, e.g. "[N, Hkv, D] = key's shape"."""
-    require(
-        same_sizes(value.shape, expected),
-        ValueError,
-        lambda: f"{name} must be {what} {tuple(expected)}, got {tuple(value.shape)}",
-    )
+    ok = same_sizes(value.shape, expected)
+    if ok is not True:
+        require(ok, ValueError, lambda: f"{name} must be {what} {tuple(expected)}, got {tuple(value.shape)}")
 
 
 def check_int(
@@ -89,15 +98,15 @@ def check_int(
         TypeError,
         lambda: f"{name} must be an int, got {type(value).__name__} {value!r}",
     )
-    bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
-    within = (True if low is None else value >= low) & (True if high is None else value <= high)
-    require(within, ValueError, lambda: f"{name} must be in {bounds}, got {value}")
+    ok = (True if low is None else value >= low) & (True if high is None else value <= high)
+    if ok is not True:
+        bounds = f"[{low if low is not None else '-inf'}, {high if high is not None else 'inf'}]"
+        require(ok, ValueError, lambda: f"{name} must be in {bounds}, got {value}")
     return value
 
 
 def check_last_dim_contiguous(name: str, value: torch.Tensor, require: Require = raise_unless) -> None:
-    require(
-        value.dim() == 0 or (value.stride(-1) == 1) | (value.shape[-1] <= 1),
-        ValueError,
-        lambda: f"{name} must be contiguous in its last dimension, got strides {value.stride()}",
-    )
+    ok = value.dim() == 0 or (value.stride(-1) == 1) | (value.shape[-1] <= 1)
+    if ok is not True:
+        message = f"{name} must be contiguous in its last dimension, got strides {{}}"
+        require(ok, ValueError, lambda: message.format(value.stride()))
