@@ -9,6 +9,9 @@ overhead: speedup = raw torch.ops time / this row's time (1.0 = no overhead). ex
 impl ("qwen_fast.cpu public", "qwen_fast.cpu Op entry", "torch.ops"), baseline "torch.ops", us per call, device.
 fused_moe has no op of its own: its raw row is the two torch.ops calls it is made of (fused_topk, fused_experts).
 
+The timings run on one intra-op thread: the tensors are tiny, and on a busy machine the wake-up of a thread pool
+(milliseconds when other processes hold the cores) would swamp the microseconds measured here.
+
 A second group times the registration itself with a Python body that does nothing: a torch.library.Library
 define + impl (what the Triton ops use) against a torch.library.custom_op, each called through torch.ops.
 The Triton backend is not timed here: under TRITON_INTERPRET=1 the numpy interpreter dominates, so its overhead
@@ -100,6 +103,14 @@ def _cases() -> dict:
 
 
 CASES = _cases()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
