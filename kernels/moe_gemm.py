@@ -1,10 +1,10 @@
 """Triton fused_experts: two grouped GEMMs over the (token, choice) pairs sorted by expert, then a combine.
 
-Routing layout: qwen_fast.moe_align_block_size(topk_ids, BLOCK_M, E) sorts the flat pair indices i = t * k + j by
-expert and pads each expert's run to a multiple of BLOCK_M (sentinel T * k), so that every block of BLOCK_M sorted
-rows belongs to one expert (expert_ids[block], -1 for unused blocks). Row r of the sorted order is pair
-sorted_token_ids[r]; padding rows are masked everywhere (never loaded, never stored). This is the grouped GEMM of
-vLLM's fused_moe and MegaBlocks, written here from that description.
+Routing layout, computed by the caller (qwen_fast/ops/moe.py: moe_align_block_size(topk_ids, BLOCK_M, E)): the flat
+pair indices i = t * k + j sorted by expert, each expert's run padded to a multiple of BLOCK_M (sentinel T * k), so
+that every block of BLOCK_M sorted rows belongs to one expert (expert_ids[block], -1 for unused blocks). Row r of
+the sorted order is pair sorted_token_ids[r]; padding rows are masked everywhere (never loaded, never stored). This
+is the grouped GEMM of vLLM's fused_moe and MegaBlocks, written here from that description.
 
 1. _gate_up_kernel, grid (num_blocks, cdiv(I, BLOCK_N)). Program (b, n) owns rows [b*BLOCK_M, (b+1)*BLOCK_M) of
    the sorted order and intermediate columns [n*BLOCK_N, (n+1)*BLOCK_N) of expert e = expert_ids[b]. Per K step it
@@ -29,7 +29,7 @@ input_precision "ieee" (no TF32) so the fp32 backend meets the fp32 tolerance.
 
 Tiles: a tuned entry for the device and layer shape when one exists (qwen_fast.configs, table "moe_gemm", written by
 bench/tune_moe.py; keyed by shape_key(), checked by validate_config(); none ship yet), else the heuristic
-(_config): BLOCK_M is qwen_fast.ops.moe_align.choose_block_size, the rows per active expert rounded up to 16
+(_config): BLOCK_M is qwen_fast.configs.moe_block_size.choose_block_size, the rows per active expert rounded up to 16
 (decode) ... 128 (prefill), since rows past an expert's count are padding and cost full work.
 BLOCK_N/BLOCK_K/warps/stages are fixed per (BLOCK_M, dtype).
 16-bit: BLOCK_K = 64 (128-byte rows, one swizzled shared-memory line); GEMM 1 holds two accumulators, so its N tile
@@ -44,7 +44,7 @@ import triton
 import triton.language as tl
 
 from qwen_fast import configs
-from qwen_fast.ops.moe_align import BLOCK_SIZES, choose_block_size
+from qwen_fast.configs.moe_block_size import BLOCK_SIZES, choose_block_size
 
 from .compile_spec import TRITON_DTYPE, CompileSpec
 
@@ -257,32 +257,23 @@ def fused_experts(
     w13: torch.Tensor,
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-    config: dict | None = None,
+    sorted_token_ids: torch.Tensor,
+    expert_ids: torch.Tensor,
+    num_tokens_post_padded: torch.Tensor,
+    config: dict,
 ) -> torch.Tensor:
-    """Launcher; arguments as qwen_fast.fused_experts (checked there). Returns [T, H] in hidden_states' dtype.
-
-    `config`: an entry as validate_config() describes, used as given (the tuner's candidates); default
-    choose_config()."""
-    from qwen_fast.ops._dispatch import use_backend
-    from qwen_fast.ops.moe_align import moe_align_block_size
-
-    num_tokens, topk = topk_ids.shape
-    num_experts, two_i, hidden_size = w13.shape
-    inter_size = two_i // 2
-    dtype = hidden_states.dtype
-    out = torch.empty(num_tokens, hidden_size, dtype=dtype, device=hidden_states.device)
-    if num_tokens == 0:
-        return out
+    """Launcher; arguments as qwen_fast.fused_experts (checked there) with T >= 1, the routing as
+    moe_align_block_size(topk_ids, config["BLOCK_M"], E) lays it out, and `config` an entry as validate_config()
+    describes (choose_config()'s, or a tuner's candidate). Returns [T, H] in hidden_states' dtype."""
+    num_tokens, topk = topk_weights.shape
+    inter_size, hidden_size = w2.shape[2], w2.shape[1]
+    dtype, device = hidden_states.dtype, hidden_states.device
+    out = torch.empty(num_tokens, hidden_size, dtype=dtype, device=device)
     num_pairs = num_tokens * topk
-    config = choose_config(num_tokens, topk, w13) if config is None else config
     block_m = config["BLOCK_M"]
-    # A backend forced for fused_experts names the GEMMs; the routing layout comes from the best alignment backend.
-    with use_backend("auto"):
-        sorted_ids, expert_ids, num_post_padded = moe_align_block_size(topk_ids, block_m, num_experts)
     num_blocks = expert_ids.shape[0]
-    intermediate = torch.empty(sorted_ids.shape[0], inter_size, dtype=dtype, device=hidden_states.device)
-    y = torch.empty(num_pairs, hidden_size, dtype=dtype, device=hidden_states.device)
+    intermediate = torch.empty(sorted_token_ids.shape[0], inter_size, dtype=dtype, device=device)
+    y = torch.empty(num_pairs, hidden_size, dtype=dtype, device=device)
     precision = _precision(dtype)
 
     gate_up = config["gate_up"]
@@ -290,9 +281,9 @@ def fused_experts(
         hidden_states,
         w13,
         intermediate,
-        sorted_ids,
+        sorted_token_ids,
         expert_ids,
-        num_post_padded,
+        num_tokens_post_padded,
         num_pairs,
         topk,
         hidden_size,
@@ -311,9 +302,9 @@ def fused_experts(
         intermediate,
         w2,
         y,
-        sorted_ids,
+        sorted_token_ids,
         expert_ids,
-        num_post_padded,
+        num_tokens_post_padded,
         num_pairs,
         hidden_size,
         inter_size,

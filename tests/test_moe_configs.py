@@ -177,13 +177,13 @@ def test_triton_launcher_uses_the_tuned_entry(config_dir, monkeypatch):
     _write(config_dir, "cpu", {SHAPE: {"4": tuned}})
 
     sizes, launches = [], []
-    real_align = align.moe_align_block_size
+    real_align = align.MOE_ALIGN_BLOCK_SIZE.impls["cpu"]  # the launcher aligns on auto's backend: cpu here
 
     def align_spy(ids, size, num_experts):
         sizes.append(size)
         return real_align(ids, size, num_experts)
 
-    monkeypatch.setattr(align, "moe_align_block_size", align_spy)
+    monkeypatch.setitem(align.MOE_ALIGN_BLOCK_SIZE.impls, "cpu", align_spy)
     monkeypatch.setattr(moe_gemm, "_gate_up_kernel", _LaunchSpy(moe_gemm._gate_up_kernel, launches))
     monkeypatch.setattr(moe_gemm, "_down_kernel", _LaunchSpy(moe_gemm._down_kernel, launches))
     x = torch.randn(num_tokens, hidden)

@@ -1,6 +1,6 @@
 """The functional API: input checks at the boundary, then per-call backend dispatch (see _dispatch.py)."""
 
-from ._dispatch import BACKENDS, Op, forced_backend, record_backends, use_backend
+from ._dispatch import BACKENDS, Op, forced_backend, record_backends, reread_environment, use_backend
 from .attention import FLASH_ATTN, FLASH_ATTN_VARLEN, flash_attn_func, flash_attn_varlen_func
 from .kv_cache import FLASH_ATTN_WITH_KVCACHE, RESHAPE_AND_CACHE, flash_attn_with_kvcache, reshape_and_cache
 from .moe import FUSED_EXPERTS, FUSED_MOE, fused_experts, fused_moe
@@ -39,6 +39,7 @@ __all__ = [
     "moe_align_block_size",
     "qk_norm_rope_and_cache",
     "record_backends",
+    "reread_environment",
     "reshape_and_cache",
     "rotary_embedding",
     "use_backend",

@@ -1,23 +1,45 @@
-"""Per-call backend choice: cuda (C++ extension), triton, cpu (C++ extension), torch (the reference).
+"""Backend choice: cuda (C++ extension), triton, cpu (C++ extension), torch (the reference).
 
-`auto` takes the first usable backend in the op's order for the tensors' device. `QWEN_FAST_BACKEND=<name>` or
+`auto` takes the first usable backend in the op's order for the tensors' device type. `QWEN_FAST_BACKEND=<name>` or
 `with qwen_fast.use_backend(name):` force one; forcing a backend the op lacks, or one that cannot run on the
 tensors' device here, raises an error that names the op and the backends that would work. Nothing falls back
 silently. `record_backends()` lists which backend ran each op call (the tests use it to prove what ran).
+
+Cost. An op call is a dictionary lookup: each Op caches its choice per (device, forced name); it depends only on the
+device type and the forced name (the dtype does not enter: every backend takes every dtype the op's contract allows),
+and the key is the torch.device itself because reading `device.type` costs more than the whole lookup. The
+availability probes (the extension's registry, the triton import, TRITON_INTERPRET) run once per cache entry.
+`kernel_limit` (a size the kernels cannot take, e.g. fused_topk's E > 1024) is a per-call check on the arguments.
+`use_backend` only switches which cache entry is read: nesting it and leaving it invalidate nothing.
+
+Environment. QWEN_FAST_BACKEND is read once, when qwen_fast is imported, and TRITON_INTERPRET when a choice is
+first made (Triton itself reads it when its kernels are defined). Forcing a backend afterwards is use_backend's job;
+a program (or a test) that changes either variable later calls `reread_environment()`, which reads them again and
+forgets every cached choice.
+
+torch.compile. Under Dynamo the choice is a constant of the graph (assume_constant_result over the op name, device
+and forced name): the graph guards only on the forced name, which changes only where use_backend changes it.
 """
 
 import contextlib
 import os
+import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from torch.compiler import is_dynamo_compiling
 
 from qwen_fast import _native
 
 BACKENDS = ("cuda", "triton", "cpu", "torch")
-_forced: str | None = None
+ENV = "QWEN_FAST_BACKEND"
+_env_backend = os.environ.get(ENV, "auto")  # validated when first used: a bad value fails every op call, by name
+_override: str | None = None  # the innermost use_backend(name)
+_forced = _env_backend  # what op calls read: _override, else the environment's choice ("auto": none forced)
 _trace: list[tuple[str, str]] | None = None
+_OPS: "weakref.WeakSet[Op]" = weakref.WeakSet()  # every Op, so that reread_environment() can clear their caches
+_BY_NAME: "weakref.WeakValueDictionary[str, Op]" = weakref.WeakValueDictionary()  # for the compiled path
 
 
 def _check_name(name: str, source: str) -> str:
@@ -29,27 +51,40 @@ def _check_name(name: str, source: str) -> str:
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
     """Force `name` ("cuda", "triton", "cpu", "torch" or "auto") for every qwen_fast op called inside the block.
+    Blocks nest; leaving one restores the enclosing choice (or QWEN_FAST_BACKEND's).
 
     >>> with qwen_fast.use_backend("torch"):
     ...     weights, ids = qwen_fast.fused_topk(torch.randn(4, 8), topk=2)
     """
-    global _forced
-    previous, _forced = _forced, _check_name(name, "use_backend(name)")
+    global _override, _forced
+    previous, _override = _override, _check_name(name, "use_backend(name)")
+    _forced = _override
     try:
         yield
     finally:
-        _forced = previous
+        _override = previous
+        _forced = _env_backend if previous is None else previous
 
 
 def forced_backend() -> str | None:
     """The backend forced by use_backend() or QWEN_FAST_BACKEND, or None for auto."""
-    name = _forced or _check_name(os.environ.get("QWEN_FAST_BACKEND", "auto"), "QWEN_FAST_BACKEND")
+    name = _check_name(_forced, "use_backend(name)" if _override is not None else ENV)
     return None if name == "auto" else name
+
+
+def reread_environment() -> None:
+    """Read QWEN_FAST_BACKEND and TRITON_INTERPRET again and forget every cached backend choice (see the module
+    docstring: for programs and tests that change the environment after importing qwen_fast)."""
+    global _env_backend, _forced
+    _env_backend = os.environ.get(ENV, "auto")
+    _forced = _env_backend if _override is None else _override
+    for op in list(_OPS):
+        op._routes.clear()
 
 
 @contextlib.contextmanager
 def record_backends() -> Iterator[list[tuple[str, str]]]:
-    """Collects (op, backend) for every qwen_fast op call inside the block."""
+    """Collects (op, backend) for every qwen_fast op call inside the block (composite ops: theirs and their parts')."""
     global _trace
     previous, _trace = _trace, []
     try:
@@ -58,28 +93,24 @@ def record_backends() -> Iterator[list[tuple[str, str]]]:
         _trace = previous
 
 
-# The availability probes below ask the extension's registry and the environment. Under torch.compile they are
-# evaluated once while tracing (assume_constant_result), so a compiled graph holds the backend chosen then.
-@torch.compiler.assume_constant_result
-def _triton_problem(device: torch.device) -> str | None:
+def _triton_problem(device_type: str) -> str | None:
     try:
         import triton  # noqa: F401
     except ImportError:
         return "triton is not installed"
-    if device.type == "cuda":
+    if device_type == "cuda":
         return None
-    if device.type == "cpu":
+    if device_type == "cpu":
         if os.environ.get("TRITON_INTERPRET") == "1":
             return None
         return "triton runs CPU tensors only under TRITON_INTERPRET=1"
-    return f"triton does not run on {device.type} tensors"
+    return f"triton does not run on {device_type} tensors"
 
 
-@torch.compiler.assume_constant_result
-def _native_problem(op: str, backend: str, device: torch.device) -> str | None:
+def _native_problem(op: str, backend: str, device_type: str) -> str | None:
     key = backend.upper()
-    if device.type != backend:
-        return f"the {backend} backend runs {backend} tensors, got {device.type} tensors"
+    if device_type != backend:
+        return f"the {backend} backend runs {backend} tensors, got {device_type} tensors"
     if not _native.has_kernel(op, key):
         if _native.LOAD_ERROR is not None:
             return f"the C++ extension is not built ({_native.LOAD_ERROR})"
@@ -87,58 +118,107 @@ def _native_problem(op: str, backend: str, device: torch.device) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Op:
     """One public op: its implementations per backend and the order `auto` tries them in, per device type.
+
+    `OP(device, *args, **kwargs)` runs the op on the chosen backend with arguments already checked: the unchecked,
+    dispatched entry that the public function (after its checks), qwen_fast.nn and qwen_fast.cache call.
+    `OP.auto(...)` is the same call ignoring a forced backend (a composite op's secondary parts).
     `native_op` names the extension op whose kernels the cpu/cuda backends run (default: the op's own name; a
     composite such as fused_moe runs fused_experts'). `kernel_limit(*args, **kwargs)` says why the kernel backends
-    (all but torch) cannot take a call's arguments, or None: `auto` then skips them, and forcing one is an error."""
+    (all but torch) cannot take a call's arguments, or None: `auto` then takes torch, and forcing one is an error."""
 
     name: str
     impls: dict[str, Callable]
     auto_order: dict[str, tuple[str, ...]]
     native_op: str = ""
     kernel_limit: Callable[..., str | None] | None = None
+    _routes: dict[tuple[torch.device, str], str] = field(default_factory=dict, init=False, repr=False)
 
-    def problem(self, backend: str, device: torch.device) -> str | None:
-        """None when `backend` can run this op on `device` here, else why not."""
+    def __post_init__(self) -> None:
+        _OPS.add(self)
+        _BY_NAME[self.name] = self
+
+    def problem(self, backend: str, device: torch.device | str) -> str | None:
+        """None when `backend` can run this op on `device` (or a device type) here, else why not."""
+        device_type = device if isinstance(device, str) else device.type
         if backend not in self.impls:
             return f"{self.name} has no {backend} backend (it has: {', '.join(self.impls)})"
         if backend == "torch":
             return None
         if backend == "triton":
-            return _triton_problem(device)
-        return _native_problem(self.native_op or self.name, backend, device)
+            return _triton_problem(device_type)
+        return _native_problem(self.native_op or self.name, backend, device_type)
 
-    def _call_problem(self, backend: str, device: torch.device, args: tuple, kwargs: dict) -> str | None:
-        problem = self.problem(backend, device)
-        if problem is None and backend != "torch" and self.kernel_limit is not None and (args or kwargs):
-            problem = self.kernel_limit(*args, **kwargs)
-        return problem
+    def _forced_error(self, forced: str, device: torch.device, problem: str, limit: str | None = None) -> RuntimeError:
+        usable = [b for b in self.impls if self.problem(b, device) is None and (limit is None or b == "torch")]
+        return RuntimeError(
+            f"qwen_fast.{self.name}: backend {forced!r} is forced but cannot run here: {problem}. "
+            f"Usable for {device.type} tensors: {', '.join(usable)}"
+        )
+
+    def _route(self, device: torch.device, forced: str) -> str:
+        """The backend for (device, forced name), resolved and cached on first use."""
+        if forced == "auto":
+            order = self.auto_order.get(device.type, ("torch",))
+            backend = next((b for b in order if self.problem(b, device) is None), "torch")
+        else:
+            _check_name(forced, ENV)  # use_backend checks its name: only the environment can hold a bad one
+            problem = self.problem(forced, device)
+            if problem is not None:
+                raise self._forced_error(forced, device, problem)
+            backend = forced
+        self._routes[device, forced] = backend
+        return backend
+
+    def _within_limit(self, backend: str, forced: str, device: torch.device, args: tuple, kwargs: dict) -> str:
+        """`backend`, or torch when the arguments are past the kernels' limit and nothing is forced."""
+        limit = self.kernel_limit(*args, **kwargs)
+        if limit is None:
+            return backend
+        if forced != "auto":
+            raise self._forced_error(forced, device, limit, limit)
+        return "torch"
 
     def select(self, device: torch.device, args: tuple = (), kwargs: dict | None = None) -> str:
         """The backend a call with `args`/`kwargs` on `device` runs on (without arguments: kernel_limit unchecked)."""
-        kwargs = kwargs or {}
-        forced = forced_backend()
-        if forced is not None:
-            problem = self._call_problem(forced, device, args, kwargs)
-            if problem is not None:
-                usable = [b for b in self.impls if self._call_problem(b, device, args, kwargs) is None]
-                raise RuntimeError(
-                    f"qwen_fast.{self.name}: backend {forced!r} is forced but cannot run here: {problem}. "
-                    f"Usable for {device.type} tensors: {', '.join(usable)}"
-                )
-            return forced
-        for backend in self.auto_order.get(device.type, ("torch",)):
-            if self._call_problem(backend, device, args, kwargs) is None:
-                return backend
-        return "torch"
+        backend = self._routes.get((device, _forced)) or self._route(device, _forced)
+        if self.kernel_limit is not None and backend != "torch" and (args or kwargs):
+            backend = self._within_limit(backend, _forced, device, args, kwargs or {})
+        return backend
 
     def __call__(self, device: torch.device, *args, **kwargs):
-        backend = self.select(device, args, kwargs)
+        forced = _forced
+        if is_dynamo_compiling():
+            backend = _traced_route(self.name, device, forced)
+        else:
+            backend = self._routes.get((device, forced)) or self._route(device, forced)
+        if self.kernel_limit is not None and backend != "torch":
+            backend = self._within_limit(backend, forced, device, args, kwargs)
         if _trace is not None:
             _trace.append((self.name, backend))
         return self.impls[backend](*args, **kwargs)
+
+    def auto(self, device: torch.device, *args, **kwargs):
+        """The call with auto's choice whatever is forced: for a composite op's secondary parts (fused_moe's
+        routing, the Triton fused_experts' alignment), where a forced backend names the main part's kernels."""
+        if is_dynamo_compiling():
+            backend = _traced_route(self.name, device, "auto")
+        else:
+            backend = self._routes.get((device, "auto")) or self._route(device, "auto")
+        if self.kernel_limit is not None and backend != "torch":
+            backend = self._within_limit(backend, "auto", device, args, kwargs)
+        if _trace is not None:
+            _trace.append((self.name, backend))
+        return self.impls[backend](*args, **kwargs)
+
+
+@torch.compiler.assume_constant_result
+def _traced_route(name: str, device: torch.device, forced: str) -> str:
+    """Op `name`'s backend, evaluated once while Dynamo traces: a constant of the graph, with no guard of its own."""
+    op = _BY_NAME[name]
+    return op._routes.get((device, forced)) or op._route(device, forced)
 
 
 # The default `auto` order: the extension's kernels for the small latency-bound ops, then Triton, then the reference.

@@ -4,75 +4,62 @@ import math
 
 import torch
 
-from qwen_fast import _native
 from qwen_fast.reference import attention as reference
 
-from ._checks import FLOAT_DTYPES, check_int, check_last_dim_contiguous, check_shape, check_tensor
+from ._checks import (
+    FLOAT_DTYPES,
+    Require,
+    check_int,
+    check_last_dim_contiguous,
+    check_shape,
+    check_tensor,
+    raise_unless,
+    traced,
+)
 from ._dispatch import Op
+from ._library import define_triton_op, launcher, native_op
 
 # The kernels take the softmax scale resolved (None -> D ** -0.5) and the window as two ints (-1: unbounded).
 
 
-def _check_fake_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ndim: int) -> None:
-    layout = "[B, S, H, D]" if ndim == 4 else "[T, H, D]"
-    torch._check(q.dim() == ndim and k.dim() == ndim, lambda: f"q and k must be {layout}, got {q.shape}, {k.shape}")
-    torch._check(v.shape == k.shape, lambda: f"v {tuple(v.shape)} must have k's shape {tuple(k.shape)}")
-    torch._check(k.dtype == q.dtype and v.dtype == q.dtype, lambda: f"q, k, v must share one dtype, got {q.dtype}")
-    torch._check(k.shape[-1] == q.shape[-1], lambda: f"k's head dim {k.shape[-1]} must equal q's {q.shape[-1]}")
-    torch._check(
-        k.shape[-2] > 0 and q.shape[-2] % k.shape[-2] == 0,
-        lambda: f"Hq={q.shape[-2]} must be a nonzero multiple of Hkv={k.shape[-2]}",
-    )
-
-
 def _fake_flash_attn(q, k, v, softmax_scale: float, causal: bool, window_left: int, window_right: int):
-    _check_fake_heads(q, k, v, 4)
-    torch._check(k.shape[0] == q.shape[0], lambda: f"k's batch {k.shape[0]} must equal q's {q.shape[0]}")
+    check_dense_args(q, k, v, traced)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def _fake_flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                             softmax_scale: float, causal: bool, window_left: int, window_right: int):  # fmt: skip
-    _check_fake_heads(q, k, v, 3)
-    torch._check(
-        cu_seqlens_q.dim() == 1 and cu_seqlens_q.shape == cu_seqlens_k.shape,
-        lambda: f"cu_seqlens_q and cu_seqlens_k must both be [B + 1], got {cu_seqlens_q.shape}, {cu_seqlens_k.shape}",
-    )
-    torch._check(
-        cu_seqlens_q.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32, lambda: "cu_seqlens must be int32"
-    )
+    check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, traced)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-if _native.LOAD_ERROR is None:
-    torch.library.register_fake("qwen_fast::flash_attn_varlen_func")(_fake_flash_attn_varlen)
+_launch_flash_attn = launcher("attention", "flash_attn_func")
+_launch_flash_attn_varlen = launcher("attention", "flash_attn_varlen_func")
 
 
-@torch.library.custom_op("qwen_fast_triton::flash_attn", mutates_args=())
-def _flash_attn_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, softmax_scale: float, causal: bool, window_left: int,
-    window_right: int,
-) -> torch.Tensor:  # fmt: skip
-    from qwen_fast.kernels.attention import flash_attn_func as launch
-
-    return launch(q, k, v, softmax_scale, causal, (window_left, window_right))
+def _flash_attn_launch(q, k, v, softmax_scale, causal, window_left, window_right):
+    return _launch_flash_attn(q, k, v, softmax_scale, causal, (window_left, window_right))
 
 
-_flash_attn_triton.register_fake(_fake_flash_attn)
+def _flash_attn_varlen_launch(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_left, window_right):
+    return _launch_flash_attn_varlen(
+        q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, (window_left, window_right)
+    )  # fmt: skip
 
 
-@torch.library.custom_op("qwen_fast_triton::flash_attn_varlen", mutates_args=())
-def _flash_attn_varlen_triton(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Tensor,
-    max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float, causal: bool, window_left: int, window_right: int,
-) -> torch.Tensor:  # fmt: skip
-    from qwen_fast.kernels.attention import flash_attn_varlen_func as launch
-
-    return launch(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                  (window_left, window_right))  # fmt: skip
-
-
-_flash_attn_varlen_triton.register_fake(_fake_flash_attn_varlen)
+_flash_attn_triton = define_triton_op(
+    "flash_attn(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, int window_left, int window_right) "
+    "-> Tensor",
+    _flash_attn_launch,
+    _fake_flash_attn,
+)
+_flash_attn_varlen_triton = define_triton_op(
+    "flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
+    "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right) -> Tensor",
+    _flash_attn_varlen_launch,
+    _fake_flash_attn_varlen,
+)
+_flash_attn_varlen_native = native_op("flash_attn_varlen_func", _fake_flash_attn_varlen)
 
 
 def _flash_attn_native(q, k, v, softmax_scale, causal, window_left, window_right):
@@ -81,17 +68,11 @@ def _flash_attn_native(q, k, v, softmax_scale, causal, window_left, window_right
     device = q.device
     cu_q = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * seqlen_q
     cu_k = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * seqlen_k
-    out = torch.ops.qwen_fast.flash_attn_varlen_func(
+    out = _flash_attn_varlen_native(
         q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]), cu_q, cu_k,
         seqlen_q, seqlen_k, softmax_scale, causal, window_left, window_right,
     )  # fmt: skip
     return out.view(q.shape)
-
-
-def _flash_attn_varlen_native(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *options):
-    return torch.ops.qwen_fast.flash_attn_varlen_func(
-        q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, *options
-    )  # fmt: skip
 
 
 def _reference_flash_attn(q, k, v, softmax_scale, causal, window_left, window_right):
@@ -134,15 +115,36 @@ def check_attention_options(softmax_scale: object, causal: object, window_size: 
         check_int(f"window_size {side}", value, low=-1)
 
 
-def check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, require: Require = raise_unless) -> None:
     """q [..., Hq, D], k and v [..., Hkv, D] with Hq a multiple of Hkv, one head dim, contiguous last dims."""
     hq, hkv = q.shape[-2], k.shape[-2]
-    if hkv == 0 or hq % hkv:
-        raise ValueError(f"the query heads Hq={hq} must be a nonzero multiple of the key/value heads Hkv={hkv}")
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"k's head dim {k.shape[-1]} must equal q's head dim {q.shape[-1]}")
+    for ok in (lambda: hkv != 0, lambda: hq % hkv == 0):  # the second only once the first holds
+        require(
+            ok(),
+            ValueError,
+            lambda: f"the query heads Hq={hq} must be a nonzero multiple of the key/value heads Hkv={hkv}",
+        )
+    require(
+        k.shape[-1] == q.shape[-1],
+        ValueError,
+        lambda: f"k's head dim {k.shape[-1]} must equal q's head dim {q.shape[-1]}",
+    )
     for name, tensor in (("q", q), ("k", k), ("v", v)):
-        check_last_dim_contiguous(name, tensor)
+        check_last_dim_contiguous(name, tensor, require)
+
+
+def check_dense_args(q: object, k: object, v: object, require: Require = raise_unless) -> None:
+    """flash_attn_func's tensor contract (the eager check and the fake; `require`: see _checks.py)."""
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES, require=require)
+    check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device, require=require)
+    check_tensor("v", v, dtypes=(q.dtype,), device=q.device, require=require)
+    check_shape("v", v, k.shape, "[B, Sk, Hkv, D] = k's shape", require)
+    require(
+        k.shape[0] == q.shape[0],
+        ValueError,
+        lambda: f"k [B, Sk, Hkv, D] = {tuple(k.shape)} must have q's batch size B = {q.shape[0]}",
+    )
+    check_heads(q, k, v, require)
 
 
 def flash_attn_func(
@@ -173,25 +175,42 @@ def flash_attn_func(
         >>> qwen_fast.flash_attn_func(q, k, v, causal=True).shape
         torch.Size([2, 5, 8, 64])
     """
-    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
-    check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=q.device)
-    check_tensor("v", v, dtypes=(q.dtype,), device=q.device)
-    check_shape("v", v, k.shape, "[B, Sk, Hkv, D] = k's shape")
-    if k.shape[0] != q.shape[0]:
-        raise ValueError(f"k [B, Sk, Hkv, D] = {tuple(k.shape)} must have q's batch size B = {q.shape[0]}")
-    check_heads(q, k, v)
+    check_dense_args(q, k, v)
     check_attention_options(softmax_scale, causal, window_size)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     return FLASH_ATTN(q.device, q, k, v, scale, causal, *window_size)
 
 
-def check_cu_seqlens(name: str, cu_seqlens: object, total: int, max_name: str, max_seqlen: int, device) -> None:
-    """int32 [B + 1], starting at 0, non-decreasing, ending at <= `total`, no sequence longer than `max_seqlen`
-    (the values are checked on CPU only: on CUDA that would cost a host sync)."""
-    check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,), device=device)
-    if cu_seqlens.shape[0] < 1:
-        raise ValueError(f"{name} must hold B + 1 >= 1 offsets, got shape {tuple(cu_seqlens.shape)}")
-    if device.type != "cpu" or torch.compiler.is_compiling():
+def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, require=raise_unless) -> None:
+    """flash_attn_varlen_func's tensor contract (the eager check and the fake; `require`: see _checks.py)."""
+    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES, require=require)
+    check_tensor("k", k, ndim=3, dtypes=(q.dtype,), device=q.device, require=require)
+    check_tensor("v", v, dtypes=(q.dtype,), device=q.device, require=require)
+    check_shape("v", v, k.shape, "[Tk, Hkv, D] = k's shape", require)
+    check_heads(q, k, v, require)
+    check_int("max_seqlen_q", max_seqlen_q, low=0, require=require)
+    check_int("max_seqlen_k", max_seqlen_k, low=0, require=require)
+    for name, cu_seqlens in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
+        check_tensor(name, cu_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device, require=require)
+        require(
+            cu_seqlens.shape[0] >= 1,
+            ValueError,
+            lambda: f"{name} must hold B + 1 >= 1 offsets, got shape {tuple(cu_seqlens.shape)}",  # noqa: B023
+        )
+    require(
+        cu_seqlens_k.shape[0] == cu_seqlens_q.shape[0],
+        ValueError,
+        lambda: (
+            f"cu_seqlens_k {tuple(cu_seqlens_k.shape)} and cu_seqlens_q {tuple(cu_seqlens_q.shape)} "
+            "must both hold B + 1 offsets"
+        ),
+    )
+
+
+def check_cu_offsets(name: str, cu_seqlens: torch.Tensor, total: int, max_name: str, max_seqlen: int) -> None:
+    """The offsets start at 0, do not decrease, end at <= `total`, and no sequence is longer than `max_seqlen`
+    (checked on CPU only: on CUDA that would cost a host sync)."""
+    if cu_seqlens.device.type != "cpu" or torch.compiler.is_compiling():
         return
     offsets = cu_seqlens.tolist()
     if offsets[0] != 0 or any(b < a for a, b in zip(offsets, offsets[1:], strict=False)) or offsets[-1] > total:
@@ -234,20 +253,9 @@ def flash_attn_varlen_func(
         >>> qwen_fast.flash_attn_varlen_func(q, k, v, cu, cu, 4, 4, causal=True).shape
         torch.Size([7, 4, 64])
     """
-    check_tensor("q", q, ndim=3, dtypes=FLOAT_DTYPES)
-    check_tensor("k", k, ndim=3, dtypes=(q.dtype,), device=q.device)
-    check_tensor("v", v, dtypes=(q.dtype,), device=q.device)
-    check_shape("v", v, k.shape, "[Tk, Hkv, D] = k's shape")
-    check_heads(q, k, v)
-    check_int("max_seqlen_q", max_seqlen_q, low=0)
-    check_int("max_seqlen_k", max_seqlen_k, low=0)
-    check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q, q.device)
-    check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k, q.device)
-    if cu_seqlens_k.shape != cu_seqlens_q.shape:
-        raise ValueError(
-            f"cu_seqlens_k {tuple(cu_seqlens_k.shape)} and cu_seqlens_q {tuple(cu_seqlens_q.shape)} "
-            "must both hold B + 1 offsets"
-        )
+    check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    check_cu_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q)
+    check_cu_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)
     check_attention_options(softmax_scale, causal, window_size)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     return FLASH_ATTN_VARLEN(

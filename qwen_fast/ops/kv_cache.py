@@ -2,47 +2,68 @@
 
 import torch
 
-from qwen_fast import _native
 from qwen_fast.reference import kv_cache as reference
 
-from ._checks import FLOAT_DTYPES, check_int, check_last_dim_contiguous, check_shape, check_tensor
+from ._checks import (
+    FLOAT_DTYPES,
+    Require,
+    check_int,
+    check_last_dim_contiguous,
+    check_shape,
+    check_tensor,
+    raise_unless,
+    same_sizes,
+    traced,
+)
 from ._dispatch import NATIVE_FIRST, Op
+from ._library import define_triton_op, launcher, native_op
 from .attention import check_attention_options, check_heads
 
 
+def check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, require: Require = raise_unless) -> None:
+    """reshape_and_cache's contract (the eager check and the fake; `require`: see _checks.py)."""
+    check_tensor("key", key, ndim=3, dtypes=FLOAT_DTYPES, require=require)
+    device = key.device
+    check_tensor("value", value, dtypes=(key.dtype,), device=device, require=require)
+    check_shape("value", value, key.shape, "[N, Hkv, D] = key's shape", require)
+    check_tensor("key_cache", key_cache, ndim=4, dtypes=(key.dtype,), device=device, require=require)
+    check_tensor("value_cache", value_cache, dtypes=(key.dtype,), device=device, require=require)
+    check_shape(
+        "value_cache", value_cache, key_cache.shape, "[num_blocks, block_size, Hkv, D] = key_cache's shape", require
+    )
+    require(
+        same_sizes(key_cache.shape[2:], key.shape[1:]),
+        ValueError,
+        lambda: (
+            f"key_cache [num_blocks, block_size, Hkv, D] = {tuple(key_cache.shape)} does not match key "
+            f"[N, Hkv, D] = {tuple(key.shape)} in Hkv and D"
+        ),
+    )
+    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=(torch.int64,), device=device, require=require)
+    check_shape("slot_mapping", slot_mapping, key.shape[:1], "[N] with N = key.shape[0] =", require)
+    for name, tensor in (("key", key), ("value", value), ("key_cache", key_cache), ("value_cache", value_cache)):
+        check_last_dim_contiguous(name, tensor, require)
+    require(
+        same_sizes(value.stride(), key.stride()) & same_sizes(value_cache.stride(), key_cache.stride()),
+        ValueError,
+        lambda: (
+            f"value and value_cache must have the strides of key and key_cache, got {value.stride()} vs "
+            f"{key.stride()} and {value_cache.stride()} vs {key_cache.stride()}"
+        ),
+    )
+
+
 def _fake_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping) -> None:
-    torch._check(key.dim() == 3, lambda: f"key must be [N, Hkv, D], got {tuple(key.shape)}")
-    torch._check(key_cache.dim() == 4, lambda: f"key_cache must be 4-D, got {tuple(key_cache.shape)}")
-    torch._check(value.shape == key.shape, lambda: f"value {tuple(value.shape)} != key {tuple(key.shape)}")
-    torch._check(value_cache.shape == key_cache.shape, lambda: "value_cache must have key_cache's shape")
-    torch._check(key_cache.shape[2:] == key.shape[1:], lambda: "key_cache [.., Hkv, D] must match key [N, Hkv, D]")
-    torch._check(slot_mapping.shape == key.shape[:1], lambda: "slot_mapping must be [N]")
-    torch._check(slot_mapping.dtype == torch.int64, lambda: f"slot_mapping must be int64, got {slot_mapping.dtype}")
+    check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, traced)
 
 
-if _native.LOAD_ERROR is None:
-    torch.library.register_fake("qwen_fast::reshape_and_cache")(_fake_reshape_and_cache)
-
-
-@torch.library.custom_op("qwen_fast_triton::reshape_and_cache", mutates_args=("key_cache", "value_cache"))
-def _reshape_and_cache_triton(
-    key: torch.Tensor,
-    value: torch.Tensor,
-    key_cache: torch.Tensor,
-    value_cache: torch.Tensor,
-    slot_mapping: torch.Tensor,
-) -> None:
-    from qwen_fast.kernels.kv_cache import reshape_and_cache as launch
-
-    launch(key, value, key_cache, value_cache, slot_mapping)
-
-
-_reshape_and_cache_triton.register_fake(_fake_reshape_and_cache)
-
-
-def _reshape_and_cache_native(key, value, key_cache, value_cache, slot_mapping) -> None:
-    torch.ops.qwen_fast.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping)
-
+_reshape_and_cache_triton = define_triton_op(
+    "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) "
+    "-> ()",
+    launcher("kv_cache", "reshape_and_cache"),
+    _fake_reshape_and_cache,
+)
+_reshape_and_cache_native = native_op("reshape_and_cache", _fake_reshape_and_cache)
 
 RESHAPE_AND_CACHE = Op(
     "reshape_and_cache",
@@ -81,27 +102,8 @@ def reshape_and_cache(
         >>> torch.equal(kc[1, 1], k[1])
         True
     """
-    check_tensor("key", key, ndim=3, dtypes=FLOAT_DTYPES)
+    check_cache_write_args(key, value, key_cache, value_cache, slot_mapping)
     device = key.device
-    check_tensor("value", value, dtypes=(key.dtype,), device=device)
-    check_shape("value", value, key.shape, "[N, Hkv, D] = key's shape")
-    check_tensor("key_cache", key_cache, ndim=4, dtypes=(key.dtype,), device=device)
-    check_tensor("value_cache", value_cache, dtypes=(key.dtype,), device=device)
-    check_shape("value_cache", value_cache, key_cache.shape, "[num_blocks, block_size, Hkv, D] = key_cache's shape")
-    if key_cache.shape[2:] != key.shape[1:]:
-        raise ValueError(
-            f"key_cache [num_blocks, block_size, Hkv, D] = {tuple(key_cache.shape)} does not match key [N, Hkv, D] = "
-            f"{tuple(key.shape)} in Hkv and D"
-        )
-    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=(torch.int64,), device=device)
-    check_shape("slot_mapping", slot_mapping, key.shape[:1], "[N] with N = key.shape[0] =")
-    for name, tensor in (("key", key), ("value", value), ("key_cache", key_cache), ("value_cache", value_cache)):
-        check_last_dim_contiguous(name, tensor)
-    if value.stride() != key.stride() or value_cache.stride() != key_cache.stride():
-        raise ValueError(
-            f"value and value_cache must have the strides of key and key_cache, got {value.stride()} vs "
-            f"{key.stride()} and {value_cache.stride()} vs {key_cache.stride()}"
-        )
     if device.type == "cpu" and slot_mapping.numel() and not torch.compiler.is_compiling():
         capacity = key_cache.shape[0] * key_cache.shape[1]
         last = int(slot_mapping.max())
@@ -114,52 +116,24 @@ def reshape_and_cache(
 
 
 def _fake_paged_attention(q, k_cache, v_cache, seqlens, block_table, softmax_scale, window_left, window_right):
-    torch._check(q.dim() == 4, lambda: f"q must be [B, Sq, Hq, D], got {tuple(q.shape)}")
-    torch._check(k_cache.dim() == 4, lambda: f"k_cache must be 4-D, got {tuple(k_cache.shape)}")
-    torch._check(v_cache.shape == k_cache.shape, lambda: "v_cache must have k_cache's shape")
-    torch._check(k_cache.shape[3] == q.shape[3], lambda: "k_cache's head dim must equal q's")
-    torch._check(q.shape[2] % k_cache.shape[2] == 0, lambda: "q's heads must be a multiple of k_cache's")
-    torch._check(k_cache.dtype == q.dtype and v_cache.dtype == q.dtype, lambda: "q, k_cache, v_cache share a dtype")
-    torch._check(seqlens.shape == q.shape[:1], lambda: f"seqlens must be [B], got {tuple(seqlens.shape)}")
-    torch._check(seqlens.dtype == torch.int32, lambda: f"seqlens must be int32, got {seqlens.dtype}")
-    torch._check(block_table.dim() == 2 and block_table.shape[0] == q.shape[0], lambda: "block_table must be [B, M]")
-    torch._check(block_table.dtype == torch.int32, lambda: f"block_table must be int32, got {block_table.dtype}")
+    check_kvcache_args(q, k_cache, v_cache, None, None, seqlens, block_table, traced)
     return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
 def _fake_flash_attn_with_kvcache(
     q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, window_left, window_right
 ):
-    torch._check((k is None) == (v is None), lambda: "k and v must be given together")
-    if k is not None:
-        torch._check(k.dim() == 4 and k.shape[0] == q.shape[0], lambda: f"k must be [B, Sq_new, Hkv, D], got {k.shape}")
-        torch._check(k.shape[2:] == k_cache.shape[2:] and v.shape == k.shape, lambda: "k, v must match the cache")
-    return _fake_paged_attention(
-        q, k_cache, v_cache, cache_seqlens, block_table, softmax_scale, window_left, window_right
-    )
+    check_kvcache_args(q, k_cache, v_cache, k, v, cache_seqlens, block_table, traced)
+    return torch.empty_like(q, memory_format=torch.contiguous_format)
 
 
-if _native.LOAD_ERROR is None and _native.has_kernel("flash_attn_with_kvcache", "CPU"):
-    torch.library.register_fake("qwen_fast::flash_attn_with_kvcache")(_fake_flash_attn_with_kvcache)
-
-
-@torch.library.custom_op("qwen_fast_triton::paged_attention", mutates_args=())
-def _paged_attention_triton(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    seqlens: torch.Tensor,
-    block_table: torch.Tensor,
-    softmax_scale: float,
-    window_left: int,
-    window_right: int,
-) -> torch.Tensor:
-    from qwen_fast.kernels.paged_attention import paged_attention as launch
-
-    return launch(q, k_cache, v_cache, seqlens, block_table, softmax_scale, window_left, window_right)
-
-
-_paged_attention_triton.register_fake(_fake_paged_attention)
+_paged_attention_triton = define_triton_op(
+    "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, Tensor block_table, "
+    "float softmax_scale, int window_left, int window_right) -> Tensor",
+    launcher("paged_attention", "paged_attention"),
+    _fake_paged_attention,
+)
+_flash_attn_with_kvcache_native = native_op("flash_attn_with_kvcache", _fake_flash_attn_with_kvcache)
 
 
 def _kernel_args(q, k_cache, cache_seqlens, block_table, softmax_scale, causal, window_size) -> tuple:
@@ -195,7 +169,7 @@ def _with_kvcache_native(q, k_cache, v_cache, k, v, cache_seqlens, block_table, 
     seqlens, table, scale, left, right = _kernel_args(
         q, k_cache, cache_seqlens, block_table, softmax_scale, causal, window_size
     )
-    return torch.ops.qwen_fast.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, seqlens, table, scale, left, right)
+    return _flash_attn_with_kvcache_native(q, k_cache, v_cache, k, v, seqlens, table, scale, left, right)
 
 
 FLASH_ATTN_WITH_KVCACHE = Op(
@@ -205,36 +179,49 @@ FLASH_ATTN_WITH_KVCACHE = Op(
 )
 
 
-def _check_kvcache_args(q, k_cache, v_cache, k, v, cache_seqlens, block_table) -> int:
-    """Checks flash_attn_with_kvcache's tensors; returns the cache capacity per sequence."""
-    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES)
+def check_kvcache_args(q, k_cache, v_cache, k, v, cache_seqlens, block_table, require: Require = raise_unless) -> None:
+    """flash_attn_with_kvcache's tensor contract (the eager check and the fakes, which get cache_seqlens and
+    block_table as the kernels take them; `require`: see _checks.py). cache_seqlens may be an int or None here."""
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES, require=require)
     batch, device = q.shape[0], q.device
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=device)
-    check_tensor("v_cache", v_cache, dtypes=(q.dtype,), device=device)
-    check_shape("v_cache", v_cache, k_cache.shape, "k_cache's shape")
-    check_heads(q, k_cache, v_cache)
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=(q.dtype,), device=device, require=require)
+    check_tensor("v_cache", v_cache, dtypes=(q.dtype,), device=device, require=require)
+    check_shape("v_cache", v_cache, k_cache.shape, "k_cache's shape", require)
+    check_heads(q, k_cache, v_cache, require)
     if block_table is not None:
-        check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), device=device)
-        if block_table.shape[0] != batch:
-            raise ValueError(f"block_table [B, max_blocks] = {tuple(block_table.shape)} must have q's B = {batch} rows")
-        capacity = block_table.shape[1] * k_cache.shape[1]
+        check_tensor("block_table", block_table, ndim=2, dtypes=(torch.int32,), device=device, require=require)
+        require(
+            block_table.shape[0] == batch,
+            ValueError,
+            lambda: f"block_table [B, max_blocks] = {tuple(block_table.shape)} must have q's B = {batch} rows",
+        )
     else:
-        if k_cache.shape[0] != batch:
-            raise ValueError(
+        require(
+            k_cache.shape[0] == batch,
+            ValueError,
+            lambda: (
                 f"a contiguous k_cache [B, S_max, Hkv, D] = {tuple(k_cache.shape)} must have q's B = {batch} "
                 "(pass block_table for a paged cache)"
-            )
-        capacity = k_cache.shape[1]
-    if (k is None) != (v is None):
-        raise ValueError("k and v must be given together (new keys and values to append) or both be None")
+            ),
+        )
+    require(
+        (k is None) == (v is None),
+        ValueError,
+        lambda: "k and v must be given together (new keys and values to append) or both be None",
+    )
     if k is not None:
-        check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=device)
-        check_tensor("v", v, dtypes=(q.dtype,), device=device)
-        check_shape("k", k, (batch, k.shape[1], *k_cache.shape[2:]), "[B, Sq_new, Hkv, D] =")
-        check_shape("v", v, k.shape, "k's shape")
-        if cache_seqlens is None:
-            raise ValueError("cache_seqlens is required with new k/v: it says where to append them")
-    return capacity
+        check_tensor("k", k, ndim=4, dtypes=(q.dtype,), device=device, require=require)
+        check_tensor("v", v, dtypes=(q.dtype,), device=device, require=require)
+        check_shape("k", k, (batch, k.shape[1], *k_cache.shape[2:]), "[B, Sq_new, Hkv, D] =", require)
+        check_shape("v", v, k.shape, "k's shape", require)
+        require(
+            cache_seqlens is not None,
+            ValueError,
+            lambda: "cache_seqlens is required with new k/v: it says where to append them",
+        )
+    if isinstance(cache_seqlens, torch.Tensor):
+        check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,), device=device, require=require)
+        check_shape("cache_seqlens", cache_seqlens, q.shape[:1], "[B] =", require)
 
 
 def _check_used_blocks(block_table, num_blocks, block_size, cache_seqlens, num_new, longest) -> None:
@@ -302,12 +289,11 @@ def flash_attn_with_kvcache(
         >>> qwen_fast.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, seqlens, block_table).shape
         torch.Size([2, 1, 8, 64])
     """
-    capacity = _check_kvcache_args(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+    check_kvcache_args(q, k_cache, v_cache, k, v, cache_seqlens, block_table)
+    capacity = k_cache.shape[1] * (1 if block_table is None else block_table.shape[1])  # slots per sequence
     num_new = 0 if k is None else k.shape[1]
     longest = capacity  # positions the longest sequence holds after the append (an upper bound off CPU)
     if isinstance(cache_seqlens, torch.Tensor):
-        check_tensor("cache_seqlens", cache_seqlens, ndim=1, dtypes=(torch.int32,), device=q.device)
-        check_shape("cache_seqlens", cache_seqlens, q.shape[:1], "[B] =")
         if q.device.type == "cpu" and cache_seqlens.numel() and not torch.compiler.is_compiling():
             low, high = (int(bound) for bound in torch.aminmax(cache_seqlens))
             if low < 0 or high + num_new > capacity:

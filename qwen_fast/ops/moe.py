@@ -2,52 +2,42 @@
 
 import torch
 
-from qwen_fast import _native
 from qwen_fast.reference import moe as reference
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, check_shape, check_tensor
-from ._dispatch import Op, use_backend
-from .moe_align import check_expert_ids
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, Require, check_shape, check_tensor, raise_unless, traced
+from ._dispatch import Op
+from ._library import define_triton_op, launcher, native_op
+from .moe_align import MOE_ALIGN_BLOCK_SIZE, check_expert_ids
 from .routing import FUSED_TOPK, check_routing_args
 
 
 def _fake_fused_experts(hidden_states, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
-    torch._check(hidden_states.dim() == 2, lambda: f"hidden_states must be [T, H], got {tuple(hidden_states.shape)}")
-    torch._check(w13.dim() == 3 and w2.dim() == 3, lambda: "w13 must be [E, 2I, H] and w2 [E, H, I]")
-    torch._check(w13.shape[2] == hidden_states.shape[1], lambda: "w13 [E, 2I, H] must match hidden_states in H")
-    torch._check(
-        w2.shape[0] == w13.shape[0] and w2.shape[1] == w13.shape[2] and 2 * w2.shape[2] == w13.shape[1],
-        lambda: f"w2 {tuple(w2.shape)} must be [E, H, I] for w13 [E, 2I, H] = {tuple(w13.shape)}",
-    )
-    torch._check(topk_ids.dim() == 2 and topk_ids.shape[0] == hidden_states.shape[0], lambda: "topk_ids must be [T, k]")
-    torch._check(topk_weights.shape == topk_ids.shape, lambda: "topk_weights must have topk_ids' shape [T, k]")
-    torch._check(w13.dtype == hidden_states.dtype and w2.dtype == hidden_states.dtype, lambda: "one weight dtype")
+    check_experts_args(hidden_states, w13, w2, topk_weights, topk_ids, traced)
     return hidden_states.new_empty(hidden_states.shape)
 
 
-if _native.LOAD_ERROR is None:
-    torch.library.register_fake("qwen_fast::fused_experts")(_fake_fused_experts)
+_choose_config = launcher("moe_gemm", "choose_config")
+_launch_experts = launcher("moe_gemm", "fused_experts")
 
 
-@torch.library.custom_op("qwen_fast_triton::fused_experts", mutates_args=())
-def _fused_experts_triton(
-    hidden_states: torch.Tensor,
-    w13: torch.Tensor,
-    w2: torch.Tensor,
-    topk_weights: torch.Tensor,
-    topk_ids: torch.Tensor,
-) -> torch.Tensor:
-    from qwen_fast.kernels.moe_gemm import fused_experts as launch
-
-    return launch(hidden_states, w13, w2, topk_weights, topk_ids)
-
-
-_fused_experts_triton.register_fake(_fake_fused_experts)
+def triton_fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, config: dict | None = None) -> torch.Tensor:
+    """The Triton fused_experts, composed here: the tiles (kernels/moe_gemm.py choose_config, or `config`, a tuner's
+    candidate), the routing layout from moe_align_block_size's auto backend (its Op: arguments already checked),
+    then the GEMM and combine kernels. Arguments as fused_experts."""
+    num_tokens, topk = topk_ids.shape
+    if num_tokens == 0:
+        return hidden_states.new_empty(hidden_states.shape)
+    config = _choose_config(num_tokens, topk, w13) if config is None else config
+    layout = MOE_ALIGN_BLOCK_SIZE.auto(topk_ids.device, topk_ids, config["BLOCK_M"], w13.shape[0])
+    return _launch_experts(hidden_states, w13, w2, topk_weights, *layout, config)
 
 
-def _fused_experts_native(hidden_states, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
-    return torch.ops.qwen_fast.fused_experts(hidden_states, w13, w2, topk_weights, topk_ids)
-
+_fused_experts_triton = define_triton_op(
+    "fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids) -> Tensor",
+    triton_fused_experts,
+    _fake_fused_experts,
+)
+_fused_experts_native = native_op("fused_experts", _fake_fused_experts)
 
 # The experts' GEMMs are Triton's job on CUDA (no CUDA C++ kernel); on CPU the C++ extension's tiled kernels
 # (csrc/cpu/moe.cpp).
@@ -58,43 +48,61 @@ FUSED_EXPERTS = Op(
 )
 
 
-def _fused_moe_on(backend: str):
-    """fused_moe whose experts run on `backend`: routing through fused_topk's own `auto` choice, then that backend's
-    fused_experts kernel (arguments already checked by fused_moe)."""
-
-    def run(hidden_states, w13, w2, gating_output, topk, renormalize=True, **routing_kwargs):
-        with use_backend("auto"):
-            weights, ids = FUSED_TOPK(gating_output.device, gating_output, topk, renormalize, **routing_kwargs)
-        return FUSED_EXPERTS.impls[backend](hidden_states, w13, w2, weights, ids)
-
-    return run
+def _fused_moe(hidden_states, w13, w2, gating_output, topk, renormalize=True, **routing_kwargs):
+    """fused_moe on the kernels: routing on fused_topk's auto backend, then fused_experts on the backend this call
+    was dispatched to (the forced one, or auto's, which is fused_experts' own choice). Arguments already checked."""
+    weights, ids = FUSED_TOPK.auto(gating_output.device, gating_output, topk, renormalize, **routing_kwargs)
+    return FUSED_EXPERTS(hidden_states.device, hidden_states, w13, w2, weights, ids)
 
 
 # A forced backend names the experts' kernels, the bulk of the work; routing takes its fastest backend.
 FUSED_MOE = Op(
     "fused_moe",
-    {"triton": _fused_moe_on("triton"), "cpu": _fused_moe_on("cpu"), "torch": reference.fused_moe},
+    {"triton": _fused_moe, "cpu": _fused_moe, "torch": reference.fused_moe},
     FUSED_EXPERTS.auto_order,
     native_op="fused_experts",
 )
 
 
-def check_expert_weights(hidden_states: object, w13: object, w2: object) -> None:
+def check_expert_weights(hidden_states: object, w13: object, w2: object, require: Require = raise_unless) -> None:
     """hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], one dtype and device."""
-    check_tensor("hidden_states", hidden_states, ndim=2, dtypes=FLOAT_DTYPES)
+    check_tensor("hidden_states", hidden_states, ndim=2, dtypes=FLOAT_DTYPES, require=require)
     dtype, device = hidden_states.dtype, hidden_states.device
-    check_tensor("w13", w13, ndim=3, dtypes=(dtype,), device=device)
-    check_tensor("w2", w2, ndim=3, dtypes=(dtype,), device=device)
+    check_tensor("w13", w13, ndim=3, dtypes=(dtype,), device=device, require=require)
+    check_tensor("w2", w2, ndim=3, dtypes=(dtype,), device=device, require=require)
     num_experts, two_i, hidden = w13.shape
-    if hidden != hidden_states.shape[1]:
-        raise ValueError(
+    require(
+        hidden == hidden_states.shape[1],
+        ValueError,
+        lambda: (
             f"w13 [E, 2I, H] = {tuple(w13.shape)} must match hidden_states [T, H] = {tuple(hidden_states.shape)} in H"
-        )
-    if two_i % 2 or two_i == 0:
-        raise ValueError(
-            f"w13 [E, 2I, H] must have an even, nonzero 2I (gate rows then up rows), got {tuple(w13.shape)}"
-        )
-    check_shape("w2", w2, (num_experts, hidden, two_i // 2), "[E, H, I] from w13 [E, 2I, H] =")
+        ),
+    )
+    require(
+        (two_i % 2 == 0) & (two_i != 0),
+        ValueError,
+        lambda: f"w13 [E, 2I, H] must have an even, nonzero 2I (gate rows then up rows), got {tuple(w13.shape)}",
+    )
+    check_shape("w2", w2, (num_experts, hidden, two_i // 2), "[E, H, I] from w13 [E, 2I, H] =", require)
+
+
+def check_experts_args(hidden_states, w13, w2, topk_weights, topk_ids, require: Require = raise_unless) -> None:
+    """fused_experts' contract (the eager check and the fake; `require`: see _checks.py)."""
+    check_expert_weights(hidden_states, w13, w2, require)
+    device = hidden_states.device
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, device=device, require=require)
+    check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, device=device, require=require)
+    check_shape("topk_weights", topk_weights, topk_ids.shape, "[T, k] = topk_ids' shape", require)
+    require(
+        topk_ids.shape[0] == hidden_states.shape[0],
+        ValueError,
+        lambda: f"topk_ids [T, k] = {tuple(topk_ids.shape)} must have hidden_states' T = {hidden_states.shape[0]} rows",
+    )
+    require(
+        topk_ids.shape[1] <= w13.shape[0],
+        ValueError,
+        lambda: f"topk_ids has k = {topk_ids.shape[1]} choices per token but there are only {w13.shape[0]} experts",
+    )
 
 
 def fused_experts(
@@ -126,22 +134,9 @@ def fused_experts(
         >>> qwen_fast.fused_experts(x, w13, w2, weights, ids).shape
         torch.Size([3, 8])
     """
-    check_expert_weights(hidden_states, w13, w2)
-    device = hidden_states.device
-    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, device=device)
-    check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, device=device)
-    check_shape("topk_weights", topk_weights, topk_ids.shape, "[T, k] = topk_ids' shape")
-    if topk_ids.shape[0] != hidden_states.shape[0]:
-        raise ValueError(
-            f"topk_ids [T, k] = {tuple(topk_ids.shape)} must have hidden_states' T = {hidden_states.shape[0]} rows"
-        )
-    num_experts = w13.shape[0]
-    if topk_ids.shape[1] > num_experts:
-        raise ValueError(
-            f"topk_ids has k = {topk_ids.shape[1]} choices per token but there are only {num_experts} experts"
-        )
-    check_expert_ids("topk_ids", topk_ids, num_experts)
-    return FUSED_EXPERTS(device, hidden_states, w13, w2, topk_weights, topk_ids)
+    check_experts_args(hidden_states, w13, w2, topk_weights, topk_ids)
+    check_expert_ids("topk_ids", topk_ids, w13.shape[0])
+    return FUSED_EXPERTS(hidden_states.device, hidden_states, w13, w2, topk_weights, topk_ids)
 
 
 def fused_moe(

@@ -2,24 +2,18 @@
 
 import torch
 
-from qwen_fast import _native
+from qwen_fast.configs import moe_block_size
 from qwen_fast.reference import moe_align as reference
 
-from ._checks import INDEX_DTYPES, check_int, check_tensor
+from ._checks import INDEX_DTYPES, Require, check_int, check_tensor, raise_unless, traced
 from ._dispatch import NATIVE_FIRST, Op
-
-# The GEMM block sizes choose_block_size picks from: BLOCK_M of the grouped GEMM's tiles.
-BLOCK_SIZES = (16, 32, 64, 128)
+from ._library import define_triton_op, launcher, native_op
 
 
 def choose_block_size(num_tokens: int, topk: int, num_experts: int) -> int:
-    """BLOCK_M for the grouped GEMM: rows per block of moe_align_block_size, from the expected rows per expert.
-
-    Rule: the N = num_tokens * topk routed rows fall on at most A = min(num_experts, N) experts, so an active expert
-    gets about R = ceil(N / A) rows; BLOCK_M is the smallest of 16, 32, 64, 128 that holds R (128 when R > 64).
-    Each active expert pads its run by at most BLOCK_M - 1 rows, so with R <= 16 (decode, small batches) the padding
-    is at most A * 15 rows (vLLM's fixed 64 pads the 8 rows of one decode token to 512); and BLOCK_M stays no larger
-    than the rows an expert has, while large batches get the 128-row tiles the GEMM runs fastest with.
+    """BLOCK_M for the grouped GEMM: rows per block of moe_align_block_size, from the expected rows per expert
+    (the rule: qwen_fast.configs.moe_block_size.choose_block_size, which the Triton launcher uses; this checks its
+    arguments, ints >= 0, >= 1, >= 1).
 
     Example (Qwen3-30B-A3B, E = 128, k = 8):
         >>> [qwen_fast.ops.moe_align.choose_block_size(t, 8, 128) for t in (1, 64, 256, 512, 1024, 4096)]
@@ -28,10 +22,7 @@ def choose_block_size(num_tokens: int, topk: int, num_experts: int) -> int:
     check_int("num_tokens", num_tokens, low=0)
     check_int("topk", topk, low=1)
     check_int("num_experts", num_experts, low=1)
-    num_pairs = num_tokens * topk
-    active = max(1, min(num_experts, num_pairs))
-    rows = -(-num_pairs // active)
-    return next((b for b in BLOCK_SIZES if b >= rows), BLOCK_SIZES[-1])
+    return moe_block_size.choose_block_size(num_tokens, topk, num_experts)
 
 
 def _align_sizes(topk_ids: torch.Tensor, block_size: int, num_experts: int) -> tuple:
@@ -40,39 +31,30 @@ def _align_sizes(topk_ids: torch.Tensor, block_size: int, num_experts: int) -> t
     return max_padded, (max_padded + block_size - 1) // block_size
 
 
+def _check_align_args(
+    topk_ids: object, block_size: object, num_experts: object, require: Require = raise_unless
+) -> None:
+    """moe_align_block_size's contract (the eager check and the fake; `require`: see _checks.py)."""
+    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, require=require)
+    check_int("block_size", block_size, low=1, require=require)
+    check_int("num_experts", num_experts, low=1, require=require)
+
+
 def _fake_moe_align_block_size(
     topk_ids: torch.Tensor, block_size: int, num_experts: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    torch._check(topk_ids.dim() == 2, lambda: f"topk_ids must be [T, k], got {tuple(topk_ids.shape)}")
-    torch._check(
-        topk_ids.dtype in (torch.int32, torch.int64), lambda: f"topk_ids must be int32 or int64, got {topk_ids.dtype}"
-    )
-    torch._check(block_size >= 1, lambda: f"block_size must be >= 1, got {block_size}")
-    torch._check(num_experts >= 1, lambda: f"num_experts must be >= 1, got {num_experts}")
+    _check_align_args(topk_ids, block_size, num_experts, traced)
     max_padded, max_blocks = _align_sizes(topk_ids, block_size, num_experts)
     new = topk_ids.new_empty
     return new(max_padded, dtype=torch.int32), new(max_blocks, dtype=torch.int32), new(1, dtype=torch.int32)
 
 
-if _native.LOAD_ERROR is None:
-    torch.library.register_fake("qwen_fast::moe_align_block_size")(_fake_moe_align_block_size)
-
-
-@torch.library.custom_op("qwen_fast_triton::moe_align_block_size", mutates_args=())
-def _moe_align_block_size_triton(
-    topk_ids: torch.Tensor, block_size: int, num_experts: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    from qwen_fast.kernels.moe_align import moe_align_block_size as launch
-
-    return launch(topk_ids, block_size, num_experts)
-
-
-_moe_align_block_size_triton.register_fake(_fake_moe_align_block_size)
-
-
-def _moe_align_block_size_native(topk_ids, block_size, num_experts):
-    return torch.ops.qwen_fast.moe_align_block_size(topk_ids, block_size, num_experts)
-
+_moe_align_block_size_triton = define_triton_op(
+    "moe_align_block_size(Tensor topk_ids, int block_size, int num_experts) -> (Tensor, Tensor, Tensor)",
+    launcher("moe_align", "moe_align_block_size"),
+    _fake_moe_align_block_size,
+)
+_moe_align_block_size_native = native_op("moe_align_block_size", _fake_moe_align_block_size)
 
 MOE_ALIGN_BLOCK_SIZE = Op(
     "moe_align_block_size",
@@ -121,8 +103,6 @@ def moe_align_block_size(
         >>> sorted_ids.tolist(), expert_ids.tolist(), total.tolist()
         ([1, 4, 0, 2, 5, 6, 3, 6, 6, 6], [0, 2, 2, 3, -1], [8])
     """
-    check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES)
-    check_int("block_size", block_size, low=1)
-    check_int("num_experts", num_experts, low=1)
+    _check_align_args(topk_ids, block_size, num_experts)
     check_expert_ids("topk_ids", topk_ids, num_experts)
     return MOE_ALIGN_BLOCK_SIZE(topk_ids.device, topk_ids, block_size, num_experts)

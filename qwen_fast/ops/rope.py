@@ -8,18 +8,24 @@ kernels/rope.py). rotary_embedding's CPU kernel gives the reference's bits (the 
 
 import torch
 
-from qwen_fast import _native
 from qwen_fast.reference import rope as reference
 
-from ._checks import FLOAT_DTYPES, check_last_dim_contiguous, check_shape, check_tensor
+from ._checks import (
+    FLOAT_DTYPES,
+    Require,
+    check_last_dim_contiguous,
+    check_shape,
+    check_tensor,
+    raise_unless,
+    same_sizes,
+    traced,
+)
 from ._dispatch import NATIVE_FIRST, Op
+from ._library import define_triton_op, launcher, native_op
 
 
 def _fake_rotary_embedding(positions, query, key, cos_sin_cache, is_neox) -> tuple[torch.Tensor, torch.Tensor]:
-    torch._check(query.dim() == 3 and key.dim() == 3, lambda: "query and key must be [T, H, D]")
-    torch._check(positions.shape == query.shape[:1], lambda: "positions must be [T]")
-    torch._check(key.shape[0] == query.shape[0] and key.shape[2] == query.shape[2], lambda: "key must be [T, Hkv, D]")
-    torch._check(cos_sin_cache.dim() == 2 and cos_sin_cache.shape[1] == query.shape[2], lambda: "cos_sin_cache: [P, D]")
+    check_rope_args(positions, query, key, cos_sin_cache, is_neox, traced)
     return query.new_empty(query.shape), key.new_empty(key.shape)
 
 
@@ -27,53 +33,28 @@ def _fake_qk_norm_rope_and_cache(
     query, key, value, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, key_cache, value_cache,
     slot_mapping, is_neox,
 ) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    torch._check(value.shape == key.shape, lambda: "value must have key's shape")
-    torch._check(q_norm_weight.shape == query.shape[2:] == k_norm_weight.shape, lambda: "norm weights must be [D]")
-    torch._check(key_cache.dim() == 4 and key_cache.shape[2:] == key.shape[1:], lambda: "key_cache: [.., Hkv, D]")
-    torch._check(value_cache.shape == key_cache.shape, lambda: "value_cache must have key_cache's shape")
-    torch._check(slot_mapping.shape == query.shape[:1], lambda: "slot_mapping must be [T]")
-    return _fake_rotary_embedding(positions, query, key, cos_sin_cache, is_neox)
+    check_qk_norm_rope_args(
+        query, key, value, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, key_cache, value_cache,
+        slot_mapping, is_neox, traced,
+    )  # fmt: skip
+    return query.new_empty(query.shape), key.new_empty(key.shape)
 
 
-if _native.LOAD_ERROR is None:
-    torch.library.register_fake("qwen_fast::rotary_embedding")(_fake_rotary_embedding)
-    torch.library.register_fake("qwen_fast::qk_norm_rope_and_cache")(_fake_qk_norm_rope_and_cache)
-
-
-@torch.library.custom_op("qwen_fast_triton::rotary_embedding", mutates_args=())
-def _rotary_embedding_triton(
-    positions: torch.Tensor, query: torch.Tensor, key: torch.Tensor, cos_sin_cache: torch.Tensor, is_neox: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from qwen_fast.kernels.rope import rotary_embedding as launch
-
-    return launch(positions, query, key, cos_sin_cache, is_neox)
-
-
-_rotary_embedding_triton.register_fake(_fake_rotary_embedding)
-
-
-@torch.library.custom_op("qwen_fast_triton::qk_norm_rope_and_cache", mutates_args=("key_cache", "value_cache"))
-def _qk_norm_rope_and_cache_triton(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, q_norm_weight: torch.Tensor,
-    k_norm_weight: torch.Tensor, eps: float, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
-    key_cache: torch.Tensor, value_cache: torch.Tensor, slot_mapping: torch.Tensor, is_neox: bool,
-) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    from qwen_fast.kernels.rope import qk_norm_rope_and_cache as launch
-
-    return launch(query, key, value, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, key_cache,
-                  value_cache, slot_mapping, is_neox)  # fmt: skip
-
-
-_qk_norm_rope_and_cache_triton.register_fake(_fake_qk_norm_rope_and_cache)
-
-
-def _rotary_embedding_native(*args):
-    return torch.ops.qwen_fast.rotary_embedding(*args)
-
-
-def _qk_norm_rope_and_cache_native(*args):
-    return torch.ops.qwen_fast.qk_norm_rope_and_cache(*args)
-
+_rotary_embedding_triton = define_triton_op(
+    "rotary_embedding(Tensor positions, Tensor query, Tensor key, Tensor cos_sin_cache, bool is_neox) "
+    "-> (Tensor, Tensor)",
+    launcher("rope", "rotary_embedding"),
+    _fake_rotary_embedding,
+)
+_qk_norm_rope_and_cache_triton = define_triton_op(
+    "qk_norm_rope_and_cache(Tensor query, Tensor key, Tensor value, Tensor q_norm_weight, Tensor k_norm_weight, "
+    "float eps, Tensor positions, Tensor cos_sin_cache, Tensor(a!) key_cache, Tensor(b!) value_cache, "
+    "Tensor slot_mapping, bool is_neox) -> (Tensor, Tensor)",
+    launcher("rope", "qk_norm_rope_and_cache"),
+    _fake_qk_norm_rope_and_cache,
+)
+_rotary_embedding_native = native_op("rotary_embedding", _fake_rotary_embedding)
+_qk_norm_rope_and_cache_native = native_op("qk_norm_rope_and_cache", _fake_qk_norm_rope_and_cache)
 
 ROTARY_EMBEDDING = Op(
     "rotary_embedding",
@@ -107,36 +88,100 @@ def _check_index_range(name: str, index: torch.Tensor, high: int, what: str, all
         raise ValueError(f"{name} holds values in [{low}, {top}], outside {what}")
 
 
-def _check_rope_args(positions, query, cos_sin_cache, is_neox) -> None:
-    """query [..., H, D] in a float dtype; positions int64 [...]; cos_sin_cache [P, D] fp32 or query's dtype."""
-    check_tensor("query", query, dtypes=FLOAT_DTYPES)
-    if query.dim() not in (3, 4):
-        raise ValueError(f"query must be [T, Hq, D] or [B, S, Hq, D], got shape {tuple(query.shape)}")
+def check_rope_args(positions, query, key, cos_sin_cache, is_neox, require: Require = raise_unless) -> None:
+    """rotary_embedding's contract (the eager check and the fake; `require`: see _checks.py): query [..., H, D] in a
+    float dtype; key None or [..., Hkv, D] like query; positions int64 [...]; cos_sin_cache [P, D] fp32 or query's
+    dtype."""
+    check_tensor("query", query, dtypes=FLOAT_DTYPES, require=require)
+    require(
+        query.dim() in (3, 4),
+        ValueError,
+        lambda: f"query must be [T, Hq, D] or [B, S, Hq, D], got shape {tuple(query.shape)}",
+    )
     head_dim, device = query.shape[-1], query.device
-    if head_dim % 2:
-        raise ValueError(f"query's head_dim must be even (pairs are rotated), got {head_dim}")
-    check_tensor("positions", positions, dtypes=(torch.int64,), device=device)
-    check_shape("positions", positions, query.shape[:-2], "[T] or [B, S] = query's leading dims")
-    check_tensor("cos_sin_cache", cos_sin_cache, ndim=2, dtypes=(torch.float32, query.dtype), device=device)
-    if cos_sin_cache.shape[1] != head_dim or not cos_sin_cache.is_contiguous():
-        raise ValueError(
+    require(head_dim % 2 == 0, ValueError, lambda: f"query's head_dim must be even (pairs are rotated), got {head_dim}")
+    check_tensor("positions", positions, dtypes=(torch.int64,), device=device, require=require)
+    check_shape("positions", positions, query.shape[:-2], "[T] or [B, S] = query's leading dims", require)
+    check_tensor(
+        "cos_sin_cache", cos_sin_cache, ndim=2, dtypes=(torch.float32, query.dtype), device=device, require=require
+    )
+    require(
+        (cos_sin_cache.shape[1] == head_dim) & cos_sin_cache.is_contiguous(),
+        ValueError,
+        lambda: (
             f"cos_sin_cache must be contiguous [max_position, D = {head_dim}], got {tuple(cos_sin_cache.shape)} "
             f"with strides {cos_sin_cache.stride()}"
-        )
-    if not isinstance(is_neox, bool):
-        raise TypeError(f"is_neox must be a bool, got {type(is_neox).__name__} {is_neox!r}")
-    check_last_dim_contiguous("query", query)
-    _check_index_range("positions", positions, cos_sin_cache.shape[0], f"cos_sin_cache's [0, {cos_sin_cache.shape[0]})")
+        ),
+    )
+    require(
+        isinstance(is_neox, bool),
+        TypeError,
+        lambda: f"is_neox must be a bool, got {type(is_neox).__name__} {is_neox!r}",
+    )
+    check_last_dim_contiguous("query", query, require)
+    if key is not None:
+        _check_heads("key", key, query, require)
 
 
-def _check_heads(name: str, x: torch.Tensor, query: torch.Tensor) -> None:
+def _check_heads(name: str, x: torch.Tensor, query: torch.Tensor, require: Require) -> None:
     """x [..., H, D] with query's leading dims, D, dtype and device."""
-    check_tensor(name, x, ndim=query.dim(), dtypes=(query.dtype,), device=query.device)
-    if x.shape[:-2] != query.shape[:-2] or x.shape[-1] != query.shape[-1]:
-        raise ValueError(
+    check_tensor(name, x, ndim=query.dim(), dtypes=(query.dtype,), device=query.device, require=require)
+    require(
+        same_sizes(x.shape[:-2], query.shape[:-2]) & (x.shape[-1] == query.shape[-1]),
+        ValueError,
+        lambda: (
             f"{name} must be [..., H, D] with query's {tuple(query.shape)} leading dims and D, got {tuple(x.shape)}"
-        )
-    check_last_dim_contiguous(name, x)
+        ),
+    )
+    check_last_dim_contiguous(name, x, require)
+
+
+def check_qk_norm_rope_args(
+    query, key, value, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, key_cache, value_cache,
+    slot_mapping, is_neox, require: Require = raise_unless,
+) -> None:  # fmt: skip
+    """qk_norm_rope_and_cache's contract (the eager check and the fake; `require`: see _checks.py)."""
+    check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES, require=require)
+    check_rope_args(positions, query, key, cos_sin_cache, is_neox, require)
+    _check_heads("value", value, query, require)
+    check_shape("value", value, key.shape, "[T, Hkv, D] = key's shape", require)
+    head_dim, device = query.shape[-1], query.device
+    for name, weight in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
+        check_tensor(name, weight, ndim=1, dtypes=(query.dtype,), device=device, require=require)
+        check_shape(name, weight, (head_dim,), "[D] =", require)
+        check_last_dim_contiguous(name, weight, require)
+    require(
+        not isinstance(eps, bool) and isinstance(eps, (int, float)),
+        TypeError,
+        lambda: f"eps must be a float, got {type(eps).__name__} {eps!r}",
+    )
+    require(eps >= 0, ValueError, lambda: f"eps must be >= 0, got {eps!r}")
+    check_tensor("key_cache", key_cache, ndim=4, dtypes=(query.dtype,), device=device, require=require)
+    check_tensor("value_cache", value_cache, ndim=4, dtypes=(query.dtype,), device=device, require=require)
+    require(
+        same_sizes(key_cache.shape[2:], key.shape[1:]),
+        ValueError,
+        lambda: (
+            f"key_cache [num_blocks, block_size, Hkv, D] = {tuple(key_cache.shape)} does not match key "
+            f"[T, Hkv, D] = {tuple(key.shape)} in Hkv and D"
+        ),
+    )
+    require(
+        same_sizes(value_cache.shape, key_cache.shape) & same_sizes(value_cache.stride(), key_cache.stride()),
+        ValueError,
+        lambda: (
+            f"value_cache must have key_cache's shape {tuple(key_cache.shape)} and strides {key_cache.stride()}, "
+            f"got {tuple(value_cache.shape)} and {value_cache.stride()}"
+        ),
+    )
+    check_last_dim_contiguous("key_cache", key_cache, require)
+    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=(torch.int64,), device=device, require=require)
+    check_shape("slot_mapping", slot_mapping, query.shape[:1], "[T] =", require)
+
+
+def _check_positions(positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> None:
+    rows = cos_sin_cache.shape[0]
+    _check_index_range("positions", positions, rows, f"cos_sin_cache's [0, {rows})")
 
 
 def rotary_embedding(
@@ -166,10 +211,9 @@ def rotary_embedding(
         >>> torch.equal(q_rot[0], q[0])  # position 0 is the identity
         True
     """
-    _check_rope_args(positions, query, cos_sin_cache, is_neox)
+    check_rope_args(positions, query, key, cos_sin_cache, is_neox)
+    _check_positions(positions, cos_sin_cache)
     head_dim = query.shape[-1]
-    if key is not None:
-        _check_heads("key", key, query)
     flat_query = query.reshape(-1, query.shape[-2], head_dim)
     if key is None:  # a key of no heads: the kernels then rotate query alone
         flat_key = query.new_empty(flat_query.shape[0], 0, head_dim)
@@ -223,35 +267,12 @@ def qk_norm_rope_and_cache(
         >>> torch.equal(kc[0, 5], k2[0]) and torch.equal(vc[0, 9], v[2])
         True
     """
-    check_tensor("query", query, ndim=3, dtypes=FLOAT_DTYPES)
-    _check_rope_args(positions, query, cos_sin_cache, is_neox)
-    _check_heads("key", key, query)
-    _check_heads("value", value, query)
-    check_shape("value", value, key.shape, "[T, Hkv, D] = key's shape")
-    head_dim, device = query.shape[-1], query.device
-    for name, weight in (("q_norm_weight", q_norm_weight), ("k_norm_weight", k_norm_weight)):
-        check_tensor(name, weight, ndim=1, dtypes=(query.dtype,), device=device)
-        check_shape(name, weight, (head_dim,), "[D] =")
-        check_last_dim_contiguous(name, weight)
-    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
-        raise TypeError(f"eps must be a float, got {type(eps).__name__} {eps!r}")
-    if not eps >= 0:
-        raise ValueError(f"eps must be >= 0, got {eps!r}")
-    check_tensor("key_cache", key_cache, ndim=4, dtypes=(query.dtype,), device=device)
-    check_tensor("value_cache", value_cache, ndim=4, dtypes=(query.dtype,), device=device)
-    if key_cache.shape[2:] != key.shape[1:]:
-        raise ValueError(
-            f"key_cache [num_blocks, block_size, Hkv, D] = {tuple(key_cache.shape)} does not match key "
-            f"[T, Hkv, D] = {tuple(key.shape)} in Hkv and D"
-        )
-    if value_cache.shape != key_cache.shape or value_cache.stride() != key_cache.stride():
-        raise ValueError(
-            f"value_cache must have key_cache's shape {tuple(key_cache.shape)} and strides {key_cache.stride()}, "
-            f"got {tuple(value_cache.shape)} and {value_cache.stride()}"
-        )
-    check_last_dim_contiguous("key_cache", key_cache)
-    check_tensor("slot_mapping", slot_mapping, ndim=1, dtypes=(torch.int64,), device=device)
-    check_shape("slot_mapping", slot_mapping, query.shape[:1], "[T] =")
+    check_qk_norm_rope_args(
+        query, key, value, q_norm_weight, k_norm_weight, eps, positions, cos_sin_cache, key_cache, value_cache,
+        slot_mapping, is_neox,
+    )  # fmt: skip
+    _check_positions(positions, cos_sin_cache)
+    device = query.device
     capacity = key_cache.shape[0] * key_cache.shape[1]
     _check_index_range("slot_mapping", slot_mapping, capacity, f"the caches' {capacity} slots", allow_negative=True)
     return QK_NORM_ROPE_AND_CACHE(

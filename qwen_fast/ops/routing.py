@@ -8,11 +8,11 @@ import math
 
 import torch
 
-from qwen_fast import _native
 from qwen_fast.reference import routing as reference
 
-from ._checks import FLOAT_DTYPES, check_int, check_shape, check_tensor
+from ._checks import FLOAT_DTYPES, Require, check_int, check_shape, check_tensor, raise_unless, traced
 from ._dispatch import NATIVE_FIRST, Op
+from ._library import define_triton_op, launcher, native_op
 
 
 def _fake_fused_topk(
@@ -25,52 +25,23 @@ def _fake_fused_topk(
     topk_group: int | None,
     routed_scaling_factor: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    torch._check(gating_output.dim() == 2, lambda: f"gating_output must be [T, E], got {tuple(gating_output.shape)}")
-    torch._check(
-        gating_output.dtype in FLOAT_DTYPES, lambda: f"gating_output must be a float dtype, got {gating_output.dtype}"
-    )
-    num_tokens, num_experts = gating_output.shape
-    torch._check(1 <= topk <= num_experts, lambda: f"topk must be in [1, E = {num_experts}], got {topk}")
-    torch._check(
-        scoring_func in ("softmax", "sigmoid"),
-        lambda: f"scoring_func must be 'softmax' or 'sigmoid', got {scoring_func}",
-    )
-    if e_score_correction_bias is not None:
-        torch._check(
-            e_score_correction_bias.shape == (num_experts,),
-            lambda: f"e_score_correction_bias must be [E] = [{num_experts}], got {e_score_correction_bias.shape}",
-        )
-    torch._check(
-        (num_expert_group is None) == (topk_group is None), lambda: "num_expert_group and topk_group go together"
-    )
-    new = gating_output.new_empty
-    return new((num_tokens, topk), dtype=torch.float32), new((num_tokens, topk), dtype=torch.int32)
-
-
-if _native.LOAD_ERROR is None:
-    torch.library.register_fake("qwen_fast::fused_topk")(_fake_fused_topk)
-
-
-@torch.library.custom_op("qwen_fast_triton::fused_topk", mutates_args=())
-def _fused_topk_triton(
-    gating_output: torch.Tensor,
-    topk: int,
-    renormalize: bool,
-    scoring_func: str,
-    e_score_correction_bias: torch.Tensor | None,
-    num_expert_group: int | None,
-    topk_group: int | None,
-    routed_scaling_factor: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    from qwen_fast.kernels.routing import fused_topk as launch
-
-    return launch(
+    check_routing_args(
         gating_output, topk, renormalize, scoring_func, e_score_correction_bias, num_expert_group, topk_group,
-        routed_scaling_factor,
+        routed_scaling_factor, require=traced,
     )  # fmt: skip
+    new = gating_output.new_empty
+    return new((gating_output.shape[0], topk), dtype=torch.float32), new(
+        (gating_output.shape[0], topk), dtype=torch.int32
+    )
 
 
-_fused_topk_triton.register_fake(_fake_fused_topk)
+_fused_topk_triton = define_triton_op(
+    "fused_topk(Tensor gating_output, int topk, bool renormalize, str scoring_func, Tensor? e_score_correction_bias, "
+    "int? num_expert_group, int? topk_group, float routed_scaling_factor) -> (Tensor, Tensor)",
+    launcher("routing", "fused_topk"),
+    _fake_fused_topk,
+)
+_fused_topk_native = native_op("fused_topk", _fake_fused_topk)
 
 
 def _positional(impl):
@@ -84,10 +55,6 @@ def _positional(impl):
         )  # fmt: skip
 
     return run
-
-
-def _fused_topk_native(*args):
-    return torch.ops.qwen_fast.fused_topk(*args)
 
 
 # The cuda, triton and cpu kernels take E <= KERNEL_MAX_EXPERTS (kernels/routing.py, csrc/routing_checks.h).
@@ -123,42 +90,68 @@ def check_routing_args(
     num_expert_group: object,
     topk_group: object,
     routed_scaling_factor: object,
+    require: Require = raise_unless,
 ) -> None:
-    """The checks of fused_topk, shared with fused_moe."""
-    check_tensor("gating_output", gating_output, ndim=2, dtypes=FLOAT_DTYPES)
+    """fused_topk's contract (shared with fused_moe and the fake; `require`: see _checks.py)."""
+    check_tensor("gating_output", gating_output, ndim=2, dtypes=FLOAT_DTYPES, require=require)
     num_experts = gating_output.shape[1]
-    if num_experts == 0:
-        raise ValueError(f"gating_output must have at least one expert column, got shape {tuple(gating_output.shape)}")
-    check_int("topk", topk, low=1, high=num_experts)
-    if not isinstance(renormalize, bool):
-        raise TypeError(f"renormalize must be a bool, got {type(renormalize).__name__} {renormalize!r}")
-    if scoring_func not in ("softmax", "sigmoid"):
-        raise ValueError(f"scoring_func must be 'softmax' or 'sigmoid', got {scoring_func!r}")
+    require(
+        num_experts != 0,
+        ValueError,
+        lambda: f"gating_output must have at least one expert column, got shape {tuple(gating_output.shape)}",
+    )
+    check_int("topk", topk, low=1, high=num_experts, require=require)
+    require(
+        isinstance(renormalize, bool),
+        TypeError,
+        lambda: f"renormalize must be a bool, got {type(renormalize).__name__} {renormalize!r}",
+    )
+    require(
+        scoring_func in ("softmax", "sigmoid"),
+        ValueError,
+        lambda: f"scoring_func must be 'softmax' or 'sigmoid', got {scoring_func!r}",
+    )
     if e_score_correction_bias is not None:
         check_tensor(
-            "e_score_correction_bias", e_score_correction_bias, ndim=1, dtypes=FLOAT_DTYPES, device=gating_output.device
-        )
-        check_shape("e_score_correction_bias", e_score_correction_bias, (num_experts,), "[E] with E =")
-    if (num_expert_group is None) != (topk_group is None):
-        raise ValueError(
+            "e_score_correction_bias", e_score_correction_bias, ndim=1, dtypes=FLOAT_DTYPES,
+            device=gating_output.device, require=require,
+        )  # fmt: skip
+        check_shape("e_score_correction_bias", e_score_correction_bias, (num_experts,), "[E] with E =", require)
+    require(
+        (num_expert_group is None) == (topk_group is None),
+        ValueError,
+        lambda: (
             f"num_expert_group and topk_group go together, got num_expert_group={num_expert_group!r}, "
             f"topk_group={topk_group!r}"
-        )
+        ),
+    )
     if num_expert_group is not None:
-        check_int("num_expert_group", num_expert_group, low=1, high=num_experts)
-        if num_experts % num_expert_group:
-            raise ValueError(f"num_expert_group={num_expert_group} must divide the number of experts {num_experts}")
-        check_int("topk_group", topk_group, low=1, high=num_expert_group)
-        reachable = topk_group * (num_experts // num_expert_group)
-        if topk > reachable:
-            raise ValueError(
-                f"topk={topk} exceeds the {reachable} experts of topk_group={topk_group} groups of "
-                f"{num_experts // num_expert_group}"
-            )
-    if isinstance(routed_scaling_factor, bool) or not isinstance(routed_scaling_factor, (int, float)):
-        raise TypeError(f"routed_scaling_factor must be a float, got {type(routed_scaling_factor).__name__}")
-    if not math.isfinite(routed_scaling_factor) or routed_scaling_factor <= 0:
-        raise ValueError(f"routed_scaling_factor must be finite and > 0, got {routed_scaling_factor}")
+        check_int("num_expert_group", num_expert_group, low=1, high=num_experts, require=require)
+        require(
+            num_experts % num_expert_group == 0,
+            ValueError,
+            lambda: f"num_expert_group={num_expert_group} must divide the number of experts {num_experts}",
+        )
+        check_int("topk_group", topk_group, low=1, high=num_expert_group, require=require)
+        group_size = num_experts // num_expert_group
+        require(
+            topk <= topk_group * group_size,
+            ValueError,
+            lambda: (
+                f"topk={topk} exceeds the {topk_group * group_size} experts of topk_group={topk_group} groups of "
+                f"{group_size}"
+            ),
+        )
+    require(
+        not isinstance(routed_scaling_factor, bool) and isinstance(routed_scaling_factor, (int, float)),
+        TypeError,
+        lambda: f"routed_scaling_factor must be a float, got {type(routed_scaling_factor).__name__}",
+    )
+    require(
+        math.isfinite(routed_scaling_factor) and routed_scaling_factor > 0,
+        ValueError,
+        lambda: f"routed_scaling_factor must be finite and > 0, got {routed_scaling_factor}",
+    )
 
 
 def fused_topk(
