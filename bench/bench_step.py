@@ -22,14 +22,16 @@ step (DynamicCache, unpatched) on at least half the batch's rows in one of its w
 (greedy_agreement in extra_info: the fraction of rows that agree; bf16 near-ties flip a row now and then).
 
 The memory-bandwidth bound: the bytes one step must read at least, over the machine's copy bandwidth (COPY_BYTES
-copied COPY_ROUNDS times, best time, GB/s = 2 * bytes / time: read and write). Bytes: every parameter once (norms,
-attention projections, q/k norms, routers, LM head), except the embedding (only the rows of the step's distinct
-tokens) and the experts (per layer only the distinct experts the step routed to, counted on the reference step: at
-most k at B = 1, at most B * k), plus the K and V of L + 1 positions per sequence and layer; in the model dtype.
+copied COPY_ROUNDS times over about a second, best time, GB/s = 2 * bytes / time: read and write). Bytes: every
+parameter once (norms, attention projections, q/k norms, routers, LM head), except the embedding (only the rows of the
+step's distinct tokens) and the experts (per layer only the distinct experts the step routed to, counted on the
+reference step: at most k at B = 1, at most B * k), plus the K and V of L + 1 positions per sequence and layer; in
+the model dtype.
 
 Shapes: those of bench_e2e.py (CPU: the small Qwen3-MoE, fp32 and bf16, B in {1, 8}, L = 256; CUDA: 2 layers of
-Qwen3-30B-A3B, bf16, B in {1, 32}, L = 2048). On CPU torch runs CPU_THREADS threads (pin the process to as many cores,
-e.g. `OMP_NUM_THREADS=2 taskset -c 0,1`).
+Qwen3-30B-A3B, bf16, B in {1, 32}, L = 2048). On CPU torch runs OMP_NUM_THREADS threads, 2 when unset, in every
+implementation (pin the process to as many cores: `OMP_NUM_THREADS=2 taskset -c 0,1`). On a machine whose cores other
+processes share, fewer threads than cores measure steadier: a parallel region waits for its slowest thread.
 
 extra_info: bench_e2e.record's (op "decode_step", shape, impl, baseline, device, layers, tokens_per_s, ms, backends),
 plus weight_bytes, kv_bytes, experts_touched (per layer), copy_GBps, bound_ms, fraction_of_bound (bound_ms / ms) and
@@ -41,6 +43,7 @@ package over one whole step, sys.setprofile, divided by the number of layers).
 import contextlib
 import dataclasses
 import functools
+import os
 import re
 import sys
 import time
@@ -56,11 +59,11 @@ transformers = pytest.importorskip("transformers")
 
 CONTEXT, ROUNDS = (2048, 50) if DEVICE == "cuda" else (256, 30)
 MAX_LEN = CONTEXT + 64
-CPU_THREADS = 2
+CPU_THREADS = int(os.environ.get("OMP_NUM_THREADS", "2"))
 IMPLS = ["transformers.grouped_mm", "transformers.static_compiled", "qwen_fast.eager", "qwen_fast.compiled"]
 BASELINE = "transformers.static_compiled"
 WARMUP_LIMIT = 6  # steps: a compiled step still compiling after this many is an error
-COPY_BYTES, COPY_ROUNDS = 512 << 20, 5
+COPY_BYTES, COPY_ROUNDS, COPY_PAUSE = 512 << 20, 10, 0.05  # the rounds spread over ~1 s: other processes come and go
 
 if DEVICE == "cpu":
     torch.set_num_threads(CPU_THREADS)
@@ -123,7 +126,8 @@ def _kv_bytes(model: torch.nn.Module, batch: int) -> int:
 
 @functools.cache
 def copy_bandwidth() -> float:
-    """The device's copy bandwidth in bytes/s: best of COPY_ROUNDS copies of COPY_BYTES, read + write."""
+    """The device's copy bandwidth in bytes/s: best of COPY_ROUNDS copies of COPY_BYTES (COPY_PAUSE s apart), read +
+    write."""
     source = torch.ones(COPY_BYTES // 4, device=DEVICE)
     target = torch.empty_like(source)
     best = float("inf")
@@ -135,6 +139,7 @@ def copy_bandwidth() -> float:
         if DEVICE == "cuda":
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - start)
+        time.sleep(COPY_PAUSE)
     return 2 * source.nbytes / best
 
 
