@@ -125,7 +125,7 @@ def _kv_bytes(model: torch.nn.Module, batch: int) -> int:
 
 
 @functools.cache
-def copy_bandwidth() -> float:
+def _copy_bandwidth() -> float:
     """The device's copy bandwidth in bytes/s: best of COPY_ROUNDS copies of COPY_BYTES (COPY_PAUSE s apart), read +
     write."""
     source = torch.ones(COPY_BYTES // 4, device=DEVICE)
@@ -226,7 +226,7 @@ def test_decode_step(benchmark, impl, batch, dtype):
             benchmark.extra_info["qwen_fast_calls_per_layer"] = calls_per_step / CONFIG["num_hidden_layers"]
     shape = f"B={batch} L={CONTEXT} {dtype}"
     record(benchmark, "decode_step", shape, impl, BASELINE, batch, calls, "flash_attn_with_kvcache")
-    bandwidth = copy_bandwidth()
+    bandwidth = _copy_bandwidth()
     bound = (reference.weight_bytes + reference.kv_bytes) / bandwidth
     benchmark.extra_info.update(
         weight_bytes=reference.weight_bytes,
