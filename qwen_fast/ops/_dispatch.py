@@ -84,9 +84,7 @@ def reread_environment() -> None:
 
 @contextlib.contextmanager
 def record_backends() -> Iterator[list[tuple[str, str]]]:
-    """Collects (op, backend) for every eager qwen_fast op call inside the block (composite ops: theirs and their
-    parts'). Calls inside a torch.compile graph are not recorded: the graph replays without Python, and reading the
-    record while tracing would make the graph guard on it."""
+    """Collects (op, backend) for every qwen_fast op call inside the block (composite ops: theirs and their parts')."""
     global _trace
     previous, _trace = _trace, []
     try:
@@ -198,7 +196,7 @@ class Op:
             backend = self._routes.get((device, forced)) or self._route(device, forced)
         if self.kernel_limit is not None and backend != "torch":
             backend = self._within_limit(backend, forced, device, args, kwargs)
-        if not is_dynamo_compiling() and _trace is not None:  # a traced call records nothing, and adds no guard
+        if _trace is not None:
             _trace.append((self.name, backend))
         return self.impls[backend](*args, **kwargs)
 
@@ -211,7 +209,7 @@ class Op:
             backend = self._routes.get((device, "auto")) or self._route(device, "auto")
         if self.kernel_limit is not None and backend != "torch":
             backend = self._within_limit(backend, "auto", device, args, kwargs)
-        if not is_dynamo_compiling() and _trace is not None:
+        if _trace is not None:
             _trace.append((self.name, backend))
         return self.impls[backend](*args, **kwargs)
 
