@@ -181,9 +181,7 @@ def test_matches_transformers_classes_only_and_swaps_all_or_nothing(monkeypatch)
     model.model.layers[1].mlp = type("Qwen3MoeSparseMoeBlock", (torch.nn.Identity,), {})()
     handle = qwen_fast.patch(model)
     assert "1 x Qwen3MoeSparseMoeBlock -> qwen_fast.nn.SparseMoeBlock" in handle.patched
-    assert handle.not_patched == [
-        f"1 x Qwen3MoeSparseMoeBlock from {__name__}: not transformers' class of that name"
-    ]
+    assert handle.not_patched == [f"1 x Qwen3MoeSparseMoeBlock from {__name__}: not transformers' class of that name"]
     handle.undo()
 
     model = tiny_model("qwen3_moe")
