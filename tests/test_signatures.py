@@ -1,0 +1,73 @@
+"""Each function that qwen_fast says it mirrors has its peer's signature: the same parameter names in the same order,
+the same kinds (positional or keyword-only) and the same defaults, so that a call written for flash-attn or vLLM
+means the same thing here. The peers' signatures are written down below, with the version and file they come from;
+a drift on either side fails this test. qwen_fast may add keyword-only parameters after the peer's.
+"""
+
+import inspect
+
+import pytest
+
+import qwen_fast
+
+# name in qwen_fast -> (where the peer's signature was read, the peer's def line)
+PEERS = {
+    # flash-attn 2.8.3, flash_attn/flash_attn_interface.py
+    "flash_attn_func": (
+        "flash-attn 2.8.3 flash_attn_interface.py",
+        "def f(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, "
+        "alibi_slopes=None, deterministic=False, return_attn_probs=False): ...",
+    ),
+    "flash_attn_varlen_func": (
+        "flash-attn 2.8.3 flash_attn_interface.py",
+        "def f(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None, "
+        "causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False, "
+        "return_attn_probs=False, block_table=None): ...",
+    ),
+    "flash_attn_with_kvcache": (
+        "flash-attn 2.8.3 flash_attn_interface.py",
+        "def f(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None, "
+        "cache_batch_idx=None, cache_leftpad=None, block_table=None, softmax_scale=None, causal=False, "
+        "window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0, "
+        "return_softmax_lse=False): ...",
+    ),
+    # vLLM (the helpers who own these rows name the exact version and file, and correct the rows to it)
+    "fused_topk": (
+        "vLLM vllm/model_executor/layers/fused_moe/fused_moe.py",
+        "def f(hidden_states, gating_output, topk, renormalize, indices_type=None): ...",
+    ),
+    "moe_align_block_size": (
+        "vLLM vllm/model_executor/layers/fused_moe/moe_align_block_size.py",
+        "def f(topk_ids, block_size, num_experts, expert_map=None, pad_sorted_ids=False): ...",
+    ),
+    "reshape_and_cache": (
+        "vLLM vllm/_custom_ops.py reshape_and_cache_flash",
+        "def f(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale): ...",
+    ),
+    "rotary_embedding": (
+        "vLLM vllm/_custom_ops.py",
+        "def f(positions, query, key, head_size, cos_sin_cache, is_neox): ...",
+    ),
+}
+
+
+def _peer_signature(stub: str) -> inspect.Signature:
+    namespace: dict = {}
+    exec(stub, namespace)  # the stub is a literal above, not input
+    return inspect.signature(namespace["f"])
+
+
+def _describe(parameter: inspect.Parameter) -> tuple:
+    return parameter.name, parameter.kind, parameter.default
+
+
+@pytest.mark.parametrize("name", sorted(PEERS))
+def test_signature_matches_peer(name):
+    source, stub = PEERS[name]
+    peer = list(_peer_signature(stub).parameters.values())
+    ours = list(inspect.signature(getattr(qwen_fast, name)).parameters.values())
+    assert [_describe(p) for p in ours[: len(peer)]] == [_describe(p) for p in peer], f"{name} differs from {source}"
+    extra = ours[len(peer) :]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extra), (
+        f"{name}: parameters after {source}'s must be keyword-only, got {[p.name for p in extra]}"
+    )
