@@ -1,7 +1,8 @@
 """Each function that qwen_fast says it mirrors has its peer's signature: the same parameter names in the same order,
 the same kinds (positional or keyword-only) and the same defaults, so that a call written for flash-attn or vLLM
 means the same thing here. The peers' signatures are written down below, with the version and file they come from;
-a drift on either side fails this test. qwen_fast may add keyword-only parameters after the peer's.
+a drift on either side fails this test. qwen_fast may add keyword-only parameters after the peer's, and may give a
+default to a parameter the peer requires (every call written for the peer still means the same).
 """
 
 import inspect
@@ -57,8 +58,9 @@ def _peer_signature(stub: str) -> inspect.Signature:
     return inspect.signature(namespace["f"])
 
 
-def _describe(parameter: inspect.Parameter) -> tuple:
-    return parameter.name, parameter.kind, parameter.default
+def _describe(parameter: inspect.Parameter, peer: inspect.Parameter) -> tuple:
+    default = parameter.default if peer.default is not inspect.Parameter.empty else inspect.Parameter.empty
+    return parameter.name, parameter.kind, default
 
 
 @pytest.mark.parametrize("name", sorted(PEERS))
@@ -66,7 +68,10 @@ def test_signature_matches_peer(name):
     source, stub = PEERS[name]
     peer = list(_peer_signature(stub).parameters.values())
     ours = list(inspect.signature(getattr(qwen_fast, name)).parameters.values())
-    assert [_describe(p) for p in ours[: len(peer)]] == [_describe(p) for p in peer], f"{name} differs from {source}"
+    assert [_describe(p, q) for p, q in zip(ours, peer)] == [_describe(q, q) for q in peer], (
+        f"{name} differs from {source}"
+    )
+    assert len(ours) >= len(peer), f"{name} lacks {[q.name for q in peer[len(ours) :]]} of {source}"
     extra = ours[len(peer) :]
     assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in extra), (
         f"{name}: parameters after {source}'s must be keyword-only, got {[p.name for p in extra]}"
