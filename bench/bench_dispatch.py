@@ -76,12 +76,14 @@ def _cases() -> dict:
             lambda: native.flash_attn_varlen_func(q3[:1], k3, v3, cu_q, cu_k, 1, 3, scale, True, -1, -1),
         ),
         "flash_attn_with_kvcache": (
-            lambda: qwen_fast.flash_attn_with_kvcache(q, key_cache, value_cache, new_k, new_v, seqlens, table),
+            lambda: qwen_fast.flash_attn_with_kvcache(
+                q, key_cache, value_cache, new_k, new_v, cache_seqlens=seqlens, block_table=table, causal=True
+            ),
             lambda: ops.FLASH_ATTN_WITH_KVCACHE(
                 CPU, q, key_cache, value_cache, new_k, new_v, seqlens, table, None, True, (-1, -1)
             ),
             lambda: native.flash_attn_with_kvcache(
-                q, key_cache, value_cache, new_k, new_v, seqlens, table, scale, -1, 0
+                q, key_cache, value_cache, new_k, new_v, seqlens, table, None, scale, -1, 0, 0.0, 0
             ),
         ),
         "reshape_and_cache": (

@@ -90,7 +90,7 @@ def test_paged_decode(benchmark, backend, batch, context):
 
         def attend():
             return qwen_fast.flash_attn_with_kvcache(
-                q, k_cache, v_cache, cache_seqlens=seqlens, block_table=block_table
+                q, k_cache, v_cache, cache_seqlens=seqlens, block_table=block_table, causal=True
             )
 
     def run():

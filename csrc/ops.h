@@ -65,12 +65,14 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_and_cache_cuda(
 
 // Writes the new k/v [B, Sq_new, Hkv, D] (if given) at positions cache_seqlens[b] + i (int32 [B]) of the paged cache
 // [num_blocks, block_size, Hkv, D] (pages listed by block_table int32 [B, max_blocks]), then attends q [B, Sq, Hq, D]
-// over each sequence's cache_seqlens[b] + Sq_new positions; bottom-right aligned window (window_right = 0 is causal,
-// -1 unbounded). Returns [B, Sq, Hq, D], 0 for a row with no visible key.
-at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
-                                       const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
-                                       const at::Tensor& cache_seqlens, const at::Tensor& block_table,
-                                       double softmax_scale, int64_t window_left, int64_t window_right);
+// over positions [cache_leftpad[b] (default 0), cache_seqlens[b] + Sq_new); bottom-right aligned window (window_right
+// = 0 is causal, -1 unbounded); softcap > 0 caps the scores; num_splits > 0 forces the context split. Returns
+// (out [B, Sq, Hq, D], 0 for a row with no visible key; lse fp32 [B, Hq, Sq], +inf for such a row).
+std::tuple<at::Tensor, at::Tensor> flash_attn_with_kvcache_cpu(
+    const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const std::optional<at::Tensor>& k,
+    const std::optional<at::Tensor>& v, const at::Tensor& cache_seqlens, const at::Tensor& block_table,
+    const std::optional<at::Tensor>& cache_leftpad, double softmax_scale, int64_t window_left, int64_t window_right,
+    double softcap, int64_t num_splits);
 
 // GQA flash attention over packed sequences: q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens int32 [B + 1];
 // window edges -1 = unbounded, causal aligned bottom-right (qwen_fast/reference/attention.py). Returns [Tq, Hq, D].

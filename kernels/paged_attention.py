@@ -19,12 +19,16 @@ parallel, each producing a partial softmax result, which a second kernel merges 
    the window, softmax online in base 2. With one split the program writes out = acc / sum (0 for a row with no
    visible key) in q's dtype; otherwise it writes the normalised partial output (fp32) and its log2-sum-exp
    (-inf when the slice had no visible key) to part_out [S, B, Sq, Hq, D] and part_lse [S, B, Sq, Hq].
+   Keys before leftpad[b] (HAS_LEFTPAD) are invisible. SOFTCAP: the score is softcap * tanh(scale * q.k / softcap)
+   (flash-attn's order: scale, then cap; tanh(x) = 1 - 2 / (exp(2x) + 1), exact at both ends), in base 2 after.
+   With one split the program also writes the row's natural log-sum-exp to lse [B, Hq, Sq] (+inf without a key).
 2. _merge_kernel, grid (B * Sq * Hq,): one output row; two passes over the splits (max lse, then the weighted sum
-   of the partial rows in fp32), 0 when no split saw a key.
+   of the partial rows in fp32), 0 when no split saw a key; the merged log-sum-exp to lse [B, Hq, Sq].
 
-num_splits comes from the shapes only (the batch, heads, row tiles, the cache capacity per sequence, the SM count),
-never from cache_seqlens' values: no host synchronisation, so the launch can be captured in a CUDA graph; each split
-then adapts its slice to the sequence's actual length inside the kernel.
+num_splits (unless the caller forces it: flash-attn's num_splits > 0) comes from the shapes only (the batch, heads,
+row tiles, the cache capacity per sequence, the SM count), never from cache_seqlens' values: no host
+synchronisation, so the launch can be captured in a CUDA graph; each split then adapts its slice to the sequence's
+actual length inside the kernel.
 
 Offsets are int64 (page * page stride passes 2^31 for large pools). Every tensor is read through its strides (head
 dims contiguous): seqlens and block_table may be strided or expanded views (a stride-0 seqlens of one length, a
@@ -45,6 +49,7 @@ import triton.language as tl
 from .compile_spec import TRITON_DTYPE, CompileSpec
 
 LOG2E = 1.4426950408889634
+LN2 = tl.constexpr(0.6931471805599453)  # ln(2): the kernels keep log-sum-exps in base 2
 MIN_SPLIT_KEYS = 256  # a split below this many keys costs more in its partial write and merge than it saves
 MAX_SPLITS = 64
 
@@ -55,15 +60,18 @@ def _attention_kernel(
     k_cache,
     v_cache,
     out,
+    lse_out,
     part_out,
     part_lse,
     seqlens,
     block_table,
+    leftpad,
     seqlen_q,
     group,
     num_splits,
     block_size,
     qk_scale,
+    softcap,
     window_left,
     window_right,
     stride_qb,
@@ -78,12 +86,15 @@ def _attention_kernel(
     stride_sl,
     stride_bt,
     stride_bc,
+    stride_lp,
     HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ALIGNED: tl.constexpr,
+    HAS_LEFTPAD: tl.constexpr,
+    SOFTCAP: tl.constexpr,
 ):
     num_rows = seqlen_q * group
     m_tiles = tl.cdiv(num_rows, BLOCK_M)
@@ -108,12 +119,16 @@ def _attention_kernel(
     diagonal = query + length - seqlen_q
     first_query = (tile * BLOCK_M) // group
     last_query = (tl.minimum(tile * BLOCK_M + BLOCK_M, num_rows) - 1) // group
+    first_key = 0
+    if HAS_LEFTPAD:
+        first_key = tl.load(leftpad + b * stride_lp)
     lo = tl.where(window_left >= 0, tl.maximum(first_query + length - seqlen_q - window_left, 0), 0)
+    lo = tl.maximum(lo, first_key)
     hi = tl.where(window_right >= 0, tl.minimum(last_query + length - seqlen_q + window_right + 1, length), length)
     chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), num_splits), BLOCK_N) * BLOCK_N
     start = lo + split * chunk
     end = tl.minimum(start + chunk, hi)
-    lower = tl.where(window_left >= 0, diagonal - window_left, 0)
+    lower = tl.maximum(tl.where(window_left >= 0, diagonal - window_left, 0), first_key)
     upper = tl.where(window_right >= 0, diagonal + window_right, length - 1)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -131,6 +146,8 @@ def _attention_kernel(
             k_rows = tl.multiple_of(k_rows, 16)
         k_tile = tl.load(k_rows[None, :] + dims[:, None], mask=dim_ok[:, None] & key_ok[None, :], other=0.0)
         scores = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION) * qk_scale
+        if SOFTCAP:  # qk_scale = scale / softcap here, softcap = softcap * log2(e)
+            scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores) + 1.0))
         visible = key_ok[None, :] & (pos[None, :] >= lower[:, None]) & (pos[None, :] <= upper[:, None])
         scores = tl.where(visible, scores, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(scores, axis=1))
@@ -149,18 +166,31 @@ def _attention_kernel(
     result = acc / tl.where(seen, l_i, 1.0)[:, None]  # rows that saw no key keep acc = 0
     out_row = (b.to(tl.int64) * seqlen_q + query) * num_heads_q + head  # row of the [B, Sq, Hq] output
     store_mask = row_ok[:, None] & dim_ok[None, :]
+    log2_sum = m_i + tl.log2(tl.where(seen, l_i, 1.0))
     if num_splits == 1:
         tl.store(out + out_row[:, None] * HEAD_DIM + dims[None, :], result.to(out.dtype.element_ty), mask=store_mask)
+        lse_row = (b.to(tl.int64) * num_heads_q + head) * seqlen_q + query  # row of the [B, Hq, Sq] lse
+        tl.store(lse_out + lse_row, tl.where(seen, log2_sum * LN2, float("inf")), mask=row_ok)
     else:
         part_row = split.to(tl.int64) * batch * seqlen_q * num_heads_q + out_row
         tl.store(part_out + part_row[:, None] * HEAD_DIM + dims[None, :], result, mask=store_mask)
-        lse = tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf"))
-        tl.store(part_lse + part_row, lse, mask=row_ok)
+        tl.store(part_lse + part_row, tl.where(seen, log2_sum, float("-inf")), mask=row_ok)
 
 
 @triton.jit
-def _merge_kernel(part_out, part_lse, out, num_rows, num_splits, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
+def _merge_kernel(
+    part_out,
+    part_lse,
+    out,
+    lse_out,
+    num_rows,
+    num_splits,
+    seqlen_q,
+    num_heads_q,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # row (b * Sq + i) * Hq + h of the output
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
     lse_max = tl.load(part_lse + row)
@@ -173,8 +203,14 @@ def _merge_kernel(part_out, part_lse, out, num_rows, num_splits, HEAD_DIM: tl.co
         weight = tl.exp2(tl.load(part_lse + s * num_rows + row) - lse_safe)
         acc += weight * tl.load(part_out + (s * num_rows + row) * HEAD_DIM + dims, mask=dim_ok, other=0.0)
         weight_sum += weight
-    result = acc / tl.where(weight_sum > 0.0, weight_sum, 1.0)
+    seen = weight_sum > 0.0
+    result = acc / tl.where(seen, weight_sum, 1.0)
     tl.store(out + row * HEAD_DIM + dims, result.to(out.dtype.element_ty), mask=dim_ok)
+    head = row % num_heads_q
+    query = (row // num_heads_q) % seqlen_q
+    b = row // num_heads_q // seqlen_q
+    lse = (lse_safe + tl.log2(tl.where(seen, weight_sum, 1.0))) * LN2
+    tl.store(lse_out + (b * num_heads_q + head) * seqlen_q + query, tl.where(seen, lse, float("inf")))
 
 
 def _config(num_rows: int, head_dim: int, dtype: torch.dtype, aligned: bool) -> dict:
@@ -224,23 +260,27 @@ def paged_attention(
     v_cache: torch.Tensor,
     seqlens: torch.Tensor,
     block_table: torch.Tensor,
+    leftpad: torch.Tensor | None,
     softmax_scale: float,
     window_left: int,
     window_right: int,
-    splits: int | None = None,
-) -> torch.Tensor:
-    """Launcher; arguments as qwen_fast.ops.kv_cache's paged_attention op (checked there). `splits` overrides the
-    heuristic (tests). Returns a new [B, Sq, Hq, D] tensor in q's dtype."""
+    softcap: float,
+    splits: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launcher; arguments as qwen_fast.ops.paged_attention's paged_attention op (checked there). `splits` > 0
+    overrides the heuristic (flash-attn's num_splits). Returns new tensors: out [B, Sq, Hq, D] in q's dtype and the
+    natural log-sum-exp lse fp32 [B, Hq, Sq]."""
     batch, seqlen_q, num_heads_q, head_dim = q.shape
     num_heads_kv = k_cache.shape[2]
     group = num_heads_q // num_heads_kv
     out = torch.empty(batch, seqlen_q, num_heads_q, head_dim, dtype=q.dtype, device=q.device)
+    lse = torch.empty(batch, num_heads_q, seqlen_q, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
-        return out
+        return out, lse
     config = _config(seqlen_q * group, head_dim, q.dtype, _aligned(k_cache, v_cache))
     m_tiles = triton.cdiv(seqlen_q * group, config["BLOCK_M"])
     max_context = block_table.shape[1] * k_cache.shape[1]
-    if splits is None:
+    if splits <= 0:
         splits = num_splits(batch * num_heads_kv * m_tiles, max_context, _num_sms(q.device))
     if splits > 1:
         part_out = torch.empty(splits, batch, seqlen_q, num_heads_q, head_dim, dtype=torch.float32, device=q.device)
@@ -252,15 +292,18 @@ def paged_attention(
         k_cache,
         v_cache,
         out,
+        lse,
         part_out,
         part_lse,
         seqlens,
         block_table,
+        seqlens if leftpad is None else leftpad,  # read only with HAS_LEFTPAD
         seqlen_q,
         group,
         splits,
         k_cache.shape[1],
-        softmax_scale * LOG2E,
+        softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E,
+        softcap * LOG2E,
         window_left,
         window_right,
         *q.stride()[:3],
@@ -268,21 +311,25 @@ def paged_attention(
         *v_cache.stride()[:3],
         seqlens.stride(0),
         *block_table.stride(),
+        0 if leftpad is None else leftpad.stride(0),
         HEAD_DIM=head_dim,
         BLOCK_M=config["BLOCK_M"],
         BLOCK_N=config["BLOCK_N"],
         BLOCK_D=config["BLOCK_D"],
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         ALIGNED=config["ALIGNED"],
+        HAS_LEFTPAD=leftpad is not None,
+        SOFTCAP=softcap > 0,
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
     )
     if splits > 1:
         num_rows = batch * seqlen_q * num_heads_q
         _merge_kernel[(num_rows,)](
-            part_out, part_lse, out, num_rows, splits, HEAD_DIM=head_dim, BLOCK_D=config["BLOCK_D"], num_warps=1
-        )
-    return out
+            part_out, part_lse, out, lse, num_rows, splits, seqlen_q, num_heads_q,
+            HEAD_DIM=head_dim, BLOCK_D=config["BLOCK_D"], num_warps=1,
+        )  # fmt: skip
+    return out, lse
 
 
 def compile_specs() -> list[CompileSpec]:
@@ -296,12 +343,14 @@ def compile_specs() -> list[CompileSpec]:
                 if dtype == torch.float32 and num_rows > 16:
                     continue  # fp32 always takes BLOCK_M = 16
                 signature = {name: pointer for name in ("q", "k_cache", "v_cache", "out")}
-                signature |= {"part_out": "*fp32", "part_lse": "*fp32", "seqlens": "*i32", "block_table": "*i32"}
+                signature |= {"lse_out": "*fp32", "part_out": "*fp32", "part_lse": "*fp32"}
+                signature |= {"seqlens": "*i32", "block_table": "*i32", "leftpad": "*i32"}
                 signature |= {n: "i32" for n in ("seqlen_q", "group", "num_splits", "block_size")}
-                signature |= {"qk_scale": "fp32", "window_left": "i32", "window_right": "i32"}
-                for name in ("qb", "qs", "qh", "kp", "kr", "kh", "vp", "vr", "vh", "sl", "bt", "bc"):
+                signature |= {"qk_scale": "fp32", "softcap": "fp32", "window_left": "i32", "window_right": "i32"}
+                for name in ("qb", "qs", "qh", "kp", "kr", "kh", "vp", "vr", "vh", "sl", "bt", "bc", "lp"):
                     signature[f"stride_{name}"] = "i64"
                 constexprs = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "ALIGNED")}
+                constexprs |= {"HAS_LEFTPAD": False, "SOFTCAP": False}  # decode's kernel
                 constexprs |= {"HEAD_DIM": head_dim, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
                 signature |= dict.fromkeys(constexprs, "constexpr")
                 label = f"{TRITON_DTYPE[dtype]} D={head_dim} " + " ".join(f"{k}={v}" for k, v in config.items())
@@ -310,8 +359,9 @@ def compile_specs() -> list[CompileSpec]:
                         _attention_kernel, signature, constexprs, config["num_warps"], config["num_stages"], label
                     )
                 )
-            merge_signature = {"part_out": "*fp32", "part_lse": "*fp32", "out": pointer, "num_rows": "i32"}
-            merge_signature |= {"num_splits": "i32", "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr"}
+            merge_signature = {"part_out": "*fp32", "part_lse": "*fp32", "out": pointer, "lse_out": "*fp32"}
+            merge_signature |= {n: "i32" for n in ("num_rows", "num_splits", "seqlen_q", "num_heads_q")}
+            merge_signature |= {"HEAD_DIM": "constexpr", "BLOCK_D": "constexpr"}
             merge_constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim)}
             label = f"{TRITON_DTYPE[dtype]} D={head_dim}"
             specs.append(CompileSpec(_merge_kernel, merge_signature, merge_constexprs, num_warps=1, label=label))

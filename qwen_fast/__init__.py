@@ -19,6 +19,7 @@ from .ops import (
     qk_norm_rope_and_cache,
     record_backends,
     reshape_and_cache,
+    reshape_and_cache_flash,
     rotary_embedding,
     use_backend,
 )
@@ -65,6 +66,7 @@ __all__ = [
     "reference",
     "register_transformers",
     "reshape_and_cache",
+    "reshape_and_cache_flash",
     "rotary_embedding",
     "use_backend",
 ]

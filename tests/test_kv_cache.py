@@ -7,6 +7,7 @@ from numerics import assert_close, assert_within_budget
 import qwen_fast
 from qwen_fast.cli import selftest
 from qwen_fast.cli.samples import SPECS, Inputs
+from qwen_fast.ops.paged_attention import BlockTableTooSmallError
 from qwen_fast.reference.attention import flash_attn_func
 from qwen_fast.reference.kv_cache import flash_attn_with_kvcache, reshape_and_cache
 
@@ -116,10 +117,10 @@ def test_with_kvcache_int_and_none_seqlens(block_size):
     assert_close(full, flash_attn_func(q, gathered_k, gathered_v))
 
     length = blocks_per_seq * block_size - 1
-    partial = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=length, block_table=block_table)
+    partial = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=length, block_table=block_table, causal=True)
     assert_close(partial, flash_attn_func(q, gathered_k[:, :length], gathered_v[:, :length], causal=True))
 
-    contiguous = flash_attn_with_kvcache(q, gathered_k, gathered_v, cache_seqlens=length)
+    contiguous = flash_attn_with_kvcache(q, gathered_k, gathered_v, cache_seqlens=length, causal=True)
     assert_close(contiguous, partial)
 
 
@@ -128,10 +129,11 @@ def test_with_kvcache_prefill_into_empty_cache_equals_causal_attention():
     batch, seqlen, heads_kv, head_dim, block_size = 2, 97, 2, 128, 5
     k_cache = torch.zeros(60, block_size, heads_kv, head_dim)
     v_cache = torch.zeros(60, block_size, heads_kv, head_dim)
-    block_table = torch.randperm(60)[:40].view(batch, 20).int()
+    table = torch.randperm(60)[:40].view(batch, 20).int()
     q = torch.randn(batch, seqlen, 16, head_dim)
     k, v = torch.randn(batch, seqlen, heads_kv, head_dim), torch.randn(batch, seqlen, heads_kv, head_dim)
-    out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, torch.zeros(batch, dtype=torch.int32), block_table)
+    lengths = torch.zeros(batch, dtype=torch.int32)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lengths, block_table=table, causal=True)
     assert_close(out, flash_attn_func(q, k, v, causal=True))
 
 
@@ -254,24 +256,113 @@ def test_flash_attn_with_kvcache_checks_exactly_the_used_block_table_entries(cac
         ({"cache_seqlens": None}, ValueError, "cache_seqlens is required with new k/v"),
         (
             {"cache_seqlens": torch.tensor([3, 12], dtype=torch.int32)},
+            BlockTableTooSmallError,
+            r"block_table \[B, max_blocks\] = \(2, 3\) holds 12 slots per sequence \(pages of 4\), too few for "
+            r"cache_seqlens up to 12 plus 1 new tokens",
+        ),
+        (
+            {"cache_seqlens": torch.tensor([-1, 3], dtype=torch.int32)},
             ValueError,
             r"cache_seqlens must lie in \[0, 11\] so that 1 new tokens fit the cache's 12 slots per sequence, "
-            r"got \[3, 12\]",
+            r"got \[-1, 3\]",
         ),
         ({"cache_seqlens": torch.tensor([4, 8])}, TypeError, "cache_seqlens must be int32, got torch.int64"),
         ({"cache_seqlens": torch.tensor([4], dtype=torch.int32)}, ValueError, r"cache_seqlens must be \[B\] = \(2,\)"),
-        ({"cache_seqlens": 12}, ValueError, r"cache_seqlens must be in \[0, 11\], got 12"),
+        ({"cache_seqlens": 12}, RuntimeError, r"block_table .* too few for cache_seqlens up to 12 plus 1 new"),
+        ({"cache_seqlens": -1}, ValueError, r"cache_seqlens must be in \[0, inf\], got -1"),
         (
             {"block_table": None},
             ValueError,
             r"a contiguous k_cache \[B, S_max, Hkv, D\] = \(8, 4, 1, 64\) must have q's B = 2",
         ),
         ({"causal": None}, TypeError, "causal must be a bool, got NoneType"),
+        ({"alibi_slopes": torch.ones(8)}, ValueError, "alibi_slopes is not supported by qwen_fast"),
+        ({"softcap": -1.0}, ValueError, r"softcap must be finite and >= 0 \(0 = off\), got -1.0"),
+        ({"softcap": "1"}, TypeError, "softcap must be a float, got str"),
+        ({"num_splits": -1}, ValueError, r"num_splits must be in \[0, 128\], got -1"),
+        ({"num_splits": 129}, ValueError, r"num_splits must be in \[0, 128\], got 129"),
+        ({"return_softmax_lse": 1}, TypeError, "return_softmax_lse must be a bool, got int"),
+        (
+            {"cache_batch_idx": torch.tensor([0, 1], dtype=torch.int32)},
+            ValueError,
+            "cache_batch_idx is for a contiguous cache; a paged cache",
+        ),
+        ({"cache_leftpad": torch.tensor([0, 1])}, TypeError, "cache_leftpad must be int32, got torch.int64"),
+        (
+            {"cache_leftpad": torch.tensor([0, 9], dtype=torch.int32)},
+            ValueError,
+            r"cache_leftpad\[1\] = 9 must lie in \[0, cache_seqlens\[1\]\]",
+        ),
+        ({"rotary_cos": torch.ones(12, 16)}, ValueError, "rotary_cos and rotary_sin must be given together"),
+        (
+            {"rotary_cos": torch.ones(12, 40), "rotary_sin": torch.ones(12, 40)},
+            ValueError,
+            r"rotary_cos \[seqlen_ro, rotary_dim / 2\] = \(12, 40\) needs 0 < rotary_dim <= head dim 64",
+        ),
+        (
+            {"rotary_cos": torch.ones(11, 16), "rotary_sin": torch.ones(11, 16)},
+            ValueError,
+            "rotary_cos has 11 positions, fewer than the cache's 12 slots per sequence",
+        ),
+        (
+            {"rotary_cos": torch.ones(12, 16), "rotary_sin": torch.ones(12, 16), "k": None, "v": None},
+            ValueError,
+            "rotary_cos/rotary_sin need the new k and v",
+        ),
     ],
 )
 def test_flash_attn_with_kvcache_bad_input(kwargs, error, message):
     with pytest.raises(error, match=message):
         qwen_fast.flash_attn_with_kvcache(**(_paged() | kwargs))
+
+
+def test_flash_attn_with_kvcache_contiguous_cache_checks():
+    q, cache = torch.randn(2, 1, 4, 32), torch.zeros(3, 6, 2, 32)
+    with pytest.raises(ValueError, match=r"cache_batch_idx holds \[0, 3\], outside the cache's rows \[0, 3\)"):
+        qwen_fast.flash_attn_with_kvcache(q, cache, cache, cache_batch_idx=torch.tensor([0, 3], dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"cache_seqlens must lie in \[0, 6\] so that 0 new tokens fit"):
+        qwen_fast.flash_attn_with_kvcache(
+            q, cache, cache, cache_seqlens=7, cache_batch_idx=torch.tensor([0, 2], dtype=torch.int32)
+        )
+
+
+def test_block_table_too_small_is_a_runtime_error_naming_block_table():
+    """flash-attn's convention (RuntimeError naming block_table); qwen_fast's error is also a ValueError."""
+    args = _paged() | {"cache_seqlens": torch.tensor([3, 12], dtype=torch.int32)}
+    with pytest.raises(RuntimeError, match="block_table") as caught:
+        qwen_fast.flash_attn_with_kvcache(**args)
+    assert isinstance(caught.value, ValueError)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_causal_defaults_to_false_as_flash_attn(backend):
+    """flash-attn's default: omitting causal with Sq > 1 equals causal=False (and differs from causal=True)."""
+    args = SPECS["flash_attn_with_kvcache"].sample("append2-paged5-g4").build(Inputs(torch.device("cpu")))
+    args.pop("causal")
+    runs = {}
+    for causal in (None, False, True):
+        kwargs = {name: t.clone() if isinstance(t, torch.Tensor) else t for name, t in args.items()}
+        with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
+            runs[causal] = qwen_fast.flash_attn_with_kvcache(**kwargs, **({} if causal is None else {"causal": causal}))
+        assert calls == [("flash_attn_with_kvcache", backend)]
+    assert torch.equal(runs[None], runs[False])
+    assert (runs[None] - runs[True]).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_softmax_lse_is_inf_for_rows_without_keys(backend):
+    """flash-attn's value for a row with nothing to attend to: out 0, lse +inf; the other rows' lse is the
+    log-sum-exp of their scores."""
+    q, k_cache, v_cache = torch.randn(1, 3, 2, 16), torch.randn(1, 4, 1, 16), torch.randn(1, 4, 1, 16)
+    with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
+        out, lse = qwen_fast.flash_attn_with_kvcache(
+            q, k_cache, v_cache, cache_seqlens=1, causal=True, return_softmax_lse=True
+        )  # 3 queries, 1 key: the first two rows see nothing (bottom-right alignment)
+    assert calls == [("flash_attn_with_kvcache", backend)]
+    assert torch.equal(out[0, :2], torch.zeros(2, 2, 16))
+    assert torch.equal(lse[0, :, :2], torch.full((2, 2), float("inf")))
+    expected = (q[0, 2] @ k_cache[0, 0, 0]) * 16**-0.5  # one key: its score is the log-sum-exp
+    assert_close(lse[0, :, 2], expected)
 
 
 # --- flash_attn_with_kvcache kernels: their own paths (every backend on every sample is tests/test_ops.py) -------
@@ -298,10 +389,12 @@ def test_triton_paged_attention_split_merge(splits):
     from qwen_fast.kernels.paged_attention import paged_attention
 
     args = _sample("read3-paged16-noncausal-window")
-    expected = flash_attn_with_kvcache(**args)
     seqlens, table = args["cache_seqlens"], args["block_table"]
-    out = paged_attention(args["q"], args["k_cache"], args["v_cache"], seqlens, table, 64**-0.5, 4, 2, splits)
+    out, lse = paged_attention(args["q"], args["k_cache"], args["v_cache"], seqlens, table, None, 64**-0.5, 4, 2, 0.0,
+                               splits)  # fmt: skip
+    expected, expected_lse = flash_attn_with_kvcache(**args, return_softmax_lse=True)
     assert_within_budget(out, expected, expected)
+    assert_close(lse, expected_lse)
 
 
 def test_with_kvcache_native_rejects_bad_pages_before_writing():
@@ -311,7 +404,7 @@ def test_with_kvcache_native_rejects_bad_pages_before_writing():
     table[0, 0] = -1
     inputs = (args["q"], args["k_cache"], args["v_cache"], args["k"], args["v"], args["cache_seqlens"], table)
     with pytest.raises(RuntimeError, match=r"block_table\[0, 0\] = -1 is used but not a block"):
-        torch.ops.qwen_fast.flash_attn_with_kvcache(*inputs, 0.125, -1, 0)
+        torch.ops.qwen_fast.flash_attn_with_kvcache(*inputs, None, 0.125, -1, 0, 0.0, 0)
     assert torch.equal(args["k_cache"], k_before)
 
 

@@ -259,7 +259,7 @@ def test_pool_block_table_feeds_flash_attn_with_kvcache():
     k_new, v_new = torch.randn(len(seqs), 1, HEADS_KV, HEAD_DIM), torch.randn(len(seqs), 1, HEADS_KV, HEAD_DIM)
     out = qwen_fast.flash_attn_with_kvcache(
         q, pool.key_caches[1], pool.value_caches[1], k_new, v_new,
-        cache_seqlens=pool.seq_lens[seqs] - 1, block_table=pool.block_table[seqs],
+        cache_seqlens=pool.seq_lens[seqs] - 1, block_table=pool.block_table[seqs], causal=True,
     )  # fmt: skip
     for row, seq in enumerate(seqs):
         keys = torch.cat([key for key, _ in appended[seq][1]] + [k_new[row]])

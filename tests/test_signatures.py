@@ -25,6 +25,7 @@ PEERS = {
         "causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False, "
         "return_attn_probs=False, block_table=None): ...",
     ),
+    # checked against flash_attn/flash_attn_interface.py at Dao-AILab/flash-attention 00530025 (__version__ 2.8.3)
     "flash_attn_with_kvcache": (
         "flash-attn 2.8.3 flash_attn_interface.py",
         "def f(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None, cache_seqlens=None, "
@@ -41,7 +42,14 @@ PEERS = {
         "vLLM vllm/model_executor/layers/fused_moe/moe_align_block_size.py",
         "def f(topk_ids, block_size, num_experts, expert_map=None, pad_sorted_ids=False): ...",
     ),
+    # vllm/_custom_ops.py at vllm-project/vllm 0002bde5 (main). qwen_fast.reshape_and_cache takes vLLM's
+    # reshape_and_cache signature but writes reshape_and_cache_flash's layout; vLLM's 5-D key cache is refused.
     "reshape_and_cache": (
+        "vLLM vllm/_custom_ops.py reshape_and_cache",
+        "def f(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale, "
+        "interleaved_v=False): ...",
+    ),
+    "reshape_and_cache_flash": (
         "vLLM vllm/_custom_ops.py reshape_and_cache_flash",
         "def f(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale): ...",
     ),

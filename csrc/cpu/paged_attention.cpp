@@ -10,9 +10,12 @@
 // tile: K and V rows converted to fp32 (fp16/bf16) or read in place (fp32), scores [rows, kTile] by vectorised dot
 // products of the pre-scaled fp32 queries, then per row the online softmax (Milakov & Gimelshein 2018): new max,
 // rescale of the fp32 accumulator, exp weights, accumulator += p * v. Invisible keys are skipped.
-// Parallel over (b, g, s) with at::parallel_for. splits = 1 when B * Hkv fills the threads; otherwise each sequence's
-// range is split so that every thread has work, and a second pass merges the slices' normalised outputs with their
-// log-sum-exp weights. A row with no visible key writes 0.
+// Keys before cache_leftpad[b] are invisible to every row. softcap > 0 caps each score: the queries are pre-scaled by
+// scale / softcap and the dot product p becomes softcap * tanh(p) (flash-attn: scale first, then cap).
+// Parallel over (b, g, s) with at::parallel_for. splits = num_splits when > 0; else 1 when B * Hkv fills the threads,
+// otherwise each sequence's range is split so that every thread has work. A second pass merges the slices'
+// normalised outputs with their log-sum-exp weights and writes the row's natural log-sum-exp to lse [B, Hq, Sq].
+// A row with no visible key writes 0 and lse +inf (flash-attn's value).
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
@@ -61,7 +64,8 @@ QF_VEC_INLINE void scale_axpy(float* y, float scale, float p, const float* x, in
 // positions [lower[r], upper[r]); its scores, online-softmax max / sum and accumulator acc[r] [D] are updated.
 QF_CPU_CLONES void attend_tile(const float* q, int64_t rows, int64_t d, const float* const* keys,
                                const float* const* values, int64_t n, int64_t tile, const int64_t* lower,
-                               const int64_t* upper, float* scores, float* row_max, float* row_sum, float* acc) {
+                               const int64_t* upper, float softcap, float* scores, float* row_max, float* row_sum,
+                               float* acc) {
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t first = std::max<int64_t>(lower[r] - tile, 0), last = std::min<int64_t>(upper[r] - tile, n);
     if (first >= last) continue;
@@ -69,6 +73,7 @@ QF_CPU_CLONES void attend_tile(const float* q, int64_t rows, int64_t d, const fl
     float tile_max = kNegInf;
     for (int64_t j = first; j < last; ++j) {
       score[j] = dot(q + r * d, keys[j], d);
+      if (softcap > 0.0f) score[j] = softcap * std::tanh(score[j]);
       tile_max = std::max(tile_max, score[j]);
     }
     const float new_max = std::max(row_max[r], tile_max);
@@ -88,7 +93,7 @@ QF_CPU_CLONES void attend_tile(const float* q, int64_t rows, int64_t d, const fl
 struct Problem {
   int64_t batch, seqlen_q, heads_kv, group, head_dim, block_size, table_width;
   int64_t window_left, window_right;  // -1: unbounded; causal is window_right = 0
-  float scale;
+  float scale, softcap;                // softcap 0: off
 };
 
 void check_kvcache_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -114,9 +119,12 @@ void check_kvcache_args(const at::Tensor& q, const at::Tensor& k_cache, const at
 }
 
 // Checks that every used position of every sequence maps to a page of the pool; returns the longest sequence.
-int64_t check_lengths(const int32_t* length, const int32_t* table, const Problem& p, int64_t num_blocks) {
+int64_t check_lengths(const int32_t* length, const int32_t* leftpad, const int32_t* table, const Problem& p,
+                      int64_t num_blocks) {
   int64_t longest = 0;
   for (int64_t b = 0; b < p.batch; ++b) {
+    TORCH_CHECK(leftpad == nullptr || (leftpad[b] >= 0 && leftpad[b] <= length[b]), "flash_attn_with_kvcache: ",
+                "cache_leftpad[", b, "] must lie in [0, ", length[b], "]");
     TORCH_CHECK(length[b] >= 0 && length[b] <= p.table_width * p.block_size, "flash_attn_with_kvcache: seqlens[", b,
                 "] = ", length[b], " must lie in [0, ", p.table_width * p.block_size, "]");
     for (int64_t j = 0; j * p.block_size < length[b]; ++j) {
@@ -133,7 +141,7 @@ template <typename scalar_t>
 class GroupAttention {
  public:
   GroupAttention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int32_t* lengths,
-                 const int32_t* table, const Problem& p)
+                 const int32_t* leftpad, const int32_t* table, const Problem& p)
       : q_(q.const_data_ptr<scalar_t>()),
         k_(k_cache.const_data_ptr<scalar_t>()),
         v_(v_cache.const_data_ptr<scalar_t>()),
@@ -141,6 +149,7 @@ class GroupAttention {
         k_strides_{k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)},
         v_strides_{v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)},
         lengths_(lengths),
+        leftpad_(leftpad),
         table_(table),
         p_(p) {}
 
@@ -148,15 +157,17 @@ class GroupAttention {
   // lse [rows] (natural log, -inf without keys).
   void run(int64_t b, int64_t g, int64_t s, int64_t splits, float* acc, float* lse) const {
     const int64_t rows = p_.seqlen_q * p_.group, d = p_.head_dim, length = lengths_[b];
+    const int64_t first = leftpad_ == nullptr ? 0 : leftpad_[b];
+    const float q_scale = p_.softcap > 0.0f ? p_.scale / p_.softcap : p_.scale;
     std::vector<float> q(rows * d), scores(rows * kTile), row_max(rows, kNegInf), row_sum(rows, 0.0f);
     std::vector<float> k_tile(kTile * d), v_tile(kTile * d);
     std::vector<int64_t> lower(rows), upper(rows);
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t* src = q_ + b * q_strides_[0] + (r / p_.group) * q_strides_[1] + (g * p_.group + r % p_.group) *
                                                                                        q_strides_[2];
-      for (int64_t i = 0; i < d; ++i) q[r * d + i] = static_cast<float>(src[i]) * p_.scale;
+      for (int64_t i = 0; i < d; ++i) q[r * d + i] = static_cast<float>(src[i]) * q_scale;
       const int64_t diagonal = r / p_.group + length - p_.seqlen_q;
-      lower[r] = p_.window_left >= 0 ? std::max<int64_t>(diagonal - p_.window_left, 0) : 0;
+      lower[r] = std::max<int64_t>(p_.window_left >= 0 ? diagonal - p_.window_left : 0, first);
       upper[r] = p_.window_right >= 0 ? std::min<int64_t>(diagonal + p_.window_right + 1, length) : length;
     }
     std::fill(acc, acc + rows * d, 0.0f);
@@ -174,8 +185,8 @@ class GroupAttention {
         keys[j] = load(k_ + page * k_strides_[0] + row * k_strides_[1] + g * k_strides_[2], &k_tile[j * d]);
         values[j] = load(v_ + page * v_strides_[0] + row * v_strides_[1] + g * v_strides_[2], &v_tile[j * d]);
       }
-      attend_tile(q.data(), rows, d, keys, values, n, tile, lower.data(), upper.data(), scores.data(), row_max.data(),
-                  row_sum.data(), acc);
+      attend_tile(q.data(), rows, d, keys, values, n, tile, lower.data(), upper.data(), p_.softcap, scores.data(),
+                  row_max.data(), row_sum.data(), acc);
     }
     for (int64_t r = 0; r < rows; ++r) {
       const bool seen = row_sum[r] > 0.0f;
@@ -201,16 +212,20 @@ class GroupAttention {
   const scalar_t* v_;
   int64_t q_strides_[3], k_strides_[3], v_strides_[3];
   const int32_t* lengths_;
+  const int32_t* leftpad_;  // nullptr: 0
   const int32_t* table_;
   Problem p_;
 };
 
 }  // namespace
 
-at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache,
-                                       const std::optional<at::Tensor>& k, const std::optional<at::Tensor>& v,
-                                       const at::Tensor& cache_seqlens, const at::Tensor& block_table,
-                                       double softmax_scale, int64_t window_left, int64_t window_right) {
+std::tuple<at::Tensor, at::Tensor> flash_attn_with_kvcache_cpu(
+    const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const std::optional<at::Tensor>& k,
+    const std::optional<at::Tensor>& v, const at::Tensor& cache_seqlens, const at::Tensor& block_table,
+    const std::optional<at::Tensor>& cache_leftpad, double softmax_scale, int64_t window_left, int64_t window_right,
+    double softcap, int64_t num_splits) {
+  TORCH_CHECK(softcap >= 0.0 && num_splits >= 0, "flash_attn_with_kvcache: softcap and num_splits must be >= 0, got ",
+              softcap, " and ", num_splits);
   check_kvcache_args(q, k_cache, v_cache, cache_seqlens, block_table);
   TORCH_CHECK(k.has_value() == v.has_value(), "flash_attn_with_kvcache: k and v must be given together");
   const int64_t num_new = k.has_value() ? k->size(1) : 0;
@@ -221,11 +236,21 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, at::Tensor& k_cache,
                 k_cache.size(2), ", ", k_cache.size(3), "], got ", k->sizes(), " and ", v->sizes());
   }
   const at::Tensor lengths = (cache_seqlens + num_new).to(at::kInt).contiguous(), table = block_table.contiguous();
-  const Problem p{q.size(0),     q.size(1),   k_cache.size(2), q.size(2) / k_cache.size(2), q.size(3),
-                  k_cache.size(1), table.size(1), window_left,   window_right, static_cast<float>(softmax_scale)};
+  at::Tensor leftpads;
+  if (cache_leftpad.has_value()) {
+    TORCH_CHECK(cache_leftpad->scalar_type() == at::kInt && cache_leftpad->dim() == 1 &&
+                    cache_leftpad->size(0) == q.size(0),
+                "flash_attn_with_kvcache: cache_leftpad must be int32 [B] with B = ", q.size(0), ", got ",
+                cache_leftpad->scalar_type(), " ", cache_leftpad->sizes());
+    leftpads = cache_leftpad->contiguous();
+  }
+  const Problem p{q.size(0),       q.size(1),     k_cache.size(2), q.size(2) / k_cache.size(2),
+                  q.size(3),       k_cache.size(1), table.size(1), window_left,
+                  window_right,    static_cast<float>(softmax_scale), static_cast<float>(softcap)};
   const int32_t* length = lengths.const_data_ptr<int32_t>();
+  const int32_t* leftpad = leftpads.defined() ? leftpads.const_data_ptr<int32_t>() : nullptr;
   const int32_t* pages = table.const_data_ptr<int32_t>();
-  const int64_t longest = check_lengths(length, pages, p, k_cache.size(0));  // before anything is written
+  const int64_t longest = check_lengths(length, leftpad, pages, p, k_cache.size(0));  // before anything is written
   if (num_new > 0) {  // the new tokens go to positions cache_seqlens[b] + i, then the queries attend
     const at::Tensor positions =
         cache_seqlens.to(at::kLong).unsqueeze(1) + at::arange(num_new, lengths.options().dtype(at::kLong));
@@ -235,18 +260,22 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, at::Tensor& k_cache,
                           slots.flatten());
   }
   at::Tensor out = at::empty(q.sizes(), q.options());
+  at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));
   const int64_t rows = p.seqlen_q * p.group, units = p.batch * p.heads_kv;
-  if (out.numel() == 0) return out;
+  if (out.numel() == 0) return {out, lse};
   const int64_t threads = at::get_num_threads();
   const int64_t splits =
-      units >= threads ? 1 : std::max<int64_t>(1, std::min((threads + units - 1) / units, longest / kMinSplitKeys));
+      num_splits > 0 ? num_splits
+      : units >= threads
+          ? 1
+          : std::max<int64_t>(1, std::min((threads + units - 1) / units, longest / kMinSplitKeys));
   // Slices' outputs [splits, B, Hkv, rows, D] and log-sum-exps [splits, B, Hkv, rows], fp32.
   at::Tensor part_out = at::empty({splits, units, rows, p.head_dim}, q.options().dtype(at::kFloat));
   at::Tensor part_lse = at::empty({splits, units, rows}, q.options().dtype(at::kFloat));
   float* part_acc = part_out.mutable_data_ptr<float>();
   float* part_l = part_lse.mutable_data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_attn_with_kvcache_cpu", [&] {
-    const GroupAttention<scalar_t> attention(q, k_cache, v_cache, length, pages, p);
+    const GroupAttention<scalar_t> attention(q, k_cache, v_cache, length, leftpad, pages, p);
     at::parallel_for(0, splits * units, 1, [&](int64_t begin, int64_t end) {
       for (int64_t item = begin; item < end; ++item) {
         const int64_t s = item / units, unit = item % units;
@@ -256,6 +285,7 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, at::Tensor& k_cache,
     });
     // Merge the slices of each (b, g) and write its rows to out [B, Sq, Hq, D].
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    float* dst_lse = lse.mutable_data_ptr<float>();
     at::parallel_for(0, units, 1, [&](int64_t begin, int64_t end) {
       std::vector<float> merged(p.head_dim);
       for (int64_t unit = begin; unit < end; ++unit) {
@@ -275,11 +305,14 @@ at::Tensor flash_attn_with_kvcache_cpu(const at::Tensor& q, at::Tensor& k_cache,
           scalar_t* row = dst + ((b * p.seqlen_q + r / p.group) * p.heads_kv * p.group + g * p.group + r % p.group) *
                                     p.head_dim;
           for (int64_t i = 0; i < p.head_dim; ++i) row[i] = static_cast<scalar_t>(merged[i] * inv);
+          const int64_t head = g * p.group + r % p.group;  // lse [B, Hq, Sq]
+          dst_lse[(b * p.heads_kv * p.group + head) * p.seqlen_q + r / p.group] =
+              total > 0.0f ? top + std::log(total) : std::numeric_limits<float>::infinity();
         }
       }
     });
   });
-  return out;
+  return {out, lse};
 }
 
 TORCH_LIBRARY_IMPL(qwen_fast, CPU, m) { m.impl("flash_attn_with_kvcache", &flash_attn_with_kvcache_cpu); }

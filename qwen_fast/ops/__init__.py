@@ -2,9 +2,10 @@
 
 from ._dispatch import BACKENDS, Op, forced_backend, record_backends, reread_environment, use_backend
 from .attention import FLASH_ATTN, FLASH_ATTN_VARLEN, flash_attn_func, flash_attn_varlen_func
-from .kv_cache import FLASH_ATTN_WITH_KVCACHE, RESHAPE_AND_CACHE, flash_attn_with_kvcache, reshape_and_cache
+from .kv_cache import RESHAPE_AND_CACHE, reshape_and_cache, reshape_and_cache_flash
 from .moe import FUSED_EXPERTS, FUSED_MOE, fused_experts, fused_moe
 from .moe_align import MOE_ALIGN_BLOCK_SIZE, moe_align_block_size
+from .paged_attention import FLASH_ATTN_WITH_KVCACHE, flash_attn_with_kvcache
 from .rope import QK_NORM_ROPE_AND_CACHE, ROTARY_EMBEDDING, qk_norm_rope_and_cache, rotary_embedding
 from .routing import FUSED_TOPK, fused_topk
 
@@ -41,6 +42,7 @@ __all__ = [
     "record_backends",
     "reread_environment",
     "reshape_and_cache",
+    "reshape_and_cache_flash",
     "rotary_embedding",
     "use_backend",
 ]

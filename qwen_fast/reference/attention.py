@@ -12,8 +12,8 @@ With window_size = (left, right), -1 meaning unbounded, key j is visible iff d(i
 causal=True additionally requires j <= d(i) (it sets right to 0). A query row with no visible key (e.g. the first
 Sq - Sk rows of a causal call with Sq > Sk) outputs 0, never NaN.
 
-Every attention reference (including qwen_fast.reference.kv_cache.flash_attn_with_kvcache) runs through
-`_attention`, the single statement of the masking and softmax math.
+Every attention reference here runs through `_attention`, the single statement of the masking and softmax math;
+qwen_fast.reference.kv_cache.flash_attn_with_kvcache adds softcap and the log-sum-exp on the same `visible_keys`.
 """
 
 import torch

@@ -116,7 +116,9 @@ FLASH_ATTN_VARLEN = OpSpec(
 
 def _kvcache(block_size, seqlen_q, num_new, heads_q, heads_kv, head_dim, lengths, views=None, **options):
     """Caches of random values; with block_size, a shuffled pool with one spare page per sequence, else contiguous
-    caches [B, S_max, Hkv, D]. `lengths`: cache_seqlens."""
+    caches [B, S_max, Hkv, D]. `lengths`: cache_seqlens. causal=True unless `options` say otherwise (flash-attn's
+    default is False: the samples pass it explicitly)."""
+    options = {"causal": True} | options
 
     def build(x: Inputs) -> dict:
         batch, totals = len(lengths), [n + num_new for n in lengths]
@@ -151,8 +153,30 @@ def _check_case(x: Inputs) -> dict:
     return {
         "q": x.randn(2, 1, 4, 32), "k_cache": x.randn(6, 4, 2, 32), "v_cache": x.randn(6, 4, 2, 32),
         "k": x.randn(2, 1, 2, 32), "v": x.randn(2, 1, 2, 32), "cache_seqlens": x.ints([5, 9]),
-        "block_table": x.ints([[4, 1, 0], [2, 5, 3]]),
+        "block_table": x.ints([[4, 1, 0], [2, 5, 3]]), "causal": True,
     }  # fmt: skip
+
+
+def _ints(values: list, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int32, device=like.device)
+
+
+def _rotary(rows: int, rotary_dim: int, **flags):
+    """views adding rotary_cos/rotary_sin [rows, rotary_dim / 2] (theta 1e4 angles, q's dtype) and `flags`."""
+
+    def views(a: dict) -> dict:
+        inv_freq = 1e4 ** (-torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)
+        angles = torch.arange(rows, dtype=torch.float64)[:, None] * inv_freq
+        put = {"dtype": a["q"].dtype, "device": a["q"].device}
+        return {"rotary_cos": angles.cos().to(**put), "rotary_sin": angles.sin().to(**put), **flags}
+
+    return views
+
+
+def _batch_idx(a: dict) -> dict:
+    """A contiguous cache of 4 rows for 3 sequences: sequence b uses row 2 - b (row 3 is never read)."""
+    caches = {name: torch.cat((a[name].flip(0), a[name][:1])) for name in ("k_cache", "v_cache")}
+    return caches | {"cache_batch_idx": _ints([2, 1, 0], a["q"])}
 
 
 FLASH_ATTN_WITH_KVCACHE = OpSpec(
@@ -184,6 +208,17 @@ FLASH_ATTN_WITH_KVCACHE = OpSpec(
             "block_table": expanded(a["block_table"][:1], a["block_table"].shape, 0)})),
         Sample("new-kv-fused-views", _kvcache(*APPEND2, views=lambda a: _fused(a, "kv", 2))),
         Sample("q-hf-layout", _kvcache(*APPEND2, views=lambda a: {"q": relayout(a["q"], 1, 2)})),
+        Sample("softcap-lse", _kvcache(*APPEND2, softcap=3.0, return_softmax_lse=True)),
+        Sample("noncausal-lse-splits3", _kvcache(*READ3[:-1], [2, 9, 57], causal=False, num_splits=3,
+                                                 return_softmax_lse=True)),
+        Sample("leftpad-contiguous", _kvcache(None, 2, 2, 4, 2, 64, [3, 0, 30], views=lambda a: {
+            "cache_leftpad": _ints([1, 0, 20], a["q"])})),
+        Sample("leftpad-paged-window", _kvcache(*READ3, causal=False, window_size=(30, 2), views=lambda a: {
+            "cache_leftpad": _ints([1, 0, 20], a["q"])})),
+        Sample("cache-batch-idx", _kvcache(None, 2, 2, 4, 2, 64, [3, 0, 30], views=_batch_idx)),
+        Sample("rotary-interleaved-half", _kvcache(*APPEND2, views=_rotary(64, 32))),
+        Sample("rotary-neox-noncausal", _kvcache(None, 3, 3, 4, 2, 64, [3, 0, 30], causal=False, views=_rotary(
+            40, 64, rotary_interleaved=False))),
         Sample("long-context-1500", _kvcache(16, 1, 0, 8, 1, 128, [1500, 700]), interpret=False),
         Sample("long-context-1500-window", _kvcache(16, 1, 0, 8, 1, 128, [1500, 700], window_size=(900, 0)),
                interpret=False),
