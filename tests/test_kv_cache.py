@@ -191,6 +191,44 @@ def test_reshape_and_cache_bad_input(change, error, message):
         qwen_fast.reshape_and_cache(*_replace(inputs, **change(inputs)))
 
 
+def test_reshape_and_cache_flash_is_the_same_write_with_vllm_arguments():
+    key, value, key_cache, value_cache, slots = _cache_inputs(9, 2, 64, 4, 5, torch.float32)
+    ours_k, ours_v = key_cache.clone(), value_cache.clone()
+    with qwen_fast.record_backends() as calls:
+        qwen_fast.reshape_and_cache_flash(
+            key, value, key_cache, value_cache, slots, "auto", torch.ones(1), torch.ones(1)
+        )
+        qwen_fast.reshape_and_cache(key, value, ours_k, ours_v, slots)
+    assert [op for op, _ in calls] == ["reshape_and_cache"] * 2
+    page, row = divmod(int(slots[1]), 5)  # a written slot (every third is padding)
+    assert torch.equal(key_cache[page, row], key[1]) and torch.equal(value_cache[page, row], value[1])
+    assert torch.equal(key_cache, ours_k) and torch.equal(value_cache, ours_v)
+
+
+@pytest.mark.parametrize(
+    "change,error,message",
+    [
+        (  # vLLM's reshape_and_cache layout: key_cache [num_blocks, Hkv, D / x, block_size, x]
+            lambda i: {"key_cache": i[2].view(4, 5, 2, 8, 8).permute(0, 2, 3, 1, 4)},
+            ValueError,
+            r"key_cache has 5 dimensions \(4, 2, 8, 5, 8\): vLLM's reshape_and_cache layout .* is not supported",
+        ),
+        ({"kv_cache_dtype": "fp8"}, ValueError, "kv_cache_dtype='fp8' is not supported: .* pass 'auto'"),
+        ({"kv_cache_dtype": None}, TypeError, "kv_cache_dtype must be a str, got NoneType"),
+        ({"k_scale": "1"}, TypeError, "k_scale must be a tensor, a float or None, got str"),
+        ({"interleaved_v": True}, ValueError, "interleaved_v=True is not supported"),
+    ],
+)
+def test_reshape_and_cache_refuses_what_it_does_not_implement(change, error, message):
+    inputs = _cache_inputs(9, 2, 64, 4, 5, torch.float32)
+    kwargs = dict(zip(("key", "value", "key_cache", "value_cache", "slot_mapping"), inputs, strict=True))
+    kwargs |= change(inputs) if callable(change) else change
+    before = inputs[2].clone()
+    with pytest.raises(error, match=message):
+        qwen_fast.reshape_and_cache(**kwargs)
+    assert torch.equal(inputs[2], before)
+
+
 # --- bad input: named, value-bearing errors from qwen_fast.flash_attn_with_kvcache -----------------------------------
 
 
@@ -423,3 +461,32 @@ def test_with_kvcache_triton_decode_captures_in_cuda_graph():
 
     result = selftest.run_case("flash_attn_with_kvcache", "triton", torch.device("cuda"), name, dtype, call=captured)
     assert result.status == "PASS", result.line()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_rotary_positions_follow_flash_attn(causal):
+    """The new k row i is rotated at cache_seqlens[b] + i; q row i too when causal, else every q row at
+    cache_seqlens[b]. Partial rotary (rotary_dim 16 < D 32) leaves the other dims as they are."""
+    from qwen_fast.reference import apply_rotary_emb
+
+    batch, num_new, head_dim, rows = 2, 3, 32, 16
+    lengths = torch.tensor([4, 9], dtype=torch.int32)
+    angles = torch.arange(rows)[:, None] * torch.rand(8)
+    cos, sin = angles.cos(), angles.sin()
+    q = torch.randn(batch, num_new, 4, head_dim)
+    k, v = torch.randn(batch, num_new, 2, head_dim), torch.randn(batch, num_new, 2, head_dim)
+    k_cache, v_cache = torch.randn(batch, rows, 2, head_dim), torch.randn(batch, rows, 2, head_dim)
+    caches = (k_cache.clone(), v_cache.clone())
+    out = flash_attn_with_kvcache(
+        q, k_cache, v_cache, k, v, cos, sin, lengths, causal=causal, rotary_interleaved=False
+    )  # fmt: skip
+
+    steps = torch.arange(num_new)
+    k_positions = lengths.long()[:, None] + steps
+    q_positions = k_positions if causal else lengths.long()[:, None].expand(batch, num_new)
+    table = torch.cat((cos, sin), dim=-1)
+    q_rot = torch.cat((apply_rotary_emb(q_positions, q[..., :16], None, table)[0], q[..., 16:]), dim=-1)
+    k_rot = torch.cat((apply_rotary_emb(k_positions, k[..., :16], None, table)[0], k[..., 16:]), dim=-1)
+    expected = flash_attn_with_kvcache(q_rot, *caches, k_rot, v, cache_seqlens=lengths, causal=causal)
+    assert_close(out, expected)
+    assert torch.equal(k_cache, caches[0]) and torch.equal(k_cache[1, 9:12], k_rot[1])
