@@ -315,6 +315,11 @@ def test_flash_attn_with_kvcache_checks_exactly_the_used_block_table_entries(cac
         ),
         ({"causal": None}, TypeError, "causal must be a bool, got NoneType"),
         ({"alibi_slopes": torch.ones(8)}, ValueError, "alibi_slopes is not supported by qwen_fast"),
+        (
+            {"k_cache": torch.zeros(8, 4, 1, 64, dtype=torch.uint8)},
+            TypeError,
+            "k_cache is torch.uint8: fp8 KV caches are not supported",
+        ),
         ({"softcap": -1.0}, ValueError, r"softcap must be finite and >= 0 \(0 = off\), got -1.0"),
         ({"softcap": "1"}, TypeError, "softcap must be a float, got str"),
         ({"num_splits": -1}, ValueError, r"num_splits must be in \[0, 128\], got -1"),

@@ -369,6 +369,8 @@ def flash_attn_with_kvcache(
         ...                                  block_table=block_table, causal=True).shape
         torch.Size([2, 1, 8, 64])
     """
+    if isinstance(k_cache, torch.Tensor) and k_cache.dtype in (torch.float8_e4m3fn, torch.float8_e5m2, torch.uint8):
+        raise TypeError(f"k_cache is {k_cache.dtype}: fp8 KV caches are not supported; caches hold q's dtype")
     check_kvcache_args(q, k_cache, v_cache, k, v, cache_seqlens, block_table, cache_batch_idx, cache_leftpad)
     flags = {"return_softmax_lse": return_softmax_lse, "rotary_interleaved": rotary_interleaved}
     softcap = _check_options(softcap, alibi_slopes, num_splits, flags)
