@@ -225,7 +225,7 @@ FLASH_ATTN_WITH_KVCACHE = OpSpec(
     ),
     budget=True,
     exact=("k_cache", "v_cache"),
-    opcheck=("read3-paged16-noncausal-window",),
+    opcheck=("read3-paged16-noncausal-window", "leftpad-paged-window", "softcap-lse"),
 )  # fmt: skip
 
 
