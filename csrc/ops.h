@@ -12,11 +12,13 @@
 namespace qwen_fast {
 
 // Writes key/value [N, Hkv, D] into the paged caches [num_blocks, block_size, Hkv, D] at slot_mapping [N] (int64);
-// a negative slot is skipped.
+// a negative slot is skipped. With k_scale/v_scale (fp32, one element) the caches are float8_e4m3fn (x / scale).
 void reshape_and_cache_cpu(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
-                           at::Tensor& value_cache, const at::Tensor& slot_mapping);
+                           at::Tensor& value_cache, const at::Tensor& slot_mapping,
+                           const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale);
 void reshape_and_cache_cuda(const at::Tensor& key, const at::Tensor& value, at::Tensor& key_cache,
-                            at::Tensor& value_cache, const at::Tensor& slot_mapping);
+                            at::Tensor& value_cache, const at::Tensor& slot_mapping,
+                            const std::optional<at::Tensor>& k_scale, const std::optional<at::Tensor>& v_scale);
 
 // Top-k routing of gating_output [T, E] (fp32/fp16/bf16; math: qwen_fast/reference/routing.py) ->
 // (topk_weights fp32 [T, k], topk_ids int32 [T, k]).

@@ -6,7 +6,7 @@
 TORCH_LIBRARY(qwen_fast, m) {
   m.def(
       "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
-      "Tensor slot_mapping) -> ()");
+      "Tensor slot_mapping, Tensor? k_scale=None, Tensor? v_scale=None) -> ()");
   m.def(
       "fused_topk(Tensor gating_output, int topk, bool renormalize, str scoring_func, "
       "Tensor? e_score_correction_bias, int? num_expert_group, int? topk_group, float routed_scaling_factor) "

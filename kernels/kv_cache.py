@@ -7,6 +7,10 @@ as one BLOCK_D vector (D rounded up to a power of two, masked) and stored; nothi
 computed in int64 (slot * strides passes 2^31 for large pools). key, value and the two caches are each read through
 their own strides (head dims contiguous), so key and value may be slices of one fused projection and the caches
 views of one interleaved buffer; slot_mapping is made contiguous by the launcher (N int64, a copy only when strided).
+FP8 (vLLM's kv_cache_dtype "fp8"): the caches are float8_e4m3fn and each element is stored as x / scale (fp32
+division, k_scale / v_scale read from one-element fp32 tensors), clamped to +-448 (e4m3's largest finite value,
+vLLM's saturating conversion), rounded to nearest even and encoded by _e4m3_bits in integer arithmetic (the caches
+are passed as their uint8 bits).
 """
 
 import torch
@@ -17,12 +21,28 @@ from .compile_spec import TRITON_DTYPE, CompileSpec
 
 
 @triton.jit
+def _e4m3_bits(x):
+    """The float8_e4m3fn bits (uint8) of x (fp32, |x| <= 448) rounded to nearest even, in integer arithmetic: Triton
+    has no e4m3 cast on sm_80, and its interpreter drops the carry when a cast's rounding crosses a power of two.
+    Normal values (|x| >= 2^-6) keep 3 mantissa bits (the rounding carries into the exponent), subnormals are
+    multiples of 2^-9 (1.5 * 2^23 forces the rounding)."""
+    bits = x.to(tl.int32, bitcast=True)
+    rounded = (bits + 0x7FFFF + ((bits >> 20) & 1)) & 0x7FF00000  # |x| on e4m3's normal grid, as fp32 bits
+    normal = (((rounded >> 23) - 120) << 3) | ((rounded >> 20) & 7)  # exponent rebiased 127 -> 7, 3 mantissa bits
+    subnormal = ((tl.abs(x) * 512.0 + 12582912.0) - 12582912.0).to(tl.int32)
+    code = tl.where(tl.abs(x) < 0.015625, subnormal, normal)
+    return (((bits >> 24) & 0x80) | code).to(tl.uint8)
+
+
+@triton.jit
 def _reshape_and_cache_kernel(
     key,
     value,
     key_cache,
     value_cache,
     slot_mapping,
+    k_scale,
+    v_scale,
     k_token_stride,
     k_head_stride,
     v_token_stride,
@@ -36,6 +56,7 @@ def _reshape_and_cache_kernel(
     block_size,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    FP8: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1).to(tl.int64)
@@ -47,10 +68,16 @@ def _reshape_and_cache_kernel(
         mask = dims < HEAD_DIM
         k_src = token * k_token_stride + head * k_head_stride + dims
         k_dst = block * kc_block_stride + offset * kc_page_stride + head * kc_head_stride + dims
-        tl.store(key_cache + k_dst, tl.load(key + k_src, mask=mask), mask=mask)
+        k_row = tl.load(key + k_src, mask=mask)
+        if FP8:
+            k_row = _e4m3_bits(tl.minimum(tl.maximum(k_row.to(tl.float32) / tl.load(k_scale), -448.0), 448.0))
+        tl.store(key_cache + k_dst, k_row.to(key_cache.dtype.element_ty), mask=mask)
         v_src = token * v_token_stride + head * v_head_stride + dims
         v_dst = block * vc_block_stride + offset * vc_page_stride + head * vc_head_stride + dims
-        tl.store(value_cache + v_dst, tl.load(value + v_src, mask=mask), mask=mask)
+        v_row = tl.load(value + v_src, mask=mask)
+        if FP8:
+            v_row = _e4m3_bits(tl.minimum(tl.maximum(v_row.to(tl.float32) / tl.load(v_scale), -448.0), 448.0))
+        tl.store(value_cache + v_dst, v_row.to(value_cache.dtype.element_ty), mask=mask)
 
 
 def _config(head_dim: int) -> dict:
@@ -64,18 +91,25 @@ def reshape_and_cache(
     key_cache: torch.Tensor,
     value_cache: torch.Tensor,
     slot_mapping: torch.Tensor,
+    k_scale: torch.Tensor | None = None,
+    v_scale: torch.Tensor | None = None,
 ) -> None:
-    """Launcher; arguments as qwen_fast.reshape_and_cache (checked there). Mutates key_cache and value_cache."""
+    """Launcher; arguments as qwen_fast.reshape_and_cache (checked there; with k_scale/v_scale the caches are
+    float8_e4m3fn). Mutates key_cache and value_cache."""
     num_tokens, num_heads, head_dim = key.shape
     if num_tokens == 0:
         return
     config = _config(head_dim)
+    if k_scale is not None:  # the kernel writes e4m3 bits
+        key_cache, value_cache = key_cache.view(torch.uint8), value_cache.view(torch.uint8)
     _reshape_and_cache_kernel[(num_tokens, num_heads)](
         key,
         value,
         key_cache,
         value_cache,
         slot_mapping.contiguous(),  # the kernel reads slot t at offset t
+        slot_mapping if k_scale is None else k_scale,  # read only with FP8
+        slot_mapping if v_scale is None else v_scale,
         *key.stride()[:2],
         *value.stride()[:2],
         *key_cache.stride()[:3],
@@ -83,6 +117,7 @@ def reshape_and_cache(
         key_cache.shape[1],
         HEAD_DIM=head_dim,
         BLOCK_D=config["BLOCK_D"],
+        FP8=k_scale is not None,
         num_warps=config["num_warps"],
     )
 
@@ -91,20 +126,23 @@ def compile_specs() -> list[CompileSpec]:
     specs = []
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         for head_dim in (64, 96, 128, 256):
-            config = _config(head_dim)
-            pointer = "*" + TRITON_DTYPE[dtype]
-            signature = {name: pointer for name in ("key", "value", "key_cache", "value_cache")}
-            signature["slot_mapping"] = "*i64"
-            for name in "k_token k_head v_token v_head kc_block kc_page kc_head vc_block vc_page vc_head".split():
-                signature[f"{name}_stride"] = "i64"
-            signature |= {"block_size": "i32", "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr"}
-            specs.append(
-                CompileSpec(
-                    _reshape_and_cache_kernel,
-                    signature,
-                    {"HEAD_DIM": head_dim, "BLOCK_D": config["BLOCK_D"]},
-                    num_warps=config["num_warps"],
-                    label=f"{TRITON_DTYPE[dtype]} D={head_dim}",
+            for fp8 in (False, True):
+                config = _config(head_dim)
+                pointer = "*" + TRITON_DTYPE[dtype]
+                cache = "*u8" if fp8 else pointer
+                signature = {"key": pointer, "value": pointer, "key_cache": cache, "value_cache": cache}
+                scale = "*fp32" if fp8 else "*i64"  # without FP8 the launcher passes slot_mapping (never read)
+                signature |= {"slot_mapping": "*i64", "k_scale": scale, "v_scale": scale}
+                for name in "k_token k_head v_token v_head kc_block kc_page kc_head vc_block vc_page vc_head".split():
+                    signature[f"{name}_stride"] = "i64"
+                signature |= {"block_size": "i32", "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr", "FP8": "constexpr"}
+                specs.append(
+                    CompileSpec(
+                        _reshape_and_cache_kernel,
+                        signature,
+                        {"HEAD_DIM": head_dim, "BLOCK_D": config["BLOCK_D"], "FP8": fp8},
+                        num_warps=config["num_warps"],
+                        label=f"{TRITON_DTYPE[dtype]} D={head_dim}" + (" fp8 cache" if fp8 else ""),
+                    )
                 )
-            )
     return specs

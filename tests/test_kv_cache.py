@@ -213,7 +213,19 @@ def test_reshape_and_cache_flash_is_the_same_write_with_vllm_arguments():
             ValueError,
             r"key_cache has 5 dimensions \(4, 2, 8, 5, 8\): vLLM's reshape_and_cache layout .* is not supported",
         ),
-        ({"kv_cache_dtype": "fp8"}, ValueError, "kv_cache_dtype='fp8' is not supported: .* pass 'auto'"),
+        ({"kv_cache_dtype": "fp8_e5m2"}, ValueError, "kv_cache_dtype='fp8_e5m2' is not supported: pass 'auto'"),
+        ({"kv_cache_dtype": "fp8"}, TypeError, "k_scale must be an fp32 tensor of one element with kv_cache_dtype"),
+        (
+            {"kv_cache_dtype": "fp8", "k_scale": torch.ones(1), "v_scale": torch.ones(1)},
+            TypeError,
+            "key_cache must be float8_e4m3fn, got torch.float32",
+        ),
+        (
+            {"kv_cache_dtype": "fp8", "k_scale": torch.ones(2), "v_scale": torch.ones(1)}
+            | {name: torch.zeros(4, 5, 2, 64, dtype=torch.uint8) for name in ("key_cache", "value_cache")},
+            ValueError,
+            r"k_scale must hold one element, got \(2,\)",
+        ),
         ({"kv_cache_dtype": None}, TypeError, "kv_cache_dtype must be a str, got NoneType"),
         ({"k_scale": "1"}, TypeError, "k_scale must be a tensor, a float or None, got str"),
         ({"interleaved_v": True}, ValueError, "interleaved_v=True is not supported"),
@@ -227,6 +239,23 @@ def test_reshape_and_cache_refuses_what_it_does_not_implement(change, error, mes
     with pytest.raises(error, match=message):
         qwen_fast.reshape_and_cache(**kwargs)
     assert torch.equal(inputs[2], before)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch", pytest.param("triton", marks=pytest.mark.interpret)])
+def test_fp8_cache_holds_key_over_scale_saturated(backend):
+    """vLLM's fp8 KV cache: uint8 pages holding e4m3(x / scale), saturated at +-448 (e4m3's largest finite value)."""
+    key = torch.tensor([[[1.0, -3.0, 1000.0, -1000.0]]]).half()
+    value = torch.tensor([[[0.5, 0.25, -2.0, 7.0]]]).half()
+    key_cache, value_cache = torch.zeros(2, 2, 1, 4, dtype=torch.uint8), torch.zeros(2, 2, 1, 4, dtype=torch.uint8)
+    with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
+        qwen_fast.reshape_and_cache_flash(
+            key, value, key_cache, value_cache, torch.tensor([3]), "fp8", torch.tensor([2.0]), torch.tensor([0.5])
+        )
+    assert calls == [("reshape_and_cache", backend)]
+    stored_k = key_cache.view(torch.float8_e4m3fn)[1, 1, 0].float()
+    stored_v = value_cache.view(torch.float8_e4m3fn)[1, 1, 0].float()
+    assert stored_k.tolist() == [0.5, -1.5, 448.0, -448.0] and stored_v.tolist() == [1.0, 0.5, -4.0, 14.0]
+    assert not key_cache[0].any() and not key_cache[1, 0].any()
 
 
 # --- bad input: named, value-bearing errors from qwen_fast.flash_attn_with_kvcache -----------------------------------

@@ -257,7 +257,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_with_kvcache_cpu(
     const at::Tensor pages_of_new = table.to(at::kLong).gather(1, at::floor_divide(positions, p.block_size));
     const at::Tensor slots = pages_of_new * p.block_size + positions.remainder(p.block_size);
     reshape_and_cache_cpu(k->flatten(0, 1).contiguous(), v->flatten(0, 1).contiguous(), k_cache, v_cache,
-                          slots.flatten());
+                          slots.flatten(), std::nullopt, std::nullopt);
   }
   at::Tensor out = at::empty(q.sizes(), q.options());
   at::Tensor lse = at::empty({q.size(0), q.size(2), q.size(1)}, q.options().dtype(at::kFloat));

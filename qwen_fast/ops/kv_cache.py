@@ -5,8 +5,10 @@ vLLM has two writes: `reshape_and_cache_flash` (this layout, the one qwen_fast a
 and `reshape_and_cache` (key_cache [num_blocks, Hkv, D / x, block_size, x], value_cache [num_blocks, Hkv, D,
 block_size]). qwen_fast.reshape_and_cache takes vLLM's reshape_and_cache signature but writes the flash layout: a
 vLLM-style call with the 5-D key cache is refused with a shape error naming that layout, never reinterpreted.
-Only kv_cache_dtype="auto" is supported (the cache holds key's dtype; the scales are unused then, as in vLLM); an
-fp8 cache is refused with an error that says so.
+kv_cache_dtype "auto": the caches hold key's dtype (the scales are unused, as in vLLM). "fp8" / "fp8_e4m3": the
+caches are float8_e4m3fn (or uint8 holding its bits, as vLLM allocates them, viewed as e4m3 here) and each element
+is stored as fp8(clamp(x / scale, -448, 448)) with k_scale / v_scale one-element fp32 tensors, on every backend.
+"fp8_e5m2" is refused.
 """
 
 import torch
@@ -27,14 +29,23 @@ from ._dispatch import NATIVE_FIRST, Op
 from ._library import define_triton_op, launcher, native_op
 
 
-def check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, require: Require = raise_unless) -> None:
-    """reshape_and_cache's contract (the eager check and the fake; `require`: see _checks.py)."""
+def check_cache_write_args(
+    key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None, require: Require = raise_unless
+) -> None:
+    """reshape_and_cache's contract (the eager check and the fake; `require`: see _checks.py). With k_scale and
+    v_scale (fp32, one element each) the caches are float8_e4m3fn, else key's dtype."""
     check_tensor("key", key, ndim=3, dtypes=FLOAT_DTYPES, require=require)
     device = key.device
     check_tensor("value", value, dtypes=(key.dtype,), device=device, require=require)
     check_shape("value", value, key.shape, "[N, Hkv, D] = key's shape", require)
-    check_tensor("key_cache", key_cache, ndim=4, dtypes=(key.dtype,), device=device, require=require)
-    check_tensor("value_cache", value_cache, dtypes=(key.dtype,), device=device, require=require)
+    cache_dtype = key.dtype if k_scale is None else torch.float8_e4m3fn
+    check_tensor("key_cache", key_cache, ndim=4, dtypes=(cache_dtype,), device=device, require=require)
+    check_tensor("value_cache", value_cache, dtypes=(cache_dtype,), device=device, require=require)
+    for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if k_scale is not None:
+            check_tensor(name, scale, dtypes=(torch.float32,), device=device, require=require)
+            message = f"{name} must hold one element, got {{}}"
+            require(scale.numel() == 1, ValueError, lambda m=message, t=scale: m.format(tuple(t.shape)))
     check_shape(
         "value_cache", value_cache, key_cache.shape, "[num_blocks, block_size, Hkv, D] = key_cache's shape", require
     )
@@ -60,13 +71,18 @@ def check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, req
     )
 
 
-def _fake_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping) -> None:
-    check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, traced)
+def _fake_reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None) -> None:
+    check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale, traced)
+
+
+def _reshape_and_cache_reference(key, value, key_cache, value_cache, slot_mapping, k_scale=None, v_scale=None):
+    dtype = "auto" if k_scale is None else "fp8"
+    reference.reshape_and_cache(key, value, key_cache, value_cache, slot_mapping, dtype, k_scale, v_scale)
 
 
 _reshape_and_cache_triton = define_triton_op(
-    "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping) "
-    "-> ()",
+    "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, Tensor slot_mapping, "
+    "Tensor? k_scale=None, Tensor? v_scale=None) -> ()",
     launcher("kv_cache", "reshape_and_cache"),
     _fake_reshape_and_cache,
 )
@@ -78,23 +94,31 @@ RESHAPE_AND_CACHE = Op(
         "cuda": _reshape_and_cache_native,
         "triton": _reshape_and_cache_triton,
         "cpu": _reshape_and_cache_native,
-        "torch": reference.reshape_and_cache,
+        "torch": _reshape_and_cache_reference,
     },
     NATIVE_FIRST,
 )
 
 
-def _check_vllm_options(kv_cache_dtype: object, k_scale: object, v_scale: object) -> None:
+def _is_uint8(cache: object) -> bool:
+    return isinstance(cache, torch.Tensor) and cache.dtype == torch.uint8
+
+
+def _check_vllm_options(kv_cache_dtype: object, k_scale: object, v_scale: object) -> bool:
+    """Whether the caches are fp8 (kv_cache_dtype "fp8" / "fp8_e4m3"); other values are refused."""
     if not isinstance(kv_cache_dtype, str):
         raise TypeError(f"kv_cache_dtype must be a str, got {type(kv_cache_dtype).__name__} {kv_cache_dtype!r}")
-    if kv_cache_dtype != "auto":
+    if kv_cache_dtype not in ("auto", "fp8", "fp8_e4m3"):
         raise ValueError(
-            f"kv_cache_dtype={kv_cache_dtype!r} is not supported: qwen_fast's caches hold the model dtype (fp8 KV "
-            "caches are not implemented); pass 'auto'"
+            f"kv_cache_dtype={kv_cache_dtype!r} is not supported: pass 'auto' (the model dtype) or 'fp8' / 'fp8_e4m3'"
         )
+    fp8 = kv_cache_dtype != "auto"
     for name, scale in (("k_scale", k_scale), ("v_scale", v_scale)):
+        if fp8 and not isinstance(scale, torch.Tensor):
+            raise TypeError(f"{name} must be an fp32 tensor of one element with kv_cache_dtype='fp8', got {scale!r}")
         if scale is not None and not isinstance(scale, (torch.Tensor, float, int)):
             raise TypeError(f"{name} must be a tensor, a float or None, got {type(scale).__name__}")
+    return fp8
 
 
 def reshape_and_cache_flash(
@@ -117,7 +141,9 @@ def reshape_and_cache_flash(
         slot_mapping: [N] int64; token i goes to block slot // block_size at offset slot % block_size. A negative
             slot is skipped (padding). Slots past the pool are an error (checked on CPU; on CUDA the check would
             need a host sync and is skipped).
-        kv_cache_dtype: "auto" only (fp8 caches are refused). k_scale, v_scale: unused with "auto" (as in vLLM).
+        kv_cache_dtype: "auto" (the caches hold key's dtype) or "fp8" / "fp8_e4m3": float8_e4m3fn (or uint8)
+            caches holding fp8(clamp(x / scale, -448, 448)) (vLLM's saturating cast; the division in fp32).
+        k_scale, v_scale: fp32 tensors of one element with "fp8"; unused with "auto" (as in vLLM).
 
     Example:
         >>> kc = torch.zeros(4, 16, 2, 64); vc = torch.zeros_like(kc)
@@ -126,21 +152,25 @@ def reshape_and_cache_flash(
         >>> torch.equal(kc[1, 1], k[1])
         True
     """
-    _check_vllm_options(kv_cache_dtype, k_scale, v_scale)
+    fp8 = _check_vllm_options(kv_cache_dtype, k_scale, v_scale)
+    if fp8:  # vLLM allocates fp8 caches as uint8
+        key_cache, value_cache = (c.view(torch.float8_e4m3fn) if _is_uint8(c) else c for c in (key_cache, value_cache))
+    else:
+        k_scale = v_scale = None
     if isinstance(key_cache, torch.Tensor) and key_cache.dim() == 5:
         raise ValueError(
             f"key_cache has 5 dimensions {tuple(key_cache.shape)}: vLLM's reshape_and_cache layout [num_blocks, Hkv, "
             "D / x, block_size, x] is not supported; qwen_fast writes [num_blocks, block_size, Hkv, D] "
             "(reshape_and_cache_flash's layout)"
         )
-    check_cache_write_args(key, value, key_cache, value_cache, slot_mapping)
+    check_cache_write_args(key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
     device = key.device
     if device.type == "cpu" and slot_mapping.numel() and not torch.compiler.is_compiling():
         capacity = key_cache.shape[0] * key_cache.shape[1]
         last = int(slot_mapping.max())
         if last >= capacity:
             raise ValueError(f"slot_mapping holds slot {last}, past the cache's {capacity} slots")
-    RESHAPE_AND_CACHE(device, key, value, key_cache, value_cache, slot_mapping)
+    RESHAPE_AND_CACHE(device, key, value, key_cache, value_cache, slot_mapping, k_scale, v_scale)
 
 
 def reshape_and_cache(

@@ -51,8 +51,11 @@ def reshape_and_cache(
         value_cache: [num_blocks, block_size, Hkv, D]; MUTATED like key_cache.
         slot_mapping: int64 [N]; token n goes to page slot // block_size, row slot % block_size. A negative slot
             (padding) is skipped. Non-negative slots must be distinct.
-        kv_cache_dtype, k_scale, v_scale, interleaved_v: vLLM's; only "auto" (the cache holds key's dtype, the
-            scales are unused, as in vLLM) and interleaved_v=False are supported (checked by qwen_fast's API).
+        kv_cache_dtype: "auto" (the caches hold key's dtype; the scales are unused, as in vLLM) or "fp8" /
+            "fp8_e4m3" (the caches are float8_e4m3fn, or uint8 holding its bits, as vLLM allocates them): each
+            element is stored as fp8(clamp(x / scale, -448, 448)), the division in fp32 (vLLM's saturating cast).
+        k_scale, v_scale: fp32 tensors of one element (the dequantization scales), used with "fp8".
+        interleaved_v: False only (checked by qwen_fast's API).
 
     Example:
         >>> key_cache, value_cache = torch.zeros(4, 16, 2, 64), torch.zeros(4, 16, 2, 64)
@@ -61,6 +64,10 @@ def reshape_and_cache(
         >>> torch.equal(key_cache[1, 1], key[0]) and torch.equal(value_cache[2, 8], value[2])
         True
     """
+    if kv_cache_dtype != "auto":
+        key = (key.float() / k_scale.float().reshape(())).clamp(-448.0, 448.0)
+        value = (value.float() / v_scale.float().reshape(())).clamp(-448.0, 448.0)
+        key_cache, value_cache = (cache.view(torch.float8_e4m3fn) for cache in (key_cache, value_cache))
     block_size = key_cache.shape[1]
     keep = slot_mapping >= 0
     slots = slot_mapping[keep]

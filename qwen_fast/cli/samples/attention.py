@@ -253,6 +253,15 @@ def _kv_of_qkv(args: dict) -> dict:
     return {"key": qkv[:, 1], "value": qkv[:, 2]}
 
 
+def _fp8(args: dict) -> dict:
+    """vLLM's fp8 cache: uint8 pages holding e4m3 bits, fp32 one-element scales (k_scale small enough that some
+    keys saturate at +-448)."""
+    caches = {name: args[name].to(torch.float8_e4m3fn).view(torch.uint8) for name in ("key_cache", "value_cache")}
+    device = args["key"].device
+    scales = {"k_scale": torch.tensor([0.005], device=device), "v_scale": torch.tensor([2.0], device=device)}
+    return caches | scales | {"kv_cache_dtype": "fp8"}
+
+
 RESHAPE_AND_CACHE = OpSpec(
     samples=(
         Sample("N5-padding-slot", lambda x: {
@@ -268,6 +277,7 @@ RESHAPE_AND_CACHE = OpSpec(
             "slot_mapping": spaced(a["slot_mapping"], 0, -1)})),
         Sample("caches-padded", _write(20, 2, 64, 7, 5, lambda a: {
             "key_cache": padded(a["key_cache"]), "value_cache": padded(a["value_cache"])})),
+        Sample("fp8-cache", _write(20, 2, 64, 7, 5, _fp8)),
     ),
     exact=("key_cache", "value_cache"),
     compiles_reference=True,
