@@ -69,12 +69,14 @@ std::tuple<at::Tensor, at::Tensor> qk_norm_rope_and_cache_cuda(
 // [num_blocks, block_size, Hkv, D] (pages listed by block_table int32 [B, max_blocks]), then attends q [B, Sq, Hq, D]
 // over positions [cache_leftpad[b] (default 0), cache_seqlens[b] + Sq_new); bottom-right aligned window (window_right
 // = 0 is causal, -1 unbounded); softcap > 0 caps the scores; num_splits > 0 forces the context split. Returns
-// (out [B, Sq, Hq, D], 0 for a row with no visible key; lse fp32 [B, Hq, Sq], +inf for such a row).
+// (out [B, Sq, Hq, D], 0 for a row with no visible key; lse fp32 [B, Hq, Sq], +inf for such a row). With k_descale /
+// v_descale (fp32 [B, Hkv]) the caches are float8_e4m3fn, read as fp8 * descale (no append then).
 std::tuple<at::Tensor, at::Tensor> flash_attn_with_kvcache_cpu(
     const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const std::optional<at::Tensor>& k,
     const std::optional<at::Tensor>& v, const at::Tensor& cache_seqlens, const at::Tensor& block_table,
     const std::optional<at::Tensor>& cache_leftpad, double softmax_scale, int64_t window_left, int64_t window_right,
-    double softcap, int64_t num_splits);
+    double softcap, int64_t num_splits, const std::optional<at::Tensor>& k_descale,
+    const std::optional<at::Tensor>& v_descale);
 
 // GQA flash attention over packed sequences: q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens int32 [B + 1];
 // window edges -1 = unbounded, causal aligned bottom-right (qwen_fast/reference/attention.py). Returns [Tq, Hq, D].

@@ -22,7 +22,7 @@ TORCH_LIBRARY(qwen_fast, m) {
   m.def(
       "flash_attn_with_kvcache(Tensor q, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor? k, Tensor? v, "
       "Tensor cache_seqlens, Tensor block_table, Tensor? cache_leftpad, float softmax_scale, int window_left, "
-      "int window_right, float softcap, int num_splits) -> (Tensor, Tensor)");
+      "int window_right, float softcap, int num_splits, Tensor? k_descale, Tensor? v_descale) -> (Tensor, Tensor)");
   m.def(
       "flash_attn_varlen_func(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
       "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right) -> Tensor");

@@ -35,6 +35,17 @@ def _e4m3_bits(x):
 
 
 @triton.jit
+def _e4m3_value(code):
+    """fp32 value of float8_e4m3fn bits (uint8; the caches never hold the NaN code 0x7F / 0xFF): built from the bits
+    for normal codes, m * 2^-9 for subnormals (exponent 0)."""
+    bits = code.to(tl.int32)
+    exponent, mantissa = (bits >> 3) & 15, bits & 7
+    normal = (((bits & 0x80) << 24) | ((exponent + 120) << 23) | (mantissa << 20)).to(tl.float32, bitcast=True)
+    subnormal = mantissa.to(tl.float32) * 0.001953125
+    return tl.where(exponent == 0, tl.where((bits & 0x80) != 0, -subnormal, subnormal), normal)
+
+
+@triton.jit
 def _reshape_and_cache_kernel(
     key,
     value,

@@ -22,6 +22,9 @@ parallel, each producing a partial softmax result, which a second kernel merges 
    Keys before leftpad[b] (HAS_LEFTPAD) are invisible. SOFTCAP: the score is softcap * tanh(scale * q.k / softcap)
    (flash-attn's order: scale, then cap; tanh(x) = 1 - 2 / (exp(2x) + 1), exact at both ends), in base 2 after.
    With one split the program also writes the row's natural log-sum-exp to lse [B, Hq, Sq] (+inf without a key).
+   FP8_KV: the caches hold float8_e4m3fn bits (passed as uint8; decoded by kv_cache._e4m3_value in integer
+   arithmetic, exact in q's dtype, since Triton has no e4m3 type on sm_80); the scores are scaled by the
+   (sequence, KV head)'s k_descale and the output by its v_descale (fp32 [B, Hkv]).
 2. _merge_kernel, grid (B * Sq * Hq,): one output row; two passes over the splits (max lse, then the weighted sum
    of the partial rows in fp32), 0 when no split saw a key; the merged log-sum-exp to lse [B, Hq, Sq].
 
@@ -42,11 +45,14 @@ x BLOCK_N 32, halved BLOCK_N for D = 256. fp32, or rows not 16-byte aligned (ele
 sm_90 by `python -m qwen_fast.gpu_check` (head dims 64, 128, 256).
 """
 
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
 from .compile_spec import TRITON_DTYPE, CompileSpec
+from .kv_cache import _e4m3_value
 
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): the kernels keep log-sum-exps in base 2
@@ -66,6 +72,8 @@ def _attention_kernel(
     seqlens,
     block_table,
     leftpad,
+    k_descale,
+    v_descale,
     seqlen_q,
     group,
     num_splits,
@@ -95,6 +103,7 @@ def _attention_kernel(
     ALIGNED: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr,
     SOFTCAP: tl.constexpr,
+    FP8_KV: tl.constexpr,
 ):
     num_rows = seqlen_q * group
     m_tiles = tl.cdiv(num_rows, BLOCK_M)
@@ -131,6 +140,9 @@ def _attention_kernel(
     lower = tl.maximum(tl.where(window_left >= 0, diagonal - window_left, 0), first_key)
     upper = tl.where(window_right >= 0, diagonal + window_right, length - 1)
 
+    kv_scale = qk_scale
+    if FP8_KV:
+        kv_scale = qk_scale * tl.load(k_descale + b * tl.num_programs(1) + kv_head)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -144,8 +156,10 @@ def _attention_kernel(
         k_rows = k_cache + (page * stride_kp + slot_row * stride_kr + kv_head * stride_kh)
         if ALIGNED:  # every row starts on 16 bytes (checked by the launcher): vector loads
             k_rows = tl.multiple_of(k_rows, 16)
-        k_tile = tl.load(k_rows[None, :] + dims[:, None], mask=dim_ok[:, None] & key_ok[None, :], other=0.0)
-        scores = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION) * qk_scale
+        k_tile = tl.load(k_rows[None, :] + dims[:, None], mask=dim_ok[:, None] & key_ok[None, :], other=0)
+        if FP8_KV:
+            k_tile = _e4m3_value(k_tile).to(q_tile.dtype)
+        scores = tl.dot(q_tile, k_tile, input_precision=DOT_PRECISION) * kv_scale
         if SOFTCAP:  # qk_scale = scale / softcap here, softcap = softcap * log2(e)
             scores = softcap * (1.0 - 2.0 / (tl.exp(2.0 * scores) + 1.0))
         visible = key_ok[None, :] & (pos[None, :] >= lower[:, None]) & (pos[None, :] <= upper[:, None])
@@ -158,12 +172,16 @@ def _attention_kernel(
         v_rows = v_cache + (page * stride_vp + slot_row * stride_vr + kv_head * stride_vh)
         if ALIGNED:
             v_rows = tl.multiple_of(v_rows, 16)
-        v_tile = tl.load(v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        v_tile = tl.load(v_rows[:, None] + dims[None, :], mask=kv_mask, other=0)
+        if FP8_KV:
+            v_tile = _e4m3_value(v_tile).to(q_tile.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v_tile.dtype), v_tile, input_precision=DOT_PRECISION)
         m_i = m_new
 
     seen = l_i > 0.0
     result = acc / tl.where(seen, l_i, 1.0)[:, None]  # rows that saw no key keep acc = 0
+    if FP8_KV:
+        result = result * tl.load(v_descale + b * tl.num_programs(1) + kv_head)
     out_row = (b.to(tl.int64) * seqlen_q + query) * num_heads_q + head  # row of the [B, Sq, Hq] output
     store_mask = row_ok[:, None] & dim_ok[None, :]
     log2_sum = m_i + tl.log2(tl.where(seen, l_i, 1.0))
@@ -266,10 +284,15 @@ def paged_attention(
     window_right: int,
     softcap: float,
     splits: int,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher; arguments as qwen_fast.ops.paged_attention's paged_attention op (checked there). `splits` > 0
     overrides the heuristic (flash-attn's num_splits). Returns new tensors: out [B, Sq, Hq, D] in q's dtype and the
-    natural log-sum-exp lse fp32 [B, Hq, Sq]."""
+    natural log-sum-exp lse fp32 [B, Hq, Sq]. With k_descale / v_descale (fp32 [B, Hkv], contiguous) the caches are
+    float8_e4m3fn."""
+    if k_descale is not None:  # the kernel decodes e4m3 bits
+        k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     batch, seqlen_q, num_heads_q, head_dim = q.shape
     num_heads_kv = k_cache.shape[2]
     group = num_heads_q // num_heads_kv
@@ -298,6 +321,8 @@ def paged_attention(
         seqlens,
         block_table,
         seqlens if leftpad is None else leftpad,  # read only with HAS_LEFTPAD
+        seqlens if k_descale is None else k_descale,  # read only with FP8_KV
+        seqlens if v_descale is None else v_descale,
         seqlen_q,
         group,
         splits,
@@ -320,6 +345,7 @@ def paged_attention(
         ALIGNED=config["ALIGNED"],
         HAS_LEFTPAD=leftpad is not None,
         SOFTCAP=softcap > 0,
+        FP8_KV=k_descale is not None,
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
     )
@@ -338,22 +364,26 @@ def compile_specs() -> list[CompileSpec]:
         pointer = "*" + TRITON_DTYPE[dtype]
         for head_dim in (64, 128, 256):
             # (rows, aligned) reaching every distinct config: 16-bit aligned caches use BLOCK_M 16 and 32
-            for num_rows, aligned in ((16, True), (32, True), (16, False)):
+            for (num_rows, aligned), fp8 in itertools.product(((16, True), (32, True), (16, False)), (False, True)):
                 config = _config(num_rows, head_dim, dtype, aligned)
                 if dtype == torch.float32 and num_rows > 16:
                     continue  # fp32 always takes BLOCK_M = 16
-                signature = {name: pointer for name in ("q", "k_cache", "v_cache", "out")}
+                cache = "*u8" if fp8 else pointer
+                signature = {"q": pointer, "k_cache": cache, "v_cache": cache, "out": pointer}
                 signature |= {"lse_out": "*fp32", "part_out": "*fp32", "part_lse": "*fp32"}
                 signature |= {"seqlens": "*i32", "block_table": "*i32", "leftpad": "*i32"}
+                descale = "*fp32" if fp8 else "*i32"  # without FP8_KV the launcher passes seqlens (never read)
+                signature |= {"k_descale": descale, "v_descale": descale}
                 signature |= {n: "i32" for n in ("seqlen_q", "group", "num_splits", "block_size")}
                 signature |= {"qk_scale": "fp32", "softcap": "fp32", "window_left": "i32", "window_right": "i32"}
                 for name in ("qb", "qs", "qh", "kp", "kr", "kh", "vp", "vr", "vh", "sl", "bt", "bc", "lp"):
                     signature[f"stride_{name}"] = "i64"
                 constexprs = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "ALIGNED")}
-                constexprs |= {"HAS_LEFTPAD": False, "SOFTCAP": False}  # decode's kernel
+                constexprs |= {"HAS_LEFTPAD": False, "SOFTCAP": False, "FP8_KV": fp8}  # decode's kernels
                 constexprs |= {"HEAD_DIM": head_dim, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
                 signature |= dict.fromkeys(constexprs, "constexpr")
                 label = f"{TRITON_DTYPE[dtype]} D={head_dim} " + " ".join(f"{k}={v}" for k, v in config.items())
+                label += " fp8 cache" if fp8 else ""
                 specs.append(
                     CompileSpec(
                         _attention_kernel, signature, constexprs, config["num_warps"], config["num_stages"], label

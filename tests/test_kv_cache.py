@@ -7,7 +7,7 @@ from numerics import assert_close, assert_within_budget
 import qwen_fast
 from qwen_fast.cli import selftest
 from qwen_fast.cli.samples import SPECS, Inputs
-from qwen_fast.ops.paged_attention import BlockTableTooSmallError
+from qwen_fast.ops.kvcache_checks import BlockTableTooSmallError
 from qwen_fast.reference.attention import flash_attn_func
 from qwen_fast.reference.kv_cache import flash_attn_with_kvcache, reshape_and_cache
 
@@ -347,7 +347,25 @@ def test_flash_attn_with_kvcache_checks_exactly_the_used_block_table_entries(cac
         (
             {"k_cache": torch.zeros(8, 4, 1, 64, dtype=torch.uint8)},
             TypeError,
-            "k_cache is torch.uint8: fp8 KV caches are not supported",
+            "an fp8 cache needs k_descale, an fp32 tensor",
+        ),
+        (
+            {"k_cache": torch.zeros(8, 4, 1, 64, dtype=torch.float8_e5m2)},
+            TypeError,
+            "k_cache is float8_e5m2: only e4m3 fp8 caches",
+        ),
+        ({"k_descale": torch.ones(1)}, ValueError, "k_descale / v_descale are for an fp8 cache"),
+        (
+            {name: torch.zeros(8, 4, 1, 64, dtype=torch.uint8) for name in ("k_cache", "v_cache")}
+            | {"k_descale": torch.ones(1), "v_descale": torch.ones(1)},
+            ValueError,
+            "new k/v cannot be appended to an fp8 cache here",
+        ),
+        (
+            {name: torch.zeros(8, 4, 1, 64, dtype=torch.uint8) for name in ("k_cache", "v_cache")}
+            | {"k_descale": torch.ones(3, 1), "v_descale": torch.ones(1), "k": None, "v": None},
+            ValueError,
+            r"k_descale must be \[B, Hkv\] = \(2, 1\), got \(3, 1\)",
         ),
         ({"softcap": -1.0}, ValueError, r"softcap must be finite and >= 0 \(0 = off\), got -1.0"),
         ({"softcap": "1"}, TypeError, "softcap must be a float, got str"),
@@ -476,7 +494,7 @@ def test_with_kvcache_native_rejects_bad_pages_before_writing():
     table[0, 0] = -1
     inputs = (args["q"], args["k_cache"], args["v_cache"], args["k"], args["v"], args["cache_seqlens"], table)
     with pytest.raises(RuntimeError, match=r"block_table\[0, 0\] = -1 is used but not a block"):
-        torch.ops.qwen_fast.flash_attn_with_kvcache(*inputs, None, 0.125, -1, 0, 0.0, 0)
+        torch.ops.qwen_fast.flash_attn_with_kvcache(*inputs, None, 0.125, -1, 0, 0.0, 0, None, None)
     assert torch.equal(args["k_cache"], k_before)
 
 

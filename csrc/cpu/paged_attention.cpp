@@ -15,10 +15,12 @@
 // Parallel over (b, g, s) with at::parallel_for. splits = num_splits when > 0; else 1 when B * Hkv fills the threads,
 // otherwise each sequence's range is split so that every thread has work. A second pass merges the slices'
 // normalised outputs with their log-sum-exp weights and writes the row's natural log-sum-exp to lse [B, Hq, Sq].
-// A row with no visible key writes 0 and lse +inf (flash-attn's value).
+// A row with no visible key writes 0 and lse +inf (flash-attn's value). fp8 caches (float8_e4m3fn, with k_descale and
+// v_descale fp32 [B, Hkv]): each K/V row is converted to fp32 times its (sequence, KV head) descale as it is loaded.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -97,14 +99,23 @@ struct Problem {
 };
 
 void check_kvcache_args(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& seqlens, const at::Tensor& block_table) {
+                           const at::Tensor& seqlens, const at::Tensor& block_table,
+                           const std::optional<at::Tensor>& k_descale, const std::optional<at::Tensor>& v_descale) {
+  const bool fp8 = k_descale.has_value();
+  TORCH_CHECK(fp8 == v_descale.has_value(), "flash_attn_with_kvcache: k_descale and v_descale go together");
+  for (const std::optional<at::Tensor>* descale : {&k_descale, &v_descale}) {
+    TORCH_CHECK(!descale->has_value() || ((*descale)->scalar_type() == at::kFloat && (*descale)->dim() == 2 &&
+                                          (*descale)->size(0) == q.size(0) && (*descale)->size(1) == k_cache.size(2)),
+                "flash_attn_with_kvcache: k_descale and v_descale must be fp32 [B, Hkv]");
+  }
   TORCH_CHECK(q.dim() == 4 && k_cache.dim() == 4, "flash_attn_with_kvcache: q must be [B, Sq, Hq, D] and k_cache ",
               "[num_blocks, block_size, Hkv, D], got ", q.sizes(), " and ", k_cache.sizes());
   TORCH_CHECK(v_cache.sizes() == k_cache.sizes(), "flash_attn_with_kvcache: v_cache must have k_cache's shape ",
               k_cache.sizes(), ", got ", v_cache.sizes());
-  TORCH_CHECK(k_cache.scalar_type() == q.scalar_type() && v_cache.scalar_type() == q.scalar_type(),
-              "flash_attn_with_kvcache: q, k_cache and v_cache must share a dtype, got ", q.scalar_type(), ", ",
-              k_cache.scalar_type(), " and ", v_cache.scalar_type());
+  const at::ScalarType cache_type = fp8 ? at::kFloat8_e4m3fn : q.scalar_type();
+  TORCH_CHECK(k_cache.scalar_type() == cache_type && v_cache.scalar_type() == cache_type,
+              "flash_attn_with_kvcache: k_cache and v_cache must be ", cache_type, " (q's dtype, or float8_e4m3fn ",
+              "with descales), got ", k_cache.scalar_type(), " and ", v_cache.scalar_type());
   TORCH_CHECK(k_cache.size(3) == q.size(3) && k_cache.size(2) > 0 && q.size(2) % k_cache.size(2) == 0,
               "flash_attn_with_kvcache: q [B, Sq, Hq, D] = ", q.sizes(), " does not fit k_cache [.., Hkv, D] = ",
               k_cache.sizes(), " (Hq must be a multiple of Hkv, one head dim)");
@@ -137,14 +148,18 @@ int64_t check_lengths(const int32_t* length, const int32_t* leftpad, const int32
   return longest;
 }
 
-template <typename scalar_t>
+// scalar_t: q's dtype; cache_t: the caches' (scalar_t, or c10::Float8_e4m3fn with descales [B, Hkv]).
+template <typename scalar_t, typename cache_t>
 class GroupAttention {
  public:
   GroupAttention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache, const int32_t* lengths,
-                 const int32_t* leftpad, const int32_t* table, const Problem& p)
+                 const int32_t* leftpad, const int32_t* table, const float* k_descale, const float* v_descale,
+                 const Problem& p)
       : q_(q.const_data_ptr<scalar_t>()),
-        k_(k_cache.const_data_ptr<scalar_t>()),
-        v_(v_cache.const_data_ptr<scalar_t>()),
+        k_(static_cast<const cache_t*>(k_cache.const_data_ptr())),
+        v_(static_cast<const cache_t*>(v_cache.const_data_ptr())),
+        k_descale_(k_descale),
+        v_descale_(v_descale),
         q_strides_{q.stride(0), q.stride(1), q.stride(2)},
         k_strides_{k_cache.stride(0), k_cache.stride(1), k_cache.stride(2)},
         v_strides_{v_cache.stride(0), v_cache.stride(1), v_cache.stride(2)},
@@ -162,6 +177,9 @@ class GroupAttention {
     std::vector<float> q(rows * d), scores(rows * kTile), row_max(rows, kNegInf), row_sum(rows, 0.0f);
     std::vector<float> k_tile(kTile * d), v_tile(kTile * d);
     std::vector<int64_t> lower(rows), upper(rows);
+    const int64_t unit = b * p_.heads_kv + g;
+    const float k_descale = k_descale_ == nullptr ? 1.0f : k_descale_[unit];
+    const float v_descale = v_descale_ == nullptr ? 1.0f : v_descale_[unit];
     for (int64_t r = 0; r < rows; ++r) {
       const scalar_t* src = q_ + b * q_strides_[0] + (r / p_.group) * q_strides_[1] + (g * p_.group + r % p_.group) *
                                                                                        q_strides_[2];
@@ -182,8 +200,9 @@ class GroupAttention {
       for (int64_t j = 0; j < n; ++j) {
         const int64_t pos = tile + j;
         const int64_t page = table_[b * p_.table_width + pos / p_.block_size], row = pos % p_.block_size;
-        keys[j] = load(k_ + page * k_strides_[0] + row * k_strides_[1] + g * k_strides_[2], &k_tile[j * d]);
-        values[j] = load(v_ + page * v_strides_[0] + row * v_strides_[1] + g * v_strides_[2], &v_tile[j * d]);
+        keys[j] = load(k_ + page * k_strides_[0] + row * k_strides_[1] + g * k_strides_[2], &k_tile[j * d], k_descale);
+        values[j] =
+            load(v_ + page * v_strides_[0] + row * v_strides_[1] + g * v_strides_[2], &v_tile[j * d], v_descale);
       }
       attend_tile(q.data(), rows, d, keys, values, n, tile, lower.data(), upper.data(), p_.softcap, scores.data(),
                   row_max.data(), row_sum.data(), acc);
@@ -197,10 +216,13 @@ class GroupAttention {
   }
 
  private:
-  // A K/V row as fp32: in place for fp32, converted into `buffer` for fp16/bf16.
-  const float* load(const scalar_t* src, float* buffer) const {
-    if constexpr (std::is_same_v<scalar_t, float>) {
+  // A K/V row as fp32: in place for fp32, converted into `buffer` for fp16/bf16, and for fp8 times its descale.
+  const float* load(const cache_t* src, float* buffer, float descale) const {
+    if constexpr (std::is_same_v<cache_t, float>) {
       return src;
+    } else if constexpr (std::is_same_v<cache_t, c10::Float8_e4m3fn>) {
+      for (int64_t i = 0; i < p_.head_dim; ++i) buffer[i] = static_cast<float>(src[i]) * descale;
+      return buffer;
     } else {
       vec::to_float(src, buffer, p_.head_dim);
       return buffer;
@@ -208,8 +230,10 @@ class GroupAttention {
   }
 
   const scalar_t* q_;
-  const scalar_t* k_;
-  const scalar_t* v_;
+  const cache_t* k_;
+  const cache_t* v_;
+  const float* k_descale_;  // nullptr: 1
+  const float* v_descale_;
   int64_t q_strides_[3], k_strides_[3], v_strides_[3];
   const int32_t* lengths_;
   const int32_t* leftpad_;  // nullptr: 0
@@ -223,10 +247,15 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_with_kvcache_cpu(
     const at::Tensor& q, at::Tensor& k_cache, at::Tensor& v_cache, const std::optional<at::Tensor>& k,
     const std::optional<at::Tensor>& v, const at::Tensor& cache_seqlens, const at::Tensor& block_table,
     const std::optional<at::Tensor>& cache_leftpad, double softmax_scale, int64_t window_left, int64_t window_right,
-    double softcap, int64_t num_splits) {
+    double softcap, int64_t num_splits, const std::optional<at::Tensor>& k_descale,
+    const std::optional<at::Tensor>& v_descale) {
   TORCH_CHECK(softcap >= 0.0 && num_splits >= 0, "flash_attn_with_kvcache: softcap and num_splits must be >= 0, got ",
               softcap, " and ", num_splits);
-  check_kvcache_args(q, k_cache, v_cache, cache_seqlens, block_table);
+  check_kvcache_args(q, k_cache, v_cache, cache_seqlens, block_table, k_descale, v_descale);
+  TORCH_CHECK(!k.has_value() || !k_descale.has_value(),
+              "flash_attn_with_kvcache: new k/v cannot be appended to an fp8 cache (use reshape_and_cache first)");
+  const at::Tensor k_descales = k_descale.has_value() ? k_descale->contiguous() : at::Tensor();
+  const at::Tensor v_descales = v_descale.has_value() ? v_descale->contiguous() : at::Tensor();
   TORCH_CHECK(k.has_value() == v.has_value(), "flash_attn_with_kvcache: k and v must be given together");
   const int64_t num_new = k.has_value() ? k->size(1) : 0;
   if (k.has_value()) {
@@ -275,14 +304,22 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_with_kvcache_cpu(
   float* part_acc = part_out.mutable_data_ptr<float>();
   float* part_l = part_lse.mutable_data_ptr<float>();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "flash_attn_with_kvcache_cpu", [&] {
-    const GroupAttention<scalar_t> attention(q, k_cache, v_cache, length, leftpad, pages, p);
-    at::parallel_for(0, splits * units, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t item = begin; item < end; ++item) {
-        const int64_t s = item / units, unit = item % units;
-        attention.run(unit / p.heads_kv, unit % p.heads_kv, s, splits, part_acc + item * rows * p.head_dim,
-                      part_l + item * rows);
-      }
-    });
+    auto attend = [&](const auto& attention) {
+      at::parallel_for(0, splits * units, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t s = item / units, unit = item % units;
+          attention.run(unit / p.heads_kv, unit % p.heads_kv, s, splits, part_acc + item * rows * p.head_dim,
+                        part_l + item * rows);
+        }
+      });
+    };
+    if (k_descales.defined()) {
+      attend(GroupAttention<scalar_t, c10::Float8_e4m3fn>(q, k_cache, v_cache, length, leftpad, pages,
+                                                          k_descales.const_data_ptr<float>(),
+                                                          v_descales.const_data_ptr<float>(), p));
+    } else {
+      attend(GroupAttention<scalar_t, scalar_t>(q, k_cache, v_cache, length, leftpad, pages, nullptr, nullptr, p));
+    }
     // Merge the slices of each (b, g) and write its rows to out [B, Sq, Hq, D].
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
     float* dst_lse = lse.mutable_data_ptr<float>();

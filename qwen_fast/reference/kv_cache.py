@@ -138,6 +138,9 @@ def flash_attn_with_kvcache(
     alibi_slopes: torch.Tensor | None = None,
     num_splits: int = 0,
     return_softmax_lse: bool = False,
+    *,
+    k_descale: torch.Tensor | None = None,
+    v_descale: torch.Tensor | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Append new keys/values to a (paged or contiguous) cache, then attend over it (flash-attn's function).
 
@@ -161,6 +164,8 @@ def flash_attn_with_kvcache(
         softcap: > 0 caps the scores: softcap * tanh(scale * q.k / softcap).
         alibi_slopes: not supported (must be None). num_splits: a kernel schedule; no effect on the result.
         return_softmax_lse: also return the fp32 log-sum-exp [B, Hq, Sq] of the scores (+inf where no key).
+        k_descale, v_descale: for an fp8 cache (float8_e4m3fn, or uint8 holding its bits; no k/v append): fp32
+            [B, Hkv] or one element; the cache entries are read as fp8 * descale (per sequence and KV head).
 
     Returns:
         [B, Sq, Hq, Dv] in q's dtype, or (that, softmax_lse fp32 [B, Hq, Sq]) with return_softmax_lse.
@@ -195,6 +200,9 @@ def flash_attn_with_kvcache(
         k = _rotary(k, rotary_cos, rotary_sin, k_positions, rotary_interleaved)
     starts = [0] * batch if cache_leftpad is None else cache_leftpad.tolist()
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale
+    if k_descale is not None:  # fp8 cache: entries read as fp8 * descale [B, Hkv]
+        k_cache, v_cache = (c.view(torch.float8_e4m3fn) for c in (k_cache, v_cache))
+        k_descale, v_descale = (d.float().expand(batch, k_cache.shape[2]) for d in (k_descale, v_descale))
 
     out = q.new_zeros(*q.shape[:3], v_cache.shape[-1])
     lse = torch.empty(batch, q.shape[2], seqlen_q, dtype=torch.float32, device=q.device)
@@ -206,6 +214,8 @@ def flash_attn_with_kvcache(
         positions = torch.arange(starts[b], length + num_new, device=q.device)
         pages, rows = block_table[b, positions // block_size], positions % block_size
         keys, values = k_cache[pages, rows], v_cache[pages, rows]  # [seqlen, Hkv, D] gathered in position order
+        if k_descale is not None:
+            keys, values = keys.float() * k_descale[b, :, None], values.float() * v_descale[b, :, None]
         out_b, lse[b] = _attend(q[b], keys, values, scale, causal, window_size, softcap)
         out[b] = out_b.to(q.dtype)
     return (out, lse) if return_softmax_lse else out

@@ -173,6 +173,25 @@ def _rotary(rows: int, rotary_dim: int, **flags):
     return views
 
 
+def _fp8_caches(per_head: bool):
+    """views turning the caches into vLLM's fp8 pages (uint8 holding e4m3(cache / descale)) read with k_descale /
+    v_descale: fp32 [B, Hkv] (per_head) or one element."""
+
+    def views(a: dict) -> dict:
+        batch, heads_kv, device = a["q"].shape[0], a["k_cache"].shape[2], a["q"].device
+        shape = (batch, heads_kv) if per_head else (1,)
+        scales = {"k_descale": torch.linspace(0.25, 2.0, math.prod(shape)).reshape(shape).to(device)}
+        scales["v_descale"] = scales["k_descale"].flip(0) * 0.5
+        mean = {name: scales[name].mean() for name in scales}  # pages are shared: one scale quantizes them all
+        caches = {
+            cache: (a[cache].float() / mean[scale]).to(torch.float8_e4m3fn).view(torch.uint8)
+            for cache, scale in (("k_cache", "k_descale"), ("v_cache", "v_descale"))
+        }
+        return caches | scales
+
+    return views
+
+
 def _batch_idx(a: dict) -> dict:
     """A contiguous cache of 4 rows for 3 sequences: sequence b uses row 2 - b (row 3 is never read)."""
     caches = {name: torch.cat((a[name].flip(0), a[name][:1])) for name in ("k_cache", "v_cache")}
@@ -219,6 +238,9 @@ FLASH_ATTN_WITH_KVCACHE = OpSpec(
         Sample("rotary-interleaved-half", _kvcache(*APPEND2, views=_rotary(64, 32))),
         Sample("rotary-neox-noncausal", _kvcache(None, 3, 3, 4, 2, 64, [3, 0, 30], causal=False, views=_rotary(
             40, 64, rotary_interleaved=False))),
+        Sample("fp8-cache-paged", _kvcache(*READ3[:-1], [2, 9, 57], causal=False, views=_fp8_caches(True))),
+        Sample("fp8-cache-contiguous-lse", _kvcache(None, 3, 0, 8, 2, 64, [1, 4, 29], views=_fp8_caches(False),
+                                                    causal=False, return_softmax_lse=True)),
         Sample("long-context-1500", _kvcache(16, 1, 0, 8, 1, 128, [1500, 700]), interpret=False),
         Sample("long-context-1500-window", _kvcache(16, 1, 0, 8, 1, 128, [1500, 700], window_size=(900, 0)),
                interpret=False),
