@@ -231,8 +231,9 @@ def _merge_kernel(
     tl.store(lse_out + (b * num_heads_q + head) * seqlen_q + query, tl.where(seen, lse, float("inf")))
 
 
-def _config(num_rows: int, head_dim: int, dtype: torch.dtype, aligned: bool) -> dict:
-    """Tiles that compile without register spills on sm_80 and sm_90 (measured with gpu_check; see the header)."""
+def _config(num_rows: int, head_dim: int, dtype: torch.dtype, aligned: bool, fp8: bool = False) -> dict:
+    """Tiles that compile without register spills on sm_80 and sm_90 (measured with gpu_check; see the header).
+    An fp8 cache (aligned rows only) adds the decoded tiles: fp32 queries then take 4 warps and one stage."""
     block_d = triton.next_power_of_2(head_dim)
     block_m = 32 if num_rows > 16 and aligned and dtype != torch.float32 else 16
     if dtype == torch.float32 or not aligned:
@@ -244,6 +245,8 @@ def _config(num_rows: int, head_dim: int, dtype: torch.dtype, aligned: bool) -> 
     else:
         num_warps = 8 if block_m == 32 and block_d > 128 else 4
     num_stages = 1 if dtype == torch.float32 and not aligned else 2
+    if fp8 and dtype == torch.float32:
+        num_warps, num_stages = 4, 1
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "ALIGNED": aligned} | {
         "num_warps": num_warps,
         "num_stages": num_stages,
@@ -300,7 +303,13 @@ def paged_attention(
     lse = torch.empty(batch, num_heads_q, seqlen_q, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    config = _config(seqlen_q * group, head_dim, q.dtype, _aligned(k_cache, v_cache))
+    aligned = _aligned(k_cache, v_cache)
+    if k_descale is not None and not aligned:  # element-wise fp8 loads spill registers (gpu_check, sm_80, D=256)
+        raise ValueError(
+            f"the triton backend reads fp8 caches whose rows start on 16 bytes, got strides {k_cache.stride()} and "
+            f"{v_cache.stride()} (use a contiguous cache with head_dim % 16 == 0, or another backend)"
+        )
+    config = _config(seqlen_q * group, head_dim, q.dtype, aligned, k_descale is not None)
     m_tiles = triton.cdiv(seqlen_q * group, config["BLOCK_M"])
     max_context = block_table.shape[1] * k_cache.shape[1]
     if splits <= 0:
@@ -365,9 +374,9 @@ def compile_specs() -> list[CompileSpec]:
         for head_dim in (64, 128, 256):
             # (rows, aligned) reaching every distinct config: 16-bit aligned caches use BLOCK_M 16 and 32
             for (num_rows, aligned), fp8 in itertools.product(((16, True), (32, True), (16, False)), (False, True)):
-                config = _config(num_rows, head_dim, dtype, aligned)
-                if dtype == torch.float32 and num_rows > 16:
-                    continue  # fp32 always takes BLOCK_M = 16
+                config = _config(num_rows, head_dim, dtype, aligned, fp8)
+                if (dtype == torch.float32 and num_rows > 16) or (fp8 and not aligned):
+                    continue  # fp32 always takes BLOCK_M = 16; fp8 caches must be aligned
                 cache = "*u8" if fp8 else pointer
                 signature = {"q": pointer, "k_cache": cache, "v_cache": cache, "out": pointer}
                 signature |= {"lse_out": "*fp32", "part_out": "*fp32", "part_lse": "*fp32"}

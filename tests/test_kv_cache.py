@@ -542,3 +542,14 @@ def test_rotary_positions_follow_flash_attn(causal):
     expected = flash_attn_with_kvcache(q_rot, *caches, k_rot, v, cache_seqlens=lengths, causal=causal)
     assert_close(out, expected)
     assert torch.equal(k_cache, caches[0]) and torch.equal(k_cache[1, 9:12], k_rot[1])
+
+
+@pytest.mark.interpret
+def test_triton_refuses_fp8_cache_rows_off_16_bytes():
+    """Element-wise fp8 loads spill registers (gpu_check): the triton backend reads fp8 pages whose rows start on 16
+    bytes (vLLM's contiguous caches), and says so for others."""
+    q = torch.randn(1, 1, 2, 64)
+    padded = torch.zeros(1, 4, 1, 65, dtype=torch.uint8)[..., :64]  # rows of 65 bytes
+    descale = torch.ones(1, 1)
+    with qwen_fast.use_backend("triton"), pytest.raises(ValueError, match="fp8 caches whose rows start on 16 bytes"):
+        qwen_fast.flash_attn_with_kvcache(q, padded, padded, cache_seqlens=3, k_descale=descale, v_descale=descale)
