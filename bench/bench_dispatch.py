@@ -83,7 +83,7 @@ def _cases() -> dict:
                 CPU, q, key_cache, value_cache, new_k, new_v, seqlens, table, None, True, (-1, -1)
             ),
             lambda: native.flash_attn_with_kvcache(
-                q, key_cache, value_cache, new_k, new_v, seqlens, table, None, scale, -1, 0, 0.0, 0
+                q, key_cache, value_cache, new_k, new_v, seqlens, table, None, scale, -1, 0, 0.0, 0, None, None
             ),
         ),
         "reshape_and_cache": (
