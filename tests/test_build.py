@@ -68,3 +68,17 @@ def test_import_works_without_the_extension(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+def test_source_tree_import_says_what_happened(tmp_path):
+    """Imported from a checkout (csrc/ beside qwen_fast/) with no built _C: the warning says the checkout shadows
+    the installed copy and how to avoid it; a built checkout (editable install) or an installed copy says nothing."""
+    package = tmp_path / "qwen_fast"
+    package.mkdir()
+    assert _native._shadowed_message(package) is None  # no csrc/: an installed copy
+    (tmp_path / "csrc").mkdir()
+    message = _native._shadowed_message(package)
+    assert f"imported from the source tree {package}" in message and "no built extension next to it" in message
+    assert "Run from another directory, or with `python -P`" in message
+    (package / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    assert _native._shadowed_message(package) is None
