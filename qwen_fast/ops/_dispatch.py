@@ -305,7 +305,14 @@ class Op:
         return self._dispatch(device, _forced, args, kwargs or {})
 
     def __call__(self, device: torch.device, *args, **kwargs):
-        backend = self._dispatch(device, _forced, args, kwargs)
+        forced = _forced  # _dispatch inlined: this is the per-call path of every op (tests/test_decode_step.py)
+        if is_dynamo_compiling():
+            backend = _traced_route(self.name, device, forced)
+            limits = self._limits(backend, device.type)
+        else:
+            backend, limits = self._routes.get((device, forced)) or self._route(device, forced)
+        if limits is not None and (limits or torch.is_grad_enabled()):
+            backend = self._admit(backend, limits, forced, device, args, kwargs)
         if _trace is not None:
             _trace.append((self.name, backend))
         return self.impls[backend](*args, **kwargs)
