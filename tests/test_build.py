@@ -82,3 +82,17 @@ def test_source_tree_import_says_what_happened(tmp_path):
     assert "Run from another directory, or with `python -P`" in message
     (package / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
     assert _native._shadowed_message(package) is None
+
+
+def test_setup_announces_what_it_compiles(tmp_path):
+    """The build says which kernels it compiles, for which arches, and about how long it takes, before it starts."""
+    script = (
+        "import os, runpy, setuptools\n"
+        "setuptools.setup = lambda **kwargs: None\n"
+        "os.environ.update(MAX_JOBS='2', QWEN_FAST_SKIP_CUDA='1')\n"
+        f"runpy.run_path({str(CSRC.parent / 'setup.py')!r})\n"
+    )
+    result = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True, cwd=CSRC.parent)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"building CPU kernels \(\d+ C\+\+ sources\) with MAX_JOBS=2; roughly \d+ minutes", result.stdout)
+    assert "pip install -v" in result.stdout and "QWEN_FAST_SKIP_CUDA=1" in result.stdout
