@@ -24,12 +24,14 @@ std::tuple<at::Tensor, at::Tensor> fused_topk_cpu(const at::Tensor& gating_outpu
                                                   c10::string_view scoring_func,
                                                   const c10::optional<at::Tensor>& e_score_correction_bias,
                                                   c10::optional<int64_t> num_expert_group,
-                                                  c10::optional<int64_t> topk_group, double routed_scaling_factor);
+                                                  c10::optional<int64_t> topk_group, double routed_scaling_factor,
+    c10::string_view group_scoring);
 std::tuple<at::Tensor, at::Tensor> fused_topk_cuda(const at::Tensor& gating_output, int64_t topk, bool renormalize,
                                                    c10::string_view scoring_func,
                                                    const c10::optional<at::Tensor>& e_score_correction_bias,
                                                    c10::optional<int64_t> num_expert_group,
-                                                   c10::optional<int64_t> topk_group, double routed_scaling_factor);
+                                                   c10::optional<int64_t> topk_group, double routed_scaling_factor,
+    c10::string_view group_scoring);
 
 // Sorts the flat ids of topk_ids [T, k] (int32/int64) by expert, runs padded to block_size (layout:
 // qwen_fast/reference/moe_align.py) -> (sorted_token_ids, expert_ids, num_tokens_post_padded), all int32.

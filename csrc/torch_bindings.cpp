@@ -9,8 +9,8 @@ TORCH_LIBRARY(qwen_fast, m) {
       "Tensor slot_mapping) -> ()");
   m.def(
       "fused_topk(Tensor gating_output, int topk, bool renormalize, str scoring_func, "
-      "Tensor? e_score_correction_bias, int? num_expert_group, int? topk_group, float routed_scaling_factor) "
-      "-> (Tensor, Tensor)");
+      "Tensor? e_score_correction_bias, int? num_expert_group, int? topk_group, float routed_scaling_factor, "
+      "str group_scoring) -> (Tensor, Tensor)");
   m.def("moe_align_block_size(Tensor topk_ids, int block_size, int num_experts) -> (Tensor, Tensor, Tensor)");
   m.def(
       "rotary_embedding(Tensor positions, Tensor query, Tensor key, Tensor cos_sin_cache, bool is_neox) -> "

@@ -2,9 +2,12 @@
 
 Routing layout, computed by the caller (qwen_fast/ops/moe.py: moe_align_block_size(topk_ids, BLOCK_M, E)): the flat
 pair indices i = t * k + j sorted by expert, each expert's run padded to a multiple of BLOCK_M (sentinel T * k), so
-that every block of BLOCK_M sorted rows belongs to one expert (expert_ids[block], -1 for unused blocks). Row r of
-the sorted order is pair sorted_token_ids[r]; padding rows are masked everywhere (never loaded, never stored). This
-is the grouped GEMM of vLLM's fused_moe and MegaBlocks, written here from that description.
+that every block of BLOCK_M sorted rows belongs to one expert (expert_ids[block]). Blocks at or past
+num_tokens_post_padded (expert_ids 0 there, vLLM's fill) and blocks of expert -1 (expert parallelism: another rank's
+expert, after expert_map) are skipped by both GEMMs; the rows of y of such pairs are zeroed first (zero_y), so the
+combine adds 0 for them. Row r of the sorted order is pair sorted_token_ids[r]; padding rows are masked everywhere
+(never loaded, never stored). This is the grouped GEMM of vLLM's fused_moe and MegaBlocks, written here from that
+description.
 
 1. _gate_up_kernel, grid (num_blocks, cdiv(I, BLOCK_N)). Program (b, n) owns rows [b*BLOCK_M, (b+1)*BLOCK_M) of
    the sorted order and intermediate columns [n*BLOCK_N, (n+1)*BLOCK_N) of expert e = expert_ids[b]. Per K step it
@@ -261,10 +264,12 @@ def fused_experts(
     expert_ids: torch.Tensor,
     num_tokens_post_padded: torch.Tensor,
     config: dict,
+    zero_y: bool = False,
 ) -> torch.Tensor:
     """Launcher; arguments as qwen_fast.fused_experts (checked there) with T >= 1, the routing as
-    moe_align_block_size(topk_ids, config["BLOCK_M"], E) lays it out, and `config` an entry as validate_config()
-    describes (choose_config()'s, or a tuner's candidate). Returns [T, H] in hidden_states' dtype."""
+    moe_align_block_size(topk_ids, config["BLOCK_M"], E) lays it out (expert_ids -1: a skipped block), and `config`
+    an entry as validate_config() describes (choose_config()'s, or a tuner's candidate). zero_y: some pairs sit in
+    skipped blocks (an expert map), so y starts zeroed. Returns [T, H] in hidden_states' dtype."""
     num_tokens, topk = topk_weights.shape
     inter_size, hidden_size = w2.shape[2], w2.shape[1]
     dtype, device = hidden_states.dtype, hidden_states.device
@@ -273,7 +278,7 @@ def fused_experts(
     block_m = config["BLOCK_M"]
     num_blocks = expert_ids.shape[0]
     intermediate = torch.empty(sorted_token_ids.shape[0], inter_size, dtype=dtype, device=device)
-    y = torch.empty(num_pairs, hidden_size, dtype=dtype, device=device)
+    y = (torch.zeros if zero_y else torch.empty)(num_pairs, hidden_size, dtype=dtype, device=device)
     precision = _precision(dtype)
 
     gate_up = config["gate_up"]

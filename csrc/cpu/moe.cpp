@@ -293,14 +293,21 @@ at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& 
   const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
   const int64_t* id = ids.const_data_ptr<int64_t>();
   std::vector<int64_t> start(num_experts + 1, 0);
+  int64_t skipped = 0;
   for (int64_t i = 0; i < num_pairs; ++i) {
-    TORCH_CHECK(id[i] >= 0 && id[i] < num_experts, "fused_experts: topk_ids must lie in [0, ", num_experts,
-                "), got ", id[i], " at flat index ", i);
+    TORCH_CHECK(id[i] >= -1 && id[i] < num_experts, "fused_experts: topk_ids must lie in [-1, ", num_experts,
+                ") (-1: an expert of another rank), got ", id[i], " at flat index ", i);
+    if (id[i] < 0) {
+      ++skipped;
+      continue;
+    }
     ++start[id[i] + 1];
   }
   for (int64_t e = 0; e < num_experts; ++e) start[e + 1] += start[e];
-  std::vector<int64_t> pair(num_pairs), token(num_pairs), fill(start.begin(), start.end() - 1);
+  const int64_t routed = num_pairs - skipped;
+  std::vector<int64_t> pair(routed), token(routed), fill(start.begin(), start.end() - 1);
   for (int64_t i = 0; i < num_pairs; ++i) {
+    if (id[i] < 0) continue;
     const int64_t s = fill[id[i]]++;
     pair[s] = i;
     token[s] = i / topk;
@@ -313,8 +320,9 @@ at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& 
   const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
   const bool x_in_place = hidden_states.scalar_type() == at::kFloat && hidden_states.stride(1) == 1;
   const at::Tensor x32 = x_in_place ? hidden_states : hidden_states.to(at::kFloat).contiguous();
-  at::Tensor act = at::empty({num_pairs, inter}, out.options().dtype(at::kFloat));
-  at::Tensor y = at::empty({num_pairs, hidden}, act.options());
+  at::Tensor act = at::empty({routed, inter}, out.options().dtype(at::kFloat));
+  // A skipped pair's row of y is never computed: zero, so that it adds nothing to the combine.
+  at::Tensor y = skipped > 0 ? at::zeros({num_pairs, hidden}, act.options()) : at::empty({num_pairs, hidden}, act.options());
   AT_DISPATCH_V2(hidden_states.scalar_type(), "fused_experts_cpu", AT_WRAP([&] {
     std::vector<tiles::Matrix<scalar_t>> up(num_experts), down(num_experts);
     for (int64_t e = 0; e < num_experts; ++e) {
