@@ -137,9 +137,10 @@ def _check_bool(name: str, value: object) -> None:
 
 
 def _check_options(hidden_states, w1, topk, inplace, apply_router_weight_on_input, global_num_experts, expert_map,
-                   unsupported: dict) -> int:  # fmt: skip
-    """vLLM's options of fused_experts / fused_moe; returns the global expert count (ids lie in [0, it))."""
-    reference.check_unsupported(**unsupported)
+                   arguments: dict) -> int:  # fmt: skip
+    """vLLM's options of fused_experts / fused_moe (`arguments`: the call's locals(), for the unsupported ones);
+    returns the global expert count (ids lie in [0, it))."""
+    reference.check_unsupported(arguments)
     for name, value in (("inplace", inplace), ("apply_router_weight_on_input", apply_router_weight_on_input)):
         _check_bool(name, value)
     if apply_router_weight_on_input and topk != 1:
@@ -227,11 +228,7 @@ def fused_experts(
     check_experts_args(hidden_states, w1, w2, topk_weights, topk_ids)
     num_experts = _check_options(
         hidden_states, w1, topk_ids.shape[1], inplace, apply_router_weight_on_input, global_num_experts, expert_map,
-        {"activation": activation, "is_act_and_mul": is_act_and_mul, "use_fp8_w8a8": use_fp8_w8a8,
-         "use_int8_w8a8": use_int8_w8a8, "use_int8_w8a16": use_int8_w8a16, "use_int4_w4a16": use_int4_w4a16,
-         "use_mxfp4_w4a4": use_mxfp4_w4a4, "per_channel_quant": per_channel_quant, "w1_scale": w1_scale,
-         "w2_scale": w2_scale, "w1_zp": w1_zp, "w2_zp": w2_zp, "a1_scale": a1_scale, "a2_scale": a2_scale,
-         "block_shape": block_shape, "w1_bias": w1_bias, "w2_bias": w2_bias},
+        locals(),
     )  # fmt: skip
     check_expert_ids("topk_ids", topk_ids, num_experts)
     return _run_experts(
@@ -317,11 +314,7 @@ def fused_moe(
         raise TypeError(f"custom_routing_function must be callable, got {type(custom_routing_function).__name__}")
     num_experts = _check_options(
         hidden_states, w1, topk, inplace, False, global_num_experts, expert_map,
-        {"activation": activation, "is_act_and_mul": is_act_and_mul, "use_fp8_w8a8": use_fp8_w8a8,
-         "use_int8_w8a8": use_int8_w8a8, "use_int8_w8a16": use_int8_w8a16, "use_int4_w4a16": use_int4_w4a16,
-         "use_mxfp4_w4a4": use_mxfp4_w4a4, "per_channel_quant": per_channel_quant, "w1_scale": w1_scale,
-         "w2_scale": w2_scale, "w1_zp": w1_zp, "w2_zp": w2_zp, "a1_scale": a1_scale, "a2_scale": a2_scale,
-         "block_shape": block_shape, "w1_bias": w1_bias, "w2_bias": w2_bias},
+        locals(),
     )  # fmt: skip
     routing = {
         "scoring_func": scoring_func,

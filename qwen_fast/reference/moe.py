@@ -44,19 +44,30 @@ QUANTIZATION_FLAGS = ("use_fp8_w8a8", "use_int8_w8a8", "use_int8_w8a16", "use_in
 QUANTIZATION_TENSORS = ("w1_scale", "w2_scale", "w1_zp", "w2_zp", "a1_scale", "a2_scale", "block_shape")
 
 
-def check_unsupported(activation: object, is_act_and_mul: object, **options) -> None:
-    """vLLM arguments qwen_fast does not implement: refused unless they hold their defaults (ValueError naming them).
-    options: the quantization flags (False), the quantization tensors and block_shape (None), w1_bias/w2_bias (None)."""
-    if activation != "silu":
-        raise ValueError(f"activation {activation!r} is not supported: the experts are SwiGLU (activation='silu')")
-    if is_act_and_mul is not True:
-        raise ValueError(f"is_act_and_mul={is_act_and_mul!r} is not supported: the experts are gated (act(gate) * up)")
-    for name, value in options.items():
-        if name in QUANTIZATION_FLAGS and value is not False:
-            raise ValueError(f"{name}={value!r}: quantized experts are not supported yet (weights in fp32/fp16/bf16)")
-        if name in QUANTIZATION_TENSORS and value is not None:
+UNSUPPORTED = ("activation", "is_act_and_mul", *QUANTIZATION_FLAGS, *QUANTIZATION_TENSORS, "w1_bias", "w2_bias")
+
+
+def check_unsupported(arguments: dict) -> None:
+    """vLLM arguments qwen_fast does not implement, read by name (UNSUPPORTED) from a call's `arguments` (its
+    locals()): refused unless they hold their defaults, with a ValueError naming them. activation "silu" and
+    is_act_and_mul True (SwiGLU), the quantization flags False, the quantization tensors, block_shape and the
+    biases None."""
+    if arguments["activation"] != "silu":
+        raise ValueError(
+            f"activation {arguments['activation']!r} is not supported: the experts are SwiGLU (activation='silu')"
+        )
+    if arguments["is_act_and_mul"] is not True:
+        raise ValueError(
+            f"is_act_and_mul={arguments['is_act_and_mul']!r} is not supported: the experts are gated (act(gate) * up)"
+        )
+    for name in QUANTIZATION_FLAGS:
+        if arguments[name] is not False:
+            raise ValueError(f"{name}={arguments[name]!r}: quantized experts are not supported yet (fp32/fp16/bf16)")
+    for name in QUANTIZATION_TENSORS:
+        if arguments[name] is not None:
             raise ValueError(f"{name} was given: quantized experts are not supported yet (weights in fp32/fp16/bf16)")
-        if name in ("w1_bias", "w2_bias") and value is not None:
+    for name in ("w1_bias", "w2_bias"):
+        if arguments[name] is not None:
             raise ValueError(f"{name} was given: expert biases are not supported yet")
 
 
@@ -173,12 +184,7 @@ def fused_experts(
         >>> fused_experts(x, w1, w2, torch.ones(3, 1), ids, expert_map=ep)[0].abs().max().item()
         0.0
     """
-    check_unsupported(
-        activation, is_act_and_mul, use_fp8_w8a8=use_fp8_w8a8, use_int8_w8a8=use_int8_w8a8,
-        use_int8_w8a16=use_int8_w8a16, use_int4_w4a16=use_int4_w4a16, use_mxfp4_w4a4=use_mxfp4_w4a4,
-        per_channel_quant=per_channel_quant, w1_scale=w1_scale, w2_scale=w2_scale, w1_zp=w1_zp, w2_zp=w2_zp,
-        a1_scale=a1_scale, a2_scale=a2_scale, block_shape=block_shape, w1_bias=w1_bias, w2_bias=w2_bias,
-    )  # fmt: skip
+    check_unsupported(locals())
     x, weights = (
         weigh_input(hidden_states, topk_weights) if apply_router_weight_on_input else (hidden_states, topk_weights)
     )
