@@ -111,12 +111,14 @@ def _experts(num_experts: int, dtype: torch.dtype = torch.float32, hidden: int =
     return w13.to(dtype), w2.to(dtype)
 
 
-def _dense(x, w13, w2, topk_weights, topk_ids):
+def _dense(x, w13, w2, topk_weights, topk_ids, activation="silu"):
     """Every expert on every token (einsum, GEMMs and activation in the weights' dtype), then the k picked ones
-    weighted and summed in fp64: the same math with no grouping by expert."""
+    weighted and summed in fp64: the same math with no grouping by expert. gelu: x/2 * (1 + erf(x / sqrt(2)))."""
     inter = w2.shape[2]
     gate_up = torch.einsum("th,eoh->teo", x.to(w13.dtype), w13)  # [T, E, 2I]
-    act = F.silu(gate_up[..., :inter]) * gate_up[..., inter:]
+    gate = gate_up[..., :inter]
+    act_fn = F.silu(gate) if activation == "silu" else (gate.float() / 2 * (1 + torch.erf(gate.float() / 2**0.5)))
+    act = act_fn.to(gate.dtype) * gate_up[..., inter:]
     y = torch.einsum("tei,ehi->teh", act, w2)  # [T, E, H]
     picked = y.gather(1, topk_ids.long()[..., None].expand(-1, -1, y.shape[-1]))  # [T, k, H]
     return (topk_weights.double()[..., None] * picked.double()).sum(1).to(x.dtype)
@@ -154,6 +156,8 @@ def test_matches_dense_formula(case, dtype):
     out = fused_experts(x, w13, w2, topk_weights, topk_ids)
     assert out.shape == (num_tokens, hidden) and out.dtype == dtype
     assert_close(out, _dense(x, w13, w2, topk_weights, topk_ids))
+    out = fused_experts(x, w13, w2, topk_weights, topk_ids, activation="gelu")  # GeGLU, the exact GELU
+    assert_close(out, _dense(x, w13, w2, topk_weights, topk_ids, "gelu"))
 
 
 def test_deterministic_and_weights_dtype():
@@ -286,7 +290,7 @@ def _experts_args(T=3, H=8, I=4, E=4, k=2):  # noqa: E741
          "must have hidden_states' T = 3 rows"),
         (lambda a: {"topk_ids": a["topk_ids"] + 4}, ValueError, r"topk_ids must lie in \[0, 4\)"),
         (lambda a: {"w2": a["w2"].to("meta")}, ValueError, "w2 must be on cpu like the other inputs, got meta"),
-        (lambda a: {"activation": "gelu"}, ValueError, "activation 'gelu' is not supported: the experts are SwiGLU"),
+        (lambda a: {"activation": "relu"}, ValueError, "activation 'relu' is not supported: the experts are gated 'si"),
         (lambda a: {"is_act_and_mul": False}, ValueError, "is_act_and_mul=False is not supported"),
         (lambda a: {"use_fp8_w8a8": True}, ValueError, "use_fp8_w8a8=True: quantized experts are not supported yet"),
         (lambda a: {"w1_scale": torch.ones(4)}, ValueError, "w1_scale was given: quantized experts are not supported"),

@@ -12,7 +12,9 @@ from .moe_align import MOE_ALIGN_BLOCK_SIZE, check_expert_ids, check_expert_map
 from .routing import FUSED_TOPK, check_routing_args
 
 
-def _fake_fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None) -> torch.Tensor:
+def _fake_fused_experts(
+    hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None, activation="silu"
+) -> torch.Tensor:
     check_experts_args(hidden_states, w13, w2, topk_weights, topk_ids, traced)
     return hidden_states.new_empty(hidden_states.shape)
 
@@ -22,7 +24,7 @@ _launch_experts = launcher("moe_gemm", "fused_experts")
 
 
 def triton_fused_experts(
-    hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None, config: dict | None = None
+    hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None, activation="silu", config: dict | None = None
 ) -> torch.Tensor:
     """The Triton fused_experts, composed here: the tiles (kernels/moe_gemm.py choose_config, or `config`, a tuner's
     candidate), the routing layout from moe_align_block_size's op on the backend this call runs on (forced, or
@@ -39,40 +41,38 @@ def triton_fused_experts(
     if expert_map is not None:
         expert_ids = expert_map[expert_ids.long()].to(torch.int32)
     return _launch_experts(
-        hidden_states, w13, w2, topk_weights, sorted_ids, expert_ids, post_padded, config, expert_map is not None
-    )
+        hidden_states, w13, w2, topk_weights, sorted_ids, expert_ids, post_padded, config, expert_map is not None,
+        activation,
+    )  # fmt: skip
 
 
 _fused_experts_triton = define_triton_op(
     "fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
-    "Tensor? expert_map=None) -> Tensor",
+    'Tensor? expert_map=None, str activation="silu") -> Tensor',
     triton_fused_experts,
     _fake_fused_experts,
 )
 _fused_experts_native = native_op("fused_experts", _fake_fused_experts)
 
 
-def _native_experts(hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None):
-    """The extension's fused_experts takes local ids, -1 for another rank's expert (skipped, contributing 0)."""
-    return _fused_experts_native(hidden_states, w13, w2, topk_weights, reference.local_ids(topk_ids, expert_map))
-
-
 # The experts' GEMMs are Triton's job on CUDA (no CUDA C++ kernel); on CPU the C++ extension's tiled kernels
-# (csrc/cpu/moe.cpp). The op's arguments: (hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None).
+# (csrc/cpu/moe.cpp). The op's arguments: (hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None,
+# activation="silu").
 FUSED_EXPERTS = Op(
     "fused_experts",
-    {"triton": _fused_experts_triton, "cpu": _native_experts, "torch": reference.experts},
+    {"triton": _fused_experts_triton, "cpu": _fused_experts_native, "torch": reference.experts},
     {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
 )
 
 
-def _run_experts(hidden_states, w13, w2, topk_weights, topk_ids, inplace, apply_router_weight_on_input, expert_map):
-    """fused_experts' options around the FUSED_EXPERTS op (arguments already checked)."""
+def _run_experts(hidden_states, w13, w2, topk_weights, topk_ids, options: dict, apply_router_weight_on_input=False):
+    """fused_experts' options (inplace, expert_map, activation) around the FUSED_EXPERTS op (arguments checked)."""
     x, weights = hidden_states, topk_weights
     if apply_router_weight_on_input:
         x, weights = reference.weigh_input(hidden_states, topk_weights)
-    out = FUSED_EXPERTS(hidden_states.device, x, w13, w2, weights, topk_ids, expert_map)
-    return hidden_states.copy_(out) if inplace else out
+    expert_map, activation = options["expert_map"], options["activation"]
+    out = FUSED_EXPERTS(hidden_states.device, x, w13, w2, weights, topk_ids, expert_map, activation)
+    return hidden_states.copy_(out) if options["inplace"] else out
 
 
 def _fused_moe(hidden_states, w13, w2, gating_output, topk, renormalize, options: dict, routing: dict):
@@ -83,7 +83,7 @@ def _fused_moe(hidden_states, w13, w2, gating_output, topk, renormalize, options
         weights, ids = custom(hidden_states, gating_output, topk, renormalize)
     else:
         weights, ids = FUSED_TOPK(gating_output.device, gating_output, topk, renormalize, **routing)
-    return _run_experts(hidden_states, w13, w2, weights, ids, options["inplace"], False, options["expert_map"])
+    return _run_experts(hidden_states, w13, w2, weights, ids, options)
 
 
 # Every backend runs the same composition: a forced backend names the backend of each inner op.
@@ -206,7 +206,8 @@ def fused_experts(
         topk_weights: [T, k] float (fp32 from fused_topk, or the model dtype).
         topk_ids: [T, k] int32/int64 expert ids in [0, E), or global ids in [0, global_num_experts) with expert_map.
         inplace: write the output into hidden_states and return it.
-        activation, is_act_and_mul: "silu" and True (SwiGLU); anything else is refused (ValueError).
+        activation: "silu" (SwiGLU) or "gelu" (GeGLU, the exact erf GELU, as vLLM's gelu_and_mul); is_act_and_mul
+            True (gated); anything else is refused (ValueError).
         apply_router_weight_on_input: multiply x by its routing weight (in x's dtype) before the experts and
             combine with weight 1; needs k == 1, as vLLM.
         global_num_experts: -1 (expert_map's length, or E without one) or the global expert count.
@@ -231,9 +232,8 @@ def fused_experts(
         locals(),
     )  # fmt: skip
     check_expert_ids("topk_ids", topk_ids, num_experts)
-    return _run_experts(
-        hidden_states, w1, w2, topk_weights, topk_ids, inplace, apply_router_weight_on_input, expert_map
-    )
+    options = {"inplace": inplace, "expert_map": expert_map, "activation": activation}
+    return _run_experts(hidden_states, w1, w2, topk_weights, topk_ids, options, apply_router_weight_on_input)
 
 
 def fused_moe(
@@ -327,5 +327,6 @@ def fused_moe(
     check_routing_args(gating_output, topk, renormalize, **routing)
     check_tensor("gating_output", gating_output, device=hidden_states.device)
     check_shape("gating_output", gating_output, (hidden_states.shape[0], num_experts), "[T, global E] =")
-    options = {"custom_routing_function": custom_routing_function, "inplace": inplace, "expert_map": expert_map}
+    options = {"custom_routing_function": custom_routing_function, "inplace": inplace, "expert_map": expert_map,
+               "activation": activation}  # fmt: skip
     return FUSED_MOE(hidden_states.device, hidden_states, w1, w2, gating_output, topk, renormalize, options, routing)

@@ -9,7 +9,7 @@ Each token t is routed to the k experts topk_ids[t, j] with weights topk_weights
 e = topk_ids[t, j] and x = hidden_states[t]:
 
     gate, up = x @ w13[e, :I].T,  x @ w13[e, I:].T       one GEMM x @ w13[e].T, split in halves   [I]
-    act      = silu(gate) * up                                                                       [I]
+    act      = silu(gate) * up           (activation "gelu": gelu(gate) * up, the exact GELU)             [I]
     y[t, j]  = act @ w2[e].T                                                                         [H]
 
     out[t]   = sum_{j = 0 .. k-1} float(topk_weights[t, j]) * float(y[t, j])       accumulated in fp32, j ascending
@@ -44,17 +44,18 @@ QUANTIZATION_FLAGS = ("use_fp8_w8a8", "use_int8_w8a8", "use_int8_w8a16", "use_in
 QUANTIZATION_TENSORS = ("w1_scale", "w2_scale", "w1_zp", "w2_zp", "a1_scale", "a2_scale", "block_shape")
 
 
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}  # gated: act(gate) * up; gelu is the exact (erf) GELU, as vLLM's
 UNSUPPORTED = ("activation", "is_act_and_mul", *QUANTIZATION_FLAGS, *QUANTIZATION_TENSORS, "w1_bias", "w2_bias")
 
 
 def check_unsupported(arguments: dict) -> None:
     """vLLM arguments qwen_fast does not implement, read by name (UNSUPPORTED) from a call's `arguments` (its
-    locals()): refused unless they hold their defaults, with a ValueError naming them. activation "silu" and
-    is_act_and_mul True (SwiGLU), the quantization flags False, the quantization tensors, block_shape and the
+    locals()): refused unless they hold their defaults, with a ValueError naming them. activation "silu" or "gelu"
+    and is_act_and_mul True (gated), the quantization flags False, the quantization tensors, block_shape and the
     biases None."""
-    if arguments["activation"] != "silu":
+    if arguments["activation"] not in ACTIVATIONS:
         raise ValueError(
-            f"activation {arguments['activation']!r} is not supported: the experts are SwiGLU (activation='silu')"
+            f"activation {arguments['activation']!r} is not supported: the experts are gated 'silu' or 'gelu'"
         )
     if arguments["is_act_and_mul"] is not True:
         raise ValueError(
@@ -90,6 +91,7 @@ def experts(
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
     expert_map: torch.Tensor | None = None,
+    activation: str = "silu",
 ) -> torch.Tensor:
     """Run every token through its k experts (SwiGLU) and sum the weighted outputs (math in the module docstring):
     the experts alone, as every backend computes them; fused_experts adds vLLM's options around it.
@@ -102,6 +104,7 @@ def experts(
             returns); used in fp32.
         topk_ids: [T, k] int32 or int64, expert ids in [0, E), or global ids when expert_map is given.
         expert_map: [global_E] int32 global -> local id or -1 (another rank's expert: y = 0), or None.
+        activation: "silu" (SwiGLU) or "gelu" (GeGLU, the exact GELU): act = act_fn(gate) * up.
 
     Returns:
         [T, H] in hidden_states' dtype.
@@ -131,7 +134,7 @@ def experts(
         x = hidden_states[pairs // topk].to(w13.dtype)
         gate_up = F.linear(x, w13[expert])  # [count, 2I]
         gate, up = gate_up[:, :intermediate], gate_up[:, intermediate:]
-        act = F.silu(gate) * up
+        act = ACTIVATIONS[activation](gate) * up
         y[pairs] = F.linear(act, w2[expert])  # [count, H]
 
     # Weighted sum over the k choices of each token, in fp32, j ascending.
@@ -188,7 +191,7 @@ def fused_experts(
     x, weights = (
         weigh_input(hidden_states, topk_weights) if apply_router_weight_on_input else (hidden_states, topk_weights)
     )
-    out = experts(x, w1, w2, weights, topk_ids, expert_map)
+    out = experts(x, w1, w2, weights, topk_ids, expert_map, activation)
     return hidden_states.copy_(out) if inplace else out
 
 

@@ -207,6 +207,8 @@ FUSED_EXPERTS = OpSpec(
         Sample("expert-map-E16-local8", _experts(9, 16, 3, local=8)),
         Sample("expert-map-one-expert", _experts(33, 16, 1, local=8, route="one-expert")),  # expert 3: local 1
         Sample("router-weight-on-input-k1", _experts(9, 8, 1, apply_router_weight_on_input=True)),
+        Sample("gelu", _experts(9, 8, 2, 32, 16, activation="gelu")),
+        Sample("gelu-expert-map", _experts(9, 16, 3, local=8, activation="gelu")),
         Sample("ids-int64", _experts(9, 8, 2, views=lambda a: {"topk_ids": a["topk_ids"].long()})),
         Sample("experts-transposed", _experts(9, 8, 2, views=lambda a: {  # stored [E, H, 2I] and [E, I, H]
             "w1": relayout(a["w1"], 1, 2), "w2": relayout(a["w2"], 1, 2)})),
@@ -246,6 +248,7 @@ FUSED_MOE = OpSpec(
         Sample("T1-E61-k8", _moe(1, 61, 8)),
         Sample("grouped-sigmoid", _moe(9, 8, 2, use_grouped_topk=True, routed_scaling_factor=2.5, **SIGMOID_GROUPS)),
         Sample("grouped-softmax", _moe(9, 8, 2, use_grouped_topk=True, num_expert_group=4, topk_group=2)),
+        Sample("gelu", _moe(9, 8, 2, activation="gelu")),
         Sample("gating-spaced", _moe(9, 8, 2, views=lambda a: {"gating_output": spaced(a["gating_output"], 0)})),
     ),
 )
