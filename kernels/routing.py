@@ -84,10 +84,9 @@ def _fused_topk_kernel(
         for g in range(num_groups):
             member = group_of == g
             top1 = tl.max(tl.where(member, cand, none), axis=1)  # [BLOCK_T]
-            score = _candidate_score(top1)
-            if group_top2 != 0:
-                top2 = tl.max(tl.where(member & (cand != top1[:, None]), cand, none), axis=1)
-                score += tl.where(top2 == -(2**63), 0.0, _candidate_score(top2))
+            top2 = tl.max(tl.where(member & (cand != top1[:, None]), cand, none), axis=1)
+            second = tl.where((top2 == -(2**63)) | (group_top2 == 0), 0.0, _candidate_score(top2))
+            score = _candidate_score(top1) + second  # a branch here spilled at E = 128 (sm_90)
             group_cand = tl.where(member, _candidates(score, tl.full([BLOCK_T], g, tl.int32))[:, None], group_cand)
         kept = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int1)
         for _ in range(topk_group):
