@@ -7,7 +7,7 @@ from .moe import FUSED_EXPERTS, FUSED_MOE, fused_experts, fused_moe
 from .moe_align import MOE_ALIGN_BLOCK_SIZE, moe_align_block_size
 from .paged_attention import FLASH_ATTN_WITH_KVCACHE, flash_attn_with_kvcache
 from .rope import QK_NORM_ROPE_AND_CACHE, ROTARY_EMBEDDING, qk_norm_rope_and_cache, rotary_embedding
-from .routing import FUSED_TOPK, fused_topk
+from .routing import FUSED_TOPK, fused_topk, grouped_topk
 
 # Every public op, by name: what qwen_fast.backends() reports on.
 OPS: dict[str, Op] = {
@@ -37,6 +37,7 @@ __all__ = [
     "fused_experts",
     "fused_moe",
     "fused_topk",
+    "grouped_topk",
     "moe_align_block_size",
     "qk_norm_rope_and_cache",
     "record_backends",

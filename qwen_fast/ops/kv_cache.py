@@ -182,6 +182,7 @@ def reshape_and_cache(
     kv_cache_dtype: str = "auto",
     k_scale: torch.Tensor | float | None = None,
     v_scale: torch.Tensor | float | None = None,
+    *,
     interleaved_v: bool = False,
 ) -> None:
     """qwen_fast's name for `reshape_and_cache_flash` (same layout [num_blocks, block_size, Hkv, D], same write),

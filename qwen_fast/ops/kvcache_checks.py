@@ -6,6 +6,10 @@ import torch
 from ._checks import FLOAT_DTYPES, Require, check_int, check_shape, check_tensor, raise_unless
 from .attention import check_heads
 
+# An fp8 cache: e4m3 values, or their bits as uint8 (how vLLM allocates them, and how the kernels' ops get them: the
+# dispatcher's bf16 interpreter limit looks at floating-point arguments, which fp8 pages are not about).
+FP8_CACHE_DTYPES = (torch.float8_e4m3fn, torch.uint8)
+
 
 class BlockTableTooSmallError(RuntimeError, ValueError):
     """A block table with fewer slots than cache_seqlens (+ the new tokens) needs. flash-attn raises RuntimeError
@@ -18,12 +22,13 @@ def check_kvcache_args(
 ) -> None:  # fmt: skip
     """flash_attn_with_kvcache's tensor contract (the eager check and the fakes, which get cache_seqlens and
     block_table as the kernels take them; `require`: see _checks.py). cache_seqlens may be an int or None here.
-    With k_descale / v_descale (fp32 [B, Hkv]) the caches are float8_e4m3fn, else q's dtype."""
+    With k_descale / v_descale (fp32 [B, Hkv]) the caches are float8_e4m3fn or uint8 holding its bits, else q's
+    dtype."""
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES, require=require)
     batch, device = q.shape[0], q.device
-    cache_dtype = q.dtype if k_descale is None else torch.float8_e4m3fn
-    check_tensor("k_cache", k_cache, ndim=4, dtypes=(cache_dtype,), device=device, require=require)
-    check_tensor("v_cache", v_cache, dtypes=(cache_dtype,), device=device, require=require)
+    cache_dtypes = (q.dtype,) if k_descale is None else FP8_CACHE_DTYPES
+    check_tensor("k_cache", k_cache, ndim=4, dtypes=cache_dtypes, device=device, require=require)
+    check_tensor("v_cache", v_cache, dtypes=(k_cache.dtype,), device=device, require=require)
     for name, descale in (("k_descale", k_descale), ("v_descale", v_descale)):
         if k_descale is not None:
             check_tensor(name, descale, ndim=2, dtypes=(torch.float32,), device=device, require=require)
@@ -165,11 +170,11 @@ def check_options(softcap: object, alibi_slopes: object, num_splits: object, fla
 
 
 def fp8_cache(q, k_cache, v_cache, k_descale, v_descale) -> tuple:
-    """(k_cache, v_cache, k_descale, v_descale) as the kernels take them: uint8 caches viewed as float8_e4m3fn,
-    the descales expanded to contiguous fp32 [B, Hkv]; checks that fp8 caches and descales go together."""
-    caches = [c.view(torch.float8_e4m3fn) if isinstance(c, torch.Tensor) and c.dtype == torch.uint8 else c
+    """(k_cache, v_cache, k_descale, v_descale) as the ops take them: fp8 caches as their uint8 bits, the descales
+    expanded to contiguous fp32 [B, Hkv]; checks that fp8 caches and descales go together."""
+    caches = [c.view(torch.uint8) if isinstance(c, torch.Tensor) and c.dtype == torch.float8_e4m3fn else c
               for c in (k_cache, v_cache)]  # fmt: skip
-    fp8 = isinstance(caches[0], torch.Tensor) and caches[0].dtype == torch.float8_e4m3fn
+    fp8 = isinstance(caches[0], torch.Tensor) and caches[0].dtype == torch.uint8
     if isinstance(caches[0], torch.Tensor) and caches[0].dtype == torch.float8_e5m2:
         raise TypeError("k_cache is float8_e5m2: only e4m3 fp8 caches (kv_cache_dtype 'fp8') are supported")
     if not fp8:

@@ -19,7 +19,7 @@ import torch
 from qwen_fast.reference import kv_cache as reference
 
 from ._checks import traced
-from ._dispatch import Op
+from ._dispatch import INTERPRETER_DOT, Op
 from ._library import define_triton_op, launcher, native_op
 from .attention import check_attention_options
 from .kv_cache import _reshape_and_cache_triton
@@ -115,6 +115,8 @@ def _with_kvcache_native(
     seqlens, table, scale, left, right = _kernel_args(
         q, k_cache, cache_seqlens, block_table, cache_batch_idx, softmax_scale, causal, window_size
     )
+    if k_descale is not None:  # the extension takes fp8 caches as float8_e4m3fn
+        k_cache, v_cache = k_cache.view(torch.float8_e4m3fn), v_cache.view(torch.float8_e4m3fn)
     out, lse = _flash_attn_with_kvcache_native(
         q, k_cache, v_cache, k, v, seqlens, table, cache_leftpad, scale, left, right, float(softcap), num_splits,
         k_descale, v_descale,
@@ -137,11 +139,12 @@ def _with_kvcache_reference(
 
 # Called by nn/ and cache/ unchecked: (device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale,
 # causal, window_size[, cache_batch_idx, cache_leftpad, softcap, num_splits, return_softmax_lse, k_descale,
-# v_descale]) with k_descale / v_descale fp32 [B, Hkv] for float8_e4m3fn caches.
+# v_descale]) with k_descale / v_descale fp32 [B, Hkv] for fp8 caches (given as their uint8 bits).
 FLASH_ATTN_WITH_KVCACHE = Op(
     "flash_attn_with_kvcache",
     {"triton": _with_kvcache_triton, "cpu": _with_kvcache_native, "torch": _with_kvcache_reference},
     {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
+    interpreter_limit=INTERPRETER_DOT,
 )
 
 

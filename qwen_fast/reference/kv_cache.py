@@ -39,6 +39,7 @@ def reshape_and_cache(
     kv_cache_dtype: str = "auto",
     k_scale: torch.Tensor | float | None = None,
     v_scale: torch.Tensor | float | None = None,
+    *,
     interleaved_v: bool = False,
 ) -> None:
     """Write token n's key and value into cache slot slot_mapping[n], in place (vLLM's `reshape_and_cache_flash`
