@@ -29,6 +29,8 @@ from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
 from qwen_fast.nn.cached_attention import attend
 from qwen_fast.ops import flash_attn_varlen_func, fused_experts
 
+from .continuous_batching import allow_qwen_fast
+
 # The layout flags transformers' @use_experts_implementation sets on an experts module, and the value fused_experts
 # needs: gate and up rows concatenated in gate_up_proj [E, 2I, H], down_proj [E, H, I], no bias, no post-expert
 # norm, every expert on this process (expert parallelism routes sentinel ids >= E).
@@ -236,4 +238,5 @@ def register(name: str = "qwen_fast") -> str:
             )
     for interface, function in entries:
         interface.register(name, function)
+    allow_qwen_fast(name)
     return name
