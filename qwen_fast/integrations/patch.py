@@ -48,6 +48,7 @@ class PatchHandle:
         self.active = True
         self._swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []  # (parent, attribute, original, new)
         self._attn_implementation: str | None = None  # the model's own, while "qwen_fast" is set
+        self._experts_implementation: str | None = None  # the model's own, while "qwen_fast" runs parallel experts
 
     def undo(self) -> None:
         """Restore the model exactly as it was before `patch`."""
@@ -67,6 +68,8 @@ class PatchHandle:
             setattr(parent, attribute, original)
         if self._attn_implementation is not None:
             self.model.set_attn_implementation(self._attn_implementation)
+        if self._experts_implementation is not None:
+            self.model.set_experts_implementation(self._experts_implementation)
         self.active = False
         del self.model._qwen_fast_patch
 
@@ -156,6 +159,13 @@ def patch(model: nn.Module, moe: bool = True, attention: bool = True, *, hf_pari
             not_patched[f"{cls}: not a class qwen_fast supports"] += 1
     for name, new in swaps:
         _swap(model, name, new, handle)
+    if any(getattr(new, "_parallel_experts", False) for _, new in swaps):
+        # transformers' tensor/expert-parallel experts keep their installed forward (local shards, collectives) and
+        # run the model's experts implementation inside it: make that qwen_fast's
+        from .interfaces import register
+
+        handle._experts_implementation = model.config._experts_implementation
+        model.set_experts_implementation(register())
     if any(isinstance(new, GQAAttention) for _, new in swaps):
         # GQAAttention reads flash-style masks (None without padding, else the 2D key padding), which the
         # "qwen_fast" mask implementation gives; a module transformers cannot switch keeps its 4D masks.

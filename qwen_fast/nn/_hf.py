@@ -113,3 +113,10 @@ def carry_hooks(source: nn.Module, target: nn.Module) -> None:
     already ran with output_router_logits=True before the swap (its hooks are installed once per model)."""
     for name in _HOOK_DICTS:
         getattr(target, name).update(getattr(source, name))
+
+
+def is_distributed(module: nn.Module) -> bool:
+    """Whether transformers' tensor or expert parallelism runs `module`: it replaces the instance's `forward` with
+    one that hands the module its local shards and adds the collectives (transformers 5.24
+    distributed/tensor_parallel.py and expert_parallel.py, `install_forward`)."""
+    return "forward" in vars(module)
