@@ -40,10 +40,9 @@ from qwen_fast.ops import (
 )
 from qwen_fast.reference.norm import rms_norm
 
+from . import _hf
 from .batched_attention import batched_attention, is_continuous_batching
 from .cached_attention import attend
-
-SUPPORTED = ("Qwen3Attention", "Qwen3MoeAttention", "Qwen2Attention", "Qwen2MoeAttention")
 
 
 class HeadRMSNorm(nn.Module):
@@ -122,11 +121,10 @@ class GQAAttention(nn.Module):
     def from_hf(cls, attention: nn.Module) -> "GQAAttention":
         """A GQAAttention that shares `attention`'s submodules (and so its parameters: nothing is copied).
 
-        Supported: transformers' Qwen3Attention, Qwen3MoeAttention, Qwen2Attention, Qwen2MoeAttention.
+        Supported: the attention classes of the families served by module (qwen_fast/families/: Qwen3Attention,
+        Qwen3MoeAttention, Qwen2Attention, Qwen2MoeAttention).
         """
-        name = type(attention).__name__
-        if name not in SUPPORTED:
-            raise TypeError(f"GQAAttention.from_hf supports {', '.join(SUPPORTED)}; got {name}")
+        _hf.lookup(_hf.ATTENTION, attention, "GQAAttention.from_hf")
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module.head_dim, module.layer_idx = attention.head_dim, attention.layer_idx
