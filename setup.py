@@ -1,6 +1,8 @@
 """Builds qwen_fast._C (CPU kernels always; CUDA kernels when possible) and installs kernels/ as qwen_fast.kernels.
 
-Install against the torch already in the environment:  pip install --no-build-isolation .
+Install against the torch already in the environment:  pip install -v --no-build-isolation .
+(-v shows the compiler lines as they run; without it pip prints only "still running..." for the whole build.) The
+build prints what it compiles (CPU and/or CUDA kernels, the CUDA arches) and a rough time estimate first.
 
 Environment:
   QWEN_FAST_FORCE_CUDA=1   build the CUDA kernels even where auto-detection would not (fails if it cannot)
@@ -17,6 +19,9 @@ from setuptools import find_packages, setup
 ROOT = Path(__file__).parent
 CSRC = ROOT / "csrc"
 DEFAULT_ARCHS = "8.0;9.0+PTX"
+# Rough compile cost in job-minutes, measured on a 2-core VM (torch 2.14 headers): one C++ source, and one CUDA
+# source per arch (a "+PTX" arch costs about one more).
+CPP_MINUTES, CU_MINUTES_PER_ARCH = 2.5, 9.0
 
 
 def read_sources() -> list[str]:
@@ -37,6 +42,24 @@ def default_max_jobs() -> int:
     except (ValueError, OSError, AttributeError):
         by_memory = 1
     return max(1, min(os.cpu_count() or 1, by_memory))
+
+
+def announce(sources: list[str], archs: str | None) -> None:
+    """What the build compiles, and about how long it takes, before it starts (pip shows it with -v, or on failure)."""
+    cpp = [s for s in sources if not s.endswith(".cu")]
+    cu = [s for s in sources if s.endswith(".cu")] if archs else []
+    jobs = int(os.environ["MAX_JOBS"])
+    arch_list = (archs or "").replace(",", ";").replace(" ", ";").split(";")
+    arch_count = sum(1 + arch.endswith("+PTX") for arch in arch_list if arch)
+    minutes = (len(cpp) * CPP_MINUTES + len(cu) * arch_count * CU_MINUTES_PER_ARCH) / jobs
+    what = f"CPU kernels ({len(cpp)} C++ sources)"
+    if archs:
+        what += f" and CUDA kernels ({len(cu)} CUDA sources for TORCH_CUDA_ARCH_LIST={archs})"
+    print(
+        f"qwen_fast: building {what} with MAX_JOBS={jobs}; roughly {max(1, round(minutes))} minutes on a 2-core "
+        "machine (pip install -v shows each compile; QWEN_FAST_SKIP_CUDA=1 skips the CUDA kernels)",
+        flush=True,
+    )
 
 
 def want_cuda(torch, cuda_home: str | None) -> bool:
@@ -95,7 +118,7 @@ def extensions():
     cxx = ["-O3", "-Wall", "-Wno-unknown-pragmas", "-fopenmp"]
     if want_cuda(torch, CUDA_HOME):
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
-        print(f"qwen_fast: building CPU and CUDA kernels for TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
+        announce(sources, os.environ["TORCH_CUDA_ARCH_LIST"])
         nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
         return [
             CUDAExtension(
@@ -107,7 +130,8 @@ def extensions():
                 extra_link_args=["-fopenmp"],
             )
         ]
-    print("qwen_fast: building CPU kernels only (no CUDA build of torch, no nvcc, or QWEN_FAST_SKIP_CUDA=1)")
+    print("qwen_fast: no CUDA kernels (QWEN_FAST_SKIP_CUDA=1, a CPU build of torch, or no nvcc)")
+    announce(sources, None)
     return [
         CppExtension(
             "qwen_fast._C",

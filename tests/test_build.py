@@ -68,3 +68,31 @@ def test_import_works_without_the_extension(tmp_path):
     )
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
+
+
+def test_source_tree_import_says_what_happened(tmp_path):
+    """Imported from a checkout (csrc/ beside qwen_fast/) with no built _C: the warning says the checkout shadows
+    the installed copy and how to avoid it; a built checkout (editable install) or an installed copy says nothing."""
+    package = tmp_path / "qwen_fast"
+    package.mkdir()
+    assert _native._shadowed_message(package) is None  # no csrc/: an installed copy
+    (tmp_path / "csrc").mkdir()
+    message = _native._shadowed_message(package)
+    assert f"imported from the source tree {package}" in message and "no built extension next to it" in message
+    assert "Run from another directory, or with `python -P`" in message
+    (package / "_C.cpython-311-x86_64-linux-gnu.so").write_bytes(b"")
+    assert _native._shadowed_message(package) is None
+
+
+def test_setup_announces_what_it_compiles(tmp_path):
+    """The build says which kernels it compiles, for which arches, and about how long it takes, before it starts."""
+    script = (
+        "import os, runpy, setuptools\n"
+        "setuptools.setup = lambda **kwargs: None\n"
+        "os.environ.update(MAX_JOBS='2', QWEN_FAST_SKIP_CUDA='1')\n"
+        f"runpy.run_path({str(CSRC.parent / 'setup.py')!r})\n"
+    )
+    result = subprocess.run([sys.executable, "-P", "-c", script], capture_output=True, text=True, cwd=CSRC.parent)
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"building CPU kernels \(\d+ C\+\+ sources\) with MAX_JOBS=2; roughly \d+ minutes", result.stdout)
+    assert "pip install -v" in result.stdout and "QWEN_FAST_SKIP_CUDA=1" in result.stdout

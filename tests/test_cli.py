@@ -104,6 +104,17 @@ def test_check_with_nothing_to_test_says_so(capsys):
     assert "no usable backend among ['cuda'] for fused_experts" in capsys.readouterr().err
 
 
+def test_default_plan_leaves_out_the_reference_against_itself():
+    """The torch backend is the reference: check tests it only when asked, and then says what its row means."""
+    cases = selftest.plan(["fused_topk", "flash_attn_func"], None, quick=False)
+    assert cases and all(backend != "torch" for _, backend, *_ in cases)
+    assert {(op, b) for op, b, d, *_ in cases if d.type == "cpu"} >= {("fused_topk", "cpu"), ("flash_attn_func", "cpu")}
+    line = selftest.run_case("fused_topk", "torch", torch.device("cpu")).line()
+    assert line.startswith("PASS") and "the reference against itself" in line
+    if torch.cuda.is_available():  # triton's self-test covers bf16 where the backend can (not the interpreter)
+        assert ("flash_attn_func", "triton", torch.bfloat16) in {(op, b, dt) for op, b, d, _, dt in cases}
+
+
 def test_quick_plans_autos_choice_only():
     cases = selftest.plan(["fused_topk", "fused_experts"], None, quick=True)
     cpu = [(op, backend) for op, backend, device, *_ in cases if device.type == "cpu"]

@@ -11,6 +11,8 @@ from torch._library.custom_ops import OPDEFS
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import qwen_fast
+from qwen_fast.cli import selftest
+from qwen_fast.cli.samples import SPECS, Inputs
 from qwen_fast.ops import OPS, Op, _dispatch, record_backends, reread_environment, use_backend
 from qwen_fast.ops._dispatch import NATIVE_FIRST
 
@@ -150,7 +152,7 @@ def test_probes_run_once_per_device_type_and_forced_name(environ):
 def test_reread_environment_forgets_the_cached_choices():
     op = _demo_op()
     op(torch.device("cpu"), 1)
-    assert op._routes == {(torch.device("cpu"), "auto"): "cpu"}
+    assert op._routes == {(torch.device("cpu"), "auto"): ("cpu", ())}  # (backend, per-call checks)
     reread_environment()
     assert op._routes == {}
 
@@ -178,6 +180,129 @@ def test_fused_topk_past_the_kernels_expert_limit():
     assert torch.equal(ids, qwen_fast.reference.fused_topk(logits, 2)[1])
     with use_backend("cpu"), pytest.raises(RuntimeError, match="1 to 1024 experts, got E = 1025"):
         qwen_fast.fused_topk(logits, 2)
+
+
+# --- bfloat16 under Triton's interpreter ---------------------------------------------------------------------------
+
+CPU = torch.device("cpu")
+LIMITED = {name for name, op in OPS.items() if op.interpreter_limit is not None}
+
+
+def test_the_interpreter_limit_is_per_op():
+    """The ops whose Triton kernels the interpreter gets wrong in bf16 (tl.dot, bf16 casts) carry the limit; the ops
+    it gets right in bf16 (test_bf16_runs_where_the_interpreter_gets_it_right) do not."""
+    assert LIMITED == {
+        "fused_experts",
+        "fused_moe",
+        "flash_attn_func",
+        "flash_attn_varlen_func",
+        "flash_attn_with_kvcache",
+        "rotary_embedding",
+        "qk_norm_rope_and_cache",
+    }
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("name", sorted(LIMITED))
+def test_forced_triton_refuses_bf16_under_the_interpreter(name):
+    """Forcing triton with bf16 CPU tensors is an error naming the op, the dtype and the reason, never wrong numbers;
+    fp16 still runs on triton."""
+    spec = SPECS[name]
+    kwargs = spec.samples[0].build(Inputs(CPU, torch.bfloat16))
+    with use_backend("triton"), record_backends() as calls, pytest.raises(RuntimeError) as error:
+        getattr(qwen_fast, name)(**kwargs)
+    message = str(error.value)
+    assert f"qwen_fast.{name}: backend 'triton' is forced" in message and "torch.bfloat16" in message, message
+    assert "TRITON_INTERPRET=1" in message and ("tl.dot" in message or "casts to bf16" in message), message
+    assert message.endswith("Usable for cpu tensors: cpu, torch"), message
+    assert calls == []
+    assert OPS[name].problem("triton", CPU, torch.bfloat16) is not None
+    assert OPS[name].problem("triton", CPU, torch.float16) is None
+    assert selftest.run_case(name, "triton", CPU, dtype=torch.float16).status == "PASS"
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("name", sorted(set(OPS) - LIMITED - {"moe_align_block_size"}))
+def test_bf16_runs_where_the_interpreter_gets_it_right(name):
+    result = selftest.run_case(name, "triton", CPU, dtype=torch.bfloat16)
+    assert result.status == "PASS" and result.ran == ["triton"], result.line()
+
+
+def test_auto_never_takes_a_kernel_the_interpreter_gets_wrong(environ):
+    environ.setenv("TRITON_INTERPRET", "1")
+    reread_environment()
+    impls = {"triton": lambda x: "triton", "torch": lambda x: "torch"}
+    op = Op("demo", impls, {"cpu": ("triton", "torch")}, interpreter_limit=_dispatch.INTERPRETER_DOT)
+    assert [op(CPU, torch.ones(1, dtype=d)) for d in (torch.float32, torch.bfloat16, torch.float16)] == [
+        "triton",
+        "torch",
+        "triton",
+    ]
+
+
+# --- autograd: the kernels have no backward ------------------------------------------------------------------------
+
+
+def _grad_inputs(name: str) -> dict:
+    """The op's first sample in fp32, its first floating-point argument (q, hidden_states, gating_output, key,
+    positions' table ...: one the op reads, never a cache it writes) requiring grad."""
+    kwargs = SPECS[name].samples[0].build(Inputs(CPU, torch.float32))
+    first = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.is_floating_point())
+    kwargs[first] = kwargs[first].detach().clone().requires_grad_()
+    return kwargs
+
+
+def _kernel_backends(name: str) -> list:
+    return [b for b in OPS[name].impls if b != "torch" and OPS[name].problem(b, CPU) is None]
+
+
+@pytest.mark.parametrize("name", sorted(set(OPS) - {"moe_align_block_size"}))
+def test_kernel_backends_refuse_inputs_that_need_gradients(name):
+    """Every kernel backend usable here (cpu; triton under the interpreter) refuses a call whose inputs need
+    gradients when forced, names the remedies, and runs the call under torch.no_grad() / inference_mode."""
+    backends = _kernel_backends(name)
+    assert "cpu" in backends
+    for backend in backends:
+        with use_backend(backend), pytest.raises(RuntimeError) as error:
+            getattr(qwen_fast, name)(**_grad_inputs(name))
+        message = str(error.value)
+        assert f"qwen_fast.{name}: backend '{backend}' is forced" in message and "requires grad" in message
+        assert "torch.no_grad()" in message and "use_backend('torch')" in message, message
+        assert message.endswith("Usable for cpu tensors: torch"), message
+        for mode in (torch.no_grad, torch.inference_mode):
+            with mode(), use_backend(backend), record_backends() as calls:
+                getattr(qwen_fast, name)(**_grad_inputs(name))
+            assert (name, backend) in calls
+
+
+@pytest.mark.parametrize("name", sorted(set(OPS) - {"moe_align_block_size"}))
+def test_auto_runs_inputs_that_need_gradients_on_the_reference(name):
+    """auto takes the differentiable torch reference (with a warning that says why) and the gradient flows."""
+    kwargs = _grad_inputs(name)
+    leaf = next(v for v in kwargs.values() if isinstance(v, torch.Tensor) and v.requires_grad)
+    with record_backends() as calls, pytest.warns(UserWarning, match=f"qwen_fast.{name}: .*requires grad.*no_grad"):
+        out = getattr(qwen_fast, name)(**kwargs)
+    assert calls[0] == (name, "torch")
+    outputs = [t for t in (out if isinstance(out, tuple) else (out,)) if isinstance(t, torch.Tensor)]
+    differentiable = [t for t in outputs + list(kwargs.values()) if isinstance(t, torch.Tensor) and t.grad_fn]
+    assert differentiable, f"{name}: no output depends on the input that requires grad"
+    sum(t.float().sum() for t in differentiable).backward()
+    assert leaf.grad is not None and leaf.grad.isfinite().all()
+
+
+def test_reference_gradients_are_right():
+    """The torch backend's flash_attn_func gradient is torch SDPA's (an independent implementation)."""
+    q, k, v = (torch.randn(1, 5, 4, 16, requires_grad=True) for _ in range(3))
+    with use_backend("torch"):
+        qwen_fast.flash_attn_func(q, k, v, causal=True).square().sum().backward()
+    got = [t.grad.clone() for t in (q, k, v)]
+    q2, k2, v2 = (t.detach().clone().requires_grad_() for t in (q, k, v))
+    expected = torch.nn.functional.scaled_dot_product_attention(
+        q2.transpose(1, 2), k2.transpose(1, 2), v2.transpose(1, 2), is_causal=True
+    )
+    expected.transpose(1, 2).square().sum().backward()
+    for actual, wanted in zip(got, (q2.grad, k2.grad, v2.grad), strict=True):
+        assert_close(actual, wanted)
 
 
 # --- record_backends and composite ops ------------------------------------------------------------------------------

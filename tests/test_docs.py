@@ -46,3 +46,17 @@ def test_readme_python_examples():
     assert blocks, "README.md has no python example"
     for block in blocks:
         exec(compile(block, "README.md", "exec"), {})
+
+
+@pytest.mark.parametrize("document", ["README.md", "DESIGN.md"])
+def test_local_links_stay_in_the_repository_and_resolve(document):
+    """Every relative link and image of the README and DESIGN.md names a file of this repository (a clone has no
+    ../shared); the README links the design document."""
+    root = Path(__file__).resolve().parents[1]
+    text = (root / document).read_text()
+    targets = [t for t in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", t)]
+    for target in targets:
+        path = (root / target.split("#")[0]).resolve()
+        assert path.is_relative_to(root) and path.exists(), f"{document} links {target}, not a file of the repository"
+    if document == "README.md":
+        assert "DESIGN.md" in targets

@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     suites = sorted(args.bench_dir.glob("bench_*.py"))
     if not suites:
         return fail(f"no bench_*.py suites in {str(args.bench_dir)!r}")
-    for module in ("pytest_benchmark", "matplotlib"):
+    for module in ("pytest_benchmark", "matplotlib", "transformers"):
         if importlib.util.find_spec(module) is None:
             return fail(MISSING_EXTRA.format(module=module))
     args.out.mkdir(parents=True, exist_ok=True)

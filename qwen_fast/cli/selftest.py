@@ -61,6 +61,8 @@ class Result:
             f"{self.status:4}  {self.op:24} {self.backend:6} {self.device:5} {self.dtype:8} {self.sample:24} "
             f"max abs err {error:>8}  {seconds:>10}"
         )
+        if self.backend == "torch":
+            text += "  (the reference against itself: checks the sample and the dispatch only)"
         return f"{text}  {self.error}" if self.error else text
 
     def as_dict(self) -> dict:
@@ -182,9 +184,10 @@ def run_case(
 
 
 def plan(ops: list[str], backends: list[str] | None, quick: bool, every_sample: bool = False) -> list[tuple]:
-    """(op, backend, device, sample, dtype) for every backend usable here (or `auto`'s choice alone when quick),
-    on CPU tensors and, with a GPU, on CUDA tensors: each op's first sample in fp32, or with `every_sample` every
-    sample in every dtype the table gives it on that backend."""
+    """(op, backend, device, sample, dtype) for every kernel backend usable here (or `auto`'s choice alone when
+    quick), on CPU tensors and, with a GPU, on CUDA tensors: each op's first sample in fp32 (and bf16 on triton with
+    CUDA tensors; the interpreter cannot do bf16 for most ops), or with `every_sample` every sample in every dtype the
+    table gives it on that backend. The torch backend is the reference itself: only when `backends` names it."""
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     cases = []
     for device in devices:
@@ -192,9 +195,13 @@ def plan(ops: list[str], backends: list[str] | None, quick: bool, every_sample: 
             usable = [b for b in OPS[op].impls if OPS[op].problem(b, device) is None]
             if quick:
                 usable = [OPS[op].select(device)]
-            for backend in (b for b in usable if backends is None or b in backends):
+            wanted = backends or (usable if quick else [b for b in usable if b != "torch"])
+            for backend in (b for b in usable if b in wanted):
                 if not every_sample:
-                    cases.append((op, backend, device, None, SPECS[op].dtypes[0]))
+                    dtypes = SPECS[op].dtypes[:1]
+                    if backend == "triton" and device.type == "cuda" and torch.bfloat16 in SPECS[op].dtypes:
+                        dtypes += (torch.bfloat16,)
+                    cases += [(op, backend, device, None, dtype) for dtype in dict.fromkeys(dtypes)]
                     continue
                 for sample in SPECS[op].samples:
                     for dtype in SPECS[op].dtypes_for(sample, backend, device.type):

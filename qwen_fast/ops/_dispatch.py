@@ -9,8 +9,24 @@ Cost. An op call is a dictionary lookup: each Op caches its choice per (device, 
 device type and the forced name (the dtype does not enter: every backend takes every dtype the op's contract allows),
 and the key is the torch.device itself because reading `device.type` costs more than the whole lookup. The
 availability probes (the extension's registry, the triton import, TRITON_INTERPRET) run once per cache entry.
-`kernel_limit` (a size the kernels cannot take, e.g. fused_topk's E > 1024) is a per-call check on the arguments.
-`use_backend` only switches which cache entry is read: nesting it and leaving it invalidate nothing.
+A cached route is (backend, the per-call checks on the arguments it needs): none for torch; for a kernel backend
+`kernel_limit` (a size the kernels cannot take, e.g. fused_topk's E > 1024) and, for triton under the interpreter,
+`interpreter_limit`. `use_backend` only switches which cache entry is read: nesting it and leaving it invalidate
+nothing.
+
+Per-call refusals (the choice is cached, these are not), one rule for all three: `auto` takes the torch reference,
+a forced kernel backend is an error naming the op, the reason and the backends that can run the call.
+- kernel_limit: arguments past what the kernels take.
+- interpreter_limit: Triton's interpreter (CPU tensors, TRITON_INTERPRET=1) gets bfloat16 wrong in two ways: tl.dot
+  multiplies the raw bits (results off by orders of magnitude: the attention and MoE GEMM kernels), and casts to bf16
+  round differently from PyTorch (results several bf16 units off: the RoPE kernels). Those ops carry the limit and
+  refuse bf16 there; the others (fused_topk, moe_align_block_size, reshape_and_cache) are bit-exact or within the
+  tolerance table in bf16 under the interpreter, and run (tests/test_dispatch.py checks both sides).
+- autograd: the kernel backends (cuda, triton, cpu) have no backward. A call with grad mode on and a tensor argument
+  that requires grad would give outputs with no gradient path, so it is refused (forced) or runs on the torch
+  reference, whose ops are differentiable (auto, with a one-time warning that says how to get the kernels:
+  torch.no_grad() or torch.inference_mode()). In the decode path (generate runs under no_grad) the check is one
+  torch.is_grad_enabled() call.
 
 Environment. QWEN_FAST_BACKEND is read once, when qwen_fast is imported, and TRITON_INTERPRET when a choice is
 first made (Triton itself reads it when its kernels are defined). Forcing a backend afterwards is use_backend's job;
@@ -18,11 +34,13 @@ a program (or a test) that changes either variable later calls `reread_environme
 forgets every cached choice.
 
 torch.compile. Under Dynamo the choice is a constant of the graph (assume_constant_result over the op name, device
-and forced name): the graph guards only on the forced name, which changes only where use_backend changes it.
+and forced name): the graph guards only on the forced name, which changes only where use_backend changes it. The
+per-call checks run while tracing; what they read (dtypes, requires_grad, grad mode) Dynamo guards on anyway.
 """
 
 import contextlib
 import os
+import warnings
 import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -118,6 +136,49 @@ def _native_problem(op: str, backend: str, device_type: str) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class InterpreterLimit:
+    """What Triton's interpreter gets right for an op's Triton kernel: `dtypes`, and why not the others."""
+
+    dtypes: tuple[torch.dtype, ...]
+    reason: str
+
+    def problem(self, op: str, dtype: torch.dtype) -> str | None:
+        if dtype in self.dtypes:
+            return None
+        return (
+            f"Triton's interpreter (TRITON_INTERPRET=1, CPU tensors) cannot run {op} on {dtype}: it {self.reason}; "
+            f"there the triton backend takes {', '.join(str(d) for d in self.dtypes)} for this op ({dtype} runs on "
+            "the cpu and cuda backends and the torch reference)"
+        )
+
+
+# Op(..., interpreter_limit=...) for the ops whose Triton kernels the interpreter gets wrong in bf16 (module docstring).
+INTERPRETER_DOT = InterpreterLimit(
+    (torch.float32, torch.float16),
+    "multiplies bf16 in tl.dot from the raw bits (triton#11584), so the results are silently wrong",
+)
+INTERPRETER_CASTS = InterpreterLimit(
+    (torch.float32, torch.float16),
+    "rounds casts to bf16 differently from PyTorch, so the results are several bf16 units off the reference",
+)
+
+
+def _needs_grad(args: tuple, kwargs: dict) -> bool:
+    return any(isinstance(a, torch.Tensor) and a.requires_grad for a in (*args, *kwargs.values()))
+
+
+def _grad_problem(backend: str) -> str:
+    return (
+        f"a tensor argument requires grad and grad mode is on, but the {backend} kernels have no backward (the "
+        "outputs would carry no gradient); run inference under torch.no_grad() or torch.inference_mode(), or use "
+        "the torch backend (qwen_fast.use_backend('torch')), whose reference ops are differentiable"
+    )
+
+
+Limits = tuple[Callable[..., str | None], ...] | None  # a route's per-call checks; None: the torch backend's none
+
+
 @dataclass(frozen=True, eq=False)
 class Op:
     """One public op: its implementations per backend and the order `auto` tries them in, per device type.
@@ -127,39 +188,71 @@ class Op:
     `OP.auto(...)` is the same call ignoring a forced backend (a composite op's secondary parts).
     `native_op` names the extension op whose kernels the cpu/cuda backends run (default: the op's own name; a
     composite such as fused_moe runs fused_experts'). `kernel_limit(*args, **kwargs)` says why the kernel backends
-    (all but torch) cannot take a call's arguments, or None: `auto` then takes torch, and forcing one is an error."""
+    (all but torch) cannot take a call's arguments, or None: `auto` then takes torch, and forcing one is an error.
+    `interpreter_limit`: the dtypes its Triton kernel gets right under TRITON_INTERPRET=1 (None: every dtype the op
+    takes); the others are refused the same way (module docstring)."""
 
     name: str
     impls: dict[str, Callable]
     auto_order: dict[str, tuple[str, ...]]
     native_op: str = ""
     kernel_limit: Callable[..., str | None] | None = None
-    _routes: dict[tuple[torch.device, str], str] = field(default_factory=dict, init=False, repr=False)
+    interpreter_limit: InterpreterLimit | None = None
+    _routes: dict[tuple[torch.device, str], tuple[str, Limits]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         _OPS.add(self)
         _BY_NAME[self.name] = self
 
-    def problem(self, backend: str, device: torch.device | str) -> str | None:
-        """None when `backend` can run this op on `device` (or a device type) here, else why not."""
+    def problem(self, backend: str, device: torch.device | str, dtype: torch.dtype | None = None) -> str | None:
+        """None when `backend` can run this op on `device` (or a device type) here, else why not; with `dtype`, also
+        for tensors of that dtype (the interpreter's tl.dot limit)."""
         device_type = device if isinstance(device, str) else device.type
         if backend not in self.impls:
             return f"{self.name} has no {backend} backend (it has: {', '.join(self.impls)})"
         if backend == "torch":
             return None
         if backend == "triton":
-            return _triton_problem(device_type)
+            problem = _triton_problem(device_type)
+            limit = self.interpreter_limit if device_type == "cpu" else None
+            if problem is None and limit is not None and dtype is not None:
+                problem = limit.problem(self.name, dtype)
+            return problem
         return _native_problem(self.native_op or self.name, backend, device_type)
 
-    def _forced_error(self, forced: str, device: torch.device, problem: str, limit: str | None = None) -> RuntimeError:
-        usable = [b for b in self.impls if self.problem(b, device) is None and (limit is None or b == "torch")]
+    def _interpreter_check(self, *args, **kwargs) -> str | None:
+        """The per-call check of a triton route on CPU tensors (the interpreter): every floating-point tensor
+        argument in a dtype the interpreter gets right for this op."""
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                problem = self.interpreter_limit.problem(self.name, value.dtype)
+                if problem is not None:
+                    return problem
+        return None
+
+    def _limits(self, backend: str, device_type: str) -> Limits:
+        """The per-call checks a route on `backend` for `device_type` tensors needs (None for torch)."""
+        if backend == "torch":
+            return None
+        limits = () if self.kernel_limit is None else (self.kernel_limit,)
+        if backend == "triton" and device_type == "cpu" and self.interpreter_limit is not None:
+            limits += (self._interpreter_check,)
+        return limits
+
+    def _forced_error(self, forced: str, device: torch.device, problem: str, kernels_too: bool = False) -> RuntimeError:
+        """`kernels_too`: no kernel backend takes this call's arguments (a kernel limit, a need for gradients)."""
+        usable = [
+            b
+            for b in self.impls
+            if b != forced and self.problem(b, device) is None and (b == "torch" or not kernels_too)
+        ]
         return RuntimeError(
             f"qwen_fast.{self.name}: backend {forced!r} is forced but cannot run here: {problem}. "
             f"Usable for {device.type} tensors: {', '.join(usable)}"
         )
 
-    def _route(self, device: torch.device, forced: str) -> str:
-        """The backend for (device, forced name), resolved and cached on first use."""
+    def _route(self, device: torch.device, forced: str) -> tuple[str, Limits]:
+        """The route (backend, per-call checks) for (device, forced name), resolved and cached on first use."""
         if forced == "auto":
             order = self.auto_order.get(device.type, ("torch",))
             backend = next((b for b in order if self.problem(b, device) is None), "torch")
@@ -169,33 +262,57 @@ class Op:
             if problem is not None:
                 raise self._forced_error(forced, device, problem)
             backend = forced
-        self._routes[device, forced] = backend
-        return backend
+        route = self._routes[device, forced] = (backend, self._limits(backend, device.type))
+        return route
 
-    def _within_limit(self, backend: str, forced: str, device: torch.device, args: tuple, kwargs: dict) -> str:
-        """`backend`, or torch when the arguments are past the kernels' limit and nothing is forced."""
-        limit = self.kernel_limit(*args, **kwargs)
-        if limit is None:
+    def _admit(self, backend: str, limits: tuple, forced: str, device: torch.device, args: tuple, kwargs: dict) -> str:
+        """`backend` when it can take these arguments; else torch under auto, and an error when it is forced."""
+        problem = self.kernel_limit(*args, **kwargs) if self.kernel_limit in limits else None
+        kernels_too = problem is not None
+        if problem is None and self._interpreter_check in limits:
+            problem = self._interpreter_check(*args, **kwargs)
+        needs_grad = problem is None and torch.is_grad_enabled() and _needs_grad(args, kwargs)
+        if needs_grad:
+            problem, kernels_too = _grad_problem(backend), True
+        if problem is None:
             return backend
         if forced != "auto":
-            raise self._forced_error(forced, device, limit, limit)
+            raise self._forced_error(forced, device, problem, kernels_too)
+        if needs_grad and not is_dynamo_compiling():
+            warnings.warn(
+                f"qwen_fast.{self.name}: a tensor argument requires grad (grad mode on), so the call runs on the "
+                "differentiable torch reference instead of the kernels, which have no backward; run inference under "
+                "torch.no_grad() or torch.inference_mode() to use the kernels",
+                stacklevel=3,
+            )
         return "torch"
 
-    def select(self, device: torch.device, args: tuple = (), kwargs: dict | None = None) -> str:
-        """The backend a call with `args`/`kwargs` on `device` runs on (without arguments: kernel_limit unchecked)."""
-        backend = self._routes.get((device, _forced)) or self._route(device, _forced)
-        if self.kernel_limit is not None and backend != "torch" and (args or kwargs):
-            backend = self._within_limit(backend, _forced, device, args, kwargs or {})
-        return backend
-
-    def __call__(self, device: torch.device, *args, **kwargs):
-        forced = _forced
+    def _dispatch(self, device: torch.device, forced: str, args: tuple, kwargs: dict) -> str:
+        """The backend this call runs on: the cached route, then its per-call checks (cheap when there are none)."""
         if is_dynamo_compiling():
             backend = _traced_route(self.name, device, forced)
+            limits = self._limits(backend, device.type)
         else:
-            backend = self._routes.get((device, forced)) or self._route(device, forced)
-        if self.kernel_limit is not None and backend != "torch":
-            backend = self._within_limit(backend, forced, device, args, kwargs)
+            backend, limits = self._routes.get((device, forced)) or self._route(device, forced)
+        if limits is not None and (limits or torch.is_grad_enabled()):
+            backend = self._admit(backend, limits, forced, device, args, kwargs)
+        return backend
+
+    def select(self, device: torch.device, args: tuple = (), kwargs: dict | None = None) -> str:
+        """The backend a call with `args`/`kwargs` on `device` runs on (without arguments: the cached choice)."""
+        if not (args or kwargs):
+            return (self._routes.get((device, _forced)) or self._route(device, _forced))[0]
+        return self._dispatch(device, _forced, args, kwargs or {})
+
+    def __call__(self, device: torch.device, *args, **kwargs):
+        forced = _forced  # _dispatch inlined: this is the per-call path of every op (tests/test_decode_step.py)
+        if is_dynamo_compiling():
+            backend = _traced_route(self.name, device, forced)
+            limits = self._limits(backend, device.type)
+        else:
+            backend, limits = self._routes.get((device, forced)) or self._route(device, forced)
+        if limits is not None and (limits or torch.is_grad_enabled()):
+            backend = self._admit(backend, limits, forced, device, args, kwargs)
         if _trace is not None:
             _trace.append((self.name, backend))
         return self.impls[backend](*args, **kwargs)
@@ -203,12 +320,7 @@ class Op:
     def auto(self, device: torch.device, *args, **kwargs):
         """The call with auto's choice whatever is forced: for a composite op's secondary parts (fused_moe's
         routing, the Triton fused_experts' alignment), where a forced backend names the main part's kernels."""
-        if is_dynamo_compiling():
-            backend = _traced_route(self.name, device, "auto")
-        else:
-            backend = self._routes.get((device, "auto")) or self._route(device, "auto")
-        if self.kernel_limit is not None and backend != "torch":
-            backend = self._within_limit(backend, "auto", device, args, kwargs)
+        backend = self._dispatch(device, "auto", args, kwargs)
         if _trace is not None:
             _trace.append((self.name, backend))
         return self.impls[backend](*args, **kwargs)
@@ -218,7 +330,7 @@ class Op:
 def _traced_route(name: str, device: torch.device, forced: str) -> str:
     """Op `name`'s backend, evaluated once while Dynamo traces: a constant of the graph, with no guard of its own."""
     op = _BY_NAME[name]
-    return op._routes.get((device, forced)) or op._route(device, forced)
+    return (op._routes.get((device, forced)) or op._route(device, forced))[0]
 
 
 # The default `auto` order: the extension's kernels for the small latency-bound ops, then Triton, then the reference.

@@ -16,7 +16,7 @@ from ._checks import (
     raise_unless,
     traced,
 )
-from ._dispatch import Op
+from ._dispatch import INTERPRETER_DOT, Op
 from ._library import define_triton_op, launcher, native_op
 
 # The kernels take the softmax scale resolved (None -> D ** -0.5) and the window as two ints (-1: unbounded).
@@ -93,11 +93,13 @@ FLASH_ATTN = Op(
     {"triton": _flash_attn_triton, "cpu": _flash_attn_native, "torch": _reference_flash_attn},
     ATTENTION_ORDER,
     native_op="flash_attn_varlen_func",
+    interpreter_limit=INTERPRETER_DOT,
 )
 FLASH_ATTN_VARLEN = Op(
     "flash_attn_varlen_func",
     {"triton": _flash_attn_varlen_triton, "cpu": _flash_attn_varlen_native, "torch": _reference_flash_attn_varlen},
     ATTENTION_ORDER,
+    interpreter_limit=INTERPRETER_DOT,
 )
 
 

@@ -15,7 +15,7 @@ from ._checks import (
     same_sizes,
     traced,
 )
-from ._dispatch import NATIVE_FIRST, Op
+from ._dispatch import INTERPRETER_DOT, NATIVE_FIRST, Op
 from ._library import define_triton_op, launcher, native_op
 from .attention import check_attention_options, check_heads
 
@@ -176,6 +176,7 @@ FLASH_ATTN_WITH_KVCACHE = Op(
     "flash_attn_with_kvcache",
     {"triton": _with_kvcache_triton, "cpu": _with_kvcache_native, "torch": reference.flash_attn_with_kvcache},
     {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
+    interpreter_limit=INTERPRETER_DOT,
 )
 
 

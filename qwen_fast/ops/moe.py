@@ -5,7 +5,7 @@ import torch
 from qwen_fast.reference import moe as reference
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, Require, check_shape, check_tensor, raise_unless, traced
-from ._dispatch import Op
+from ._dispatch import INTERPRETER_DOT, Op
 from ._library import define_triton_op, launcher, native_op
 from .moe_align import MOE_ALIGN_BLOCK_SIZE, check_expert_ids
 from .routing import FUSED_TOPK, check_routing_args
@@ -45,6 +45,7 @@ FUSED_EXPERTS = Op(
     "fused_experts",
     {"triton": _fused_experts_triton, "cpu": _fused_experts_native, "torch": reference.fused_experts},
     {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
+    interpreter_limit=INTERPRETER_DOT,
 )
 
 
@@ -61,6 +62,7 @@ FUSED_MOE = Op(
     {"triton": _fused_moe, "cpu": _fused_moe, "torch": reference.fused_moe},
     FUSED_EXPERTS.auto_order,
     native_op="fused_experts",
+    interpreter_limit=INTERPRETER_DOT,
 )
 
 

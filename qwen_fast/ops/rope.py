@@ -20,7 +20,7 @@ from ._checks import (
     same_sizes,
     traced,
 )
-from ._dispatch import NATIVE_FIRST, Op
+from ._dispatch import INTERPRETER_CASTS, NATIVE_FIRST, Op
 from ._library import define_triton_op, launcher, native_op
 
 
@@ -65,6 +65,7 @@ ROTARY_EMBEDDING = Op(
         "torch": reference.rotary_embedding,
     },
     NATIVE_FIRST,
+    interpreter_limit=INTERPRETER_CASTS,
 )
 QK_NORM_ROPE_AND_CACHE = Op(
     "qk_norm_rope_and_cache",
@@ -75,6 +76,7 @@ QK_NORM_ROPE_AND_CACHE = Op(
         "torch": reference.qk_norm_rope_and_cache,
     },
     NATIVE_FIRST,
+    interpreter_limit=INTERPRETER_CASTS,
 )
 
 
