@@ -46,12 +46,15 @@ def _cases() -> dict:
     slots = torch.tensor([5])
     cos_sin = qwen_fast.reference.compute_cos_sin_cache(16, 32, 1e6)
     positions, norm = torch.tensor([3]), torch.ones(16)
-    routing = ("softmax", None, None, None, 1.0)
+    routing = ("softmax", None, None, None, 1.0, "max")
+    moe_routing = {"scoring_func": "softmax", "e_score_correction_bias": None, "num_expert_group": None,
+                   "topk_group": None, "routed_scaling_factor": 1.0, "group_scoring": None}  # fmt: skip
+    moe_options = {"custom_routing_function": None, "inplace": False, "expert_map": None}
     scale = 0.25
     rope_args = (q3[:1], k3[:1], v3[:1], norm, norm, 1e-6, positions, cos_sin, key_cache, value_cache, slots, True)
     return {
         "fused_topk": (
-            lambda: qwen_fast.fused_topk(gating, 2),
+            lambda: qwen_fast.fused_topk(x, gating, 2),
             lambda: ops.FUSED_TOPK(CPU, gating, 2, True),
             lambda: native.fused_topk(gating, 2, True, *routing),
         ),
@@ -67,7 +70,7 @@ def _cases() -> dict:
         ),
         "fused_moe": (
             lambda: qwen_fast.fused_moe(x, w13, w2, gating, 2),
-            lambda: ops.FUSED_MOE(CPU, x, w13, w2, gating, 2),
+            lambda: ops.FUSED_MOE(CPU, x, w13, w2, gating, 2, True, moe_options, moe_routing),
             lambda: native.fused_experts(x, w13, w2, *native.fused_topk(gating, 2, True, *routing)),
         ),
         "flash_attn_varlen_func": (

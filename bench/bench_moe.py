@@ -35,7 +35,7 @@ def _inputs(num_tokens: int, dtype_name: str):
     x = torch.randn(num_tokens, HIDDEN, device=DEVICE).to(dtype)
     w13 = (torch.randn(EXPERTS, 2 * INTER, HIDDEN, device=DEVICE) / HIDDEN**0.5).to(dtype)
     w2 = (torch.randn(EXPERTS, HIDDEN, INTER, device=DEVICE) / INTER**0.5).to(dtype)
-    weights, ids = qwen_fast.reference.fused_topk(torch.randn(num_tokens, EXPERTS, device=DEVICE), TOPK)
+    weights, ids = qwen_fast.reference.topk_routing(torch.randn(num_tokens, EXPERTS, device=DEVICE), TOPK)
     return x, w13, w2, weights, ids
 
 
@@ -126,7 +126,7 @@ def test_moe_block(benchmark, impl, num_tokens, dtype):
                                  (block.experts, "down_proj", w2)]:  # fmt: skip
         setattr(module, name, torch.nn.Parameter(tensor, requires_grad=False))  # the same tensors, not copies
     with torch.no_grad():
-        weights, ids = qwen_fast.reference.fused_topk(F.linear(x, gate_weight), TOPK)  # for extra_info's counts
+        weights, ids = qwen_fast.reference.topk_routing(F.linear(x, gate_weight), TOPK)  # for extra_info's counts
         inputs = (x, w13, w2, weights, ids)
         if impl != "qwen_fast":
             _time(benchmark, lambda: block(x.view(1, num_tokens, HIDDEN)), inputs, f"transformers.{impl}", "moe_block")

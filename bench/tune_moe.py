@@ -7,7 +7,7 @@ Writes (merging into what is there; a tuned T replaces the old entry for that T)
 `<out-dir>/moe_gemm/<device name>.json`, the table qwen_fast.configs reads; --out-dir defaults to
 $QWEN_FAST_CONFIG_DIR when set, else this source tree's qwen_fast/configs (shipped with the package).
 
-Per T: N(0, 1) router logits through the reference fused_topk (uniform routing: a real model's skew is not
+Per T: N(0, 1) router logits through the reference routing (topk_routing) (uniform routing: a real model's skew is not
 modelled), N(0, 1/fan_in) weights. Search, per BLOCK_M in --block-m: the two GEMMs are separate launches, so given
 BLOCK_M their tiles are independent; GEMM 1 (gate_up) tiles are timed with GEMM 2 at the heuristic's tiles (or the
 first --block-n/--block-k/... choice when those are outside the lists), then GEMM 2 (down) tiles with GEMM 1's best.
@@ -124,7 +124,7 @@ def make_inputs(args, num_tokens: int, device: torch.device) -> tuple[torch.Tens
     x = torch.randn(num_tokens, h, device=device).to(dtype)
     w13 = (torch.randn(e, 2 * i, h, device=device) / h**0.5).to(dtype)
     w2 = (torch.randn(e, h, i, device=device) / i**0.5).to(dtype)
-    weights, ids = qwen_fast.reference.fused_topk(torch.randn(num_tokens, e, device=device), args.topk)
+    weights, ids = qwen_fast.reference.topk_routing(torch.randn(num_tokens, e, device=device), args.topk)
     return x, w13, w2, weights, ids
 
 

@@ -62,12 +62,13 @@ QF_HOST_DEVICE void column_to_bases(int32_t* counts, int64_t rows, int64_t strid
   }
 }
 
-// expert_ids[block]: the expert whose run holds entry block * block_size, or -1 past the used entries. offsets has
+// expert_ids[block]: the expert whose run holds entry block * block_size, or 0 past the used entries (vLLM's fill: a
+// valid id; consumers stop at num_tokens_post_padded). offsets has
 // num_experts + 1 entries (offsets[E] = num_tokens_post_padded). The largest e with offsets[e] <= start has a
 // nonempty run (an empty expert e has offsets[e] == offsets[e + 1], and offsets[E] > start), so it is the answer.
 QF_HOST_DEVICE int32_t expert_of_block(const int32_t* offsets, int64_t num_experts, int64_t block, int64_t block_size) {
   const int64_t start = block * block_size;
-  if (start >= offsets[num_experts]) return -1;
+  if (start >= offsets[num_experts]) return 0;
   int64_t low = 0, high = num_experts - 1;  // invariant: offsets[low] <= start < offsets[high + 1]
   while (low < high) {
     const int64_t mid = (low + high + 1) / 2;

@@ -24,12 +24,14 @@ std::tuple<at::Tensor, at::Tensor> fused_topk_cpu(const at::Tensor& gating_outpu
                                                   c10::string_view scoring_func,
                                                   const c10::optional<at::Tensor>& e_score_correction_bias,
                                                   c10::optional<int64_t> num_expert_group,
-                                                  c10::optional<int64_t> topk_group, double routed_scaling_factor);
+                                                  c10::optional<int64_t> topk_group, double routed_scaling_factor,
+    c10::string_view group_scoring);
 std::tuple<at::Tensor, at::Tensor> fused_topk_cuda(const at::Tensor& gating_output, int64_t topk, bool renormalize,
                                                    c10::string_view scoring_func,
                                                    const c10::optional<at::Tensor>& e_score_correction_bias,
                                                    c10::optional<int64_t> num_expert_group,
-                                                   c10::optional<int64_t> topk_group, double routed_scaling_factor);
+                                                   c10::optional<int64_t> topk_group, double routed_scaling_factor,
+    c10::string_view group_scoring);
 
 // Sorts the flat ids of topk_ids [T, k] (int32/int64) by expert, runs padded to block_size (layout:
 // qwen_fast/reference/moe_align.py) -> (sorted_token_ids, expert_ids, num_tokens_post_padded), all int32.
@@ -38,10 +40,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cpu(const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cuda(const at::Tensor& topk_ids,
                                                                           int64_t block_size, int64_t num_experts);
 
-// SwiGLU experts: hidden_states [T, H], w13 [E, 2I, H] (gate rows, then up rows), w2 [E, H, I], topk_weights and
-// topk_ids [T, k]; returns [T, H], the k expert outputs weighted and summed in fp32 in j order.
+// SwiGLU (activation "silu") or GeGLU ("gelu") experts: hidden_states [T, H], w13 [E, 2I, H] (gate rows, then up
+// rows), w2 [E, H, I], topk_weights and topk_ids [T, k] (global ids mapped by expert_map [global E] int32 when
+// given, -1: skipped); returns [T, H], the k expert outputs weighted and summed in fp32 in j order.
 at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& w13, const at::Tensor& w2,
-                             const at::Tensor& topk_weights, const at::Tensor& topk_ids);
+                             const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                             const c10::optional<at::Tensor>& expert_map, c10::string_view activation);
 
 // RoPE of query [T, Hq, D] and key [T, Hkv, D] by positions [T] (int64) with cos_sin_cache [max_position, D]
 // ([cos | sin], fp32 or query's dtype) -> new (query, key). Roundings: rope.h.

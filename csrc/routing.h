@@ -90,9 +90,10 @@ QF_HOST_DEVICE int64_t argmax_candidate(const int64_t* candidates, int64_t n) {
   return best;
 }
 
-// A group's score: the sum of its two largest selection scores (the largest alone for a group of one), as the
-// reference's fp32 top-2 sum. candidates: the group's `size` entries.
-QF_HOST_DEVICE float group_score(const int64_t* candidates, int64_t size) {
+// A group's score from its `size` candidates: the largest selection score ("max": vLLM and DeepSeek-V2 without a
+// correction bias), or the sum of its two largest ("top2_sum": DeepSeek-V3, vLLM with a bias; the largest alone for a
+// group of one), as the reference's fp32 max or top-2 sum.
+QF_HOST_DEVICE float group_score(const int64_t* candidates, int64_t size, bool top2_sum) {
   int64_t first = kNoCandidate, second = kNoCandidate;
   for (int64_t i = 0; i < size; ++i) {
     const int64_t c = candidates[i];
@@ -104,7 +105,7 @@ QF_HOST_DEVICE float group_score(const int64_t* candidates, int64_t size) {
     }
   }
   const float top = candidate_score(first);
-  return second == kNoCandidate ? top : top + candidate_score(second);
+  return (!top2_sum || second == kNoCandidate) ? top : top + candidate_score(second);
 }
 
 // The final weight of a picked expert: its unbiased score, / the fp32 sum of the k scores if renormalizing, then

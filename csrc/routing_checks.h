@@ -26,13 +26,14 @@ struct RoutingParams {
   int64_t num_groups;  // 1 without group-limited routing
   int64_t topk_group;  // groups kept (num_groups without group-limited routing)
   float scale;
+  bool group_top2_sum;  // group score: the sum of its top-2 ("top2_sum"), else its maximum ("max")
 };
 
 inline RoutingParams check_fused_topk(const at::Tensor& gating_output, int64_t topk, bool renormalize,
                                       const std::string& scoring_func,
                                       const c10::optional<at::Tensor>& e_score_correction_bias,
                                       c10::optional<int64_t> num_expert_group, c10::optional<int64_t> topk_group,
-                                      double routed_scaling_factor) {
+                                      double routed_scaling_factor, const std::string& group_scoring) {
   TORCH_CHECK(gating_output.dim() == 2, "fused_topk: gating_output must be [T, E], got ", gating_output.sizes());
   const auto dtype = gating_output.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16,
@@ -66,10 +67,12 @@ inline RoutingParams check_fused_topk(const at::Tensor& gating_output, int64_t t
     TORCH_CHECK(topk <= kept * (num_experts / groups), "fused_topk: topk = ", topk, " exceeds the ",
                 kept * (num_experts / groups), " experts of topk_group = ", kept, " groups");
   }
+  TORCH_CHECK(group_scoring == "max" || group_scoring == "top2_sum",
+              "fused_topk: group_scoring must be 'max' or 'top2_sum', got '", group_scoring, "'");
   TORCH_CHECK(std::isfinite(routed_scaling_factor) && routed_scaling_factor > 0,
               "fused_topk: routed_scaling_factor must be finite and > 0, got ", routed_scaling_factor);
   return RoutingParams{gating_output.size(0), num_experts, topk, renormalize, scoring_func == "sigmoid", groups,
-                       kept, static_cast<float>(routed_scaling_factor)};
+                       kept, static_cast<float>(routed_scaling_factor), group_scoring == "top2_sum"};
 }
 
 // The bias as a contiguous fp32 [E] tensor (an undefined tensor without one): one dtype for the kernels to read.

@@ -9,8 +9,8 @@ TORCH_LIBRARY(qwen_fast, m) {
       "Tensor slot_mapping) -> ()");
   m.def(
       "fused_topk(Tensor gating_output, int topk, bool renormalize, str scoring_func, "
-      "Tensor? e_score_correction_bias, int? num_expert_group, int? topk_group, float routed_scaling_factor) "
-      "-> (Tensor, Tensor)");
+      "Tensor? e_score_correction_bias, int? num_expert_group, int? topk_group, float routed_scaling_factor, "
+      "str group_scoring) -> (Tensor, Tensor)");
   m.def("moe_align_block_size(Tensor topk_ids, int block_size, int num_experts) -> (Tensor, Tensor, Tensor)");
   m.def(
       "rotary_embedding(Tensor positions, Tensor query, Tensor key, Tensor cos_sin_cache, bool is_neox) -> "
@@ -25,7 +25,9 @@ TORCH_LIBRARY(qwen_fast, m) {
   m.def(
       "flash_attn_varlen_func(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
       "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right) -> Tensor");
-  m.def("fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids) -> Tensor");
+  m.def(
+      "fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
+      "Tensor? expert_map=None, str activation=\"silu\") -> Tensor");
 }
 
 // A plain Python module, so that `import qwen_fast._C` loads the library and runs the registrations above.

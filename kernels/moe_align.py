@@ -13,7 +13,8 @@ rows <= 256 and the single-program prefix below loops over at most 256 rows). Fo
    sum_{r' < r} counts[r', e] to a separate [rows, E] buffer (not in place: when E_PAD is smaller than the
    program's threads, an element is held by several threads, and an in-place rewrite would race their loads).
 3. _expert_ids_kernel, program b owns BLOCK_B entries of expert_ids: binary search of offsets (STEPS =
-   bit_length(E - 1) halvings) for the largest e with offsets[e] <= b * block_size; -1 past the used entries.
+   bit_length(E - 1) halvings) for the largest e with offsets[e] <= b * block_size; 0 past the used entries
+   (vLLM's fill).
 4. _scatter_kernel, program r owns tile r: per chunk of SUB ids, rank[i] = #{j < i in the chunk with the same
    expert} from a [SUB, SUB] comparison (SUB = 64: 4096 booleans, 32 per thread at 4 warps), position =
    base[r, e] + rank; the last id of each expert in the chunk stores base[r, e] = position + 1 for the next chunk.
@@ -88,7 +89,7 @@ def _expert_ids_kernel(
         low = tl.where(go, mid, low)
         high = tl.where(go, high, mid - 1)
     used = tl.load(offsets + num_experts)
-    tl.store(expert_ids + blocks, tl.where(start < used, low, -1), mask=bmask)
+    tl.store(expert_ids + blocks, tl.where(start < used, low, 0), mask=bmask)
 
 
 @triton.jit

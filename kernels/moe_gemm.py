@@ -2,16 +2,20 @@
 
 Routing layout, computed by the caller (qwen_fast/ops/moe.py: moe_align_block_size(topk_ids, BLOCK_M, E)): the flat
 pair indices i = t * k + j sorted by expert, each expert's run padded to a multiple of BLOCK_M (sentinel T * k), so
-that every block of BLOCK_M sorted rows belongs to one expert (expert_ids[block], -1 for unused blocks). Row r of
-the sorted order is pair sorted_token_ids[r]; padding rows are masked everywhere (never loaded, never stored). This
-is the grouped GEMM of vLLM's fused_moe and MegaBlocks, written here from that description.
+that every block of BLOCK_M sorted rows belongs to one expert (expert_ids[block]). Blocks at or past
+num_tokens_post_padded (expert_ids 0 there, vLLM's fill) and blocks of expert -1 (expert parallelism: another rank's
+expert, after expert_map) are skipped by both GEMMs; the rows of y of such pairs are zeroed first (zero_y), so the
+combine adds 0 for them. Row r of the sorted order is pair sorted_token_ids[r]; padding rows are masked everywhere
+(never loaded, never stored). This is the grouped GEMM of vLLM's fused_moe and MegaBlocks, written here from that
+description.
 
 1. _gate_up_kernel, grid (num_blocks, cdiv(I, BLOCK_N)). Program (b, n) owns rows [b*BLOCK_M, (b+1)*BLOCK_M) of
    the sorted order and intermediate columns [n*BLOCK_N, (n+1)*BLOCK_N) of expert e = expert_ids[b]. Per K step it
    loads the gathered token rows of hidden_states [BLOCK_M, BLOCK_K] and two weight tiles of w13[e] read in place:
    the gate rows n.. and the up rows I + n.., each as [BLOCK_K, BLOCK_N] through w13's strides (no transposed
    copy). Registers hold two fp32 accumulators [BLOCK_M, BLOCK_N]. Epilogue, rounding where the reference rounds:
-   gate and up to the activation dtype, silu(gate) in fp32 to the dtype, the product in fp32 to the dtype; stored to
+   gate and up to the activation dtype, silu(gate) (or gelu(gate), GELU) in fp32 to the dtype, the product in fp32
+   to the dtype; stored to
    intermediate [num_padded, I] at the sorted row. The [T*k, 2I] gate_up tensor never exists.
 2. _down_kernel, grid (num_blocks, cdiv(H, BLOCK_N)). Program (b, n) owns the same BLOCK_M sorted rows and output
    columns [n*BLOCK_N, ...) of expert e: intermediate rows x w2[e][n.., :].T (w2 [E, H, I] read in place as
@@ -81,6 +85,7 @@ def _gate_up_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    GELU: tl.constexpr,
 ):
     block = tl.program_id(0)
     col_block = tl.program_id(1)
@@ -117,7 +122,10 @@ def _gate_up_kernel(
     dtype = intermediate.dtype.element_ty
     gate = acc_gate.to(dtype).to(tl.float32)
     up = acc_up.to(dtype).to(tl.float32)
-    act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
+    if GELU:  # the exact GELU (erf), torch's approximate="none"
+        act = (0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))).to(dtype).to(tl.float32)
+    else:
+        act = (gate / (1.0 + tl.exp(-gate))).to(dtype).to(tl.float32)
     out = (act * up).to(dtype)
     out_ptrs = intermediate + rows[:, None] * inter_size + cols[None, :]
     tl.store(out_ptrs, out, mask=row_ok[:, None] & col_ok[None, :])
@@ -261,10 +269,14 @@ def fused_experts(
     expert_ids: torch.Tensor,
     num_tokens_post_padded: torch.Tensor,
     config: dict,
+    zero_y: bool = False,
+    activation: str = "silu",
 ) -> torch.Tensor:
     """Launcher; arguments as qwen_fast.fused_experts (checked there) with T >= 1, the routing as
-    moe_align_block_size(topk_ids, config["BLOCK_M"], E) lays it out, and `config` an entry as validate_config()
-    describes (choose_config()'s, or a tuner's candidate). Returns [T, H] in hidden_states' dtype."""
+    moe_align_block_size(topk_ids, config["BLOCK_M"], E) lays it out (expert_ids -1: a skipped block), and `config`
+    an entry as validate_config() describes (choose_config()'s, or a tuner's candidate). zero_y: some pairs sit in
+    skipped blocks (an expert map), so y starts zeroed. activation: "silu" (SwiGLU) or "gelu" (GeGLU). Returns [T, H]
+    in hidden_states' dtype."""
     num_tokens, topk = topk_weights.shape
     inter_size, hidden_size = w2.shape[2], w2.shape[1]
     dtype, device = hidden_states.dtype, hidden_states.device
@@ -273,7 +285,7 @@ def fused_experts(
     block_m = config["BLOCK_M"]
     num_blocks = expert_ids.shape[0]
     intermediate = torch.empty(sorted_token_ids.shape[0], inter_size, dtype=dtype, device=device)
-    y = torch.empty(num_pairs, hidden_size, dtype=dtype, device=device)
+    y = (torch.zeros if zero_y else torch.empty)(num_pairs, hidden_size, dtype=dtype, device=device)
     precision = _precision(dtype)
 
     gate_up = config["gate_up"]
@@ -295,6 +307,7 @@ def fused_experts(
         w13.stride(2),
         BLOCK_M=block_m,
         DOT_PRECISION=precision,
+        GELU=activation == "gelu",
         **gate_up,
     )
     down = config["down"]
@@ -342,11 +355,12 @@ def _launch_configs() -> list[tuple[torch.dtype, int, dict]]:
 
 
 def gemm_specs(dtype: torch.dtype, block_m: int, config: dict) -> list[CompileSpec]:
-    """The gate_up and down kernels as launched with one config (tiles {"gate_up": ..., "down": ...})."""
+    """The gate_up kernel (silu and gelu) and the down kernel as launched with one config (tiles {"gate_up": ...,
+    "down": ...})."""
     specs, pointer = [], "*" + TRITON_DTYPE[dtype]
-    for kernel, names, ints, tiles in (
-        (_gate_up_kernel, ("hidden", "w13", "intermediate"), 9, config["gate_up"]),
-        (_down_kernel, ("intermediate", "w2", "y"), 6, config["down"]),
+    for kernel, names, ints, tiles, variants in (
+        (_gate_up_kernel, ("hidden", "w13", "intermediate"), 9, config["gate_up"], ({"GELU": False}, {"GELU": True})),
+        (_down_kernel, ("intermediate", "w2", "y"), 6, config["down"], ({},)),
     ):
         signature = {name: pointer for name in names}
         signature |= {"sorted_token_ids": "*i32", "expert_ids": "*i32", "num_tokens_post_padded": "*i32"}
@@ -354,17 +368,19 @@ def gemm_specs(dtype: torch.dtype, block_m: int, config: dict) -> list[CompileSp
         signature |= {name: "i64" if name.startswith("stride") else "i32" for name in scalars}
         signature |= {name: "constexpr" for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "DOT_PRECISION")}
         constexprs = {"BLOCK_M": block_m, "BLOCK_N": tiles["BLOCK_N"], "BLOCK_K": tiles["BLOCK_K"]}
-        specs.append(
-            CompileSpec(
-                kernel,
-                signature,
-                constexprs | {"DOT_PRECISION": _precision(dtype)},
-                num_warps=tiles["num_warps"],
-                num_stages=tiles["num_stages"],
-                label=f"{TRITON_DTYPE[dtype]} M={block_m} N={tiles['BLOCK_N']} K={tiles['BLOCK_K']} "
-                f"S={tiles['num_stages']}",
+        constexprs["DOT_PRECISION"] = _precision(dtype)
+        for variant in variants:
+            specs.append(
+                CompileSpec(
+                    kernel,
+                    signature | {name: "constexpr" for name in variant},
+                    constexprs | variant,
+                    num_warps=tiles["num_warps"],
+                    num_stages=tiles["num_stages"],
+                    label=f"{TRITON_DTYPE[dtype]} M={block_m} N={tiles['BLOCK_N']} K={tiles['BLOCK_K']} "
+                    f"S={tiles['num_stages']}" + (" gelu" if variant.get("GELU") else ""),
+                )
             )
-        )
     return specs
 
 

@@ -7,8 +7,8 @@ padded with -inf; BLOCK_T = 2048 // BLOCK_E tokens, so 8 candidates per thread a
   candidates   int64: the selection score's order key (int32: NaN largest, -0 == +0) << 32 | (2^32 - 1 - expert), so
                the integer maximum is the largest score and, among equal scores, the LOWER expert: ties never depend
                on tl.max internals (tl.argmax does not promise the lower index). Padding: INT64_MIN.
-  groups       (G > 1) for each group g (a loop of G): its score = the sum of its two largest candidates' scores (the
-               maximum over its members, then the maximum without that one candidate), written as the group's
+  groups       (G > 1) for each group g (a loop of G): its score = its largest candidate's score, plus (group_top2
+               set: "top2_sum") the second largest (the maximum without that one candidate), written as the group's
                candidate into every member's slot; topk_group rounds of "take the largest group candidate" mark the
                kept groups; the experts of the other groups get the candidate of -inf (the reference's masked_fill).
   top-k        k rounds of "take the largest candidate" (one max reduction per token per round): round j stores id j
@@ -60,7 +60,7 @@ def _score(x, max_logit, inv_sum, sigmoid):
 @triton.jit
 def _fused_topk_kernel(
     logits, bias, weights, ids, num_tokens, num_experts, group_size, num_groups, topk, topk_group, scale,
-    sigmoid, has_bias, renormalize, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
+    sigmoid, has_bias, renormalize, group_top2, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
 ):  # fmt: skip
     tokens = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     live = tokens < num_tokens  # padding tokens get finite, unused values
@@ -85,7 +85,8 @@ def _fused_topk_kernel(
             member = group_of == g
             top1 = tl.max(tl.where(member, cand, none), axis=1)  # [BLOCK_T]
             top2 = tl.max(tl.where(member & (cand != top1[:, None]), cand, none), axis=1)
-            score = _candidate_score(top1) + tl.where(top2 == -(2**63), 0.0, _candidate_score(top2))
+            second = tl.where((top2 == -(2**63)) | (group_top2 == 0), 0.0, _candidate_score(top2))
+            score = _candidate_score(top1) + second  # a branch here spilled at E = 128 (sm_90)
             group_cand = tl.where(member, _candidates(score, tl.full([BLOCK_T], g, tl.int32))[:, None], group_cand)
         kept = tl.zeros([BLOCK_T, BLOCK_E], dtype=tl.int1)
         for _ in range(topk_group):
@@ -126,8 +127,10 @@ def fused_topk(
     num_expert_group: int | None,
     topk_group: int | None,
     routed_scaling_factor: float,
+    group_scoring: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launcher; arguments and outputs as qwen_fast.fused_topk (checked there)."""
+    """Launcher; arguments as qwen_fast.ops.FUSED_TOPK (checked there; group_scoring "max" or "top2_sum"), outputs
+    topk_weights fp32 [T, k] and topk_ids int32 [T, k]."""
     num_tokens, num_experts = gating_output.shape
     if not 1 <= num_experts <= MAX_EXPERTS:
         raise ValueError(f"gating_output must have 1 to {MAX_EXPERTS} experts for the Triton kernel, got {num_experts}")
@@ -144,7 +147,7 @@ def fused_topk(
     _fused_topk_kernel[grid](
         gating_output.contiguous(), bias, weights, ids, num_tokens, num_experts, num_experts // groups, groups, topk,
         kept, routed_scaling_factor, int(scoring_func == "sigmoid"), int(e_score_correction_bias is not None),
-        int(renormalize), **config,
+        int(renormalize), int(group_scoring == "top2_sum"), **config,
     )  # fmt: skip
     return weights, ids
 
@@ -161,7 +164,7 @@ def compile_specs() -> list[CompileSpec]:
                     {"logits": "*" + TRITON_DTYPE[dtype], "bias": "*fp32", "weights": "*fp32", "ids": "*i32",
                      "num_tokens": "i32", "num_experts": "i32", "group_size": "i32", "num_groups": "i32",
                      "topk": "i32", "topk_group": "i32", "scale": "fp32", "sigmoid": "i32", "has_bias": "i32",
-                     "renormalize": "i32", "BLOCK_T": "constexpr", "BLOCK_E": "constexpr"},
+                     "renormalize": "i32", "group_top2": "i32", "BLOCK_T": "constexpr", "BLOCK_E": "constexpr"},
                     constexprs,
                     num_warps=config["num_warps"],
                     label=f"fused_topk {TRITON_DTYPE[dtype]} T{config['BLOCK_T']}xE{block_e}",

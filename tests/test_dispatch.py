@@ -174,12 +174,12 @@ def test_kernel_limit_is_checked_per_call():
 def test_fused_topk_past_the_kernels_expert_limit():
     logits = torch.randn(3, 1025)
     with record_backends() as calls:
-        weights, ids = qwen_fast.fused_topk(logits, 2)
-        qwen_fast.fused_topk(logits[:, :8], 2)
+        weights, ids, _ = qwen_fast.fused_topk(logits, logits, 2)
+        qwen_fast.fused_topk(logits, logits[:, :8], 2)
     assert calls == [("fused_topk", "torch"), ("fused_topk", "cpu")]
-    assert torch.equal(ids, qwen_fast.reference.fused_topk(logits, 2)[1])
+    assert torch.equal(ids, qwen_fast.reference.topk_routing(logits, 2)[1])
     with use_backend("cpu"), pytest.raises(RuntimeError, match="1 to 1024 experts, got E = 1025"):
-        qwen_fast.fused_topk(logits, 2)
+        qwen_fast.fused_topk(logits, logits, 2)
 
 
 # --- bfloat16 under Triton's interpreter ---------------------------------------------------------------------------
@@ -327,27 +327,28 @@ def _moe_inputs():
 
 
 def test_fused_moe_is_composed_of_its_ops():
-    """fused_moe = fused_topk on its own auto choice + fused_experts on the forced (or auto) backend, both recorded."""
+    """fused_moe = fused_topk + fused_experts, each on the forced backend (or its own auto choice), all recorded."""
     inputs = _moe_inputs()
     with record_backends() as auto:
         out = qwen_fast.fused_moe(*inputs, topk=2)
     with use_backend("torch"), record_backends() as forced:
         expected = qwen_fast.fused_moe(*inputs, topk=2)
     assert auto == [("fused_moe", "cpu"), ("fused_topk", "cpu"), ("fused_experts", "cpu")]
-    assert forced == [("fused_moe", "torch")]
+    assert forced == [("fused_moe", "torch"), ("fused_topk", "torch"), ("fused_experts", "torch")]
     assert_close(out, expected)
 
 
 @pytest.mark.interpret
-def test_triton_fused_moe_aligns_on_autos_backend():
-    """The Triton fused_experts aligns through moe_align_block_size's Op (auto's backend, no checks, recorded)."""
+def test_triton_fused_moe_runs_every_inner_op_on_triton():
+    """A forced backend runs every inner op of fused_moe on it: the Triton fused_experts aligns through
+    moe_align_block_size's Op (no checks, recorded) on triton too."""
     with use_backend("triton"), record_backends() as calls:
         qwen_fast.fused_moe(*_moe_inputs(), topk=2)
     assert calls == [
         ("fused_moe", "triton"),
-        ("fused_topk", "cpu"),
+        ("fused_topk", "triton"),
         ("fused_experts", "triton"),
-        ("moe_align_block_size", "cpu"),
+        ("moe_align_block_size", "triton"),
     ]
 
 
@@ -408,7 +409,7 @@ def _contract_cases() -> dict:
             lambda: qwen_fast.reshape_and_cache(key, odd, cache, cache, slots),
             (key, odd, cache, cache, slots),
         ),
-        "fused_topk": (lambda: qwen_fast.fused_topk(x, 9), (x, 9, True, "softmax", None, None, None, 1.0)),
+        "fused_topk": (lambda: qwen_fast.fused_topk(x, x, 9), (x, 9, True, "softmax", None, None, None, 1.0, "max")),
         "moe_align_block_size": (lambda: qwen_fast.moe_align_block_size(weights, 16, 4), (weights, 16, 4)),
         "fused_experts": (
             lambda: qwen_fast.fused_experts(x, w13, bad_w2, weights, ids),

@@ -29,7 +29,7 @@ def _plain_python(topk_ids: torch.Tensor, block_size: int, num_experts: int):
         expert_ids += [e] * (padded // block_size)
     used = len(sorted_ids)
     sorted_ids += [n] * (size - used)
-    expert_ids += [-1] * (math.ceil(size / block_size) - len(expert_ids))
+    expert_ids += [0] * (math.ceil(size / block_size) - len(expert_ids))  # vLLM's fill
     return sorted_ids, expert_ids, used
 
 
@@ -50,7 +50,7 @@ def _check_invariants(topk_ids, block_size, num_experts, sorted_ids, expert_ids,
     real = sorted_ids[:used][sorted_ids[:used] != n].long()
     assert torch.equal(real.sort().values, torch.arange(n)), "every flat index exactly once"
     assert (sorted_ids[used:] == n).all(), "sentinel past num_tokens_post_padded"
-    assert (expert_ids[used // block_size :] == -1).all(), "-1 past the used blocks"
+    assert (expert_ids[used // block_size :] == 0).all(), "0 past the used blocks (vLLM's fill)"
 
     blocks = sorted_ids[:used].view(-1, block_size).long()
     block_experts = expert_ids[: used // block_size].long()
@@ -104,8 +104,22 @@ def test_docstring_example():
     topk_ids = torch.tensor([[2, 0], [2, 3], [0, 2]], dtype=torch.int32)
     sorted_ids, expert_ids, num_post_padded = moe_align_block_size(topk_ids, 2, 4)
     assert sorted_ids.tolist() == [1, 4, 0, 2, 5, 6, 3, 6, 6, 6]
-    assert expert_ids.tolist() == [0, 2, 2, 3, -1]
+    assert expert_ids.tolist() == [0, 2, 2, 3, 0]
     assert num_post_padded.tolist() == [8]
+
+
+def test_vllm_expert_map_and_pad_sorted_ids():
+    """vLLM 0.10.1.1's options: expert_ids mapped through expert_map (every block: the trailing ones read
+    expert_map[0]), sorted_token_ids lengthened with sentinels to a multiple of block_size; the rest unchanged."""
+    topk_ids = torch.tensor([[2, 0], [2, 3], [0, 2]], dtype=torch.int32)
+    plain = moe_align_block_size(topk_ids, 2, 4)
+    expert_map = torch.tensor([-1, 5, 0, 1], dtype=torch.int32)
+    sorted_ids, expert_ids, total = moe_align_block_size(topk_ids, 2, 4, expert_map=expert_map)
+    assert torch.equal(sorted_ids, plain[0]) and torch.equal(total, plain[2])
+    assert expert_ids.tolist() == expert_map[plain[1].long()].tolist() == [-1, 0, 0, 1, -1]
+    sorted_ids, expert_ids, total = moe_align_block_size(topk_ids, 4, 4, pad_sorted_ids=True)
+    unpadded = moe_align_block_size(topk_ids, 4, 4)[0]  # 6 + 4 * 3 = 18 entries -> 20
+    assert sorted_ids.tolist() == unpadded.tolist() + [6, 6] and expert_ids.numel() == 5 and total.tolist() == [12]
 
 
 def test_int32_and_int64_ids_agree():
@@ -140,6 +154,14 @@ def test_buffer_bound_is_tight(block_size):
         ({"num_experts": 0}, ValueError, r"num_experts must be in \[1, inf\], got 0"),
         ({"num_experts": 3}, ValueError, r"topk_ids must lie in \[0, 3\) \(num_experts=3\), got ids in \[0, 7\]"),
         ({"topk_ids": torch.tensor([[0, -1]], dtype=torch.int32)}, ValueError, r"got ids in \[-1, 0\]"),
+        ({"expert_map": torch.zeros(8)}, TypeError, "expert_map must be int32, got torch.float32"),
+        ({"expert_map": torch.zeros(7, dtype=torch.int32)}, ValueError, r"expert_map must be \[num_experts\] = \[8\]"),
+        (
+            {"expert_map": torch.full((8,), -2, dtype=torch.int32)},
+            ValueError,
+            r"local expert ids >= -1 .*got \[-2, -2\]",
+        ),
+        ({"pad_sorted_ids": 1}, TypeError, "pad_sorted_ids must be a bool, got int 1"),
     ],
 )
 def test_moe_align_block_size_bad_input(kwargs, error, message):

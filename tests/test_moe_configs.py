@@ -177,18 +177,18 @@ def test_triton_launcher_uses_the_tuned_entry(config_dir, monkeypatch):
     _write(config_dir, "cpu", {SHAPE: {"4": tuned}})
 
     sizes, launches = [], []
-    real_align = align.MOE_ALIGN_BLOCK_SIZE.impls["cpu"]  # the launcher aligns on auto's backend: cpu here
+    real_align = align.MOE_ALIGN_BLOCK_SIZE.impls["triton"]  # the launcher aligns on the forced backend: triton
 
     def align_spy(ids, size, num_experts):
         sizes.append(size)
         return real_align(ids, size, num_experts)
 
-    monkeypatch.setitem(align.MOE_ALIGN_BLOCK_SIZE.impls, "cpu", align_spy)
+    monkeypatch.setitem(align.MOE_ALIGN_BLOCK_SIZE.impls, "triton", align_spy)
     monkeypatch.setattr(moe_gemm, "_gate_up_kernel", _LaunchSpy(moe_gemm._gate_up_kernel, launches))
     monkeypatch.setattr(moe_gemm, "_down_kernel", _LaunchSpy(moe_gemm._down_kernel, launches))
     x = torch.randn(num_tokens, hidden)
     w13, w2 = torch.randn(num_experts, 2 * inter, hidden) / 7, torch.randn(num_experts, hidden, inter) / 5
-    weights, ids = qwen_fast.reference.fused_topk(torch.randn(num_tokens, num_experts), topk)
+    weights, ids = qwen_fast.reference.topk_routing(torch.randn(num_tokens, num_experts), topk)
     expected = fused_experts(x, w13, w2, weights, ids)
 
     for entry in (tuned, heuristic):

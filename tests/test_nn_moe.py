@@ -29,7 +29,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 
 import qwen_fast
 from qwen_fast.nn import MoEExperts, SparseMoeBlock, TopKRouter
-from qwen_fast.reference import fused_experts, fused_topk
+from qwen_fast.reference import fused_experts, topk_routing
 
 HIDDEN, INTER = 32, 16
 
@@ -213,7 +213,7 @@ def test_router_and_experts_match_the_references():
         out = experts(x, ids, weights)
     assert torch.equal(logits, x @ router.weight.T)
     routing = dict(scoring_func="sigmoid", num_expert_group=4, topk_group=2, routed_scaling_factor=2.5)
-    ref_weights, ref_ids = fused_topk(
+    ref_weights, ref_ids = topk_routing(
         logits, 3, True, e_score_correction_bias=router.e_score_correction_bias, **routing
     )
     assert torch.equal(ids, ref_ids)

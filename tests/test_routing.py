@@ -1,4 +1,4 @@
-"""qwen_fast.reference.routing.fused_topk against transformers' own routers, and its own properties.
+"""qwen_fast.reference.routing.topk_routing (fused_topk's routing) against transformers' routers, and its properties.
 
 What transformers 5.23 does (pinned by the tests below):
 - Qwen3-MoE, Qwen2-MoE, OLMoE: logits in the model dtype, softmax(dtype=float32), torch.topk, divide by the sum iff
@@ -23,7 +23,7 @@ from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeTopKRouter
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeTopKRouter
 
 import qwen_fast
-from qwen_fast.reference.routing import fused_topk
+from qwen_fast.reference.routing import topk_routing
 
 HIDDEN = 64
 TOKENS = 64
@@ -90,7 +90,7 @@ def test_softmax_router_matches_transformers(family, dtype):
 
     assert logits.dtype == dtype  # logits in the model dtype
     assert hf_weights.dtype == (dtype if casts else torch.float32)  # the cast HF does (or not, Mixtral)
-    weights, ids = fused_topk(logits, config.num_experts_per_tok, renormalize)
+    weights, ids = topk_routing(logits, config.num_experts_per_tok, renormalize)
     assert weights.dtype == torch.float32 and ids.dtype == torch.int32
     choice = torch.softmax(logits.float(), dim=-1)
     assert_same_routing(ids, weights, hf_ids, hf_weights, choice)
@@ -119,23 +119,42 @@ def test_deepseek_v3_router_matches_transformers(dtype, norm, bias):
     assert logits.dtype == torch.float32  # DeepSeek-V3 computes its router logits in fp32 even in a bf16 model
     assert hf_weights.dtype == torch.float32
 
-    kwargs = dict(scoring_func="sigmoid", num_expert_group=8, topk_group=4, routed_scaling_factor=2.5)
-    # With zero bias, transformers still adds its (zero) buffer: passing None must give the same routing.
+    kwargs = dict(scoring_func="sigmoid", num_expert_group=8, topk_group=4, routed_scaling_factor=2.5,
+                  group_scoring="top2_sum")  # fmt: skip
+    # With zero bias, transformers still adds its (zero) buffer: passing None (with DeepSeek-V3's group scoring
+    # named, as qwen_fast's DeepSeek-V3 router does) must give the same routing.
     e_bias = router.e_score_correction_bias if bias else None
-    weights, ids = fused_topk(logits, 8, norm, e_score_correction_bias=e_bias, **kwargs)
+    weights, ids = topk_routing(logits, 8, norm, e_score_correction_bias=e_bias, **kwargs)
     choice = logits.sigmoid() + router.e_score_correction_bias
     assert_same_routing(ids, weights, hf_ids, hf_weights, choice)
 
     # The inputs exercise the group limit: a plain top-8 picks other experts for some tokens.
-    _, plain_ids = fused_topk(logits, 8, norm, scoring_func="sigmoid", e_score_correction_bias=e_bias)
+    _, plain_ids = topk_routing(logits, 8, norm, scoring_func="sigmoid", e_score_correction_bias=e_bias)
     assert (plain_ids.sort(-1).values != ids.sort(-1).values).any(-1).any()
 
 
+# Group 0 has the single best expert (sigmoid(3) = 0.95, then 0.007s); group 1 has two good ones (0.62 + 0.62).
+GROUP_LOGITS = torch.tensor([[3.0, -5.0, -5.0, -5.0, 0.5, 0.5, -5.0, -5.0]])
+GROUPS = {"scoring_func": "sigmoid", "num_expert_group": 2, "topk_group": 1}
+
+
+def test_group_score_follows_vllm_rule_by_default():
+    """vLLM's grouped_topk (and DeepSeek-V2) score a group by its max without a correction bias, by the sum of its
+    top-2 with one (DeepSeek-V3); group_scoring overrides the rule either way."""
+    _, ids = topk_routing(GROUP_LOGITS, 2, False, **GROUPS)  # no bias: the max, group 0 (0.95 > 0.62)
+    assert ids.tolist() == [[0, 1]]  # then the lower index among the tied 0.007s
+    assert topk_routing(GROUP_LOGITS, 2, False, group_scoring="max", **GROUPS)[1].tolist() == [[0, 1]]
+    zero = torch.zeros(8)
+    _, ids = topk_routing(GROUP_LOGITS, 2, False, e_score_correction_bias=zero, **GROUPS)  # bias: the top-2 sum
+    assert ids.tolist() == [[4, 5]]
+    _, ids = topk_routing(GROUP_LOGITS, 2, False, e_score_correction_bias=zero, group_scoring="max", **GROUPS)
+    assert ids.tolist() == [[0, 1]]
+
+
 def test_group_score_is_top2_sum_as_transformers():
-    """Group score = largest + second largest (not the max, as vLLM without a bias and DeepSeek-V2 use)."""
-    # Group 0 has the single best expert (sigmoid(3) = 0.95, then 0.007s); group 1 has two good ones (0.62 + 0.62).
-    logits = torch.tensor([[3.0, -5.0, -5.0, -5.0, 0.5, 0.5, -5.0, -5.0]])
-    weights, ids = fused_topk(logits, 2, False, scoring_func="sigmoid", num_expert_group=2, topk_group=1)
+    """Group score = largest + second largest (group_scoring="top2_sum", DeepSeek-V3's), as transformers'."""
+    logits = GROUP_LOGITS
+    weights, ids = topk_routing(logits, 2, False, group_scoring="top2_sum", **GROUPS)
     assert ids.tolist() == [[4, 5]]
     assert torch.equal(weights, logits.sigmoid()[:, 4:6])
 
@@ -153,8 +172,10 @@ def test_group_score_is_top2_sum_as_transformers():
 # ---------------------------------------------------------------- properties of the reference itself
 
 
-def _brute_force(logits, k, renormalize, scoring_func, bias, groups, topk_group, scale):
-    """The same math, one token and one expert at a time in plain Python lists (an independent statement)."""
+def _brute_force(logits, k, renormalize, scoring_func, bias, groups, topk_group, scale, group_scoring=None):
+    """The same math, one token and one expert at a time in plain Python lists (an independent statement). A group
+    scores the sum of its top-2 (group_scoring "top2_sum", or None with a bias) or its top-1."""
+    top = 2 if group_scoring == "top2_sum" or (group_scoring is None and bias is not None) else 1
     scores = torch.softmax(logits.float(), -1) if scoring_func == "softmax" else logits.float().sigmoid()
     all_ids, all_weights = [], []
     for row in scores.tolist():
@@ -163,7 +184,7 @@ def _brute_force(logits, k, renormalize, scoring_func, bias, groups, topk_group,
         allowed = set(range(num_experts))
         if groups is not None:
             size = num_experts // groups
-            group_score = [sum(sorted(choice[g * size : (g + 1) * size], reverse=True)[:2]) for g in range(groups)]
+            group_score = [sum(sorted(choice[g * size : (g + 1) * size], reverse=True)[:top]) for g in range(groups)]
             kept = sorted(range(groups), key=lambda g: (-group_score[g], g))[:topk_group]
             allowed = {e for e in range(num_experts) if e // size in kept}
         ids = sorted(allowed, key=lambda e: (-choice[e], e))[:k]
@@ -186,6 +207,9 @@ CASES = {
                                               "topk_group": 3, "routed_scaling_factor": 2.5}),
     "softmax-groups-nobias": (6, 24, 3, False, {"num_expert_group": 4, "topk_group": 2}),
     "groups-of-one": (4, 8, 2, True, {"scoring_func": "sigmoid", "num_expert_group": 8, "topk_group": 3}),
+    "groups-top2-nobias": (6, 24, 3, False, {"num_expert_group": 4, "topk_group": 2, "group_scoring": "top2_sum"}),
+    "groups-max-bias": (11, 64, 6, True, {"scoring_func": "sigmoid", "bias": True, "num_expert_group": 8,
+                                          "topk_group": 3, "group_scoring": "max"}),
 }  # fmt: skip
 
 
@@ -196,10 +220,11 @@ def test_matches_brute_force(case):
     # Coarse logits (multiples of 1/4) so that exact ties occur and the tie-break is exercised.
     logits = torch.randint(-8, 8, (num_tokens, num_experts)).float() / 4
     bias = (torch.randint(-4, 4, (num_experts,)).float() / 8) if kwargs.pop("bias", False) else None
-    weights, ids = fused_topk(logits, k, renormalize, e_score_correction_bias=bias, **kwargs)
+    weights, ids = topk_routing(logits, k, renormalize, e_score_correction_bias=bias, **kwargs)
     expected_w, expected_ids = _brute_force(
         logits, k, renormalize, kwargs.get("scoring_func", "softmax"), None if bias is None else bias.tolist(),
         kwargs.get("num_expert_group"), kwargs.get("topk_group"), kwargs.get("routed_scaling_factor", 1.0),
+        kwargs.get("group_scoring"),
     )  # fmt: skip
     assert ids.dtype == torch.int32 and weights.dtype == torch.float32
     assert torch.equal(ids, expected_ids)
@@ -209,17 +234,17 @@ def test_matches_brute_force(case):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_ties_go_to_the_lower_index(dtype):
     logits = torch.zeros(3, 70, dtype=dtype)  # torch.topk(..., 5) picks 46, 48, 47, 49, 45 here on CPU
-    weights, ids = fused_topk(logits, 5, True)
+    weights, ids = topk_routing(logits, 5, True)
     assert ids.tolist() == [[0, 1, 2, 3, 4]] * 3
     assert_close(weights, torch.full((3, 5), 0.2))
-    weights, _ = fused_topk(logits, 5, False)
+    weights, _ = topk_routing(logits, 5, False)
     assert_close(weights, torch.full((3, 5), 1 / 70))
 
-    _, ids = fused_topk(torch.tensor([[1.0, 3.0, 2.0, 3.0, 3.0]], dtype=dtype), 2)
+    _, ids = topk_routing(torch.tensor([[1.0, 3.0, 2.0, 3.0, 3.0]], dtype=dtype), 2)
     assert ids.tolist() == [[1, 3]]
     # Tied groups: groups 1 and 3 tie for best, the lower one is kept.
     logits = torch.tensor([[0.0, 0.0, 5.0, 5.0, 0.0, 0.0, 5.0, 5.0]], dtype=dtype)
-    _, ids = fused_topk(logits, 2, scoring_func="sigmoid", num_expert_group=4, topk_group=1)
+    _, ids = topk_routing(logits, 2, scoring_func="sigmoid", num_expert_group=4, topk_group=1)
     assert ids.tolist() == [[2, 3]]
 
 
@@ -227,7 +252,7 @@ def test_bias_selects_but_does_not_weigh():
     logits = torch.randn(16, 32)
     bias = torch.zeros(32)
     bias[31] = 10.0  # expert 31 always wins the selection
-    weights, ids = fused_topk(logits, 4, False, scoring_func="sigmoid", e_score_correction_bias=bias)
+    weights, ids = topk_routing(logits, 4, False, scoring_func="sigmoid", e_score_correction_bias=bias)
     assert (ids[:, 0] == 31).all()
     assert torch.equal(weights[:, 0], logits.sigmoid()[:, 31])
     assert torch.equal(weights, logits.sigmoid().gather(1, ids.long()))
@@ -236,7 +261,7 @@ def test_bias_selects_but_does_not_weigh():
 @pytest.mark.parametrize("renormalize", [True, False])
 def test_scaling_and_renormalize(renormalize):
     logits = torch.randn(10, 61)
-    weights, ids = fused_topk(logits, 7, renormalize, routed_scaling_factor=2.5)
+    weights, ids = topk_routing(logits, 7, renormalize, routed_scaling_factor=2.5)
     probs = torch.softmax(logits, -1).gather(1, ids.long())
     expected = probs / probs.sum(-1, keepdim=True) if renormalize else probs
     assert torch.equal(weights, expected * 2.5)
@@ -247,14 +272,14 @@ def test_scaling_and_renormalize(renormalize):
 def test_low_precision_logits_are_upcast(dtype):
     logits = torch.randn(8, 61).to(dtype)
     for kwargs in ({}, {"scoring_func": "sigmoid", "num_expert_group": 1, "topk_group": 1}):
-        low = fused_topk(logits, 6, **kwargs)
-        high = fused_topk(logits.float(), 6, **kwargs)
+        low = topk_routing(logits, 6, **kwargs)
+        high = topk_routing(logits.float(), 6, **kwargs)
         assert torch.equal(low[0], high[0]) and torch.equal(low[1], high[1])
 
 
 @pytest.mark.parametrize("kwargs", [{}, {"scoring_func": "sigmoid", "num_expert_group": 4, "topk_group": 2}])
 def test_no_tokens(kwargs):
-    weights, ids = fused_topk(torch.randn(0, 16), 4, **kwargs)
+    weights, ids = topk_routing(torch.randn(0, 16), 4, **kwargs)
     assert weights.shape == (0, 4) and weights.dtype == torch.float32
     assert ids.shape == (0, 4) and ids.dtype == torch.int32
 
@@ -281,10 +306,14 @@ def test_no_tokens(kwargs):
         ({"num_expert_group": 4, "topk_group": 1, "topk": 3}, ValueError, "topk=3 exceeds the 2 experts of topk_gr"),
         ({"routed_scaling_factor": float("nan")}, ValueError, "routed_scaling_factor must be finite and > 0, got nan"),
         ({"routed_scaling_factor": "2"}, TypeError, "routed_scaling_factor must be a float, got str"),
+        ({"group_scoring": "sum"}, ValueError, "group_scoring must be None, 'max' or 'top2_sum', got 'sum'"),
+        ({"indices_type": torch.int16}, TypeError, "indices_type must be None, torch.int32 or torch.int64, got tor"),
+        ({"hidden_states": torch.randn(4, 4)}, ValueError, r"hidden_states \[T, H\] = \(4, 4\) and gating_output"),
+        ({"hidden_states": torch.randn(3)}, ValueError, r"hidden_states must have 2 dimensions, got shape \(3,\)"),
     ],
 )  # fmt: skip
 def test_fused_topk_bad_input(kwargs, error, message):
-    args = {"gating_output": torch.randn(3, 8), "topk": 2} | kwargs
+    args = {"hidden_states": torch.randn(3, 4), "gating_output": torch.randn(3, 8), "topk": 2} | kwargs
     with pytest.raises(error, match=message):
         qwen_fast.fused_topk(**args)
 
@@ -312,9 +341,11 @@ def test_fp32_near_ties_flip_only_within_ulps(backend, device):
     for step in (1, 2, 3):
         logits = torch.where(steps >= step, torch.nextafter(logits, torch.full_like(logits, float("inf"))), logits)
     topk = 128 if not (backend == "triton" and device == "cpu") else 8
-    expected_w, expected_ids = fused_topk(logits, topk, True)
+    expected_w, expected_ids = topk_routing(logits, topk, True)
     with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
-        weights, ids = (t.cpu() for t in qwen_fast.fused_topk(logits.to(device), topk, True))
+        logits = logits.to(device)
+        weights, ids, _ = (t.cpu() for t in qwen_fast.fused_topk(logits, logits, topk, True))
+        logits = logits.cpu()
     assert calls == [("fused_topk", backend)]
     scores = torch.softmax(logits, dim=-1)
     differ = ids != expected_ids
@@ -333,18 +364,31 @@ def test_fp32_near_ties_flip_only_within_ulps(backend, device):
 @pytest.mark.parametrize(
     "args,message",
     [
-        ((torch.randn(3, 2000), 2, True, "softmax", None, None, None, 1.0), "the kernels take 1 to 1024 experts"),
-        ((torch.randn(3), 2, True, "softmax", None, None, None, 1.0), r"gating_output must be \[T, E\]"),
-        ((torch.zeros(3, 8, dtype=torch.int32), 2, True, "softmax", None, None, None, 1.0), "got Int"),
-        ((torch.randn(3, 8), 0, True, "softmax", None, None, None, 1.0), r"topk must be in \[1, E = 8\], got 0"),
-        ((torch.randn(3, 8), 9, True, "softmax", None, None, None, 1.0), r"topk must be in \[1, E = 8\], got 9"),
-        ((torch.randn(3, 8), 2, True, "relu", None, None, None, 1.0), "scoring_func must be 'softmax' or 'sigmoid'"),
-        ((torch.randn(3, 8), 2, True, "sigmoid", torch.randn(7), None, None, 1.0), r"must be \[E\] = \[8\]"),
-        ((torch.randn(3, 8), 2, True, "sigmoid", None, 3, 1, 1.0), "num_expert_group must divide E = 8, got 3"),
-        ((torch.randn(3, 8), 2, True, "sigmoid", None, 4, None, 1.0), "go together"),
-        ((torch.randn(3, 8), 2, True, "sigmoid", None, 4, 5, 1.0), r"topk_group must be in \[1, num_expert_group"),
-        ((torch.randn(3, 8), 3, True, "sigmoid", None, 4, 1, 1.0), "topk = 3 exceeds the 2 experts"),
-        ((torch.randn(3, 8), 2, True, "softmax", None, None, None, float("inf")), "routed_scaling_factor must be"),
+        (
+            (torch.randn(3, 2000), 2, True, "softmax", None, None, None, 1.0, "max"),
+            "the kernels take 1 to 1024 experts",
+        ),
+        ((torch.randn(3), 2, True, "softmax", None, None, None, 1.0, "max"), r"gating_output must be \[T, E\]"),
+        ((torch.zeros(3, 8, dtype=torch.int32), 2, True, "softmax", None, None, None, 1.0, "max"), "got Int"),
+        ((torch.randn(3, 8), 0, True, "softmax", None, None, None, 1.0, "max"), r"topk must be in \[1, E = 8\], got 0"),
+        ((torch.randn(3, 8), 9, True, "softmax", None, None, None, 1.0, "max"), r"topk must be in \[1, E = 8\], got 9"),
+        (
+            (torch.randn(3, 8), 2, True, "relu", None, None, None, 1.0, "max"),
+            "scoring_func must be 'softmax' or 'sigmoid'",
+        ),
+        ((torch.randn(3, 8), 2, True, "sigmoid", torch.randn(7), None, None, 1.0, "max"), r"must be \[E\] = \[8\]"),
+        ((torch.randn(3, 8), 2, True, "sigmoid", None, 3, 1, 1.0, "max"), "num_expert_group must divide E = 8, got 3"),
+        ((torch.randn(3, 8), 2, True, "sigmoid", None, 4, None, 1.0, "max"), "go together"),
+        (
+            (torch.randn(3, 8), 2, True, "sigmoid", None, 4, 5, 1.0, "max"),
+            r"topk_group must be in \[1, num_expert_group",
+        ),
+        ((torch.randn(3, 8), 3, True, "sigmoid", None, 4, 1, 1.0, "max"), "topk = 3 exceeds the 2 experts"),
+        (
+            (torch.randn(3, 8), 2, True, "softmax", None, None, None, float("inf"), "max"),
+            "routed_scaling_factor must be",
+        ),
+        ((torch.randn(3, 8), 2, True, "softmax", None, 4, 2, 1.0, "sum"), "group_scoring must be 'max' or 'top2_sum'"),
     ],
 )
 def test_fused_topk_native_op_rejects_bad_input(args, message):
@@ -363,10 +407,10 @@ def test_fused_topk_expert_limit_is_named():
             "experts, got E = 1025. Usable for cpu tensors: torch",
         ),
     ):
-        qwen_fast.fused_topk(torch.randn(2, 1025), 2)
+        qwen_fast.fused_topk(torch.randn(2, 8), torch.randn(2, 1025), 2)
     with qwen_fast.record_backends() as calls:
-        assert qwen_fast.fused_topk(torch.randn(2, 1025), 2)[1].shape == (2, 2)
-        assert qwen_fast.fused_topk(torch.randn(2, 1024), 2)[1].shape == (2, 2)
+        assert qwen_fast.fused_topk(torch.randn(2, 8), torch.randn(2, 1025), 2)[1].shape == (2, 2)
+        assert qwen_fast.fused_topk(torch.randn(2, 8), torch.randn(2, 1024), 2)[1].shape == (2, 2)
     assert calls == [("fused_topk", "torch"), ("fused_topk", "cpu")]
     with qwen_fast.record_backends() as calls:  # the experts still run on the cpu kernel, the routing on torch
         x, w13, w2 = torch.randn(2, 8), torch.randn(1025, 8, 8), torch.randn(1025, 8, 4)
@@ -376,8 +420,26 @@ def test_fused_topk_expert_limit_is_named():
 
 def test_fused_topk_auto_picks_the_cpu_kernel():
     with qwen_fast.record_backends() as calls:
-        qwen_fast.fused_topk(torch.randn(3, 8), 2)
+        qwen_fast.fused_topk(torch.randn(3, 4), torch.randn(3, 8), 2)
     assert calls == [("fused_topk", "cpu")]
+
+
+def test_fused_topk_vllm_outputs():
+    """vLLM's three outputs: ids as indices_type, token_expert_indices[t, j] = j * T + t (int32), and the routing
+    itself the reference's; grouped_topk is the same routing with groups."""
+    x, logits = torch.randn(5, 4), torch.randn(5, 8)
+    weights, ids, rows = qwen_fast.fused_topk(x, logits, 3, True, torch.int64)
+    expected_w, expected_ids = topk_routing(logits, 3, True)
+    assert ids.dtype == torch.int64 and torch.equal(ids, expected_ids.long())
+    assert_close(weights, expected_w)  # the cpu kernel's own exp and sum: within the fp32 tolerance
+    assert rows.dtype == torch.int32 and rows.is_contiguous()
+    assert rows.tolist() == [[j * 5 + t for j in range(3)] for t in range(5)]
+    weights, ids = qwen_fast.grouped_topk(x, logits, 2, False, 4, 2, "sigmoid")
+    expected_w, expected_ids = topk_routing(logits, 2, False, scoring_func="sigmoid", num_expert_group=4, topk_group=2)
+    assert torch.equal(ids, expected_ids)
+    assert_close(weights, expected_w)
+    with pytest.raises(ValueError, match=r"num_expert_group must be in \[1, 8\], got 0"):
+        qwen_fast.grouped_topk(x, logits, 2, False)  # vLLM's defaults (0 groups) cannot run
 
 
 # --- GPU ---------------------------------------------------------------------------------------------------------
@@ -387,7 +449,7 @@ def test_fused_topk_auto_picks_the_cpu_kernel():
 def test_fused_topk_cuda_graph_and_deterministic():
     logits = ((torch.randn(512, 128) * 128).round() / 64).bfloat16().cuda()
     bias = torch.randn(128, device="cuda") / 8
-    args = (logits, 8, True, "sigmoid", bias, 8, 4, 2.5)
+    args = (logits, 8, True, "sigmoid", bias, 8, 4, 2.5, "top2_sum")
     first = torch.ops.qwen_fast.fused_topk(*args)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):

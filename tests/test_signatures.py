@@ -32,15 +32,40 @@ PEERS = {
         "window_size=(-1, -1), softcap=0.0, rotary_interleaved=True, alibi_slopes=None, num_splits=0, "
         "return_softmax_lse=False): ...",
     ),
-    # vLLM (the helpers who own these rows name the exact version and file, and correct the rows to it)
+    # vLLM 0.10.1.1 (the PyPI sdist), vllm/model_executor/layers/fused_moe/fused_moe.py
     "fused_topk": (
-        "vLLM vllm/model_executor/layers/fused_moe/fused_moe.py",
+        "vLLM 0.10.1.1 vllm/model_executor/layers/fused_moe/fused_moe.py",
         "def f(hidden_states, gating_output, topk, renormalize, indices_type=None): ...",
     ),
+    "grouped_topk": (
+        "vLLM 0.10.1.1 vllm/model_executor/layers/fused_moe/fused_moe.py",
+        "def f(hidden_states, gating_output, topk, renormalize, num_expert_group=0, topk_group=0, "
+        "scoring_func='softmax', e_score_correction_bias=None): ...",
+    ),
+    "fused_experts": (
+        "vLLM 0.10.1.1 vllm/model_executor/layers/fused_moe/fused_moe.py",
+        "def f(hidden_states, w1, w2, topk_weights, topk_ids, inplace=False, activation='silu', is_act_and_mul=True, "
+        "apply_router_weight_on_input=False, use_fp8_w8a8=False, use_int8_w8a8=False, use_int8_w8a16=False, "
+        "use_int4_w4a16=False, use_mxfp4_w4a4=False, per_channel_quant=False, global_num_experts=-1, "
+        "expert_map=None, w1_scale=None, w2_scale=None, w1_zp=None, w2_zp=None, a1_scale=None, a2_scale=None, "
+        "block_shape=None, allow_deep_gemm=False, allow_cutlass_block_scaled_grouped_gemm=False, w1_bias=None, "
+        "w2_bias=None): ...",
+    ),
+    "fused_moe": (
+        "vLLM 0.10.1.1 vllm/model_executor/layers/fused_moe/fused_moe.py",
+        "def f(hidden_states, w1, w2, gating_output, topk, renormalize, inplace=False, activation='silu', "
+        "is_act_and_mul=True, use_grouped_topk=False, num_expert_group=None, topk_group=None, "
+        "custom_routing_function=None, use_fp8_w8a8=False, use_int8_w8a8=False, use_int8_w8a16=False, "
+        "use_int4_w4a16=False, use_mxfp4_w4a4=False, per_channel_quant=False, global_num_experts=-1, "
+        "expert_map=None, w1_scale=None, w2_scale=None, w1_zp=None, w2_zp=None, a1_scale=None, a2_scale=None, "
+        "block_shape=None, w1_bias=None, w2_bias=None): ...",
+    ),
+    # vLLM 0.10.1.1, vllm/model_executor/layers/fused_moe/moe_align_block_size.py
     "moe_align_block_size": (
-        "vLLM vllm/model_executor/layers/fused_moe/moe_align_block_size.py",
+        "vLLM 0.10.1.1 vllm/model_executor/layers/fused_moe/moe_align_block_size.py",
         "def f(topk_ids, block_size, num_experts, expert_map=None, pad_sorted_ids=False): ...",
     ),
+    # vLLM (the helpers who own these rows name the exact version and file, and correct the rows to it)
     "reshape_and_cache": (
         "vLLM vllm/_custom_ops.py reshape_and_cache_flash",
         "def f(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale): ...",

@@ -6,7 +6,7 @@
 //
 // 1. Counting sort of the flat pairs i = t * k + j by expert (stable: ascending i within an expert), serial, O(T*k).
 //    hidden_states as fp32 rows [T, H] (read in place when already fp32 with unit column stride).
-// 2. Gate/up + SwiGLU. Work item = (active expert e, block of kGateBlock intermediate columns n). For each tile of
+// 2. Gate/up + SwiGLU (or GeGLU: activation "gelu"). Work item = (active expert e, block of kGateBlock intermediate columns n). For each tile of
 //    the expert's routed rows the item computes gate (w13[e, n]) and up (w13[e, I + n]) together and applies SwiGLU
 //    with the reference's roundings: gate and up rounded to the dtype (as a GEMM in that dtype rounds its output),
 //    silu in fp32 rounded to the dtype, the product in fp32 rounded to the dtype. act [P, I] (fp32 holding values
@@ -31,6 +31,8 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
+#include <string>
 #include <vector>
 
 #include "../ops.h"
@@ -90,13 +92,22 @@ struct Work {
   float* act;             // [P, I] by sorted position
   float* y;               // [P, H] by flat pair index
   T* out;                 // [T, H]
+  bool gelu;              // activation: gelu (exact, erf) instead of silu
 };
 
-// act = T(T(silu(T(gate))) * T(up)): the reference's roundings (each GEMM output, silu, the product).
+// gelu(x) = x / 2 * (1 + erf(x / sqrt(2))) (the exact GELU, torch's approximate="none"), lane by lane.
+QF_VEC_INLINE vec::Vec gelu(vec::Vec x) {
+  vec::Vec out;
+  for (int64_t i = 0; i < vec::kLanes; ++i) out[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * 0.70710678118654752f));
+  return out;
+}
+
+// act = T(T(act_fn(T(gate))) * T(up)), act_fn silu or gelu: the reference's roundings (each GEMM output, the
+// activation, the product).
 template <typename T>
-QF_VEC_INLINE vec::Vec swiglu(vec::Vec gate, vec::Vec up) {
+QF_VEC_INLINE vec::Vec gated(vec::Vec gate, vec::Vec up, bool use_gelu) {
   gate = vec::round_to<T>(gate);
-  return vec::round_to<T>(vec::round_to<T>(vec::silu(gate)) * vec::round_to<T>(up));
+  return vec::round_to<T>(vec::round_to<T>(use_gelu ? gelu(gate) : vec::silu(gate)) * vec::round_to<T>(up));
 }
 
 // Step 2 for expert e, intermediate columns n0 .. n0 + nb (nb <= kGateBlock). scratch: see kGateScratch.
@@ -126,7 +137,7 @@ QF_VEC_INLINE void gate_up_item(const Work<T>& w, int64_t e, int64_t n0, int64_t
         const int64_t count = std::min(vec::kLanes, nb - g * vec::kLanes);
         for (int64_t i = 0; i < m; ++i) {
           const float* row = tile + i * tiles::kPanelCols;
-          const vec::Vec act = swiglu<T>(vec::load(row), vec::load(row + vec::kLanes));
+          const vec::Vec act = gated<T>(vec::load(row), vec::load(row + vec::kLanes), w.gelu);
           vec::store_as(w.act + (s0 + i) * inter + n0 + g * vec::kLanes, act, count);
         }
       }
@@ -149,7 +160,7 @@ QF_VEC_INLINE void gate_up_item(const Work<T>& w, int64_t e, int64_t n0, int64_t
     for (int64_t i = 0; i < m; ++i) {
       for (int64_t v = 0; v < nb; v += vec::kLanes) {
         const vec::Vec act =
-            swiglu<T>(vec::load(gate_buf + i * kGateBlock + v), vec::load(up_buf + i * kGateBlock + v));
+            gated<T>(vec::load(gate_buf + i * kGateBlock + v), vec::load(up_buf + i * kGateBlock + v), w.gelu);
         vec::store_as(w.act + (s0 + i) * inter + n0 + v, act, std::min(vec::kLanes, nb - v));
       }
     }
@@ -281,8 +292,13 @@ void run_items(const Work<T>& w, Stage stage, const std::vector<int64_t>& active
 }  // namespace
 
 at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& w13, const at::Tensor& w2,
-                             const at::Tensor& topk_weights, const at::Tensor& topk_ids) {
+                             const at::Tensor& topk_weights, const at::Tensor& topk_ids,
+                             const c10::optional<at::Tensor>& expert_map, c10::string_view activation) {
   check_fused_experts(hidden_states, w13, w2, topk_weights, topk_ids);
+  TORCH_CHECK(activation == "silu" || activation == "gelu", "fused_experts: activation must be 'silu' or 'gelu', got '",
+              std::string(activation), "'");
+  TORCH_CHECK(!expert_map.has_value() || (expert_map->dim() == 1 && expert_map->scalar_type() == at::kInt),
+              "fused_experts: expert_map must be int32 [global E]");
   const int64_t num_tokens = topk_ids.size(0), topk = topk_ids.size(1);
   const int64_t num_experts = w13.size(0), hidden = w13.size(2), inter = w2.size(2);
   const int64_t num_pairs = num_tokens * topk;
@@ -290,17 +306,26 @@ at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& 
   if (num_pairs == 0) return out.zero_();
 
   // 1. Counting sort of the pairs by expert.
-  const at::Tensor ids = topk_ids.to(at::kLong).contiguous();
+  // Local expert ids: expert_map[global id] under expert parallelism (-1: another rank's expert).
+  const at::Tensor flat = topk_ids.to(at::kLong).contiguous().view({-1});
+  const at::Tensor ids = expert_map.has_value() ? expert_map->index_select(0, flat).to(at::kLong) : flat;
   const int64_t* id = ids.const_data_ptr<int64_t>();
   std::vector<int64_t> start(num_experts + 1, 0);
+  int64_t skipped = 0;
   for (int64_t i = 0; i < num_pairs; ++i) {
-    TORCH_CHECK(id[i] >= 0 && id[i] < num_experts, "fused_experts: topk_ids must lie in [0, ", num_experts,
-                "), got ", id[i], " at flat index ", i);
+    TORCH_CHECK(id[i] >= -1 && id[i] < num_experts, "fused_experts: topk_ids must lie in [-1, ", num_experts,
+                ") (-1: an expert of another rank), got ", id[i], " at flat index ", i);
+    if (id[i] < 0) {
+      ++skipped;
+      continue;
+    }
     ++start[id[i] + 1];
   }
   for (int64_t e = 0; e < num_experts; ++e) start[e + 1] += start[e];
-  std::vector<int64_t> pair(num_pairs), token(num_pairs), fill(start.begin(), start.end() - 1);
+  const int64_t routed = num_pairs - skipped;
+  std::vector<int64_t> pair(routed), token(routed), fill(start.begin(), start.end() - 1);
   for (int64_t i = 0; i < num_pairs; ++i) {
+    if (id[i] < 0) continue;
     const int64_t s = fill[id[i]]++;
     pair[s] = i;
     token[s] = i / topk;
@@ -313,8 +338,9 @@ at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& 
   const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
   const bool x_in_place = hidden_states.scalar_type() == at::kFloat && hidden_states.stride(1) == 1;
   const at::Tensor x32 = x_in_place ? hidden_states : hidden_states.to(at::kFloat).contiguous();
-  at::Tensor act = at::empty({num_pairs, inter}, out.options().dtype(at::kFloat));
-  at::Tensor y = at::empty({num_pairs, hidden}, act.options());
+  at::Tensor act = at::empty({routed, inter}, out.options().dtype(at::kFloat));
+  // A skipped pair's row of y is never computed: zero, so that it adds nothing to the combine.
+  at::Tensor y = skipped > 0 ? at::zeros({num_pairs, hidden}, act.options()) : at::empty({num_pairs, hidden}, act.options());
   AT_DISPATCH_V2(hidden_states.scalar_type(), "fused_experts_cpu", AT_WRAP([&] {
     std::vector<tiles::Matrix<scalar_t>> up(num_experts), down(num_experts);
     for (int64_t e = 0; e < num_experts; ++e) {
@@ -324,7 +350,7 @@ at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& 
     const Work<scalar_t> work{up.data(), down.data(), hidden, inter, topk, x32.const_data_ptr<float>(),
                               x32.stride(0), start.data(), pair.data(), token.data(), active.data(),
                               weights.const_data_ptr<float>(), act.mutable_data_ptr<float>(),
-                              y.mutable_data_ptr<float>(), out.mutable_data_ptr<scalar_t>()};
+                              y.mutable_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), activation == "gelu"};
     run_items(work, Stage::kGateUp, active, (inter + kGateBlock - 1) / kGateBlock);  // 2.
     run_items(work, Stage::kDown, active, (hidden + kDownBlock - 1) / kDownBlock);  // 3.
     at::parallel_for(0, num_tokens, 16, [&](int64_t lo, int64_t hi) { run_stage(work, Stage::kCombine, lo, hi); });

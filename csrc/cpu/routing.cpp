@@ -1,7 +1,8 @@
 // CPU fused_topk: one token at a time, parallel over tokens (shared logic and tie rule: ../routing.h).
 //   1. scores in fp32 into a per-thread row of E floats: softmax (max; exp(x - max) summed in ascending expert
 //      order; times 1 / sum) or sigmoid; selection candidates c[e] = candidate(score + bias, e) in a row of E int64
-//   2. groups (num_expert_group G > 1): group score = top-2 sum of each group's E / G candidates; topk_group rounds
+//   2. groups (num_expert_group G > 1): group score = max or top-2 sum (group_scoring) of each group's E / G
+//      candidates; topk_group rounds
 //      of "take the largest group"; the experts of the other groups get the candidate of -inf (the reference's
 //      masked_fill)
 //   3. k rounds of "take the largest candidate" (a linear scan, O(k * E) per token: E <= 1024 keeps a row in L1);
@@ -45,7 +46,7 @@ void route_token(const scalar_t* x, const float* bias, const RoutingParams& p, f
   if (p.num_groups > 1) {
     const int64_t size = num_experts / p.num_groups;
     for (int64_t g = 0; g < p.num_groups; ++g) {
-      group_candidates[g] = make_candidate(group_score(candidates + g * size, size), g);
+      group_candidates[g] = make_candidate(group_score(candidates + g * size, size, p.group_top2_sum), g);
     }
     for (int64_t r = 0; r < p.topk_group; ++r) {
       group_candidates[argmax_candidate(group_candidates, p.num_groups)] = kNoCandidate;  // kept
@@ -74,10 +75,11 @@ std::tuple<at::Tensor, at::Tensor> fused_topk_cpu(const at::Tensor& gating_outpu
                                                   c10::string_view scoring_func,
                                                   const c10::optional<at::Tensor>& e_score_correction_bias,
                                                   c10::optional<int64_t> num_expert_group,
-                                                  c10::optional<int64_t> topk_group, double routed_scaling_factor) {
+                                                  c10::optional<int64_t> topk_group, double routed_scaling_factor,
+    c10::string_view group_scoring) {
   const RoutingParams p =
       check_fused_topk(gating_output, topk, renormalize, std::string(scoring_func), e_score_correction_bias,
-                       num_expert_group, topk_group, routed_scaling_factor);
+                       num_expert_group, topk_group, routed_scaling_factor, std::string(group_scoring));
   auto [weights, ids] = empty_fused_topk_outputs(gating_output, topk);
   const at::Tensor logits = gating_output.contiguous();
   const at::Tensor bias = fp32_bias(e_score_correction_bias);

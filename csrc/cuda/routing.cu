@@ -7,7 +7,7 @@
 // E + G is large).
 //   1. softmax: warp max of the logits, warp sum of exp(x - max) (each lane's strided partial sum, then a butterfly),
 //      then every lane writes the candidates of its experts; sigmoid needs no reduction.
-//   2. groups (G > 1): lane g computes group g's top-2 score serially over its E / G candidates (the CPU kernel's
+//   2. groups (G > 1): lane g computes group g's score (max or top-2 sum) serially over its E / G candidates (the CPU kernel's
 //      function); topk_group rounds of a warp max over the group candidates, lane 0 marking the winner taken; each
 //      lane then masks its experts of the groups not taken to the candidate of -inf.
 //   3. each lane keeps the best of its own candidates in a register; k rounds of a warp max (5 int64 butterfly
@@ -46,6 +46,7 @@ struct TopkArgs {
   int warps;  // tokens per block
   bool renormalize;
   bool sigmoid;
+  bool group_top2_sum;
   float scale;
 };
 
@@ -105,7 +106,7 @@ __global__ void fused_topk_kernel(const scalar_t* __restrict__ logits, TopkArgs 
   if (a.num_groups > 1) {
     const int size = num_experts / a.num_groups;
     for (int g = lane; g < a.num_groups; g += kWarp) {
-      group_candidates[g] = make_candidate(group_score(candidates + g * size, size), g);
+      group_candidates[g] = make_candidate(group_score(candidates + g * size, size, a.group_top2_sum), g);
     }
     __syncwarp();
     for (int r = 0; r < a.topk_group; ++r) {
@@ -146,10 +147,11 @@ std::tuple<at::Tensor, at::Tensor> fused_topk_cuda(const at::Tensor& gating_outp
                                                    c10::string_view scoring_func,
                                                    const c10::optional<at::Tensor>& e_score_correction_bias,
                                                    c10::optional<int64_t> num_expert_group,
-                                                   c10::optional<int64_t> topk_group, double routed_scaling_factor) {
+                                                   c10::optional<int64_t> topk_group, double routed_scaling_factor,
+    c10::string_view group_scoring) {
   const RoutingParams p =
       check_fused_topk(gating_output, topk, renormalize, std::string(scoring_func), e_score_correction_bias,
-                       num_expert_group, topk_group, routed_scaling_factor);
+                       num_expert_group, topk_group, routed_scaling_factor, std::string(group_scoring));
   const at::cuda::OptionalCUDAGuard guard(gating_output.device());
   auto [weights, ids] = empty_fused_topk_outputs(gating_output, topk);
   if (p.num_tokens == 0) return {weights, ids};
@@ -169,6 +171,7 @@ std::tuple<at::Tensor, at::Tensor> fused_topk_cuda(const at::Tensor& gating_outp
                          warps,
                          p.renormalize,
                          p.sigmoid,
+                         p.group_top2_sum,
                          p.scale};
   const unsigned blocks = static_cast<unsigned>((p.num_tokens + warps - 1) / warps);
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();

@@ -14,6 +14,7 @@ def _routing(router: nn.Module) -> dict:
         "e_score_correction_bias": True,
         "num_expert_group": router.num_group,
         "topk_group": router.topk_group,
+        "group_scoring": "top2_sum",  # DeepSeek-V3 scores a group by the sum of its top-2
         "routed_scaling_factor": float(router.routed_scaling_factor),
         "fp32_logits": True,
     }

@@ -53,6 +53,8 @@ class TopKRouter(nn.Module):
         e_score_correction_bias: register the [E] fp32 selection-bias buffer (zeros until loaded).
         num_expert_group, topk_group: group-limited top-k (DeepSeek-V3 `n_group`, `topk_group`), both or neither.
         routed_scaling_factor: multiplies the final weights (DeepSeek-V3: 2.5).
+        group_scoring: how a group is scored, "max" (DeepSeek-V2), "top2_sum" (DeepSeek-V3) or None (vLLM's rule:
+            "top2_sum" with a selection bias, "max" without); see qwen_fast.fused_topk.
         fp32_logits: compute the logits in fp32 (DeepSeek-V3), else in the model dtype.
         weights_dtype: "float32" (default, the most accurate) or "logits" (transformers' cast, see above).
         index_dtype: dtype of the returned ids: torch.int32 (fused_topk's) or torch.int64 (torch.topk's, what HF's
@@ -78,6 +80,7 @@ class TopKRouter(nn.Module):
         num_expert_group: int | None = None,
         topk_group: int | None = None,
         routed_scaling_factor: float = 1.0,
+        group_scoring: str | None = None,
         fp32_logits: bool = False,
         weights_dtype: Literal["float32", "logits"] = "float32",
         index_dtype: torch.dtype = torch.int32,
@@ -93,7 +96,15 @@ class TopKRouter(nn.Module):
         bias = torch.zeros(num_experts, dtype=torch.float32, device=device) if e_score_correction_bias else None
         stand_in = torch.empty(0, num_experts, device=device)
         check_routing_args(
-            stand_in, top_k, renormalize, scoring_func, bias, num_expert_group, topk_group, routed_scaling_factor
+            stand_in,
+            top_k,
+            renormalize,
+            scoring_func,
+            bias,
+            num_expert_group,
+            topk_group,
+            routed_scaling_factor,
+            group_scoring,
         )
         if weights_dtype not in ("float32", "logits"):
             raise ValueError(f"weights_dtype must be 'float32' or 'logits', got {weights_dtype!r}")
@@ -108,6 +119,7 @@ class TopKRouter(nn.Module):
         self.num_expert_group = num_expert_group
         self.topk_group = topk_group
         self.routed_scaling_factor = float(routed_scaling_factor)
+        self.group_scoring = group_scoring
         self.fp32_logits = fp32_logits
         self.weights_dtype = weights_dtype
         self.index_dtype = index_dtype
@@ -154,6 +166,7 @@ class TopKRouter(nn.Module):
             num_expert_group=self.num_expert_group,
             topk_group=self.topk_group,
             routed_scaling_factor=self.routed_scaling_factor,
+            group_scoring=self.group_scoring,
         )
         if self.weights_dtype == "logits":
             weights = weights.to(router_logits.dtype)
@@ -164,6 +177,7 @@ class TopKRouter(nn.Module):
         text += f"renormalize={self.renormalize}, scoring_func={self.scoring_func!r}"
         if self.num_expert_group is not None:
             text += f", num_expert_group={self.num_expert_group}, topk_group={self.topk_group}"
+            text += f", group_scoring={self.group_scoring!r}"
         if self.routed_scaling_factor != 1.0:
             text += f", routed_scaling_factor={self.routed_scaling_factor}"
         return text + f", fp32_logits={self.fp32_logits}, weights_dtype={self.weights_dtype!r}"

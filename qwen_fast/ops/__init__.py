@@ -6,7 +6,7 @@ from .kv_cache import FLASH_ATTN_WITH_KVCACHE, RESHAPE_AND_CACHE, flash_attn_wit
 from .moe import FUSED_EXPERTS, FUSED_MOE, fused_experts, fused_moe
 from .moe_align import MOE_ALIGN_BLOCK_SIZE, moe_align_block_size
 from .rope import QK_NORM_ROPE_AND_CACHE, ROTARY_EMBEDDING, qk_norm_rope_and_cache, rotary_embedding
-from .routing import FUSED_TOPK, fused_topk
+from .routing import FUSED_TOPK, fused_topk, grouped_topk
 
 # Every public op, by name: what qwen_fast.backends() reports on.
 OPS: dict[str, Op] = {
@@ -36,6 +36,7 @@ __all__ = [
     "fused_experts",
     "fused_moe",
     "fused_topk",
+    "grouped_topk",
     "moe_align_block_size",
     "qk_norm_rope_and_cache",
     "record_backends",

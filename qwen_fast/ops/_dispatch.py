@@ -72,7 +72,7 @@ def use_backend(name: str) -> Iterator[None]:
     Blocks nest; leaving one restores the enclosing choice (or QWEN_FAST_BACKEND's).
 
     >>> with qwen_fast.use_backend("torch"):
-    ...     weights, ids = qwen_fast.fused_topk(torch.randn(4, 8), topk=2)
+    ...     weights, ids, _ = qwen_fast.fused_topk(torch.randn(4, 16), torch.randn(4, 8), topk=2)
     """
     global _override, _forced
     previous, _override = _override, _check_name(name, "use_backend(name)")

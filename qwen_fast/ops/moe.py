@@ -1,17 +1,20 @@
-"""fused_experts (grouped SwiGLU experts with a weighted fp32 combine) and fused_moe (routing + experts)."""
+"""fused_experts (grouped SwiGLU experts with a weighted fp32 combine) and fused_moe (routing + experts), in vLLM
+v0.10.1.1's signatures (vllm/model_executor/layers/fused_moe/fused_moe.py)."""
 
 import torch
 
 from qwen_fast.reference import moe as reference
 
-from ._checks import FLOAT_DTYPES, INDEX_DTYPES, Require, check_shape, check_tensor, raise_unless, traced
+from ._checks import FLOAT_DTYPES, INDEX_DTYPES, Require, check_int, check_shape, check_tensor, raise_unless, traced
 from ._dispatch import INTERPRETER_DOT, Op
 from ._library import define_triton_op, launcher, native_op
-from .moe_align import MOE_ALIGN_BLOCK_SIZE, check_expert_ids
+from .moe_align import MOE_ALIGN_BLOCK_SIZE, check_expert_ids, check_expert_map
 from .routing import FUSED_TOPK, check_routing_args
 
 
-def _fake_fused_experts(hidden_states, w13, w2, topk_weights, topk_ids) -> torch.Tensor:
+def _fake_fused_experts(
+    hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None, activation="silu"
+) -> torch.Tensor:
     check_experts_args(hidden_states, w13, w2, topk_weights, topk_ids, traced)
     return hidden_states.new_empty(hidden_states.shape)
 
@@ -20,46 +23,74 @@ _choose_config = launcher("moe_gemm", "choose_config")
 _launch_experts = launcher("moe_gemm", "fused_experts")
 
 
-def triton_fused_experts(hidden_states, w13, w2, topk_weights, topk_ids, config: dict | None = None) -> torch.Tensor:
+def triton_fused_experts(
+    hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None, activation="silu", config: dict | None = None
+) -> torch.Tensor:
     """The Triton fused_experts, composed here: the tiles (kernels/moe_gemm.py choose_config, or `config`, a tuner's
-    candidate), the routing layout from moe_align_block_size's auto backend (its Op: arguments already checked),
-    then the GEMM and combine kernels. Arguments as fused_experts."""
+    candidate), the routing layout from moe_align_block_size's op on the backend this call runs on (forced, or
+    auto's), on the global ids with expert_map applied to expert_ids as vLLM does (a block of -1 is skipped), then
+    the GEMM and combine kernels. Arguments as the FUSED_EXPERTS op (already checked)."""
     num_tokens, topk = topk_ids.shape
     if num_tokens == 0:
         return hidden_states.new_empty(hidden_states.shape)
     config = _choose_config(num_tokens, topk, w13) if config is None else config
-    layout = MOE_ALIGN_BLOCK_SIZE.auto(topk_ids.device, topk_ids, config["BLOCK_M"], w13.shape[0])
-    return _launch_experts(hidden_states, w13, w2, topk_weights, *layout, config)
+    num_experts = w13.shape[0] if expert_map is None else expert_map.shape[0]
+    sorted_ids, expert_ids, post_padded = MOE_ALIGN_BLOCK_SIZE(
+        topk_ids.device, topk_ids, config["BLOCK_M"], num_experts
+    )
+    if expert_map is not None:
+        expert_ids = expert_map[expert_ids.long()].to(torch.int32)
+    return _launch_experts(
+        hidden_states, w13, w2, topk_weights, sorted_ids, expert_ids, post_padded, config, expert_map is not None,
+        activation,
+    )  # fmt: skip
 
 
 _fused_experts_triton = define_triton_op(
-    "fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids) -> Tensor",
+    "fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
+    'Tensor? expert_map=None, str activation="silu") -> Tensor',
     triton_fused_experts,
     _fake_fused_experts,
 )
 _fused_experts_native = native_op("fused_experts", _fake_fused_experts)
 
+
 # The experts' GEMMs are Triton's job on CUDA (no CUDA C++ kernel); on CPU the C++ extension's tiled kernels
-# (csrc/cpu/moe.cpp).
+# (csrc/cpu/moe.cpp). The op's arguments: (hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None,
+# activation="silu").
 FUSED_EXPERTS = Op(
     "fused_experts",
-    {"triton": _fused_experts_triton, "cpu": _fused_experts_native, "torch": reference.fused_experts},
+    {"triton": _fused_experts_triton, "cpu": _fused_experts_native, "torch": reference.experts},
     {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
     interpreter_limit=INTERPRETER_DOT,
 )
 
 
-def _fused_moe(hidden_states, w13, w2, gating_output, topk, renormalize=True, **routing_kwargs):
-    """fused_moe on the kernels: routing on fused_topk's auto backend, then fused_experts on the backend this call
-    was dispatched to (the forced one, or auto's, which is fused_experts' own choice). Arguments already checked."""
-    weights, ids = FUSED_TOPK.auto(gating_output.device, gating_output, topk, renormalize, **routing_kwargs)
-    return FUSED_EXPERTS(hidden_states.device, hidden_states, w13, w2, weights, ids)
+def _run_experts(hidden_states, w13, w2, topk_weights, topk_ids, options: dict, apply_router_weight_on_input=False):
+    """fused_experts' options (inplace, expert_map, activation) around the FUSED_EXPERTS op (arguments checked)."""
+    x, weights = hidden_states, topk_weights
+    if apply_router_weight_on_input:
+        x, weights = reference.weigh_input(hidden_states, topk_weights)
+    expert_map, activation = options["expert_map"], options["activation"]
+    out = FUSED_EXPERTS(hidden_states.device, x, w13, w2, weights, topk_ids, expert_map, activation)
+    return hidden_states.copy_(out) if options["inplace"] else out
 
 
-# A forced backend names the experts' kernels, the bulk of the work; routing takes its fastest backend.
+def _fused_moe(hidden_states, w13, w2, gating_output, topk, renormalize, options: dict, routing: dict):
+    """fused_moe on the backend this call runs on: routing (fused_topk's op, or the custom function), then the
+    experts; a forced backend runs both ops. Arguments already checked."""
+    custom = options["custom_routing_function"]
+    if custom is not None:
+        weights, ids = custom(hidden_states, gating_output, topk, renormalize)
+    else:
+        weights, ids = FUSED_TOPK(gating_output.device, gating_output, topk, renormalize, **routing)
+    return _run_experts(hidden_states, w13, w2, weights, ids, options)
+
+
+# Every backend runs the same composition: a forced backend names the backend of each inner op.
 FUSED_MOE = Op(
     "fused_moe",
-    {"triton": _fused_moe, "cpu": _fused_moe, "torch": reference.fused_moe},
+    {"triton": _fused_moe, "cpu": _fused_moe, "torch": _fused_moe},
     FUSED_EXPERTS.auto_order,
     native_op="fused_experts",
     interpreter_limit=INTERPRETER_DOT,
@@ -67,29 +98,29 @@ FUSED_MOE = Op(
 
 
 def check_expert_weights(hidden_states: object, w13: object, w2: object, require: Require = raise_unless) -> None:
-    """hidden [T, H], w13 [E, 2I, H], w2 [E, H, I], one dtype and device."""
+    """hidden [T, H], w1 [E, 2I, H], w2 [E, H, I], one dtype and device."""
     check_tensor("hidden_states", hidden_states, ndim=2, dtypes=FLOAT_DTYPES, require=require)
     dtype, device = hidden_states.dtype, hidden_states.device
-    check_tensor("w13", w13, ndim=3, dtypes=(dtype,), device=device, require=require)
+    check_tensor("w1", w13, ndim=3, dtypes=(dtype,), device=device, require=require)
     check_tensor("w2", w2, ndim=3, dtypes=(dtype,), device=device, require=require)
     num_experts, two_i, hidden = w13.shape
     require(
         hidden == hidden_states.shape[1],
         ValueError,
         lambda: (
-            f"w13 [E, 2I, H] = {tuple(w13.shape)} must match hidden_states [T, H] = {tuple(hidden_states.shape)} in H"
+            f"w1 [E, 2I, H] = {tuple(w13.shape)} must match hidden_states [T, H] = {tuple(hidden_states.shape)} in H"
         ),
     )
     require(
         (two_i % 2 == 0) & (two_i != 0),
         ValueError,
-        lambda: f"w13 [E, 2I, H] must have an even, nonzero 2I (gate rows then up rows), got {tuple(w13.shape)}",
+        lambda: f"w1 [E, 2I, H] must have an even, nonzero 2I (gate rows then up rows), got {tuple(w13.shape)}",
     )
-    check_shape("w2", w2, (num_experts, hidden, two_i // 2), "[E, H, I] from w13 [E, 2I, H] =", require)
+    check_shape("w2", w2, (num_experts, hidden, two_i // 2), "[E, H, I] from w1 [E, 2I, H] =", require)
 
 
 def check_experts_args(hidden_states, w13, w2, topk_weights, topk_ids, require: Require = raise_unless) -> None:
-    """fused_experts' contract (the eager check and the fake; `require`: see _checks.py)."""
+    """fused_experts' tensor contract (the eager check and the fake; `require`: see _checks.py)."""
     check_expert_weights(hidden_states, w13, w2, require)
     device = hidden_states.device
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, device=device, require=require)
@@ -100,86 +131,204 @@ def check_experts_args(hidden_states, w13, w2, topk_weights, topk_ids, require: 
         ValueError,
         lambda: f"topk_ids [T, k] = {tuple(topk_ids.shape)} must have hidden_states' T = {hidden_states.shape[0]} rows",
     )
-    require(
-        topk_ids.shape[1] <= w13.shape[0],
-        ValueError,
-        lambda: f"topk_ids has k = {topk_ids.shape[1]} choices per token but there are only {w13.shape[0]} experts",
-    )
+
+
+def _check_bool(name: str, value: object) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
+
+
+def _check_options(hidden_states, w1, topk, inplace, apply_router_weight_on_input, global_num_experts, expert_map,
+                   arguments: dict) -> int:  # fmt: skip
+    """vLLM's options of fused_experts / fused_moe (`arguments`: the call's locals(), for the unsupported ones);
+    returns the global expert count (ids lie in [0, it))."""
+    reference.check_unsupported(arguments)
+    for name, value in (("inplace", inplace), ("apply_router_weight_on_input", apply_router_weight_on_input)):
+        _check_bool(name, value)
+    if apply_router_weight_on_input and topk != 1:
+        raise ValueError(
+            f"apply_router_weight_on_input=True needs topk == 1 (vLLM implements only that), got k = {topk}"
+        )
+    if inplace and hidden_states.requires_grad:
+        raise ValueError("inplace=True writes into hidden_states, which requires grad: pass inplace=False")
+    check_int("global_num_experts", global_num_experts, low=-1)
+    if expert_map is None:
+        if global_num_experts not in (-1, w1.shape[0]):
+            raise ValueError(
+                f"global_num_experts={global_num_experts} differs from w1's E = {w1.shape[0]} without an expert_map"
+            )
+        return w1.shape[0]
+    global_e = expert_map.shape[0] if isinstance(expert_map, torch.Tensor) else 0
+    num_experts = global_e if global_num_experts == -1 else global_num_experts
+    check_expert_map(expert_map, num_experts, hidden_states.device, w1.shape[0])
+    return num_experts
 
 
 def fused_experts(
     hidden_states: torch.Tensor,
-    w13: torch.Tensor,
+    w1: torch.Tensor,
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    inplace: bool = False,
+    activation: str = "silu",
+    is_act_and_mul: bool = True,
+    apply_router_weight_on_input: bool = False,
+    use_fp8_w8a8: bool = False,
+    use_int8_w8a8: bool = False,
+    use_int8_w8a16: bool = False,
+    use_int4_w4a16: bool = False,
+    use_mxfp4_w4a4: bool = False,
+    per_channel_quant: bool = False,
+    global_num_experts: int = -1,
+    expert_map: torch.Tensor | None = None,
+    w1_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    w1_zp: torch.Tensor | None = None,
+    w2_zp: torch.Tensor | None = None,
+    a1_scale: torch.Tensor | None = None,
+    a2_scale: torch.Tensor | None = None,
+    block_shape: list[int] | None = None,
+    allow_deep_gemm: bool = False,
+    allow_cutlass_block_scaled_grouped_gemm: bool = False,
+    w1_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Each token through its k experts (SwiGLU), outputs weighted and summed in fp32 (vLLM's `fused_experts`).
+    """Each token through its k experts (SwiGLU), outputs weighted and summed in fp32: vLLM's `fused_experts`
+    (v0.10.1.1 signature).
 
-    For e = topk_ids[t, j]: y = (silu(x @ w13[e, :I].T) * (x @ w13[e, I:].T)) @ w2[e].T, and
+    For e = topk_ids[t, j]: y = (silu(x @ w1[e, :I].T) * (x @ w1[e, I:].T)) @ w2[e].T, and
     out[t] = sum_j topk_weights[t, j] * y, accumulated in fp32 in a fixed order (deterministic). The weights are
     transformers 5.x's `gate_up_proj` and `down_proj`, read in place. Math: qwen_fast.reference.moe.
 
     Args:
         hidden_states: [T, H] float32/float16/bfloat16.
-        w13: [E, 2I, H], hidden_states' dtype: gate rows, then up rows.
+        w1: [E, 2I, H], hidden_states' dtype: gate rows, then up rows (this rank's experts under expert_map).
         w2: [E, H, I], hidden_states' dtype.
         topk_weights: [T, k] float (fp32 from fused_topk, or the model dtype).
-        topk_ids: [T, k] int32/int64 expert ids in [0, E).
+        topk_ids: [T, k] int32/int64 expert ids in [0, E), or global ids in [0, global_num_experts) with expert_map.
+        inplace: write the output into hidden_states and return it.
+        activation: "silu" (SwiGLU) or "gelu" (GeGLU, the exact erf GELU, as vLLM's gelu_and_mul); is_act_and_mul
+            True (gated); anything else is refused (ValueError).
+        apply_router_weight_on_input: multiply x by its routing weight (in x's dtype) before the experts and
+            combine with weight 1; needs k == 1, as vLLM.
+        global_num_experts: -1 (expert_map's length, or E without one) or the global expert count.
+        expert_map: [global_num_experts] int32 or None (expert parallelism): global id -> local index into w1/w2,
+            or -1 for another rank's expert; such a route costs no work and contributes 0.
+        use_*, per_channel_quant, w*_scale, w*_zp, a*_scale, block_shape, w1_bias, w2_bias: refused unless unset
+            (quantized experts and expert biases are not supported yet). allow_deep_gemm and
+            allow_cutlass_block_scaled_grouped_gemm pick fp8 kernels in vLLM; without fp8 they change nothing.
 
     Returns:
-        [T, H] in hidden_states' dtype.
+        [T, H] in hidden_states' dtype (hidden_states itself when inplace).
 
     Example:
-        >>> x, w13, w2 = torch.randn(3, 8), torch.randn(4, 8, 8), torch.randn(4, 8, 4)
-        >>> weights, ids = qwen_fast.fused_topk(torch.randn(3, 4), topk=2)
-        >>> qwen_fast.fused_experts(x, w13, w2, weights, ids).shape
+        >>> x, w1, w2 = torch.randn(3, 8), torch.randn(4, 8, 8), torch.randn(4, 8, 4)
+        >>> weights, ids, _ = qwen_fast.fused_topk(x, torch.randn(3, 4), topk=2, renormalize=True)
+        >>> qwen_fast.fused_experts(x, w1, w2, weights, ids).shape
         torch.Size([3, 8])
     """
-    check_experts_args(hidden_states, w13, w2, topk_weights, topk_ids)
-    check_expert_ids("topk_ids", topk_ids, w13.shape[0])
-    return FUSED_EXPERTS(hidden_states.device, hidden_states, w13, w2, topk_weights, topk_ids)
+    check_experts_args(hidden_states, w1, w2, topk_weights, topk_ids)
+    num_experts = _check_options(
+        hidden_states, w1, topk_ids.shape[1], inplace, apply_router_weight_on_input, global_num_experts, expert_map,
+        locals(),
+    )  # fmt: skip
+    check_expert_ids("topk_ids", topk_ids, num_experts)
+    options = {"inplace": inplace, "expert_map": expert_map, "activation": activation}
+    return _run_experts(hidden_states, w1, w2, topk_weights, topk_ids, options, apply_router_weight_on_input)
 
 
 def fused_moe(
     hidden_states: torch.Tensor,
-    w13: torch.Tensor,
+    w1: torch.Tensor,
     w2: torch.Tensor,
     gating_output: torch.Tensor,
     topk: int,
     renormalize: bool = True,
-    **routing_kwargs,
+    inplace: bool = False,
+    activation: str = "silu",
+    is_act_and_mul: bool = True,
+    use_grouped_topk: bool = False,
+    num_expert_group: int | None = None,
+    topk_group: int | None = None,
+    custom_routing_function=None,
+    use_fp8_w8a8: bool = False,
+    use_int8_w8a8: bool = False,
+    use_int8_w8a16: bool = False,
+    use_int4_w4a16: bool = False,
+    use_mxfp4_w4a4: bool = False,
+    per_channel_quant: bool = False,
+    global_num_experts: int = -1,
+    expert_map: torch.Tensor | None = None,
+    w1_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    w1_zp: torch.Tensor | None = None,
+    w2_zp: torch.Tensor | None = None,
+    a1_scale: torch.Tensor | None = None,
+    a2_scale: torch.Tensor | None = None,
+    block_shape: list[int] | None = None,
+    w1_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+    *,
+    scoring_func: str = "softmax",
+    e_score_correction_bias: torch.Tensor | None = None,
+    routed_scaling_factor: float = 1.0,
+    group_scoring: str | None = None,
 ) -> torch.Tensor:
-    """A routed MoE layer in one call: fused_topk on `gating_output`, then fused_experts (no shared experts).
+    """A routed MoE layer in one call: vLLM's `fused_moe` (v0.10.1.1 signature): fused_topk on `gating_output`
+    (group-limited with use_grouped_topk, or `custom_routing_function`), then fused_experts (no shared experts).
+
+    Backends: a forced backend (use_backend / QWEN_FAST_BACKEND) runs every inner op on that backend (fused_topk,
+    moe_align_block_size and fused_experts: the triton backend has a twin of every small op); auto picks each
+    inner op's own fastest backend.
 
     Args:
         hidden_states: [T, H] float32/float16/bfloat16.
-        w13: [E, 2I, H] and w2: [E, H, I], hidden_states' dtype (transformers' gate_up_proj and down_proj).
-        gating_output: [T, E] float router logits.
-        topk, renormalize, **routing_kwargs: as fused_topk (scoring_func, e_score_correction_bias,
-            num_expert_group, topk_group, routed_scaling_factor).
+        w1: [E, 2I, H] and w2: [E, H, I], hidden_states' dtype (transformers' gate_up_proj and down_proj).
+        gating_output: [T, global E] float router logits.
+        topk, renormalize: as fused_topk.
+        inplace, activation, is_act_and_mul, global_num_experts, expert_map, the quantization arguments, w1_bias,
+            w2_bias: as fused_experts.
+        use_grouped_topk, num_expert_group, topk_group: group-limited top-k (vLLM's grouped_topk: softmax, groups
+            scored by `group_scoring`); num_expert_group without use_grouped_topk is refused (vLLM ignores it).
+        custom_routing_function: None, or f(hidden_states, gating_output, topk, renormalize) -> (weights, ids).
+        scoring_func, e_score_correction_bias, routed_scaling_factor, group_scoring (keyword-only, qwen_fast's):
+            as fused_topk.
 
     Returns:
-        [T, H] in hidden_states' dtype.
+        [T, H] in hidden_states' dtype (hidden_states itself when inplace).
 
     Example:
-        >>> x, w13, w2 = torch.randn(3, 8), torch.randn(4, 8, 8), torch.randn(4, 8, 4)
-        >>> qwen_fast.fused_moe(x, w13, w2, torch.randn(3, 4), topk=2).shape
+        >>> x, w1, w2 = torch.randn(3, 8), torch.randn(4, 8, 8), torch.randn(4, 8, 4)
+        >>> qwen_fast.fused_moe(x, w1, w2, torch.randn(3, 4), topk=2, renormalize=True).shape
         torch.Size([3, 8])
     """
-    allowed = {"scoring_func", "e_score_correction_bias", "num_expert_group", "topk_group", "routed_scaling_factor"}
-    unknown = sorted(set(routing_kwargs) - allowed)
-    if unknown:
-        raise TypeError(f"fused_moe got unknown routing arguments {unknown}; allowed: {sorted(allowed)}")
+    check_expert_weights(hidden_states, w1, w2)
+    _check_bool("use_grouped_topk", use_grouped_topk)
+    if not use_grouped_topk and (num_expert_group is not None or topk_group is not None):
+        raise ValueError(
+            f"num_expert_group={num_expert_group!r} and topk_group={topk_group!r} need use_grouped_topk=True "
+            "(vLLM's fused_moe would ignore them)"
+        )
+    if use_grouped_topk and (num_expert_group is None or topk_group is None):
+        raise ValueError("use_grouped_topk=True needs num_expert_group and topk_group")
+    if custom_routing_function is not None and not callable(custom_routing_function):
+        raise TypeError(f"custom_routing_function must be callable, got {type(custom_routing_function).__name__}")
+    num_experts = _check_options(
+        hidden_states, w1, topk, inplace, False, global_num_experts, expert_map,
+        locals(),
+    )  # fmt: skip
     routing = {
-        "scoring_func": "softmax",
-        "e_score_correction_bias": None,
-        "num_expert_group": None,
-        "topk_group": None,
-        "routed_scaling_factor": 1.0,
-    } | routing_kwargs
-    check_expert_weights(hidden_states, w13, w2)
+        "scoring_func": scoring_func,
+        "e_score_correction_bias": e_score_correction_bias,
+        "num_expert_group": num_expert_group,
+        "topk_group": topk_group,
+        "routed_scaling_factor": routed_scaling_factor,
+        "group_scoring": group_scoring,
+    }
     check_routing_args(gating_output, topk, renormalize, **routing)
     check_tensor("gating_output", gating_output, device=hidden_states.device)
-    check_shape("gating_output", gating_output, (hidden_states.shape[0], w13.shape[0]), "[T, E] =")
-    return FUSED_MOE(hidden_states.device, hidden_states, w13, w2, gating_output, topk, renormalize, **routing_kwargs)
+    check_shape("gating_output", gating_output, (hidden_states.shape[0], num_experts), "[T, global E] =")
+    options = {"custom_routing_function": custom_routing_function, "inplace": inplace, "expert_map": expert_map,
+               "activation": activation}  # fmt: skip
+    return FUSED_MOE(hidden_states.device, hidden_states, w1, w2, gating_output, topk, renormalize, options, routing)

@@ -79,21 +79,48 @@ def check_expert_ids(name: str, topk_ids: torch.Tensor, num_experts: int) -> Non
         )
 
 
+def check_expert_map(expert_map: object, num_experts: int, device: torch.device, num_local: int | None = None) -> None:
+    """expert_map [num_experts] int32 on `device`; its values (checked on CPU, eager, as check_expert_ids) lie in
+    [-1, num_local) (num_local None: any local id >= -1)."""
+    check_tensor("expert_map", expert_map, ndim=1, dtypes=(torch.int32,), device=device)
+    if expert_map.shape[0] != num_experts:
+        raise ValueError(
+            f"expert_map must be [num_experts] = [{num_experts}] (global expert ids), got {tuple(expert_map.shape)}"
+        )
+    if expert_map.device.type != "cpu" or expert_map.numel() == 0 or torch.compiler.is_compiling():
+        return
+    low, high = int(expert_map.min()), int(expert_map.max())
+    if low < -1 or (num_local is not None and high >= num_local):
+        bound = ">= -1" if num_local is None else f"in [-1, {num_local}) (w1's E = {num_local})"
+        raise ValueError(f"expert_map must hold local expert ids {bound} (-1: not on this rank), got [{low}, {high}]")
+
+
 def moe_align_block_size(
-    topk_ids: torch.Tensor, block_size: int, num_experts: int
+    topk_ids: torch.Tensor,
+    block_size: int,
+    num_experts: int,
+    expert_map: torch.Tensor | None = None,
+    pad_sorted_ids: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sort the flat (token, choice) indices t*k + j of `topk_ids` by expert, each expert's run padded to a multiple
-    of `block_size` (vLLM's `moe_align_block_size`, with buffers sized T*k + min(E, T*k) * (block_size - 1)).
+    of `block_size`: vLLM's `moe_align_block_size` (v0.10.1.1 signature and fill values), with buffers sized
+    T*k + min(E, T*k) * (block_size - 1) (vLLM allocates T*k + E * (block_size - 1): longer when T*k < E).
 
     Args:
         topk_ids: [T, k] int32/int64 expert ids in [0, num_experts). Checked on CPU tensors; on CUDA the check
             would need a host sync, and the kernels skip an id outside the range.
         block_size: rows per GEMM block, >= 1 (choose_block_size picks one for the grouped GEMM).
-        num_experts: E, >= 1 (the cuda, cpu and triton kernels take E <= 4096).
+        num_experts: E, >= 1 (the cuda, cpu and triton kernels take E <= 4096); with expert_map, the global count.
+        expert_map: [E] int32 or None (expert parallelism): global expert id -> this rank's local id, or -1 for an
+            expert on another rank. expert_ids come out mapped (expert_map[expert_ids], vLLM's rule): a block of
+            -1 belongs to another rank, and consumers skip it.
+        pad_sorted_ids: lengthen sorted_token_ids with sentinels to a multiple of block_size.
 
     Returns:
-        sorted_token_ids: int32 [T*k + min(E, T*k) * (block_size - 1)], padding = T*k.
-        expert_ids: int32 [ceil(len(sorted_token_ids) / block_size)], -1 for unused blocks.
+        sorted_token_ids: int32 [T*k + min(E, T*k) * (block_size - 1)] (rounded up with pad_sorted_ids),
+            padding = T*k.
+        expert_ids: int32 [ceil(len(sorted_token_ids) / block_size)]; the blocks past num_tokens_post_padded hold 0
+            (vLLM's fill, mapped to expert_map[0] with an expert_map): consumers stop at num_tokens_post_padded.
         num_tokens_post_padded: int32 [1].
         The exact layout is documented in qwen_fast.reference.moe_align.
 
@@ -101,8 +128,16 @@ def moe_align_block_size(
         >>> ids = torch.tensor([[2, 0], [2, 3], [0, 2]], dtype=torch.int32)
         >>> sorted_ids, expert_ids, total = qwen_fast.moe_align_block_size(ids, block_size=2, num_experts=4)
         >>> sorted_ids.tolist(), expert_ids.tolist(), total.tolist()
-        ([1, 4, 0, 2, 5, 6, 3, 6, 6, 6], [0, 2, 2, 3, -1], [8])
+        ([1, 4, 0, 2, 5, 6, 3, 6, 6, 6], [0, 2, 2, 3, 0], [8])
+        >>> ep = torch.tensor([-1, -1, 0, 1], dtype=torch.int32)  # this rank holds experts 2 and 3
+        >>> qwen_fast.moe_align_block_size(ids, 2, 4, expert_map=ep)[1].tolist()
+        [-1, 0, 0, 1, -1]
     """
     _check_align_args(topk_ids, block_size, num_experts)
     check_expert_ids("topk_ids", topk_ids, num_experts)
-    return MOE_ALIGN_BLOCK_SIZE(topk_ids.device, topk_ids, block_size, num_experts)
+    if expert_map is not None:
+        check_expert_map(expert_map, num_experts, topk_ids.device)
+    if not isinstance(pad_sorted_ids, bool):
+        raise TypeError(f"pad_sorted_ids must be a bool, got {type(pad_sorted_ids).__name__} {pad_sorted_ids!r}")
+    layout = MOE_ALIGN_BLOCK_SIZE(topk_ids.device, topk_ids, block_size, num_experts)
+    return reference.pad_and_map(layout, topk_ids.numel(), block_size, expert_map, pad_sorted_ids)

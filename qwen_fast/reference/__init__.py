@@ -11,7 +11,7 @@ from .moe import fused_experts, fused_moe
 from .moe_align import moe_align_block_size
 from .norm import rms_norm
 from .rope import apply_rotary_emb, compute_cos_sin_cache, qk_norm_rope_and_cache, rotary_embedding
-from .routing import fused_topk
+from .routing import fused_topk, topk_routing
 
 __all__ = [
     "apply_rotary_emb",
@@ -27,4 +27,5 @@ __all__ = [
     "reshape_and_cache",
     "rms_norm",
     "rotary_embedding",
+    "topk_routing",
 ]

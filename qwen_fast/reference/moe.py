@@ -9,7 +9,7 @@ Each token t is routed to the k experts topk_ids[t, j] with weights topk_weights
 e = topk_ids[t, j] and x = hidden_states[t]:
 
     gate, up = x @ w13[e, :I].T,  x @ w13[e, I:].T       one GEMM x @ w13[e].T, split in halves   [I]
-    act      = silu(gate) * up                                                                       [I]
+    act      = silu(gate) * up           (activation "gelu": gelu(gate) * up, the exact GELU)             [I]
     y[t, j]  = act @ w2[e].T                                                                         [H]
 
     out[t]   = sum_{j = 0 .. k-1} float(topk_weights[t, j]) * float(y[t, j])       accumulated in fp32, j ascending
@@ -24,23 +24,77 @@ and rounds once. The k terms are added in a fixed order (j = 0, 1, ..., k-1) int
 result is deterministic (no atomics) and fully specified (each term: an fp32 product, then an fp32 add; a kernel
 that fuses them into an FMA differs in the last bit, which the fp32 tolerance absorbs).
 
+vLLM's options (v0.10.1.1's fused_experts; the quantized ones are refused, see check_unsupported):
+    expert_map [global_E] int32: topk_ids are global ids; expert_map[e] is e's local id (its index in w13/w2) or -1
+        for an expert of another rank: such a pair costs no work and its y is 0.
+    apply_router_weight_on_input (topk == 1, as vLLM's prepare step requires): x is multiplied by the routing
+        weight in its own dtype before the experts, and the combine weight is 1.
+    inplace: the output is written into hidden_states, which is returned.
+
 fused_moe = fused_topk (qwen_fast.reference.routing) followed by fused_experts.
 """
 
 import torch
 import torch.nn.functional as F
 
-from qwen_fast.reference.routing import fused_topk
+from qwen_fast.reference.routing import topk_routing
+
+QUANTIZATION_FLAGS = ("use_fp8_w8a8", "use_int8_w8a8", "use_int8_w8a16", "use_int4_w4a16", "use_mxfp4_w4a4",
+                      "per_channel_quant")  # fmt: skip
+QUANTIZATION_TENSORS = ("w1_scale", "w2_scale", "w1_zp", "w2_zp", "a1_scale", "a2_scale", "block_shape")
 
 
-def fused_experts(
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu}  # gated: act(gate) * up; gelu is the exact (erf) GELU, as vLLM's
+UNSUPPORTED = ("activation", "is_act_and_mul", *QUANTIZATION_FLAGS, *QUANTIZATION_TENSORS, "w1_bias", "w2_bias")
+
+
+def check_unsupported(arguments: dict) -> None:
+    """vLLM arguments qwen_fast does not implement, read by name (UNSUPPORTED) from a call's `arguments` (its
+    locals()): refused unless they hold their defaults, with a ValueError naming them. activation "silu" or "gelu"
+    and is_act_and_mul True (gated), the quantization flags False, the quantization tensors, block_shape and the
+    biases None."""
+    if arguments["activation"] not in ACTIVATIONS:
+        raise ValueError(
+            f"activation {arguments['activation']!r} is not supported: the experts are gated 'silu' or 'gelu'"
+        )
+    if arguments["is_act_and_mul"] is not True:
+        raise ValueError(
+            f"is_act_and_mul={arguments['is_act_and_mul']!r} is not supported: the experts are gated (act(gate) * up)"
+        )
+    for name in QUANTIZATION_FLAGS:
+        if arguments[name] is not False:
+            raise ValueError(f"{name}={arguments[name]!r}: quantized experts are not supported yet (fp32/fp16/bf16)")
+    for name in QUANTIZATION_TENSORS:
+        if arguments[name] is not None:
+            raise ValueError(f"{name} was given: quantized experts are not supported yet (weights in fp32/fp16/bf16)")
+    for name in ("w1_bias", "w2_bias"):
+        if arguments[name] is not None:
+            raise ValueError(f"{name} was given: expert biases are not supported yet")
+
+
+def local_ids(topk_ids: torch.Tensor, expert_map: torch.Tensor | None) -> torch.Tensor:
+    """topk_ids as local expert ids: expert_map[topk_ids] (-1: another rank's expert), or topk_ids without a map."""
+    return topk_ids if expert_map is None else expert_map[topk_ids.long()]
+
+
+def weigh_input(hidden_states: torch.Tensor, topk_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """apply_router_weight_on_input (k == 1): x * w in x's dtype (vLLM's a1 * topk_weights.to(a1.dtype)), and
+    combine weights of 1."""
+    scaled = hidden_states * topk_weights.to(hidden_states.dtype)
+    return scaled, torch.ones_like(topk_weights, dtype=torch.float32)
+
+
+def experts(
     hidden_states: torch.Tensor,
     w13: torch.Tensor,
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    expert_map: torch.Tensor | None = None,
+    activation: str = "silu",
 ) -> torch.Tensor:
-    """Run every token through its k experts (SwiGLU) and sum the weighted outputs (math in the module docstring).
+    """Run every token through its k experts (SwiGLU) and sum the weighted outputs (math in the module docstring):
+    the experts alone, as every backend computes them; fused_experts adds vLLM's options around it.
 
     Args:
         hidden_states: [T, H] float32, float16 or bfloat16.
@@ -48,7 +102,9 @@ def fused_experts(
         w2: [E, H, I], same dtype as w13 (transformers' down_proj).
         topk_weights: [T, k] float32 (as fused_topk returns) or the model dtype (as transformers' Qwen3 router
             returns); used in fp32.
-        topk_ids: [T, k] int32 or int64, expert ids in [0, E).
+        topk_ids: [T, k] int32 or int64, expert ids in [0, E), or global ids when expert_map is given.
+        expert_map: [global_E] int32 global -> local id or -1 (another rank's expert: y = 0), or None.
+        activation: "silu" (SwiGLU) or "gelu" (GeGLU, the exact GELU): act = act_fn(gate) * up.
 
     Returns:
         [T, H] in hidden_states' dtype.
@@ -57,20 +113,20 @@ def fused_experts(
         >>> T, H, I, E, k = 3, 8, 4, 4, 2
         >>> x, w13, w2 = torch.randn(T, H), torch.randn(E, 2 * I, H), torch.randn(E, H, I)
         >>> ids = torch.tensor([[0, 3], [3, 1], [1, 0]], dtype=torch.int32)
-        >>> fused_experts(x, w13, w2, torch.full((T, k), 0.5), ids).shape
+        >>> experts(x, w13, w2, torch.full((T, k), 0.5), ids).shape
         torch.Size([3, 8])
     """
     num_tokens, topk = topk_ids.shape
     num_experts = w13.shape[0]
     intermediate = w2.shape[2]
-    flat_ids = topk_ids.flatten().long()  # pair i = t * k + j
+    flat_ids = local_ids(topk_ids, expert_map).flatten().long()  # pair i = t * k + j
 
-    # y[i] = expert flat_ids[i] applied to token i // k, in the weights' dtype. Every row is written exactly once.
-    y = torch.empty(num_tokens * topk, w2.shape[1], dtype=w2.dtype, device=hidden_states.device)
-    order = torch.sort(flat_ids, stable=True).indices  # pairs grouped by expert
-    counts = torch.bincount(flat_ids, minlength=num_experts).tolist()
-    start = 0
-    for expert, count in enumerate(counts):
+    # y[i] = expert flat_ids[i] applied to token i // k, in the weights' dtype; 0 for a pair of another rank.
+    y = torch.zeros(num_tokens * topk, w2.shape[1], dtype=w2.dtype, device=hidden_states.device)
+    order = torch.sort(flat_ids, stable=True).indices  # pairs grouped by expert (-1 first)
+    counts = torch.bincount(flat_ids + 1, minlength=num_experts + 1).tolist()
+    start = counts[0]
+    for expert, count in enumerate(counts[1:]):
         if count == 0:
             continue
         pairs = order[start : start + count]
@@ -78,7 +134,7 @@ def fused_experts(
         x = hidden_states[pairs // topk].to(w13.dtype)
         gate_up = F.linear(x, w13[expert])  # [count, 2I]
         gate, up = gate_up[:, :intermediate], gate_up[:, intermediate:]
-        act = F.silu(gate) * up
+        act = ACTIVATIONS[activation](gate) * up
         y[pairs] = F.linear(act, w2[expert])  # [count, H]
 
     # Weighted sum over the k choices of each token, in fp32, j ascending.
@@ -90,29 +146,93 @@ def fused_experts(
     return out.to(hidden_states.dtype)
 
 
+def fused_experts(
+    hidden_states: torch.Tensor,
+    w1: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    inplace: bool = False,
+    activation: str = "silu",
+    is_act_and_mul: bool = True,
+    apply_router_weight_on_input: bool = False,
+    use_fp8_w8a8: bool = False,
+    use_int8_w8a8: bool = False,
+    use_int8_w8a16: bool = False,
+    use_int4_w4a16: bool = False,
+    use_mxfp4_w4a4: bool = False,
+    per_channel_quant: bool = False,
+    global_num_experts: int = -1,
+    expert_map: torch.Tensor | None = None,
+    w1_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    w1_zp: torch.Tensor | None = None,
+    w2_zp: torch.Tensor | None = None,
+    a1_scale: torch.Tensor | None = None,
+    a2_scale: torch.Tensor | None = None,
+    block_shape: list[int] | None = None,
+    allow_deep_gemm: bool = False,
+    allow_cutlass_block_scaled_grouped_gemm: bool = False,
+    w1_bias: torch.Tensor | None = None,
+    w2_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """vLLM's fused_experts (v0.10.1.1 signature): `experts` with the options of the module docstring. w1 is
+    transformers' gate_up_proj [E, 2I, H]. global_num_experts (-1: expert_map's length, or E) only sizes the
+    routing; allow_deep_gemm / allow_cutlass_... select fp8 kernels in vLLM and change nothing here.
+
+    Example:
+        >>> x, w1, w2 = torch.randn(3, 8), torch.randn(2, 8, 8), torch.randn(2, 8, 4)
+        >>> ids = torch.tensor([[0], [3], [2]])  # global ids; this rank holds experts 2 and 3 as local 0 and 1
+        >>> ep = torch.tensor([-1, -1, 0, 1], dtype=torch.int32)
+        >>> fused_experts(x, w1, w2, torch.ones(3, 1), ids, expert_map=ep)[0].abs().max().item()
+        0.0
+    """
+    check_unsupported(locals())
+    x, weights = (
+        weigh_input(hidden_states, topk_weights) if apply_router_weight_on_input else (hidden_states, topk_weights)
+    )
+    out = experts(x, w1, w2, weights, topk_ids, expert_map, activation)
+    return hidden_states.copy_(out) if inplace else out
+
+
 def fused_moe(
     hidden_states: torch.Tensor,
-    w13: torch.Tensor,
+    w1: torch.Tensor,
     w2: torch.Tensor,
     gating_output: torch.Tensor,
     topk: int,
     renormalize: bool = True,
-    **routing_kwargs,
+    inplace: bool = False,
+    activation: str = "silu",
+    is_act_and_mul: bool = True,
+    use_grouped_topk: bool = False,
+    num_expert_group: int | None = None,
+    topk_group: int | None = None,
+    custom_routing_function=None,
+    global_num_experts: int = -1,
+    expert_map: torch.Tensor | None = None,
+    **options,
 ) -> torch.Tensor:
-    """Route with fused_topk, then run fused_experts: a whole routed MoE layer (without shared experts).
-
-    Args:
-        hidden_states: [T, H] float32, float16 or bfloat16.
-        w13: [E, 2I, H] (gate rows, then up rows); w2: [E, H, I]; both in the weights' dtype.
-        gating_output: [T, E] router logits, any float dtype.
-        topk: k, experts per token.
-        renormalize: divide the k routing weights by their sum.
-        **routing_kwargs: scoring_func, e_score_correction_bias, num_expert_group, topk_group,
-            routed_scaling_factor, passed to fused_topk.
+    """Route, then run fused_experts: a whole routed MoE layer (without shared experts), as vLLM's fused_moe
+    (num_expert_group, topk_group: group-limited top-k, which the functional API accepts only with
+    use_grouped_topk=True; custom_routing_function(hidden_states, gating_output, topk, renormalize) -> (weights,
+    ids) replaces the routing). options: fused_experts' other keywords, and the routing's keyword-only extras of
+    qwen_fast.fused_moe (scoring_func, e_score_correction_bias, routed_scaling_factor, group_scoring).
 
     Returns:
         [T, H] in hidden_states' dtype. The fp32 weights of fused_topk go straight into the fp32 combine (no cast
         to the model dtype in between, unlike transformers' Qwen3 router).
     """
-    topk_weights, topk_ids = fused_topk(gating_output, topk, renormalize, **routing_kwargs)
-    return fused_experts(hidden_states, w13, w2, topk_weights, topk_ids)
+    routing = {name: options.pop(name) for name in ROUTING_EXTRAS if name in options}
+    if custom_routing_function is not None:
+        topk_weights, topk_ids = custom_routing_function(hidden_states, gating_output, topk, renormalize)
+    else:
+        groups = {"num_expert_group": num_expert_group, "topk_group": topk_group}
+        topk_weights, topk_ids = topk_routing(gating_output, topk, renormalize, **groups, **routing)
+    return fused_experts(
+        hidden_states, w1, w2, topk_weights, topk_ids, inplace, activation, is_act_and_mul,
+        global_num_experts=global_num_experts, expert_map=expert_map, **options,
+    )  # fmt: skip
+
+
+ROUTING_EXTRAS = ("scoring_func", "e_score_correction_bias", "routed_scaling_factor", "group_scoring")

@@ -79,7 +79,7 @@ class Inputs:
 
     def routing(self, tokens: int, experts: int, topk: int) -> dict:
         """topk_weights fp32 [T, k] and topk_ids int32 [T, k] from the reference router on random logits."""
-        weights, ids = reference.fused_topk(torch.randn(tokens, experts, generator=self.generator), topk)
+        weights, ids = reference.topk_routing(torch.randn(tokens, experts, generator=self.generator), topk)
         return {"topk_weights": self.put(weights, torch.float32), "topk_ids": self.put(ids)}
 
     def rope_table(self, head_dim: int, positions: int, yarn: bool = False, dtype=torch.float32) -> torch.Tensor:

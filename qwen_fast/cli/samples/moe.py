@@ -14,7 +14,9 @@ def _topk(tokens, experts, topk, renormalize=True, bias=None, **routing):
     """fused_topk on grid logits; `bias`: the dtype of an e_score_correction_bias on the 1/1024 grid."""
 
     def build(x: Inputs) -> dict:
-        kwargs = {"gating_output": x.grid(tokens, experts), "topk": topk, "renormalize": renormalize, **routing}
+        logits = x.grid(tokens, experts)
+        kwargs = {"hidden_states": _hidden(logits), "gating_output": logits, "topk": topk, "renormalize": renormalize}
+        kwargs |= routing
         if bias is not None:
             kwargs["e_score_correction_bias"] = x.grid(experts, dtype=torch.float32).div(16).to(bias)
         return kwargs
@@ -22,9 +24,19 @@ def _topk(tokens, experts, topk, renormalize=True, bias=None, **routing):
     return build
 
 
+def _hidden(logits: torch.Tensor) -> torch.Tensor:
+    """fused_topk's hidden_states for `logits` [T, E]: [T, 8] (vLLM's signature reads only its T)."""
+    return logits.new_zeros(logits.shape[0], 8)
+
+
 def _logits(make, topk, **routing):
     """fused_topk on logits made by make(x) (ties and near ties)."""
-    return lambda x: {"gating_output": make(x), "topk": topk, **routing}
+
+    def build(x: Inputs) -> dict:
+        logits = make(x)
+        return {"hidden_states": _hidden(logits), "gating_output": logits, "topk": topk, **routing}
+
+    return build
 
 
 def _near_ties(x: Inputs) -> torch.Tensor:
@@ -74,11 +86,15 @@ FUSED_TOPK = OpSpec(
         Sample("groups-of-6-bias", _topk(33, 24, 3, bias=torch.float32, **SIGMOID_GROUPS)),
         Sample("softmax-groups-nonorm", _topk(9, 60, 5, False, num_expert_group=3, topk_group=1)),
         Sample("groups-of-one", _topk(5, 8, 2, scoring_func="sigmoid", num_expert_group=8, topk_group=3)),
+        Sample("groups-max-bias", _topk(33, 24, 3, bias=torch.float32, group_scoring="max", **SIGMOID_GROUPS)),
+        Sample("groups-top2-no-bias", _topk(9, 60, 5, num_expert_group=6, topk_group=2, group_scoring="top2_sum")),
+        Sample("ids-int64", _topk(7, 16, 4, indices_type=torch.int64)),
         Sample("k=all-kept-nonorm", _topk(4, 16, 8, False, bias=torch.float32, **SIGMOID_GROUPS)),
-        Sample("logits-spaced", lambda x: {"gating_output": spaced(spaced(x.grid(7, 61), 0), 1), "topk": 4}),
-        Sample("logits-column-major", lambda x: {"gating_output": relayout(x.grid(9, 16), 0, 1), "topk": 4}),
+        Sample("logits-spaced", _logits(lambda x: spaced(spaced(x.grid(7, 61), 0), 1), 4)),
+        Sample("logits-column-major", _logits(lambda x: relayout(x.grid(9, 16), 0, 1), 4)),
         index_layout("bias-spaced-expanded-logits", lambda x: {
-            "gating_output": expanded(x.grid(1, 24), (6, 24)), "topk": 3, "scoring_func": "sigmoid",
+            "hidden_states": x.zeros(6, 8), "gating_output": expanded(x.grid(1, 24), (6, 24)), "topk": 3,
+            "scoring_func": "sigmoid",
             "e_score_correction_bias": spaced(x.grid(24, dtype=torch.float32).div(16)), "num_expert_group": 4,
             "topk_group": 2}),
         Sample("gpu-T70000", _topk(70000, 128, 8), gpu=True),  # > 65,535 programs along one grid axis
@@ -92,9 +108,16 @@ FUSED_TOPK = OpSpec(
 )  # fmt: skip
 
 
-def _align(make_ids, block_size, num_experts):
+def _align(make_ids, block_size, num_experts, **options):
     """moe_align_block_size on make_ids(x); the dtype under test is topk_ids' (x.dtype)."""
-    return lambda x: {"topk_ids": make_ids(x), "block_size": block_size, "num_experts": num_experts}
+    return lambda x: {"topk_ids": make_ids(x), "block_size": block_size, "num_experts": num_experts, **options}
+
+
+def _expert_map(x: Inputs, num_experts: int) -> torch.Tensor:
+    """An expert-parallel map: this rank holds the odd experts (local ids 0, 1, ...), the others are -1."""
+    local = torch.full((num_experts,), -1, dtype=torch.int32)
+    local[1::2] = torch.arange(num_experts // 2, dtype=torch.int32)
+    return x.put(local)
 
 
 def _ids(tokens, experts, topk):
@@ -122,6 +145,8 @@ MOE_ALIGN_BLOCK_SIZE = OpSpec(
         Sample("E1024-b16", _align(_ids(100, 1024, 2), 16, 1024)),
         Sample("T257-E61-k8-b16", _align(_ids(257, 61, 8), 16, 61)),  # several Triton tiles
         Sample("every-expert-once-b16", _align(lambda x: x.ints(list(range(12)), x.dtype).view(3, 4), 16, 12)),
+        Sample("expert-map-b4", lambda x: _align(_ids(9, 8, 2), 4, 8, expert_map=_expert_map(x, 8))(x)),
+        Sample("pad-sorted-ids-b5", _align(_ids(7, 8, 2), 5, 8, pad_sorted_ids=True)),
         Sample("ids-spaced", _align(lambda x: spaced(spaced(x.expert_ids(9, 16, 4, x.dtype), 0, 0), 1, 0), 4, 16)),
         Sample("ids-column-major", _align(lambda x: relayout(x.expert_ids(9, 16, 4, x.dtype), 0, 1), 4, 16)),
         Sample("ids-expanded", _align(lambda x: expanded(x.expert_ids(1, 16, 4, x.dtype), (9, 4), 0), 4, 16)),
@@ -145,18 +170,23 @@ def _route(x: Inputs, tokens: int, experts: int, topk: int, route: str) -> torch
     return x.expert_ids(tokens, experts, topk)
 
 
-def _experts(tokens, experts, topk, hidden=40, inter=24, route="random", weights=torch.float32, views=None):
+def _experts(tokens, experts, topk, hidden=40, inter=24, route="random", weights=torch.float32, views=None,
+             local=None, **options):  # fmt: skip
     """fused_experts with N(0, 1/fan_in) weights; `weights`: topk_weights' dtype (None: the model dtype);
-    `views(args)`: the arguments replaced by views of the same values."""
+    `views(args)`: the arguments replaced by views of the same values; `local`: this rank's experts of `experts`
+    global ones (an expert_map of _expert_map's: the odd experts); options: other keyword arguments."""
 
     def build(x: Inputs) -> dict:
         ids = _route(x, tokens, experts, topk, route)
+        if local is not None:
+            options["expert_map"] = _expert_map(x, experts)
         args = {
             "hidden_states": x.randn(tokens, hidden),
-            "w13": x.randn(experts, 2 * inter, hidden, scale=hidden**-0.5),
-            "w2": x.randn(experts, hidden, inter, scale=inter**-0.5),
+            "w1": x.randn(local or experts, 2 * inter, hidden, scale=hidden**-0.5),
+            "w2": x.randn(local or experts, hidden, inter, scale=inter**-0.5),
             "topk_weights": x.rand(*ids.shape, dtype=weights or x.dtype),
             "topk_ids": ids,
+            **options,
         }
         return args | (views(args) if views else {})
 
@@ -174,11 +204,16 @@ FUSED_EXPERTS = OpSpec(
         Sample("T64-E61-k8", _experts(64, 61, 8)),
         Sample("T257-E61-k8", _experts(257, 61, 8), interpret=False),
         Sample("weights-in-model-dtype", _experts(9, 8, 2, weights=None)),
+        Sample("expert-map-E16-local8", _experts(9, 16, 3, local=8)),
+        Sample("expert-map-one-expert", _experts(33, 16, 1, local=8, route="one-expert")),  # expert 3: local 1
+        Sample("router-weight-on-input-k1", _experts(9, 8, 1, apply_router_weight_on_input=True)),
+        Sample("gelu", _experts(9, 8, 2, 32, 16, activation="gelu")),
+        Sample("gelu-expert-map", _experts(9, 16, 3, local=8, activation="gelu")),
         Sample("ids-int64", _experts(9, 8, 2, views=lambda a: {"topk_ids": a["topk_ids"].long()})),
         Sample("experts-transposed", _experts(9, 8, 2, views=lambda a: {  # stored [E, H, 2I] and [E, I, H]
-            "w13": relayout(a["w13"], 1, 2), "w2": relayout(a["w2"], 1, 2)})),
+            "w1": relayout(a["w1"], 1, 2), "w2": relayout(a["w2"], 1, 2)})),
         Sample("experts-expanded", _experts(9, 8, 2, views=lambda a: {  # one expert's weights for all: stride 0
-            "w13": expanded(a["w13"][:1], a["w13"].shape), "w2": expanded(a["w2"][:1], a["w2"].shape)})),
+            "w1": expanded(a["w1"][:1], a["w1"].shape), "w2": expanded(a["w2"][:1], a["w2"].shape)})),
         Sample("hidden-spaced", _experts(9, 8, 2, views=lambda a: {"hidden_states": spaced(a["hidden_states"], 0)})),
         index_layout("routing-spaced", _experts(9, 8, 2, views=lambda a: {
             "topk_ids": spaced(spaced(a["topk_ids"], 0, 0), 1, 0), "topk_weights": relayout(a["topk_weights"], 0, 1)})),
@@ -195,7 +230,7 @@ def _moe(tokens, experts, topk, views=None, **routing):
     def build(x: Inputs) -> dict:
         args = {
             "hidden_states": x.randn(tokens, 40),
-            "w13": x.randn(experts, 48, 40, scale=40**-0.5),
+            "w1": x.randn(experts, 48, 40, scale=40**-0.5),
             "w2": x.randn(experts, 40, 24, scale=24**-0.5),
             "gating_output": x.randn(tokens, experts, dtype=torch.float32),
             "topk": topk,
@@ -211,7 +246,9 @@ FUSED_MOE = OpSpec(
         Sample("T7-E8-k2", _moe(7, 8, 2)),
         Sample("T0", _moe(0, 8, 2)),
         Sample("T1-E61-k8", _moe(1, 61, 8)),
-        Sample("grouped-sigmoid", _moe(9, 8, 2, routed_scaling_factor=2.5, **SIGMOID_GROUPS)),
+        Sample("grouped-sigmoid", _moe(9, 8, 2, use_grouped_topk=True, routed_scaling_factor=2.5, **SIGMOID_GROUPS)),
+        Sample("grouped-softmax", _moe(9, 8, 2, use_grouped_topk=True, num_expert_group=4, topk_group=2)),
+        Sample("gelu", _moe(9, 8, 2, activation="gelu")),
         Sample("gating-spaced", _moe(9, 8, 2, views=lambda a: {"gating_output": spaced(a["gating_output"], 0)})),
     ),
 )
