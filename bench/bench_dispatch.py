@@ -93,7 +93,7 @@ def _cases() -> dict:
             lambda: native.reshape_and_cache(k3[:1], v3[:1], key_cache, value_cache, slots),
         ),
         "rotary_embedding": (
-            lambda: qwen_fast.rotary_embedding(positions, q3[:1], k3[:1], cos_sin),
+            lambda: qwen_fast.rotary_embedding(positions, q3[:1], k3[:1], q3.shape[-1], cos_sin, True),
             lambda: ops.ROTARY_EMBEDDING(CPU, positions, q3[:1], k3[:1], cos_sin, True),
             lambda: native.rotary_embedding(positions, q3[:1], k3[:1], cos_sin, True),
         ),

@@ -17,8 +17,9 @@ the running row max m_i and row sum l_i (fp32, base-2 units). Per key tile [BLOC
 in the same base-2 units: s = tanh((q @ k^T) * scale / softcap) * softcap * log2(e)), m_new = max(m_i, rowmax(s)),
 p = exp2(s - m_new), acc = acc * exp2(m_i - m_new) + p @ v (p cast to V's dtype for the tensor-core dot), l_i
 likewise. A row whose visible keys so far are none has m = -inf; the exponent base is then taken as 0 so that p
-and the rescale factor are exp2(-inf) = 0, never NaN, and the final acc / l_i writes 0 where l_i = 0. Each row also writes its natural-log
-log-sum-exp, (m_i + log2(l_i)) * ln(2), to softmax_lse (+inf where l_i = 0, as flash-attn).
+and the rescale factor are exp2(-inf) = 0, never NaN, and the final acc / l_i writes 0 where l_i = 0. Each row
+also writes its natural-log log-sum-exp, (m_i + log2(l_i)) * ln(2), to softmax_lse (+inf where l_i = 0, as
+flash-attn).
 
 Tile skipping: the program's rows span positions [p_first, p_last]; with d(i) = i + Sk - Sq, keys outside
 [d(p_first) - left, d(p_last) + right] are invisible to every row, so the loop runs only over the tiles meeting that
@@ -62,10 +63,9 @@ HEAD_DIMS = (16, 32, 64, 128, 256)  # HEAD_DIM, the padded head dim
 
 @triton.jit
 def _tanh(x):
-    """tanh through exp2 of -2|x| (no overflow for any x; Triton has no portable tanh)."""
-    t = tl.math.exp2(-2.0 * 1.4426950408889634 * tl.abs(x))
-    y = (1.0 - t) / (1.0 + t)
-    return tl.where(x < 0, -y, y)
+    """tanh(x) = 2 / (1 + exp(-2x)) - 1 through exp2 (Triton has no portable tanh); exp2 overflowing to inf for
+    x << 0 gives -1, not NaN. This form keeps the 16-bit 128 x 64 tiles free of spills (a |x|-and-sign one spilled)."""
+    return 2.0 / (1.0 + tl.math.exp2(-2.0 * 1.4426950408889634 * x)) - 1.0
 
 
 @triton.jit
@@ -196,7 +196,7 @@ def _flash_attn_kernel(
         out + o_rows[:, None] + dims[None, :], result.to(out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :]
     )
     row_lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("inf"))
-    lse_rows = batch64 * stride_lb + head.to(tl.int64) * stride_lh + (start_q + pos).to(tl.int64)
+    lse_rows = batch * stride_lb + head * stride_lh + start_q + pos  # int32: B * Hq * Sq < 2^31 (int64 spilled)
     tl.store(lse + lse_rows, row_lse, mask=row_ok)
 
 
@@ -312,7 +312,7 @@ def compile_specs() -> list[CompileSpec]:
                     signature |= {name: "i32" for name in kernel.arg_names[6:13]}
                     signature["qk_scale"] = "fp32"
                     signature |= {name: "i64" for name in kernel.arg_names[14:26]}
-                    signature |= {"lse": "*fp32", "stride_lb": "i64", "stride_lh": "i64", "cap_log2": "fp32"}
+                    signature |= {"lse": "*fp32", "stride_lb": "i32", "stride_lh": "i32", "cap_log2": "fp32"}
                     constexprs = {
                         "BLOCK_M": config["BLOCK_M"],
                         "BLOCK_N": config["BLOCK_N"],

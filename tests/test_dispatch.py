@@ -417,10 +417,10 @@ def _contract_cases() -> dict:
         ),
         "flash_attn_varlen": (
             lambda: qwen_fast.flash_attn_varlen_func(q, k, k, cu, cu, 5, 5),
-            (q, k, k, cu, cu, 5, 5, 0.25, False, -1, -1),
+            (q, k, k, cu, cu, 5, 5, 0.25, False, -1, -1, 0.0),
         ),
         "rotary_embedding": (
-            lambda: qwen_fast.rotary_embedding(torch.arange(3), odd, odd, cos_sin),
+            lambda: qwen_fast.rotary_embedding(torch.arange(3), odd, odd, 7, cos_sin, True),
             (torch.arange(3), odd, odd, cos_sin, True),
         ),
     }
