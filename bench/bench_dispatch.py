@@ -75,8 +75,8 @@ def _cases() -> dict:
         ),
         "flash_attn_varlen_func": (
             lambda: qwen_fast.flash_attn_varlen_func(q3[:1], k3, v3, cu_q, cu_k, 1, 3, causal=True),
-            lambda: ops.FLASH_ATTN_VARLEN(CPU, q3[:1], k3, v3, cu_q, cu_k, 1, 3, scale, True, -1, -1, 0.0),
-            lambda: native.flash_attn_varlen_func(q3[:1], k3, v3, cu_q, cu_k, 1, 3, scale, True, -1, -1, 0.0),
+            lambda: ops.FLASH_ATTN_VARLEN(CPU, q3[:1], k3, v3, cu_q, cu_k, 1, 3, scale, True, -1, -1, 0.0, False),
+            lambda: native.flash_attn_varlen_func(q3[:1], k3, v3, cu_q, cu_k, 1, 3, scale, True, -1, -1, 0.0, False),
         ),
         "flash_attn_with_kvcache": (
             lambda: qwen_fast.flash_attn_with_kvcache(q, key_cache, value_cache, new_k, new_v, seqlens, table),

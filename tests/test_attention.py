@@ -275,7 +275,7 @@ def test_flash_attn_varlen_func_bad_input(kwargs, error, message):
 def _native_args():
     q, k, v = torch.randn(8, 8, 64), torch.randn(9, 2, 64), torch.randn(9, 2, 64)
     cu_q, cu_k = torch.tensor([0, 5, 5, 8], dtype=torch.int32), torch.tensor([0, 7, 9, 9], dtype=torch.int32)
-    return q, k, v, cu_q, cu_k, 5, 7, 0.125, True, 4, -1, 0.0
+    return q, k, v, cu_q, cu_k, 5, 7, 0.125, True, 4, -1, 0.0, True
 
 
 def test_native_checks_its_arguments():
@@ -293,7 +293,7 @@ def test_native_checks_its_arguments():
     with pytest.raises(RuntimeError, match="cu_seqlens must be int32"):
         op(q, k, v, cu_q.long(), cu_k, *rest)
     with pytest.raises(RuntimeError, match="softcap must be finite and >= 0, got -1"):
-        op(q, k, v, cu_q, cu_k, *rest[:-1], -1.0)
+        op(q, k, v, cu_q, cu_k, *rest[:-2], -1.0, True)
 
 
 # --- flash-attn's positional order and inference arguments (dropout_p, softcap, return_attn_probs) ------------------

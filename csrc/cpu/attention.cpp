@@ -212,7 +212,7 @@ void attend_item(const Item& item, const Layout& L, const scalar_t* q, const sca
     const float inv = ws.l[r] > 0.0f ? 1.0f / ws.l[r] : 0.0f;  // no visible key: 0
     for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<scalar_t>(ws.acc[r * D + d] * inv);
     constexpr float kLn2 = 0.69314718055994531f;
-    lse[head * total_q + token] = ws.l[r] > 0.0f ? (ws.m[r] + std::log2(ws.l[r])) * kLn2 : kPosInf;
+    if (lse != nullptr) lse[head * total_q + token] = ws.l[r] > 0.0f ? (ws.m[r] + std::log2(ws.l[r])) * kLn2 : kPosInf;
   }
 }
 
@@ -222,11 +222,14 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_cpu(const at::Tensor& q, co
                                                          const at::Tensor& v, const at::Tensor& cu_seqlens_q,
                                                          const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
                                                          int64_t max_seqlen_k, double softmax_scale, bool causal,
-                                                         int64_t window_left, int64_t window_right, double softcap) {
+                                                         int64_t window_left, int64_t window_right, double softcap,
+                                                         bool return_lse) {
   check_flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                           window_left, window_right, softcap);
   at::Tensor out = at::zeros(q.sizes(), q.options());  // rows outside every sequence stay 0
-  at::Tensor lse = at::full({q.size(1), q.size(0)}, kPosInf, q.options().dtype(at::kFloat));  // and have lse +inf
+  // and have lse +inf; without return_lse the lse is empty and nothing writes it
+  at::Tensor lse = return_lse ? at::full({q.size(1), q.size(0)}, kPosInf, q.options().dtype(at::kFloat))
+                              : at::empty({0}, q.options().dtype(at::kFloat));
   const at::Tensor cu_q = cu_seqlens_q.contiguous(), cu_k = cu_seqlens_k.contiguous();
   const int32_t* off_q = cu_q.const_data_ptr<int32_t>();
   const int32_t* off_k = cu_k.const_data_ptr<int32_t>();
@@ -258,7 +261,7 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_cpu(const at::Tensor& q, co
     const scalar_t* k_data = k.const_data_ptr<scalar_t>();
     const scalar_t* v_data = v.const_data_ptr<scalar_t>();
     scalar_t* out_data = out.mutable_data_ptr<scalar_t>();
-    float* lse_data = lse.mutable_data_ptr<float>();
+    float* lse_data = return_lse ? lse.mutable_data_ptr<float>() : nullptr;
     at::parallel_for(0, slots, 1, [&](int64_t begin, int64_t end) {
       const int mkl_threads = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0;  // sequential GEMMs
       Workspace ws(kBlockQ * layout.group, layout.head_dim);

@@ -19,57 +19,62 @@ from ._checks import (
 from ._dispatch import INTERPRETER_DOT, Op
 from ._library import define_triton_op, launcher, native_op
 
-# The kernels take the softmax scale resolved (None -> D ** -0.5), the window as two ints (-1: unbounded) and the
-# softcap (0: off), and return (out, softmax_lse): the lse costs one fp32 per query row and head, so it is always
-# written and the public functions drop it unless asked.
+# The kernels take the softmax scale resolved (None -> D ** -0.5), the window as two ints (-1: unbounded), the
+# softcap (0: off) and whether to return the softmax_lse; they return (out, softmax_lse), the lse empty ([0]) unless
+# asked for (the Triton kernel compiles the lse and softcap code only into the variant that needs them).
 
 
-def _fake_flash_attn(q, k, v, softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float):
+def _lse_shape(return_lse: bool, *shape: int) -> tuple[int, ...]:
+    return shape if return_lse else (0,)
+
+
+def _fake_flash_attn(q, k, v, softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+                     return_lse: bool):  # fmt: skip
     check_dense_args(q, k, v, traced)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    return out, q.new_empty(q.shape[0], q.shape[2], q.shape[1], dtype=torch.float32)
+    return out, q.new_empty(_lse_shape(return_lse, q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
 def _fake_flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
                             softmax_scale: float, causal: bool, window_left: int, window_right: int,
-                            softcap: float):  # fmt: skip
+                            softcap: float, return_lse: bool):  # fmt: skip
     check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, traced)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    return out, q.new_empty(q.shape[1], q.shape[0], dtype=torch.float32)
+    return out, q.new_empty(_lse_shape(return_lse, q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 _launch_flash_attn = launcher("attention", "flash_attn_func")
 _launch_flash_attn_varlen = launcher("attention", "flash_attn_varlen_func")
 
 
-def _flash_attn_launch(q, k, v, softmax_scale, causal, window_left, window_right, softcap):
-    return _launch_flash_attn(q, k, v, softmax_scale, causal, (window_left, window_right), softcap)
+def _flash_attn_launch(q, k, v, softmax_scale, causal, window_left, window_right, softcap, return_lse):
+    return _launch_flash_attn(q, k, v, softmax_scale, causal, (window_left, window_right), softcap, return_lse)
 
 
 def _flash_attn_varlen_launch(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_left, window_right,
-                              softcap):  # fmt: skip
+                              softcap, return_lse):  # fmt: skip
     return _launch_flash_attn_varlen(
-        q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, (window_left, window_right), softcap
+        q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, (window_left, window_right), softcap, return_lse
     )  # fmt: skip
 
 
 _flash_attn_triton = define_triton_op(
     "flash_attn(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, int window_left, int window_right, "
-    "float softcap) -> (Tensor, Tensor)",
+    "float softcap, bool return_lse) -> (Tensor, Tensor)",
     _flash_attn_launch,
     _fake_flash_attn,
 )
 _flash_attn_varlen_triton = define_triton_op(
     "flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
-    "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, float softcap) "
-    "-> (Tensor, Tensor)",
+    "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, float softcap, "
+    "bool return_lse) -> (Tensor, Tensor)",
     _flash_attn_varlen_launch,
     _fake_flash_attn_varlen,
 )
 _flash_attn_varlen_native = native_op("flash_attn_varlen_func", _fake_flash_attn_varlen)
 
 
-def _flash_attn_native(q, k, v, softmax_scale, causal, window_left, window_right, softcap):
+def _flash_attn_native(q, k, v, softmax_scale, causal, window_left, window_right, softcap, return_lse):
     """The dense batch through the varlen op: B sequences of Sq queries and Sk keys (q/k/v viewed as [B*S, H, D]);
     its lse [Hq, B * Sq] is laid out again as flash_attn_func's [B, Hq, Sq]."""
     batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
@@ -78,25 +83,27 @@ def _flash_attn_native(q, k, v, softmax_scale, causal, window_left, window_right
     cu_k = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * seqlen_k
     out, lse = _flash_attn_varlen_native(
         q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]), cu_q, cu_k,
-        seqlen_q, seqlen_k, softmax_scale, causal, window_left, window_right, softcap,
+        seqlen_q, seqlen_k, softmax_scale, causal, window_left, window_right, softcap, return_lse,
     )  # fmt: skip
-    return out.view(q.shape), lse.view(q.shape[2], batch, seqlen_q).transpose(0, 1).contiguous()
+    if return_lse:
+        lse = lse.view(q.shape[2], batch, seqlen_q).transpose(0, 1).contiguous()
+    return out.view(q.shape), lse
 
 
-def _reference_flash_attn(q, k, v, softmax_scale, causal, window_left, window_right, softcap):
+def _reference_flash_attn(q, k, v, softmax_scale, causal, window_left, window_right, softcap, return_lse):
     out, lse, _ = reference.flash_attn_func(
         q, k, v, 0.0, softmax_scale, causal, (window_left, window_right), softcap, return_attn_probs=True
     )  # fmt: skip
-    return out, lse
+    return out, lse if return_lse else lse.new_empty(0)
 
 
 def _reference_flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_left, window_right,
-                                 softcap):  # fmt: skip
+                                 softcap, return_lse):  # fmt: skip
     out, lse, _ = reference.flash_attn_varlen_func(
         q, k, v, cu_q, cu_k, max_q, max_k, 0.0, softmax_scale, causal, (window_left, window_right), softcap,
         return_attn_probs=True,
     )  # fmt: skip
-    return out, lse
+    return out, lse if return_lse else lse.new_empty(0)
 
 
 # Attention is Triton's job on CUDA (no CUDA C++ kernel); the C++ extension's flash loop on CPU. One native op,
@@ -228,7 +235,7 @@ def flash_attn_func(
     cap = check_softcap(softcap)
     _check_flags(deterministic=deterministic, return_attn_probs=return_attn_probs)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    out, lse = FLASH_ATTN(q.device, q, k, v, scale, causal, *window_size, cap)
+    out, lse = FLASH_ATTN(q.device, q, k, v, scale, causal, *window_size, cap, return_attn_probs)
     return (out, lse, q.new_empty(0)) if return_attn_probs else out
 
 
@@ -327,6 +334,7 @@ def flash_attn_varlen_func(
     _check_flags(deterministic=deterministic, return_attn_probs=return_attn_probs)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
     out, lse = FLASH_ATTN_VARLEN(
-        q.device, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, *window_size, cap
-    )
+        q.device, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, *window_size, cap,
+        return_attn_probs,
+    )  # fmt: skip
     return (out, lse, q.new_empty(0)) if return_attn_probs else out

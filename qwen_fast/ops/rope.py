@@ -273,6 +273,8 @@ def rotary_embedding(
     else:
         flat_key = key_part.reshape(tokens, key_part.shape[-2], rot_dim)
     check_rope_args(flat_positions, flat_query, flat_key, table, is_neox)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, cos_sin_cache)):
+        flat_query, flat_key = flat_query.clone(), flat_key.clone()  # autograd saves them: not the memory written below
     q_out, k_out = ROTARY_EMBEDDING(query.device, flat_positions, flat_query, flat_key, table, is_neox)
     query_part.copy_(q_out.view(query_part.shape))
     if key_part is not None:
