@@ -202,7 +202,8 @@ class GQAAttention(nn.Module):
         if seq > 1 and not torch.compiler.is_compiling() and not any(cache._step_starts):
             # Prefill of an empty cache (known on the host when eager): the keys are exactly the new rows, so the
             # prefill kernel attends over them where they are (the paged kernel's loop is shaped for few queries).
-            return FLASH_ATTN(device, q_rows.view(q.shape), k_rows.view(k.shape), v, self.scaling, True, *window)
+            rows_k = k_rows.view(k.shape)  # softcap 0 below; [0] drops the lse
+            return FLASH_ATTN(device, q_rows.view(q.shape), rows_k, v, self.scaling, True, *window, 0.0, False)[0]
         return FLASH_ATTN_WITH_KVCACHE(
             device, q_rows.view(q.shape), key_cache, value_cache, None, None, plan.seq_lens, plan.block_table,
             self.scaling, True, window,
