@@ -75,8 +75,8 @@ def _cases() -> dict:
         ),
         "flash_attn_varlen_func": (
             lambda: qwen_fast.flash_attn_varlen_func(q3[:1], k3, v3, cu_q, cu_k, 1, 3, causal=True),
-            lambda: ops.FLASH_ATTN_VARLEN(CPU, q3[:1], k3, v3, cu_q, cu_k, 1, 3, scale, True, -1, -1),
-            lambda: native.flash_attn_varlen_func(q3[:1], k3, v3, cu_q, cu_k, 1, 3, scale, True, -1, -1),
+            lambda: ops.FLASH_ATTN_VARLEN(CPU, q3[:1], k3, v3, cu_q, cu_k, 1, 3, scale, True, -1, -1, 0.0, False),
+            lambda: native.flash_attn_varlen_func(q3[:1], k3, v3, cu_q, cu_k, 1, 3, scale, True, -1, -1, 0.0, False),
         ),
         "flash_attn_with_kvcache": (
             lambda: qwen_fast.flash_attn_with_kvcache(
@@ -95,7 +95,7 @@ def _cases() -> dict:
             lambda: native.reshape_and_cache(k3[:1], v3[:1], key_cache, value_cache, slots),
         ),
         "rotary_embedding": (
-            lambda: qwen_fast.rotary_embedding(positions, q3[:1], k3[:1], cos_sin),
+            lambda: qwen_fast.rotary_embedding(positions, q3[:1], k3[:1], q3.shape[-1], cos_sin, True),
             lambda: ops.ROTARY_EMBEDDING(CPU, positions, q3[:1], k3[:1], cos_sin, True),
             lambda: native.rotary_embedding(positions, q3[:1], k3[:1], cos_sin, True),
         ),

@@ -48,7 +48,7 @@ def _inputs(num_tokens: int, dtype: torch.dtype) -> dict:
 def _unfused(a: dict) -> None:
     query = rms_norm(a["query"], a["q_norm_weight"], a["eps"])
     key = rms_norm(a["key"], a["k_norm_weight"], a["eps"])
-    query, key = qwen_fast.rotary_embedding(a["positions"], query, key, a["cos_sin_cache"])
+    qwen_fast.rotary_embedding(a["positions"], query, key, query.shape[-1], a["cos_sin_cache"], True)  # in place
     value = torch.empty_like(key).copy_(a["value"])  # reshape_and_cache takes key and value with equal strides
     qwen_fast.reshape_and_cache(key, value, a["key_cache"], a["value_cache"], a["slot_mapping"])
 

@@ -83,10 +83,14 @@ std::tuple<at::Tensor, at::Tensor> flash_attn_with_kvcache_cpu(
     const std::optional<at::Tensor>& v_descale);
 
 // GQA flash attention over packed sequences: q [Tq, Hq, D], k/v [Tk, Hkv, D], cu_seqlens int32 [B + 1];
-// window edges -1 = unbounded, causal aligned bottom-right (qwen_fast/reference/attention.py). Returns [Tq, Hq, D].
-at::Tensor flash_attn_varlen_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                 const at::Tensor& cu_seqlens_q, const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
-                                 int64_t max_seqlen_k, double softmax_scale, bool causal, int64_t window_left,
-                                 int64_t window_right);
+// window edges -1 = unbounded, causal aligned bottom-right, softcap 0 = off (qwen_fast/reference/attention.py).
+// Returns (out [Tq, Hq, D], softmax_lse fp32 [Hq, Tq], +inf for a row with no visible key; empty [0] unless
+// return_lse).
+std::tuple<at::Tensor, at::Tensor> flash_attn_varlen_cpu(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, const at::Tensor& cu_seqlens_q,
+                                                         const at::Tensor& cu_seqlens_k, int64_t max_seqlen_q,
+                                                         int64_t max_seqlen_k, double softmax_scale, bool causal,
+                                                         int64_t window_left, int64_t window_right, double softcap,
+                                                         bool return_lse);
 
 }  // namespace qwen_fast

@@ -25,7 +25,8 @@ TORCH_LIBRARY(qwen_fast, m) {
       "int window_right, float softcap, int num_splits, Tensor? k_descale, Tensor? v_descale) -> (Tensor, Tensor)");
   m.def(
       "flash_attn_varlen_func(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
-      "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right) -> Tensor");
+      "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, float softcap, "
+      "bool return_lse) -> (Tensor, Tensor)");
   m.def(
       "fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
       "Tensor? expert_map=None, str activation=\"silu\") -> Tensor");

@@ -13,10 +13,13 @@ programs with the most key tiles start first.
 
 Per program, in registers: the Q tile [BLOCK_M, HEAD_DIM] (loaded once), the fp32 accumulator [BLOCK_M, HEAD_DIM],
 the running row max m_i and row sum l_i (fp32, base-2 units). Per key tile [BLOCK_N]: s = (q @ k^T) * scale * log2(e)
-(the softmax scale folded into the exp2 argument), m_new = max(m_i, rowmax(s)), p = exp2(s - m_new),
-acc = acc * exp2(m_i - m_new) + p @ v (p cast to V's dtype for the tensor-core dot), l_i likewise. A row whose
-visible keys so far are none has m = -inf; the exponent base is then taken as 0 so that p and the rescale factor are
-exp2(-inf) = 0, never NaN, and the final acc / l_i writes 0 where l_i = 0.
+(the softmax scale folded into the exp2 argument; with a softcap, flash-attn's softcap * tanh(q.k * scale / softcap)
+in the same base-2 units: s = tanh((q @ k^T) * scale / softcap) * softcap * log2(e)), m_new = max(m_i, rowmax(s)),
+p = exp2(s - m_new), acc = acc * exp2(m_i - m_new) + p @ v (p cast to V's dtype for the tensor-core dot), l_i
+likewise. A row whose visible keys so far are none has m = -inf; the exponent base is then taken as 0 so that p
+and the rescale factor are exp2(-inf) = 0, never NaN, and the final acc / l_i writes 0 where l_i = 0. With EXTRAS
+(a constexpr: the default kernel stays free of both) the softcap applies when cap_log2 > 0, and each row also writes
+its natural-log log-sum-exp, (m_i + log2(l_i)) * ln(2), to softmax_lse (+inf where l_i = 0, as flash-attn).
 
 Tile skipping: the program's rows span positions [p_first, p_last]; with d(i) = i + Sk - Sq, keys outside
 [d(p_first) - left, d(p_last) + right] are invisible to every row, so the loop runs only over the tiles meeting that
@@ -24,7 +27,8 @@ range. Those are split into key tiles that every row sees in full (no mask compu
 after them, which apply the per-element mask (key < Sk, causal/window bounds per row).
 
 Layouts: batched q [B, Sq, Hq, D] at b * stride_b + i * stride_t; varlen q [Tq, Hq, D] at (cu_seqlens_q[b] + i) *
-stride_t (stride_b = 0). Same for k/v. Token offsets are int64. Empty sequences (varlen) and rows past a
+stride_t (stride_b = 0). Same for k/v. softmax_lse: flash-attn's [B, Hq, Sq] (batched) or [Hq, Tq] (varlen, batch
+stride 0), contiguous along the queries. Token offsets are int64. Empty sequences (varlen) and rows past a
 sequence's end are masked; programs whose rows all lie past it return at once.
 
 Head dims: any multiple of 8 up to 256, padded to HEAD_DIM = the next power of 2 (>= 16) with masked loads and
@@ -58,13 +62,22 @@ HEAD_DIMS = (16, 32, 64, 128, 256)  # HEAD_DIM, the padded head dim
 
 
 @triton.jit
+def _tanh(x):
+    """tanh(x) = 2 / (1 + exp(-2x)) - 1 through exp2 (Triton has no portable tanh); exp2 overflowing to inf for
+    x << 0 gives -1, not NaN. This form keeps the 16-bit 128 x 64 tiles free of spills (a |x|-and-sign one spilled)."""
+    return 2.0 / (1.0 + tl.math.exp2(-2.0 * 1.4426950408889634 * x)) - 1.0
+
+
+@triton.jit
 def _attend_tiles(
     acc, m_i, l_i, q, k_base, v_base, cols, dims, diag, start, stop, seqlen_k, head_dim, left, right, qk_scale,
-    stride_kt, stride_vt, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    cap_log2, stride_kt, stride_vt, MASKED: tl.constexpr, EVEN_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EXTRAS: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over the key tiles [start, stop) (multiples of BLOCK_N = len(cols)). k_base/v_base: scalar
     pointers to key 0 of this sequence and KV head. MASKED tiles load keys < seqlen_k only and apply the
-    causal/window mask; the others are fully visible."""
+    causal/window mask; the others are fully visible. EXTRAS with cap_log2 > 0: qk_scale is scale / softcap and the
+    scores are capped to tanh(.) * cap_log2."""
     block_n = cols.shape[0]
     k_tile = k_base + start.to(tl.int64) * stride_kt  # scalar pointers to the current tile, advanced per tile
     v_tile = v_base + start.to(tl.int64) * stride_vt
@@ -90,6 +103,9 @@ def _attend_tiles(
             k = tl.load(k_ptrs, mask=d_ok[:, None], other=0.0)
             v = tl.load(v_ptrs, mask=d_ok[None, :], other=0.0)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale
+        if EXTRAS:
+            if cap_log2 > 0.0:
+                s = _tanh(s) * cap_log2
         if MASKED:
             visible = (keys[None, :] < seqlen_k) & (keys[None, :] >= diag[:, None] - left)
             visible = visible & (keys[None, :] <= diag[:, None] + right)
@@ -108,8 +124,9 @@ def _attend_tiles(
 def _flash_attn_kernel(
     q, k, v, out, cu_seqlens_q, cu_seqlens_k, seqlen_q_fixed, seqlen_k_fixed, num_kv_heads, group, head_dim, left,
     right, qk_scale, stride_qb, stride_qt, stride_qh, stride_kb, stride_kt, stride_kh, stride_vb, stride_vt,
-    stride_vh, stride_ob, stride_ot, stride_oh, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, IS_VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    stride_vh, stride_ob, stride_ot, stride_oh, lse, stride_lb, stride_lh, cap_log2, BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EXTRAS: tl.constexpr,
 ):  # fmt: skip
     batch = tl.program_id(0) // num_kv_heads
     kv_head = tl.program_id(0) % num_kv_heads
@@ -164,21 +181,25 @@ def _flash_attn_kernel(
     l_i = tl.zeros((BLOCK_M,), dtype=tl.float32)
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q_tile, k_base, v_base, cols, dims, diag, tile_lo, mid_lo, seqlen_k, head_dim, left, right,
-        qk_scale, stride_kt, stride_vt, True, EVEN_D, DOT_PRECISION,
+        qk_scale, cap_log2, stride_kt, stride_vt, True, EVEN_D, DOT_PRECISION, EXTRAS,
     )  # fmt: skip
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q_tile, k_base, v_base, cols, dims, diag, mid_lo, mid_hi, seqlen_k, head_dim, left, right,
-        qk_scale, stride_kt, stride_vt, False, EVEN_D, DOT_PRECISION,
+        qk_scale, cap_log2, stride_kt, stride_vt, False, EVEN_D, DOT_PRECISION, EXTRAS,
     )  # fmt: skip
     acc, m_i, l_i = _attend_tiles(
         acc, m_i, l_i, q_tile, k_base, v_base, cols, dims, diag, mid_hi, tile_hi, seqlen_k, head_dim, left, right,
-        qk_scale, stride_kt, stride_vt, True, EVEN_D, DOT_PRECISION,
+        qk_scale, cap_log2, stride_kt, stride_vt, True, EVEN_D, DOT_PRECISION, EXTRAS,
     )  # fmt: skip
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     result = tl.where((l_i > 0.0)[:, None], acc / l_safe[:, None], 0.0)  # no visible key: 0
     tl.store(
         out + o_rows[:, None] + dims[None, :], result.to(out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :]
     )
+    if EXTRAS:
+        row_lse = tl.where(l_i > 0.0, (m_i + tl.math.log2(l_safe)) * 0.6931471805599453, float("inf"))
+        lse_rows = batch * stride_lb + head * stride_lh + start_q + pos  # int32: B * Hq * Sq < 2^31 (int64 spilled)
+        tl.store(lse + lse_rows, row_lse, mask=row_ok)
 
 
 def _head_dim_padded(head_dim: int) -> int:
@@ -211,24 +232,28 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def _launch(q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-            window_size, batch_strides):  # fmt: skip
-    """Shared launcher. q/k/v/out are 3-D token views [T, H, D] (varlen) or 4-D [B, S, H, D] (batched)."""
+def _launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
+            window_size, softcap, batch_strides) -> None:  # fmt: skip
+    """Shared launcher. q/k/v/out are 3-D token views [T, H, D] (varlen) or 4-D [B, S, H, D] (batched); lse is None
+    or fp32 [Hq, T] (varlen) / [B, Hq, S] (batched), filled with +inf by the caller (rows no program writes). With
+    an lse or a softcap the EXTRAS kernel runs (it writes the lse, also when only the softcap asked for it)."""
     num_heads_q, head_dim = q.shape[-2], q.shape[-1]
     num_kv_heads = k.shape[-2]
     group = num_heads_q // num_kv_heads
     if out.numel() == 0 or batch == 0 or max_seqlen_q == 0:
-        return out
-    scale = head_dim**-0.5 if softmax_scale is None else softmax_scale
+        return
     padded = _head_dim_padded(head_dim)
-    if _copies_padded(
-        q.dtype, padded, padded == head_dim
-    ):  # exact: zero dims add nothing to q.k; their outputs are dropped
+    if _copies_padded(q.dtype, padded, padded == head_dim):  # exact: zero dims add nothing to q.k; outputs dropped
         q, k, v = (torch.nn.functional.pad(t, (0, padded - head_dim)) for t in (q, k, v))
         wide = out.new_zeros(*out.shape[:-1], padded)
-        _launch(q, k, v, wide, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q, max_seqlen_k, scale, causal,
-                window_size, batch_strides)  # fmt: skip
-        return out.copy_(wide[..., :head_dim])
+        _launch(q, k, v, wide, lse, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q, max_seqlen_k, softmax_scale,
+                causal, window_size, softcap, batch_strides)  # fmt: skip
+        out.copy_(wide[..., :head_dim])
+        return
+    extras = lse is not None or softcap > 0
+    if extras and lse is None:  # a softcap alone: the EXTRAS kernel writes an lse nobody reads
+        rows = (out.shape[0], out.shape[2], out.shape[1]) if batch_strides else (out.shape[1], out.shape[0])
+        lse = torch.empty(rows, dtype=torch.float32, device=out.device)
     unbounded = max_seqlen_q + max_seqlen_k  # a window edge that no key can pass
     left = unbounded if window_size[0] < 0 else window_size[0]
     right = 0 if causal else (unbounded if window_size[1] < 0 else window_size[1])
@@ -236,38 +261,46 @@ def _launch(q, k, v, out, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q, max_s
     grid = (batch * num_kv_heads, triton.cdiv(max_seqlen_q * group, config["BLOCK_M"]))
     strides = [t.stride(0) if batch_strides else 0 for t in (q, k, v, out)]
     token_dim = 1 if batch_strides else 0
+    qk_scale = softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E
+    lse_strides = (lse.stride(0) if batch_strides else 0, lse.stride(-2)) if extras else (0, 0)
     _flash_attn_kernel[grid](
         q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, num_kv_heads, group, head_dim, left,
-        right, scale * LOG2E,
+        right, qk_scale,
         strides[0], q.stride(token_dim), q.stride(-2), strides[1], k.stride(token_dim), k.stride(-2),
         strides[2], v.stride(token_dim), v.stride(-2), strides[3], out.stride(token_dim), out.stride(-2),
+        lse if extras else out, *lse_strides, softcap * LOG2E,
         HEAD_DIM=padded, EVEN_D=padded == head_dim, IS_VARLEN=cu_seqlens_q is not None,
-        DOT_PRECISION=_precision(q.dtype), **config,
+        DOT_PRECISION=_precision(q.dtype), EXTRAS=extras, **config,
     )  # fmt: skip
-    return out
 
 
-def flash_attn_func(q, k, v, softmax_scale, causal, window_size) -> torch.Tensor:
+def flash_attn_func(q, k, v, softmax_scale, causal, window_size, softcap, return_lse) -> tuple[torch.Tensor, ...]:
     """Launcher; arguments as qwen_fast.flash_attn_func (checked there): q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D].
-    Returns [B, Sq, Hq, D] in q's dtype; inputs are read through their strides (no copies)."""
+    Returns (out [B, Sq, Hq, D] in q's dtype, softmax_lse fp32 [B, Hq, Sq] or, without return_lse, empty [0]);
+    inputs are read through their strides (no copies)."""
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
-    return _launch(q, k, v, out, None, None, q.shape[0], q.shape[1], k.shape[1], softmax_scale, causal,
-                   window_size, batch_strides=True)  # fmt: skip
+    lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("inf"), device=q.device) if return_lse else None
+    _launch(q, k, v, out, lse, None, None, q.shape[0], q.shape[1], k.shape[1], softmax_scale, causal, window_size,
+            softcap, batch_strides=True)  # fmt: skip
+    return out, q.new_empty(0, dtype=torch.float32) if lse is None else lse
 
 
 def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, causal,
-                           window_size) -> torch.Tensor:  # fmt: skip
+                           window_size, softcap, return_lse) -> tuple[torch.Tensor, ...]:  # fmt: skip
     """Launcher; arguments as qwen_fast.flash_attn_varlen_func (checked there): q [Tq, Hq, D], k/v [Tk, Hkv, D],
     cu_seqlens int32 [B + 1], any strides (the kernel reads offset b at b: made contiguous, a copy of B + 1 ints only
-    when strided). Returns [Tq, Hq, D]; query rows outside every sequence are 0."""
+    when strided). Returns (out [Tq, Hq, D], softmax_lse fp32 [Hq, Tq] or, without return_lse, empty [0]); query
+    rows outside every sequence are 0, with lse +inf."""
     out = torch.zeros_like(q, memory_format=torch.contiguous_format)
+    lse = torch.full((q.shape[1], q.shape[0]), float("inf"), device=q.device) if return_lse else None
     cu_seqlens_q, cu_seqlens_k = cu_seqlens_q.contiguous(), cu_seqlens_k.contiguous()
-    return _launch(q, k, v, out, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k,
-                   softmax_scale, causal, window_size, batch_strides=False)  # fmt: skip
+    _launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, cu_seqlens_q.shape[0] - 1, max_seqlen_q, max_seqlen_k,
+            softmax_scale, causal, window_size, softcap, batch_strides=False)  # fmt: skip
+    return out, q.new_empty(0, dtype=torch.float32) if lse is None else lse
 
 
 def compile_specs() -> list[CompileSpec]:
-    """Every (dtype, HEAD_DIM, row tile, EVEN_D, layout) the launcher can pick."""
+    """Every (dtype, HEAD_DIM, row tile, EVEN_D, layout, EXTRAS or not) the launcher can pick."""
     kernel = _flash_attn_kernel
     specs, seen = [], set()
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
@@ -280,13 +313,15 @@ def compile_specs() -> list[CompileSpec]:
                 if (dtype, padded, even_d, config["BLOCK_M"]) in seen:
                     continue  # fp32: one tile for short and long queries
                 seen.add((dtype, padded, even_d, config["BLOCK_M"]))
-                for varlen in (False, True):
+                for varlen, extras in ((False, False), (True, False), (False, True), (True, True)):
                     signature = {name: pointer for name in ("q", "k", "v", "out")}
                     index = "*i32" if varlen else "constexpr"
                     signature |= {"cu_seqlens_q": index, "cu_seqlens_k": index}
                     signature |= {name: "i32" for name in kernel.arg_names[6:13]}
                     signature["qk_scale"] = "fp32"
                     signature |= {name: "i64" for name in kernel.arg_names[14:26]}
+                    lse = "*fp32" if extras else pointer  # without EXTRAS the launcher passes `out` (unused)
+                    signature |= {"lse": lse, "stride_lb": "i32", "stride_lh": "i32", "cap_log2": "fp32"}
                     constexprs = {
                         "BLOCK_M": config["BLOCK_M"],
                         "BLOCK_N": config["BLOCK_N"],
@@ -294,17 +329,18 @@ def compile_specs() -> list[CompileSpec]:
                         "EVEN_D": even_d,
                         "IS_VARLEN": varlen,
                         "DOT_PRECISION": _precision(dtype),
+                        "EXTRAS": extras,
                     }
                     signature |= {name: "constexpr" for name in constexprs}
                     if not varlen:
                         constexprs |= {"cu_seqlens_q": None, "cu_seqlens_k": None}
                     label = (
                         f"{TRITON_DTYPE[dtype]} D={padded}{'' if even_d else ' padded'} M={config['BLOCK_M']} "
-                        f"N={config['BLOCK_N']} {'varlen' if varlen else 'batched'}"
+                        f"N={config['BLOCK_N']} {'varlen' if varlen else 'batched'}{' extras' if extras else ''}"
                     )
                     # The JIT's specialization for 16-byte aligned tensors; with D a power of 2 the strides
                     # (multiples of D) are multiples of 16 too.
-                    aligned = ("q", "k", "v", "out") + (tuple(kernel.arg_names[14:26]) if even_d else ())
+                    aligned = ("q", "k", "v", "out", "lse") + (tuple(kernel.arg_names[14:26]) if even_d else ())
                     specs.append(
                         CompileSpec(
                             kernel, signature, constexprs, config["num_warps"], config["num_stages"], label, aligned

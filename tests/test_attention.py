@@ -3,6 +3,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from backends import backend_params
 from numerics import assert_close, assert_within_budget
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask, sliding_window_causal_mask_function
@@ -210,6 +211,13 @@ def _dense(B=2, Sq=5, Sk=7, Hq=8, Hkv=2, D=64):
         (lambda a: {"window_size": (4,)}, ValueError, r"window_size must be a pair \(left, right\), got \(4,\)"),
         (lambda a: {"window_size": (-2, 0)}, ValueError, r"window_size left must be in \[-1, inf\], got -2"),
         (lambda a: {"v": a["v"].to("meta")}, ValueError, "v must be on cpu like the other inputs, got meta"),
+        (lambda a: {"dropout_p": 0.5}, ValueError, "dropout_p=0.5 is not supported: dropout is a training feature"),
+        (lambda a: {"dropout_p": None}, TypeError, "dropout_p must be a float, got NoneType None"),
+        (lambda a: {"softcap": -1.0}, ValueError, r"softcap must be finite and >= 0 \(0.0: no capping\), got -1.0"),
+        (lambda a: {"softcap": "30"}, TypeError, "softcap must be a float, got str '30'"),
+        (lambda a: {"alibi_slopes": torch.ones(8)}, ValueError, "alibi_slopes is not supported by qwen_fast"),
+        (lambda a: {"deterministic": 1}, TypeError, "deterministic must be a bool, got int 1"),
+        (lambda a: {"return_attn_probs": "yes"}, TypeError, "return_attn_probs must be a bool, got str 'yes'"),
     ],
 )
 def test_flash_attn_func_bad_input(change, error, message):
@@ -251,6 +259,9 @@ def _varlen():
         ({"max_seqlen_k": -1}, ValueError, r"max_seqlen_k must be in \[0, inf\], got -1"),
         ({"q": torch.randn(7, 4, 64).half()}, TypeError, "k must be float16, got torch.float32"),
         ({"window_size": [1, 2, 3]}, ValueError, "window_size must be a pair"),
+        ({"dropout_p": 0.1}, ValueError, "dropout_p=0.1 is not supported: dropout is a training feature"),
+        ({"softcap": float("inf")}, ValueError, "softcap must be finite and >= 0"),
+        ({"block_table": torch.zeros(3, 1, dtype=torch.int32)}, ValueError, "block_table is not supported"),
     ],
 )
 def test_flash_attn_varlen_func_bad_input(kwargs, error, message):
@@ -264,7 +275,7 @@ def test_flash_attn_varlen_func_bad_input(kwargs, error, message):
 def _native_args():
     q, k, v = torch.randn(8, 8, 64), torch.randn(9, 2, 64), torch.randn(9, 2, 64)
     cu_q, cu_k = torch.tensor([0, 5, 5, 8], dtype=torch.int32), torch.tensor([0, 7, 9, 9], dtype=torch.int32)
-    return q, k, v, cu_q, cu_k, 5, 7, 0.125, True, 4, -1
+    return q, k, v, cu_q, cu_k, 5, 7, 0.125, True, 4, -1, 0.0, True
 
 
 def test_native_checks_its_arguments():
@@ -281,3 +292,91 @@ def test_native_checks_its_arguments():
         op(q, k, v, cu_q, torch.tensor([0, 7, 2, 9], dtype=torch.int32), *rest)
     with pytest.raises(RuntimeError, match="cu_seqlens must be int32"):
         op(q, k, v, cu_q.long(), cu_k, *rest)
+    with pytest.raises(RuntimeError, match="softcap must be finite and >= 0, got -1"):
+        op(q, k, v, cu_q, cu_k, *rest[:-2], -1.0, True)
+
+
+# --- flash-attn's positional order and inference arguments (dropout_p, softcap, return_attn_probs) ------------------
+
+
+def test_fourth_positional_argument_is_dropout_p():
+    """flash-attn's positional calls mean the same here: flash_attn_func(q, k, v, 0.1, causal=True) once took 0.1 as
+    the softmax scale; it now refuses dropout, and (q, k, v, 0.0, scale, causal) is dropout 0 then the scale."""
+    q, k, v = _qkv(2, 7, 7, 8, 2, 32)
+    with pytest.raises(ValueError, match="dropout_p=0.1 is not supported: dropout is a training feature"):
+        qwen_fast.flash_attn_func(q, k, v, 0.1, causal=True)
+    positional = qwen_fast.flash_attn_func(q, k, v, 0.0, 0.3, True)
+    assert_close(positional, _sdpa(q, k, v, is_causal=True, scale=0.3))
+    cu = torch.tensor([0, 7], dtype=torch.int32)
+    with pytest.raises(ValueError, match="dropout_p=0.1 is not supported"):
+        qwen_fast.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 7, 7, 0.1, causal=True)
+    varlen = qwen_fast.flash_attn_varlen_func(q[0], k[0], v[0], cu, cu, 7, 7, 0.0, 0.3, True)
+    assert_close(varlen, positional[0])
+
+
+def _explicit_scores(q, k, scale, softcap, mask):
+    """fp32 [B, Hq, Sq, Sk] scores written out (GQA by repeating k's heads), capped, masked with -inf."""
+    k = k.float().repeat_interleave(q.shape[2] // k.shape[2], dim=2)
+    scores = torch.einsum("bqhd,bkhd->bhqk", q.float(), k) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    return scores.masked_fill(~mask, float("-inf"))
+
+
+@pytest.mark.parametrize("backend, device", backend_params("flash_attn_func"))
+def test_softcap_and_lse_match_the_formula(backend, device):
+    """softcap * tanh(scale * q.k / softcap), then the softmax; lse = logsumexp of those scores (fp32, natural log),
+    +inf on the rows that see no key (causal with Sq > Sk: the first Sq - Sk rows), as flash-attn 2.8.3 writes."""
+    q, k, v = (t.to(device) for t in _qkv(2, 9, 4, 4, 2, 32))
+    with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
+        out, lse, s_dmask = qwen_fast.flash_attn_func(
+            q, k, v, softmax_scale=0.5, causal=True, softcap=2.0, deterministic=True, return_attn_probs=True
+        )
+    assert [ran for op, ran in calls if op == "flash_attn_func"] == [backend]
+    mask = _flash_mask(9, 4, True, (-1, -1)).to(device)
+    scores = _explicit_scores(q, k, 0.5, 2.0, mask)
+    probs = torch.softmax(scores, dim=-1).nan_to_num(0.0)
+    expected = torch.einsum("bhqk,bkhd->bqhd", probs, v.float().repeat_interleave(2, dim=2))
+    assert_close(out, expected)
+    assert lse.dtype == torch.float32 and lse.shape == (2, 4, 9)
+    assert torch.isposinf(lse[:, :, :5]).all() and (out[:, :5] == 0).all()
+    assert_close(lse[:, :, 5:], torch.logsumexp(scores[:, :, 5:], dim=-1))
+    assert s_dmask.numel() == 0 and s_dmask.dtype == q.dtype  # flash-attn's S_dmask when dropout_p == 0
+
+
+@pytest.mark.parametrize("backend, device", backend_params("flash_attn_varlen_func"))
+def test_varlen_lse_layout_and_empty_rows(backend, device):
+    """softmax_lse [Hq, Tq] (flash-attn's varlen layout): each sequence's rows equal its dense lse; rows of an empty
+    key sequence and rows outside every sequence are +inf."""
+    lens_q, lens_k = [3, 2, 4], [5, 0, 4]
+    q = torch.randn(sum(lens_q) + 1, 4, 32, device=device)  # one row outside every sequence
+    k, v = torch.randn(sum(lens_k), 1, 32, device=device), torch.randn(sum(lens_k), 1, 32, device=device)
+    cu_q = torch.tensor([0, 3, 5, 9], dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0, 5, 5, 9], dtype=torch.int32, device=device)
+    with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
+        out, lse, _ = qwen_fast.flash_attn_varlen_func(
+            q, k, v, cu_q, cu_k, 4, 5, causal=True, softcap=1.5, return_attn_probs=True
+        )  # fmt: skip
+    assert [ran for op, ran in calls if op == "flash_attn_varlen_func"] == [backend]
+    assert lse.shape == (4, 10) and lse.dtype == torch.float32
+    assert torch.isposinf(lse[:, 3:5]).all() and torch.isposinf(lse[:, 9]).all()
+    for rows, keys, length in ((slice(0, 3), slice(0, 5), 3), (slice(5, 9), slice(5, 9), 4)):
+        mask = _flash_mask(length, keys.stop - keys.start, True, (-1, -1)).to(device)
+        scores = _explicit_scores(q[None, rows], k[None, keys], 32**-0.5, 1.5, mask)
+        assert_close(lse[:, rows], torch.logsumexp(scores, dim=-1)[0])
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp2:RuntimeWarning")  # numpy, under the interpreter
+@pytest.mark.parametrize("backend, device", backend_params("flash_attn_func"))
+def test_softcap_saturates_without_nan(backend, device):
+    """Scores in the thousands: tanh saturates at +-1 in every kernel's formulation (exp overflow or clamping gives
+    +-softcap, never NaN), as torch.tanh does in the reference."""
+    q = torch.randn(1, 16, 4, 32, device=device) * 100
+    k, v = q[:, :, :2].clone(), torch.randn(1, 16, 2, 32, device=device)
+    with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
+        out, lse, _ = qwen_fast.flash_attn_func(q, k, v, softcap=5.0, return_attn_probs=True)
+    assert [ran for op, ran in calls if op == "flash_attn_func"] == [backend]
+    expected, expected_lse, _ = flash_attn_func(q, k, v, softcap=5.0, return_attn_probs=True)
+    assert out.isfinite().all() and lse.isfinite().all()
+    assert_close(out, expected)
+    assert_close(lse, expected_lse)

@@ -247,7 +247,10 @@ def _grad_inputs(name: str) -> dict:
     """The op's first sample in fp32, its first floating-point argument (q, hidden_states, gating_output, key,
     positions' table ...: one the op reads, never a cache it writes) requiring grad."""
     kwargs = SPECS[name].samples[0].build(Inputs(CPU, torch.float32))
-    first = next(k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.is_floating_point())
+    written = ("query", "key") if name == "rotary_embedding" else ()  # rotated in place, as vLLM's
+    first = next(
+        k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and k not in written
+    )
     kwargs[first] = kwargs[first].detach().clone().requires_grad_()
     return kwargs
 
@@ -417,10 +420,10 @@ def _contract_cases() -> dict:
         ),
         "flash_attn_varlen": (
             lambda: qwen_fast.flash_attn_varlen_func(q, k, k, cu, cu, 5, 5),
-            (q, k, k, cu, cu, 5, 5, 0.25, False, -1, -1),
+            (q, k, k, cu, cu, 5, 5, 0.25, False, -1, -1, 0.0, False),
         ),
         "rotary_embedding": (
-            lambda: qwen_fast.rotary_embedding(torch.arange(3), odd, odd, cos_sin),
+            lambda: qwen_fast.rotary_embedding(torch.arange(3), odd, odd, 7, cos_sin, True),
             (torch.arange(3), odd, odd, cos_sin, True),
         ),
     }

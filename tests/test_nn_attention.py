@@ -1,40 +1,29 @@
 """qwen_fast.nn.GQAAttention against transformers' Qwen3 / Qwen3-MoE / Qwen2 / Qwen2-MoE attention, alone and
 swapped into tiny random models (greedy generation must give the same tokens)."""
 
+import importlib
+
 import pytest
 import torch
+import transformers
 from numerics import assert_close, assert_within_budget
-from transformers import (
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen2MoeConfig,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-    Qwen3MoeConfig,
-    Qwen3MoeForCausalLM,
-)
-from transformers.models.qwen2 import modeling_qwen2
-from transformers.models.qwen2_moe import modeling_qwen2_moe
-from transformers.models.qwen3 import modeling_qwen3
-from transformers.models.qwen3_moe import modeling_qwen3_moe
 
 import qwen_fast
+import qwen_fast.families
 from qwen_fast.nn.attention import GQAAttention
 
 SMALL = dict(vocab_size=97, hidden_size=64, num_attention_heads=8, num_key_value_heads=2, head_dim=16,
              max_position_embeddings=256, num_hidden_layers=2, intermediate_size=64)  # fmt: skip
-MOE = dict(moe_intermediate_size=32, num_experts=4, num_experts_per_tok=2)
-# family -> (config, attention class, rotary class)
+# family -> (config, attention class, rotary class): the families whose attention GQAAttention serves
 FAMILIES = {
-    "qwen3": (lambda **kw: Qwen3Config(**SMALL, **kw), modeling_qwen3.Qwen3Attention,
-              modeling_qwen3.Qwen3RotaryEmbedding),
-    "qwen3_moe": (lambda **kw: Qwen3MoeConfig(**SMALL, **MOE, **kw), modeling_qwen3_moe.Qwen3MoeAttention,
-                  modeling_qwen3_moe.Qwen3MoeRotaryEmbedding),
-    "qwen2": (lambda **kw: Qwen2Config(**SMALL, **kw), modeling_qwen2.Qwen2Attention,
-              modeling_qwen2.Qwen2RotaryEmbedding),
-    "qwen2_moe": (lambda **kw: Qwen2MoeConfig(**SMALL, **MOE, shared_expert_intermediate_size=32, **kw),
-                  modeling_qwen2_moe.Qwen2MoeAttention, modeling_qwen2_moe.Qwen2MoeRotaryEmbedding),
-}  # fmt: skip
+    f.model_type: (
+        lambda f=f, **kw: getattr(transformers, f"{f.prefix}Config")(**{**f.tiny, **SMALL, **kw}),
+        getattr(importlib.import_module(f.module), f.attention),
+        getattr(importlib.import_module(f.module), f"{f.prefix}RotaryEmbedding"),
+    )
+    for f in qwen_fast.families.FAMILIES
+    if f.route == "module"
+}
 
 
 def _randomize(module: torch.nn.Module) -> None:
@@ -146,7 +135,7 @@ def test_rejects_masks_it_cannot_express():
         GQAAttention.from_hf(hf)(x, embeddings, full)
     with pytest.raises(ValueError, match=r"attention_mask must be 2D \[B, S_k\] or 4D"):
         GQAAttention.from_hf(hf)(x, embeddings, torch.ones(1, 5, 5))
-    with pytest.raises(TypeError, match="GQAAttention.from_hf supports Qwen3Attention.*got Linear"):
+    with pytest.raises(TypeError, match="GQAAttention.from_hf does not support .*Linear; supported .*Qwen3Attention"):
         GQAAttention.from_hf(torch.nn.Linear(4, 4))
     with pytest.raises(ValueError, match="num_heads=6 must be a multiple of num_kv_heads=4"):
         GQAAttention(64, 6, 4, 16)
@@ -179,11 +168,12 @@ def swap_attention(model: torch.nn.Module, flash_masks: bool = False) -> None:
         model.set_attn_implementation(qwen_fast.register_transformers())
 
 
-MODELS = {
-    "qwen3_moe": lambda: Qwen3MoeForCausalLM(Qwen3MoeConfig(**SMALL, **MOE)),
-    "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**SMALL)),
-    "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**SMALL)),
-}
+MODELS = {family: (lambda family=family: _model(family)) for family in FAMILIES}
+
+
+def _model(family: str) -> torch.nn.Module:
+    prefix = next(f.prefix for f in qwen_fast.families.FAMILIES if f.model_type == family)
+    return getattr(transformers, f"{prefix}ForCausalLM")(FAMILIES[family][0]())
 
 
 @pytest.mark.parametrize("family", list(MODELS))

@@ -262,7 +262,7 @@ def test_no_tokens():
 
 def test_from_hf_rejects_other_modules():
     message = (r"SparseMoeBlock.from_hf does not support torch.nn.modules.linear.Linear; "
-               r"supported transformers 5.x classes: Qwen3MoeSparseMoeBlock, .*DeepseekV3MoE")  # fmt: skip
+               r"supported transformers 5.x classes: DeepseekV3MoE, .*Qwen3MoeSparseMoeBlock")  # fmt: skip
     with pytest.raises(TypeError, match=message):
         SparseMoeBlock.from_hf(torch.nn.Linear(4, 4))
     hf = _hf_block("qwen3_moe")

@@ -313,18 +313,53 @@ def test_qk_norm_rope_and_cache_bad_input(change, error, message):
 @pytest.mark.parametrize(
     "args,error,message",
     [
-        ({"query": torch.randn(2, 4, 3, 4, 64)}, ValueError, r"query must be \[T, Hq, D\] or \[B, S, Hq, D\]"),
-        ({"key": torch.randn(8, 2, 64)}, ValueError, r"key must be \[..., H, D\] with query's \(9, 4, 64\)"),
+        (
+            {"query": torch.randn(2, 4, 3, 4, 64)},
+            ValueError,
+            r"query must be \[\*P, H \* head_size\] or \[\*P, H, head_size\] with P = positions' shape \(9,\) "
+            r"and head_size = 64, got shape \(2, 4, 3, 4, 64\)",
+        ),
+        ({"head_size": 48}, ValueError, r"query must be .* head_size = 48, got shape \(9, 4, 64\)"),
+        ({"query": torch.randn(9, 4 * 64 + 8)}, ValueError, r"got shape \(9, 264\)"),
+        ({"head_size": 64.0}, TypeError, "head_size must be an int, got float 64.0"),
+        ({"key": torch.randn(8, 2, 64)}, ValueError, r"key must be \[\*P, H \* head_size\].*got shape \(8, 2, 64\)"),
         ({"key": torch.randn(9, 2, 64).bfloat16()}, TypeError, "key must be float32, got torch.bfloat16"),
-        ({"positions": torch.arange(9).view(3, 3)}, ValueError, r"positions must be \[T\] or \[B, S\]"),
+        ({"positions": torch.arange(8).view(2, 2, 2)}, ValueError, r"positions must be \[T\] or \[B, S\]"),
+        ({"positions": torch.arange(9).int()}, TypeError, "positions must be int64, got torch.int32"),
         ({"cos_sin_cache": torch.randn(64, 4096).t()}, ValueError, "cos_sin_cache must be contiguous"),
+        ({"cos_sin_cache": torch.randn(16, 80)}, ValueError, "must have rot_dim <= head_size=64, got 80"),
+        ({"rope_dim_offset": 8}, ValueError, r"rope_dim_offset must be in \[0, 0\], got 8"),
+        ({"inverse": 1}, TypeError, "inverse must be a bool, got int 1"),
+        ({"is_neox": None}, TypeError, "is_neox must be a bool, got NoneType None"),
     ],
 )
 def test_rotary_embedding_bad_input(args, error, message):
     inputs = {"positions": torch.arange(9), "query": torch.randn(9, 4, 64), "key": torch.randn(9, 2, 64)}
-    inputs["cos_sin_cache"] = compute_cos_sin_cache(64, 4096)
+    inputs |= {"head_size": 64, "cos_sin_cache": compute_cos_sin_cache(64, 4096), "is_neox": True}
     with pytest.raises(error, match=message):
         qwen_fast.rotary_embedding(**(inputs | args))
+
+
+@pytest.mark.parametrize("backend, device", backend_params("rotary_embedding"))
+def test_rotary_embedding_is_vllms_in_place_op(backend, device):
+    """vLLM's rotary_embedding(positions, query, key, head_size, cos_sin_cache, is_neox, rope_dim_offset, inverse):
+    query and key are rotated in place, flat [T, H * D] or [T, H, D]; only dims [offset, offset + rot_dim) of each
+    head turn; inverse undoes the rotation."""
+    positions, cache = torch.tensor([0, 5, 900], device=device), compute_cos_sin_cache(32, 1024).to(device)
+    query, key = torch.randn(3, 4 * 64, device=device), torch.randn(3, 2, 64, device=device)
+    q0, k0 = query.clone(), key.clone()
+    with qwen_fast.use_backend(backend), qwen_fast.record_backends() as calls:
+        assert qwen_fast.rotary_embedding(positions, query, key, 64, cache, False, rope_dim_offset=16) is None
+        rotated_q, rotated_k = query.clone(), key.clone()
+        qwen_fast.rotary_embedding(positions, query, key, 64, cache, False, rope_dim_offset=16, inverse=True)
+    assert [ran for _, ran in calls] == [backend, backend]
+    q_rot, k_rot = apply_rotary_emb(positions, q0.view(3, 4, 64)[..., 16:48], k0[..., 16:48], cache, is_neox=False)
+    assert_close(rotated_q.view(3, 4, 64)[..., 16:48], q_rot)
+    assert_close(rotated_k[..., 16:48], k_rot)
+    assert torch.equal(rotated_q.view(3, 4, 64)[..., :16], q0.view(3, 4, 64)[..., :16])
+    assert torch.equal(rotated_k[..., 48:], k0[..., 48:])
+    assert_close(query, q0)
+    assert_close(key, k0)
 
 
 def test_native_rope_ops_check_ranges():

@@ -13,14 +13,14 @@ import qwen_fast
 
 # name in qwen_fast -> (where the peer's signature was read, the peer's def line)
 PEERS = {
-    # flash-attn 2.8.3, flash_attn/flash_attn_interface.py
+    # flash-attn 2.8.3, flash_attn/flash_attn_interface.py (read at tag v2.8.3)
     "flash_attn_func": (
-        "flash-attn 2.8.3 flash_attn_interface.py",
+        "flash-attn 2.8.3 (tag v2.8.3) flash_attn/flash_attn_interface.py",
         "def f(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0, "
         "alibi_slopes=None, deterministic=False, return_attn_probs=False): ...",
     ),
     "flash_attn_varlen_func": (
-        "flash-attn 2.8.3 flash_attn_interface.py",
+        "flash-attn 2.8.3 (tag v2.8.3) flash_attn/flash_attn_interface.py",
         "def f(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0, softmax_scale=None, "
         "causal=False, window_size=(-1, -1), softcap=0.0, alibi_slopes=None, deterministic=False, "
         "return_attn_probs=False, block_table=None): ...",
@@ -77,9 +77,9 @@ PEERS = {
         "vLLM 0.10.1.1 vllm/_custom_ops.py reshape_and_cache_flash",
         "def f(key, value, key_cache, value_cache, slot_mapping, kv_cache_dtype, k_scale, v_scale): ...",
     ),
-    "rotary_embedding": (
-        "vLLM vllm/_custom_ops.py",
-        "def f(positions, query, key, head_size, cos_sin_cache, is_neox): ...",
+    "rotary_embedding": (  # key may be None; rope_dim_offset and inverse are recent additions (main, 2026)
+        "vLLM main at commit 0002bde560dd9adcabb28b0da32f47d4c020e799, vllm/_custom_ops.py",
+        "def f(positions, query, key, head_size, cos_sin_cache, is_neox, rope_dim_offset=0, inverse=False): ...",
     ),
 }
 

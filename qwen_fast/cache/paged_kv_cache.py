@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
+from transformers.distributed.tensor_parallel import get_kv_heads_per_rank
 
 from qwen_fast.ops import RESHAPE_AND_CACHE
 from qwen_fast.ops._checks import FLOAT_DTYPES, check_int, check_shape, check_tensor
@@ -140,7 +141,9 @@ class PagedKVCache(PagedKVPool, Cache):
         compileable: bool | None = None,
     ) -> "PagedKVCache":
         """A cache sized from `model.config` (its text config): num_hidden_layers, num_key_value_heads, head_dim
-        (or hidden_size // num_attention_heads), max_position_embeddings (the default max_seq_len).
+        (or hidden_size // num_attention_heads), max_position_embeddings (the default max_seq_len). Under tensor
+        parallelism (a model loaded with `tp_plan` or a `DistributedConfig`) each rank holds its own KV heads, as
+        transformers' `get_kv_heads_per_rank` says; heads that do not split evenly are a ValueError.
 
         num_blocks=None: enough pages for max_batch sequences of max_seq_len tokens each, but no more than fit in
         DEFAULT_POOL_BYTES (4 GiB) over all layers' key and value pools (at least one page); pass num_blocks to size
@@ -166,7 +169,7 @@ class PagedKVCache(PagedKVPool, Cache):
                 f"PagedKVCache supports full-attention layers only; this config's layer types are {layer_types} "
                 "(sliding-window or other layers): use transformers' DynamicCache for this model"
             )
-        heads_kv = config.num_key_value_heads
+        heads_kv = _kv_heads_per_rank(model, config.num_key_value_heads)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         max_seq_len = config.max_position_embeddings if max_seq_len is None else max_seq_len
         check_int("max_seq_len", max_seq_len, low=1)
@@ -310,3 +313,14 @@ class PagedKVCache(PagedKVPool, Cache):
             self._tables[seq], self._lens[seq] = table, length
             self._set_row(seq)
         self._flush()
+
+
+def _kv_heads_per_rank(model: torch.nn.Module, heads: int) -> int:
+    """The KV heads this rank's attention modules hold: all of them, or 1/tp of them under tensor parallelism."""
+    tp_size = getattr(model, "tp_size", None) or 1
+    if tp_size == 1:
+        return heads
+    local = get_kv_heads_per_rank(model.tp_plan, heads, tp_size)
+    if local is None:
+        raise ValueError(f"num_key_value_heads={heads} does not split evenly over tp_size={tp_size} ranks")
+    return local

@@ -18,6 +18,7 @@ the model's own. To write and read a paged KV cache in place, swap the modules i
 Registering is explicit: importing qwen_fast does not import transformers; this module does.
 """
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -29,17 +30,27 @@ from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
 from qwen_fast.nn.cached_attention import attend
 from qwen_fast.ops import flash_attn_varlen_func, fused_experts
 
+from .continuous_batching import allow_qwen_fast
+
 # The layout flags transformers' @use_experts_implementation sets on an experts module, and the value fused_experts
 # needs: gate and up rows concatenated in gate_up_proj [E, 2I, H], down_proj [E, H, I], no bias, no post-expert
-# norm, every expert on this process (expert parallelism routes sentinel ids >= E).
+# norm.
 _LAYOUT = {
     "has_gate": True,
     "is_concatenated": True,
     "is_transposed": False,
     "has_bias": False,
     "has_post_expert_norm": False,
-    "_is_expert_parallel": False,
 }
+
+
+@functools.cache
+def _other_ranks_map(num_local: int, device: torch.device) -> torch.Tensor:
+    """fused_experts' expert_map for transformers' expert parallelism: local ids to themselves, and the id
+    num_local, which transformers gives the routes owned by another rank (all-reduce EP), to -1 (no work, 0)."""
+    expert_map = torch.arange(num_local + 1, dtype=torch.int32, device=device)
+    expert_map[num_local] = -1
+    return expert_map
 
 
 def _check_experts(module: nn.Module) -> None:
@@ -73,7 +84,9 @@ def experts_forward(
         self: a transformers experts module: gate_up_proj [E, 2I, H] (gate rows, then up rows) and down_proj
             [E, H, I] in the model dtype, the layout flags of @use_experts_implementation, act_fn SiLU.
         hidden_states: [T, H], the weights' dtype.
-        top_k_index: [T, k] int64 (or int32) expert ids in [0, E).
+        top_k_index: [T, k] int64 (or int32) expert ids in [0, E); under transformers' expert parallelism (the
+            module's _is_expert_parallel) E is this rank's expert count and the id E marks a route to another
+            rank's expert (weight 0), which costs no work here.
         top_k_weights: [T, k] fp32 or the model dtype.
 
     Returns:
@@ -84,6 +97,12 @@ def experts_forward(
         ValueError: a layout fused_experts does not compute (the message names the class and the flag).
     """
     _check_experts(self)
+    if getattr(self, "_is_expert_parallel", False):
+        # transformers' expert parallelism runs this rank's experts (local shards, local ids); routes it sends here
+        # for other ranks' experts carry the id num_local with weight 0: the map makes them cost nothing
+        expert_map = _other_ranks_map(self.gate_up_proj.shape[0], hidden_states.device)
+        return fused_experts(hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index,
+                             expert_map=expert_map)  # fmt: skip
     return fused_experts(hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index)
 
 
@@ -236,4 +255,5 @@ def register(name: str = "qwen_fast") -> str:
             )
     for interface, function in entries:
         interface.register(name, function)
+    allow_qwen_fast(name)
     return name

@@ -1,6 +1,6 @@
 """qwen_fast.patch: swap qwen_fast's modules into a loaded transformers model in place, and undo it exactly.
 
-The model is walked once and each module whose class a family file names (qwen_fast/integrations/<family>.py) is
+The model is walked once and each module whose class a family file names (qwen_fast/families/<family>.py) is
 handled as that family says: MoE blocks become `qwen_fast.nn.SparseMoeBlock`, Qwen attention becomes
 `qwen_fast.nn.GQAAttention` (both share the original's parameters: nothing is copied), and Mixtral/OLMoE attention
 switches the model to the "qwen_fast" attention implementation. Nothing global changes: the swaps live in this model
@@ -14,15 +14,12 @@ from collections import Counter
 
 from torch import nn
 
+from qwen_fast.families import FAMILIES, Family
 from qwen_fast.nn import GQAAttention, SparseMoeBlock
 from qwen_fast.nn._hf import carry_hooks
 
-from . import deepseek_v3, mixtral, olmoe, qwen2, qwen2_moe, qwen3, qwen3_moe
-from .family import Family
-
 logger = logging.getLogger("qwen_fast")
 
-FAMILIES = tuple(m.FAMILY for m in (qwen3_moe, qwen3, qwen2_moe, qwen2, mixtral, olmoe, deepseek_v3))
 _MOE_BLOCKS = {f.moe_block: f for f in FAMILIES if f.moe_block}
 _ATTENTION = {f.attention: f for f in FAMILIES}
 # Class-name endings of modules a user would expect patched; met in an unknown model, they are listed as not patched.
@@ -48,6 +45,7 @@ class PatchHandle:
         self.active = True
         self._swaps: list[tuple[nn.Module, str, nn.Module, nn.Module]] = []  # (parent, attribute, original, new)
         self._attn_implementation: str | None = None  # the model's own, while "qwen_fast" is set
+        self._experts_implementation: str | None = None  # the model's own, while "qwen_fast" runs parallel experts
 
     def undo(self) -> None:
         """Restore the model exactly as it was before `patch`."""
@@ -67,6 +65,8 @@ class PatchHandle:
             setattr(parent, attribute, original)
         if self._attn_implementation is not None:
             self.model.set_attn_implementation(self._attn_implementation)
+        if self._experts_implementation is not None:
+            self.model.set_experts_implementation(self._experts_implementation)
         self.active = False
         del self.model._qwen_fast_patch
 
@@ -156,6 +156,13 @@ def patch(model: nn.Module, moe: bool = True, attention: bool = True, *, hf_pari
             not_patched[f"{cls}: not a class qwen_fast supports"] += 1
     for name, new in swaps:
         _swap(model, name, new, handle)
+    if any(getattr(new, "_parallel_experts", False) for _, new in swaps):
+        # transformers' tensor/expert-parallel experts keep their installed forward (local shards, collectives) and
+        # run the model's experts implementation inside it: make that qwen_fast's
+        from .interfaces import register
+
+        handle._experts_implementation = model.config._experts_implementation
+        model.set_experts_implementation(register())
     if any(isinstance(new, GQAAttention) for _, new in swaps):
         # GQAAttention reads flash-style masks (None without padding, else the 2D key padding), which the
         # "qwen_fast" mask implementation gives; a module transformers cannot switch keeps its 4D masks.
@@ -187,7 +194,7 @@ def _family(module: nn.Module) -> Family | None:
     and name, so a remote-code class that borrows a supported name is not taken for it), or None."""
     cls = type(module)
     family = _MOE_BLOCKS.get(cls.__name__) or _ATTENTION.get(cls.__name__)
-    if family is None or cls.__module__ != f"transformers.models.{family.model_type}.modeling_{family.model_type}":
+    if family is None or cls.__module__ != family.module:
         return None
     return family
 

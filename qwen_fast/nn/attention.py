@@ -14,6 +14,9 @@ Per call, with hidden_states [B, S, H] and the model's rotary (cos, sin) [B, S, 
         reshape_and_cache) and flash_attn_with_kvcache over the pages in place (the plan's block_table and lengths):
         nothing is gathered, and the traced step holds only fixed-shape device tensors, so torch.compile compiles
         it once; an eager prefill of an empty cache attends over its own rows with flash_attn_func instead;
+      - transformers' continuous batching (`generate_batch`, its paged cache and packed rows): the same fused write
+        into its pages, then the varlen kernel for prefill chunks and flash_attn_with_kvcache over the pages in place
+        for decode (qwen_fast/nn/batched_attention.py);
       - any other transformers Cache (or a mask on a PagedKVCache): cache.update(k, v) returns the layer's keys, then
         qwen_fast/nn/cached_attention.py chooses from shapes and positions (StaticCache's unwritten slots are never
         read) and packs padded batches for flash_attn_varlen_func with fixed shapes; padding queries output 0.
@@ -37,9 +40,9 @@ from qwen_fast.ops import (
 )
 from qwen_fast.reference.norm import rms_norm
 
+from . import _hf
+from .batched_attention import batched_attention, is_continuous_batching
 from .cached_attention import attend
-
-SUPPORTED = ("Qwen3Attention", "Qwen3MoeAttention", "Qwen2Attention", "Qwen2MoeAttention")
 
 
 class HeadRMSNorm(nn.Module):
@@ -118,11 +121,10 @@ class GQAAttention(nn.Module):
     def from_hf(cls, attention: nn.Module) -> "GQAAttention":
         """A GQAAttention that shares `attention`'s submodules (and so its parameters: nothing is copied).
 
-        Supported: transformers' Qwen3Attention, Qwen3MoeAttention, Qwen2Attention, Qwen2MoeAttention.
+        Supported: the attention classes of the families served by module (qwen_fast/families/: Qwen3Attention,
+        Qwen3MoeAttention, Qwen2Attention, Qwen2MoeAttention).
         """
-        name = type(attention).__name__
-        if name not in SUPPORTED:
-            raise TypeError(f"GQAAttention.from_hf supports {', '.join(SUPPORTED)}; got {name}")
+        _hf.lookup(_hf.ATTENTION, attention, "GQAAttention.from_hf")
         module = cls.__new__(cls)
         nn.Module.__init__(module)
         module.head_dim, module.layer_idx = attention.head_dim, attention.layer_idx
@@ -148,7 +150,6 @@ class GQAAttention(nn.Module):
         -> ([B, S, H], None)."""
         cache = cache if cache is not None else past_key_values
         batch, seq, _ = hidden_states.shape
-        device = hidden_states.device
         q = self.q_proj(hidden_states).view(batch, seq, -1, self.head_dim)
         k = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim)
         v = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim)
@@ -157,16 +158,24 @@ class GQAAttention(nn.Module):
             return self.o_proj(self._paged(cache, q, k, v, position_embeddings, window).reshape(batch, seq, -1)), None
 
         table, positions = rope_rows(*position_embeddings, batch)
-        if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = ROTARY_EMBEDDING(device, positions, q.reshape(batch * seq, -1, self.head_dim),
-                                k.reshape(batch * seq, -1, self.head_dim), table.contiguous(), True)  # fmt: skip
+        table = table.contiguous()
+        q_rows, k_rows, v_rows = (t.reshape(batch * seq, -1, self.head_dim) for t in (q, k, v))
+        if is_continuous_batching(cache, kwargs):  # transformers' generate_batch: its pages, read in place
+            out = batched_attention(self, cache, q_rows, k_rows, v_rows, (table, positions), kwargs, window)
+            return self.o_proj(out.reshape(batch, seq, -1)), None
+        q, k = self.norm_and_rope(q_rows, k_rows, positions, table)
         q, k = q.view(batch, seq, -1, self.head_dim), k.view(batch, seq, -1, self.head_dim)
         if cache is not None:
             k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         out = attend(q, k, v, attention_mask, position_ids, self.scaling, True, window)
         return self.o_proj(out.reshape(batch, seq, -1)), None
+
+    def norm_and_rope(self, q_rows, k_rows, positions, table) -> tuple[torch.Tensor, torch.Tensor]:
+        """q/k rows [N, heads, D] after the q/k RMSNorm (Qwen3 families) and RoPE (rows `positions` of `table`)."""
+        if self.q_norm is not None:
+            q_rows, k_rows = self.q_norm(q_rows), self.k_norm(k_rows)
+        return ROTARY_EMBEDDING(q_rows.device, positions, q_rows, k_rows, table, True)
 
     def _paged(self, cache, q, k, v, position_embeddings, window) -> torch.Tensor:
         """The serving path: the step plan's slots, the fused q/k norm + RoPE + page write, attention over the pages
@@ -193,7 +202,8 @@ class GQAAttention(nn.Module):
         if seq > 1 and not torch.compiler.is_compiling() and not any(cache._step_starts):
             # Prefill of an empty cache (known on the host when eager): the keys are exactly the new rows, so the
             # prefill kernel attends over them where they are (the paged kernel's loop is shaped for few queries).
-            return FLASH_ATTN(device, q_rows.view(q.shape), k_rows.view(k.shape), v, self.scaling, True, *window)
+            rows_k = k_rows.view(k.shape)  # softcap 0 below; [0] drops the lse
+            return FLASH_ATTN(device, q_rows.view(q.shape), rows_k, v, self.scaling, True, *window, 0.0, False)[0]
         return FLASH_ATTN_WITH_KVCACHE(
             device, q_rows.view(q.shape), key_cache, value_cache, None, None, plan.seq_lens, plan.block_table,
             self.scaling, True, window,

@@ -31,7 +31,7 @@ def attend(q, k, v, attention_mask, position_ids, scale: float, causal: bool, wi
         if num_k > num_q and causal and position_ids is not None:
             written = (position_ids[:, -1].to(torch.int32) + 1).clamp(num_q, num_k).expand(batch).contiguous()
             return FLASH_ATTN_WITH_KVCACHE(q.device, q, k, v, None, None, written, None, scale, causal, window)
-        return FLASH_ATTN(q.device, q, k, v, scale, causal, *window)
+        return FLASH_ATTN(q.device, q, k, v, scale, causal, *window, 0.0, False)[0]  # no softcap, no lse
     if not causal:
         raise ValueError("qwen_fast attention supports key padding for causal attention only")
     if attention_mask.dim() == 2 and attention_mask.shape[1] < num_k:
@@ -106,6 +106,8 @@ def varlen_attention(q, k, v, keep, scale: float, window: tuple[int, int]) -> to
     rows_q, order_q, cu_q = pack(q, keep_q)
     rows_k, _, cu_k = pack(k, keep)
     rows_v, _, _ = pack(v, keep)
-    rows = FLASH_ATTN_VARLEN(device, rows_q, rows_k, rows_v, cu_q, cu_k, num_q, num_k, scale, True, *window)
+    rows, _ = FLASH_ATTN_VARLEN(
+        device, rows_q, rows_k, rows_v, cu_q, cu_k, num_q, num_k, scale, True, *window, 0.0, False
+    )
     out = torch.empty_like(rows).index_copy_(0, order_q, rows).view(q.shape)
     return torch.where(keep_q[:, :, None, None], out, 0)

@@ -34,7 +34,8 @@ class SparseMoeBlock(nn.Module):
 
     Args:
         gate: the router, TopKRouter [E, H].
-        experts: the routed experts, MoEExperts with the gate's E and H.
+        experts: the routed experts, MoEExperts with the gate's E and H (or, under transformers' tensor or expert
+            parallelism, transformers' experts module with its parallel forward: see from_hf).
         shared_expert: a module [T, H] -> [T, H] added to every token (Qwen2-MoE), or None.
         shared_expert_gate: a module [T, H] -> [T, 1] whose sigmoid scales shared_expert's output, or None.
         shared_experts: a module [T, H] -> [T, H] added to every token (DeepSeek-V3's name), or None.
@@ -70,9 +71,13 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         if not isinstance(gate, TopKRouter):
             raise TypeError(f"gate must be a qwen_fast.nn.TopKRouter, got {type(gate).__name__}")
-        if not isinstance(experts, MoEExperts):
+        self._parallel_experts = not isinstance(experts, MoEExperts) and _hf.is_distributed(experts)
+        if not (isinstance(experts, MoEExperts) or self._parallel_experts):
             raise TypeError(f"experts must be a qwen_fast.nn.MoEExperts, got {type(experts).__name__}")
-        if (gate.num_experts, gate.hidden_dim) != (experts.num_experts, experts.hidden_dim):
+        if not self._parallel_experts and (gate.num_experts, gate.hidden_dim) != (
+            experts.num_experts,
+            experts.hidden_dim,
+        ):
             raise ValueError(
                 f"gate (E={gate.num_experts}, H={gate.hidden_dim}) and experts (E={experts.num_experts}, "
                 f"H={experts.hidden_dim}) must have the same number of experts and hidden size"
@@ -97,7 +102,9 @@ class SparseMoeBlock(nn.Module):
         if self.training and self.jitter_noise > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_noise, 1.0 + self.jitter_noise)
         _, weights, ids = self.gate(x)  # called as a module: output_router_logits reads it through hooks
-        out = self.experts.run(x, ids, weights)
+        # transformers' parallel experts are called as modules: their installed forward brings the local shards and
+        # the collectives, and runs the experts implementation (qwen_fast's, which patch selects) on them
+        out = self.experts(x, ids, weights) if self._parallel_experts else self.experts.run(x, ids, weights)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
@@ -118,13 +125,19 @@ class SparseMoeBlock(nn.Module):
                 routed_scaling_factor and the selection bias are read from its router.
             hf_parity: cast the routing weights where transformers does (see the class docstring).
 
+        Under transformers' tensor or expert parallelism (a model loaded with `tp_plan` or a `DistributedConfig`)
+        the block keeps `block.experts` itself, with the forward transformers installed on it (local shards,
+        all-reduce or all-to-all); it runs the experts implementation of the model's config, which
+        `qwen_fast.patch` sets to qwen_fast's.
+
         Raises:
             TypeError: another class (the message names it and the supported ones).
         """
         shared_names = _hf.lookup(_hf.BLOCKS, block, "SparseMoeBlock.from_hf")
+        experts = block.experts if _hf.is_distributed(block.experts) else MoEExperts.from_hf(block.experts)
         new = cls(
             TopKRouter.from_hf(block.gate, hf_parity),
-            MoEExperts.from_hf(block.experts),
+            experts,
             jitter_noise=float(getattr(block, "jitter_noise", 0.0)),
             **{name: getattr(block, name) for name in shared_names},
         )

@@ -19,70 +19,91 @@ from ._checks import (
 from ._dispatch import INTERPRETER_DOT, Op
 from ._library import define_triton_op, launcher, native_op
 
-# The kernels take the softmax scale resolved (None -> D ** -0.5) and the window as two ints (-1: unbounded).
+# The kernels take the softmax scale resolved (None -> D ** -0.5), the window as two ints (-1: unbounded), the
+# softcap (0: off) and whether to return the softmax_lse; they return (out, softmax_lse), the lse empty ([0]) unless
+# asked for (the Triton kernel compiles the lse and softcap code only into the variant that needs them).
 
 
-def _fake_flash_attn(q, k, v, softmax_scale: float, causal: bool, window_left: int, window_right: int):
+def _lse_shape(return_lse: bool, *shape: int) -> tuple[int, ...]:
+    return shape if return_lse else (0,)
+
+
+def _fake_flash_attn(q, k, v, softmax_scale: float, causal: bool, window_left: int, window_right: int, softcap: float,
+                     return_lse: bool):  # fmt: skip
     check_dense_args(q, k, v, traced)
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty(_lse_shape(return_lse, q.shape[0], q.shape[2], q.shape[1]), dtype=torch.float32)
 
 
 def _fake_flash_attn_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max_seqlen_k: int,
-                            softmax_scale: float, causal: bool, window_left: int, window_right: int):  # fmt: skip
+                            softmax_scale: float, causal: bool, window_left: int, window_right: int,
+                            softcap: float, return_lse: bool):  # fmt: skip
     check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, traced)
-    return torch.empty_like(q, memory_format=torch.contiguous_format)
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    return out, q.new_empty(_lse_shape(return_lse, q.shape[1], q.shape[0]), dtype=torch.float32)
 
 
 _launch_flash_attn = launcher("attention", "flash_attn_func")
 _launch_flash_attn_varlen = launcher("attention", "flash_attn_varlen_func")
 
 
-def _flash_attn_launch(q, k, v, softmax_scale, causal, window_left, window_right):
-    return _launch_flash_attn(q, k, v, softmax_scale, causal, (window_left, window_right))
+def _flash_attn_launch(q, k, v, softmax_scale, causal, window_left, window_right, softcap, return_lse):
+    return _launch_flash_attn(q, k, v, softmax_scale, causal, (window_left, window_right), softcap, return_lse)
 
 
-def _flash_attn_varlen_launch(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_left, window_right):
+def _flash_attn_varlen_launch(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_left, window_right,
+                              softcap, return_lse):  # fmt: skip
     return _launch_flash_attn_varlen(
-        q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, (window_left, window_right)
+        q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, (window_left, window_right), softcap, return_lse
     )  # fmt: skip
 
 
 _flash_attn_triton = define_triton_op(
-    "flash_attn(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, int window_left, int window_right) "
-    "-> Tensor",
+    "flash_attn(Tensor q, Tensor k, Tensor v, float softmax_scale, bool causal, int window_left, int window_right, "
+    "float softcap, bool return_lse) -> (Tensor, Tensor)",
     _flash_attn_launch,
     _fake_flash_attn,
 )
 _flash_attn_varlen_triton = define_triton_op(
     "flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor cu_seqlens_q, Tensor cu_seqlens_k, int max_seqlen_q, "
-    "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right) -> Tensor",
+    "int max_seqlen_k, float softmax_scale, bool causal, int window_left, int window_right, float softcap, "
+    "bool return_lse) -> (Tensor, Tensor)",
     _flash_attn_varlen_launch,
     _fake_flash_attn_varlen,
 )
 _flash_attn_varlen_native = native_op("flash_attn_varlen_func", _fake_flash_attn_varlen)
 
 
-def _flash_attn_native(q, k, v, softmax_scale, causal, window_left, window_right):
-    """The dense batch through the varlen op: B sequences of Sq queries and Sk keys (q/k/v viewed as [B*S, H, D])."""
+def _flash_attn_native(q, k, v, softmax_scale, causal, window_left, window_right, softcap, return_lse):
+    """The dense batch through the varlen op: B sequences of Sq queries and Sk keys (q/k/v viewed as [B*S, H, D]);
+    its lse [Hq, B * Sq] is laid out again as flash_attn_func's [B, Hq, Sq]."""
     batch, seqlen_q, seqlen_k = q.shape[0], q.shape[1], k.shape[1]
     device = q.device
     cu_q = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * seqlen_q
     cu_k = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * seqlen_k
-    out = _flash_attn_varlen_native(
+    out, lse = _flash_attn_varlen_native(
         q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:]), v.reshape(-1, *v.shape[2:]), cu_q, cu_k,
-        seqlen_q, seqlen_k, softmax_scale, causal, window_left, window_right,
+        seqlen_q, seqlen_k, softmax_scale, causal, window_left, window_right, softcap, return_lse,
     )  # fmt: skip
-    return out.view(q.shape)
+    if return_lse:
+        lse = lse.view(q.shape[2], batch, seqlen_q).transpose(0, 1).contiguous()
+    return out.view(q.shape), lse
 
 
-def _reference_flash_attn(q, k, v, softmax_scale, causal, window_left, window_right):
-    return reference.flash_attn_func(q, k, v, softmax_scale, causal, (window_left, window_right))
-
-
-def _reference_flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_left, window_right):
-    return reference.flash_attn_varlen_func(
-        q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, (window_left, window_right)
+def _reference_flash_attn(q, k, v, softmax_scale, causal, window_left, window_right, softcap, return_lse):
+    out, lse, _ = reference.flash_attn_func(
+        q, k, v, 0.0, softmax_scale, causal, (window_left, window_right), softcap, return_attn_probs=True
     )  # fmt: skip
+    return out, lse if return_lse else lse.new_empty(0)
+
+
+def _reference_flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scale, causal, window_left, window_right,
+                                 softcap, return_lse):  # fmt: skip
+    out, lse, _ = reference.flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, max_q, max_k, 0.0, softmax_scale, causal, (window_left, window_right), softcap,
+        return_attn_probs=True,
+    )  # fmt: skip
+    return out, lse if return_lse else lse.new_empty(0)
 
 
 # Attention is Triton's job on CUDA (no CUDA C++ kernel); the C++ extension's flash loop on CPU. One native op,
@@ -101,6 +122,22 @@ FLASH_ATTN_VARLEN = Op(
     ATTENTION_ORDER,
     interpreter_limit=INTERPRETER_DOT,
 )
+
+
+def check_softcap(softcap: object) -> float:
+    """flash-attn's softcap: a float >= 0 (0: off). flash-attn treats a negative one as off; here it is refused,
+    as a negative cap is most likely a mistake."""
+    if isinstance(softcap, bool) or not isinstance(softcap, (int, float)):
+        raise TypeError(f"softcap must be a float, got {type(softcap).__name__} {softcap!r}")
+    if not math.isfinite(softcap) or softcap < 0:
+        raise ValueError(f"softcap must be finite and >= 0 (0.0: no capping), got {softcap}")
+    return float(softcap)
+
+
+def _check_flags(**flags: object) -> None:
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
 
 
 def check_attention_options(softmax_scale: object, causal: object, window_size: object) -> None:
@@ -153,11 +190,16 @@ def flash_attn_func(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    dropout_p: float = 0.0,
     softmax_scale: float | None = None,
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
-) -> torch.Tensor:
-    """Attention over a dense batch, flash-attn's `flash_attn_func` (no dropout, softcap or alibi).
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention over a dense batch: flash-attn 2.8.3's `flash_attn_func`, same parameters in the same order.
 
     GQA/MQA: query head h reads key/value head h // (Hq // Hkv). Causal masking with Sq != Sk is aligned
     bottom-right; window_size = (left, right) limits keys to [i + Sk - Sq - left, i + Sk - Sq + right] (-1:
@@ -166,21 +208,35 @@ def flash_attn_func(
     Args:
         q: [B, Sq, Hq, D] float32/float16/bfloat16.
         k, v: [B, Sk, Hkv, D], q's dtype.
+        dropout_p: 0.0 only (inference: any other value raises a ValueError, never a silent change of meaning).
         softmax_scale: default D ** -0.5.
         causal, window_size: masking as above.
+        softcap: > 0 caps the scores as flash-attn does, softcap * tanh(q.k * softmax_scale / softcap); 0.0 is off.
+        alibi_slopes: None only (ALiBi is not supported).
+        deterministic: accepted; every backend's forward is deterministic anyway (no atomics, fixed order).
+        return_attn_probs: also return softmax_lse and S_dmask, as flash-attn.
 
     Returns:
-        [B, Sq, Hq, D] in q's dtype.
+        [B, Sq, Hq, D] in q's dtype. With return_attn_probs: (out, softmax_lse fp32 [B, Hq, Sq] = the natural-log
+        log-sum-exp of each row's scaled (and capped) scores, +inf for a row with no visible key as flash-attn,
+        S_dmask = an empty tensor of q's dtype, which is what flash-attn returns when dropout_p is 0).
 
     Example:
         >>> q, k, v = torch.randn(2, 5, 8, 64), torch.randn(2, 7, 2, 64), torch.randn(2, 7, 2, 64)
         >>> qwen_fast.flash_attn_func(q, k, v, causal=True).shape
         torch.Size([2, 5, 8, 64])
+        >>> out, lse, _ = qwen_fast.flash_attn_func(q, k, v, softcap=30.0, return_attn_probs=True)
+        >>> lse.shape, lse.dtype
+        (torch.Size([2, 8, 5]), torch.float32)
     """
     check_dense_args(q, k, v)
+    reference.check_inference_only(dropout_p, alibi_slopes)
     check_attention_options(softmax_scale, causal, window_size)
+    cap = check_softcap(softcap)
+    _check_flags(deterministic=deterministic, return_attn_probs=return_attn_probs)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    return FLASH_ATTN(q.device, q, k, v, scale, causal, *window_size)
+    out, lse = FLASH_ATTN(q.device, q, k, v, scale, causal, *window_size, cap, return_attn_probs)
+    return (out, lse, q.new_empty(0)) if return_attn_probs else out
 
 
 def check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, require=raise_unless) -> None:
@@ -230,11 +286,17 @@ def flash_attn_varlen_func(
     cu_seqlens_k: torch.Tensor,
     max_seqlen_q: int,
     max_seqlen_k: int,
+    dropout_p: float = 0.0,
     softmax_scale: float | None = None,
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
-) -> torch.Tensor:
-    """Attention over sequences packed along the token dimension, flash-attn's `flash_attn_varlen_func`.
+    softcap: float = 0.0,
+    alibi_slopes: torch.Tensor | None = None,
+    deterministic: bool = False,
+    return_attn_probs: bool = False,
+    block_table: torch.Tensor | None = None,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention over sequences packed along the token dimension: flash-attn 2.8.3's `flash_attn_varlen_func`.
 
     Sequence b owns queries cu_seqlens_q[b]:cu_seqlens_q[b+1] and keys cu_seqlens_k[b]:cu_seqlens_k[b+1]; masking
     is per sequence, as in flash_attn_func. Empty sequences are allowed.
@@ -244,10 +306,13 @@ def flash_attn_varlen_func(
         k, v: [Tk, Hkv, D], q's dtype.
         cu_seqlens_q, cu_seqlens_k: int32 [B + 1] offsets, starting at 0, non-decreasing.
         max_seqlen_q, max_seqlen_k: the longest query / key sequence (ints >= 0).
-        softmax_scale, causal, window_size: as flash_attn_func.
+        dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, deterministic: as flash_attn_func.
+        return_attn_probs: also return (softmax_lse fp32 [Hq, Tq], S_dmask), as flash_attn_func; query rows outside
+            every sequence have lse +inf.
+        block_table: None only. Paged keys in varlen are not supported: use flash_attn_with_kvcache.
 
     Returns:
-        [Tq, Hq, D] in q's dtype.
+        [Tq, Hq, D] in q's dtype, or (out, softmax_lse, empty S_dmask) with return_attn_probs.
 
     Example:
         >>> cu = torch.tensor([0, 3, 3, 7], dtype=torch.int32)
@@ -258,8 +323,18 @@ def flash_attn_varlen_func(
     check_varlen_args(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     check_cu_offsets("cu_seqlens_q", cu_seqlens_q, q.shape[0], "max_seqlen_q", max_seqlen_q)
     check_cu_offsets("cu_seqlens_k", cu_seqlens_k, k.shape[0], "max_seqlen_k", max_seqlen_k)
+    reference.check_inference_only(dropout_p, alibi_slopes)
+    if block_table is not None:
+        raise ValueError(
+            "block_table is not supported by flash_attn_varlen_func (paged keys in varlen); pass None, or use "
+            "flash_attn_with_kvcache for paged caches"
+        )
     check_attention_options(softmax_scale, causal, window_size)
+    cap = check_softcap(softcap)
+    _check_flags(deterministic=deterministic, return_attn_probs=return_attn_probs)
     scale = q.shape[-1] ** -0.5 if softmax_scale is None else float(softmax_scale)
-    return FLASH_ATTN_VARLEN(
-        q.device, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, *window_size
-    )
+    out, lse = FLASH_ATTN_VARLEN(
+        q.device, q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, *window_size, cap,
+        return_attn_probs,
+    )  # fmt: skip
+    return (out, lse, q.new_empty(0)) if return_attn_probs else out

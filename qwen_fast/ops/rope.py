@@ -1,7 +1,8 @@
 """RoPE ops: rotary_embedding, and qk_norm_rope_and_cache (Qwen3's q/k RMSNorm + RoPE + paged KV-cache write fused).
 
-Both are out of place for query and key (new tensors, like the references and functional torch.compile graphs);
-qk_norm_rope_and_cache mutates only the caches (marked `Tensor(a!)` in its schema). Roundings: the references'
+The registered ops are out of place for query and key (new tensors, like functional torch.compile graphs);
+qk_norm_rope_and_cache mutates only the caches (marked `Tensor(a!)` in its schema). The public rotary_embedding has
+vLLM's signature and writes the rotated values back into query and key (in place, as vLLM's). Roundings: the references'
 (qwen_fast/reference/rope.py, qk_norm_rope_and_cache), at the same points in every kernel (csrc/rope.h,
 kernels/rope.py). rotary_embedding's CPU kernel gives the reference's bits (the tests check it).
 """
@@ -13,6 +14,7 @@ from qwen_fast.reference import rope as reference
 from ._checks import (
     FLOAT_DTYPES,
     Require,
+    check_int,
     check_last_dim_contiguous,
     check_shape,
     check_tensor,
@@ -62,7 +64,7 @@ ROTARY_EMBEDDING = Op(
         "cuda": _rotary_embedding_native,
         "triton": _rotary_embedding_triton,
         "cpu": _rotary_embedding_native,
-        "torch": reference.rotary_embedding,
+        "torch": reference.apply_rotary_emb,
     },
     NATIVE_FIRST,
     interpreter_limit=INTERPRETER_CASTS,
@@ -186,43 +188,97 @@ def _check_positions(positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> No
     _check_index_range("positions", positions, rows, f"cos_sin_cache's [0, {rows})")
 
 
+def _head_rows(name: str, x: object, positions: torch.Tensor, head_size: int) -> torch.Tensor:
+    """x [*P, H * head_size] or [*P, H, head_size] (P = positions' shape, vLLM's layouts) as a [*P, H, head_size]
+    view of the same memory."""
+    check_tensor(name, x, dtypes=FLOAT_DTYPES, device=positions.device)
+    lead = positions.dim()
+    if x.dim() == lead + 1 and x.shape[:lead] == positions.shape and x.shape[-1] % head_size == 0:
+        return x.unflatten(-1, (-1, head_size))
+    if x.dim() == lead + 2 and x.shape[:lead] == positions.shape and x.shape[-1] == head_size:
+        return x
+    raise ValueError(
+        f"{name} must be [*P, H * head_size] or [*P, H, head_size] with P = positions' shape {tuple(positions.shape)} "
+        f"and head_size = {head_size}, got shape {tuple(x.shape)}"
+    )
+
+
 def rotary_embedding(
     positions: torch.Tensor,
     query: torch.Tensor,
     key: torch.Tensor | None,
+    head_size: int,
     cos_sin_cache: torch.Tensor,
-    is_neox: bool = True,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Rotate query and key by their tokens' positions (vLLM's `rotary_embedding`, out of place).
+    is_neox: bool,
+    rope_dim_offset: int = 0,
+    inverse: bool = False,
+) -> None:
+    """Rotate query and key in place by their tokens' positions: vLLM's `rotary_embedding` (vllm/_custom_ops.py).
+
+    Each head's dims [rope_dim_offset, rope_dim_offset + rot_dim) are rotated (rot_dim = cos_sin_cache's width;
+    partial rotary when rot_dim < head_size), the others are left as they are. The kernels compute out of place and
+    the result is copied back, so a call costs one extra read and write of the rotated dims.
 
     Args:
         positions: int64 [T] (packed tokens) or [B, S].
-        query: [T, Hq, D] or [B, S, Hq, D], float32/float16/bfloat16, head dim contiguous.
-        key: [T, Hkv, D] or [B, S, Hkv, D] in query's dtype, or None (then None is returned for it).
-        cos_sin_cache: contiguous [max_position, D] from `qwen_fast.reference.compute_cos_sin_cache` (YaRN included):
-            float32 (fp32 math, one rounding) or query's dtype (transformers' per-operation rounding).
+        query: [*P, Hq * head_size] or [*P, Hq, head_size] (P = positions' shape), float32/float16/bfloat16, head
+            dim contiguous; MUTATED.
+        key: like query with Hkv heads (query's dtype), or None (query alone is rotated); MUTATED.
+        head_size: the head dim D, an int; checked against query's and key's shapes.
+        cos_sin_cache: contiguous [max_position, rot_dim] ([cos | sin], rot_dim even, rope_dim_offset + rot_dim <=
+            head_size), e.g. `qwen_fast.reference.compute_cos_sin_cache` (YaRN included): float32 (fp32 math, one
+            rounding) or query's dtype (transformers' per-operation rounding).
         is_neox: rotate-half pairs (True: Qwen, Llama) or interleaved pairs (False: GPT-J).
+        rope_dim_offset: the first rotated dim of each head (vLLM's; default 0).
+        inverse: rotate by the negative angles, undoing a rotation (vLLM's; default False).
 
     Returns:
-        (query, key) rotated: new contiguous tensors of the inputs' shapes and dtype.
+        None (query and key hold the result).
 
     Example:
         >>> cache = qwen_fast.reference.compute_cos_sin_cache(64, 4096, 1e6)
-        >>> q, k = torch.randn(5, 8, 64), torch.randn(5, 2, 64)
-        >>> q_rot, k_rot = qwen_fast.rotary_embedding(torch.arange(5), q, k, cache)
-        >>> torch.equal(q_rot[0], q[0])  # position 0 is the identity
-        True
+        >>> q, k = torch.randn(5, 8 * 64), torch.randn(5, 2, 64)
+        >>> q0 = q.clone()
+        >>> qwen_fast.rotary_embedding(torch.arange(5), q, k, 64, cache, True)
+        >>> torch.equal(q[0], q0[0]), torch.equal(q[1], q0[1])  # position 0 is the identity
+        (True, False)
     """
-    check_rope_args(positions, query, key, cos_sin_cache, is_neox)
-    _check_positions(positions, cos_sin_cache)
-    head_dim = query.shape[-1]
-    flat_query = query.reshape(-1, query.shape[-2], head_dim)
-    if key is None:  # a key of no heads: the kernels then rotate query alone
-        flat_key = query.new_empty(flat_query.shape[0], 0, head_dim)
+    check_tensor("positions", positions, dtypes=(torch.int64,))
+    check_int("head_size", head_size, low=1)
+    if positions.dim() not in (1, 2):
+        raise ValueError(f"positions must be [T] or [B, S], got shape {tuple(positions.shape)}")
+    query_heads = _head_rows("query", query, positions, head_size)
+    key_heads = None if key is None else _head_rows("key", key, positions, head_size)
+    check_tensor("cos_sin_cache", cos_sin_cache, ndim=2, dtypes=(torch.float32, query.dtype), device=query.device)
+    rot_dim = cos_sin_cache.shape[1]
+    if rot_dim > head_size:
+        raise ValueError(
+            f"cos_sin_cache [max_position, rot_dim] must have rot_dim <= head_size={head_size}, got {rot_dim}"
+        )
+    check_int("rope_dim_offset", rope_dim_offset, low=0, high=head_size - rot_dim)
+    if not isinstance(inverse, bool):
+        raise TypeError(f"inverse must be a bool, got {type(inverse).__name__} {inverse!r}")
+    window = slice(rope_dim_offset, rope_dim_offset + rot_dim)
+    query_part = query_heads[..., window]
+    key_part = None if key_heads is None else key_heads[..., window]
+    tokens, flat_positions, table = positions.numel(), positions.reshape(-1), cos_sin_cache
+    _check_positions(flat_positions, cos_sin_cache)
+    if inverse:  # the tokens' own rows with the sines negated: a rotation by -angle
+        rows = cos_sin_cache.index_select(0, flat_positions)
+        table = torch.cat((rows[:, : rot_dim // 2], -rows[:, rot_dim // 2 :]), dim=1)
+        flat_positions = torch.arange(tokens, device=positions.device)
+    flat_query = query_part.reshape(tokens, query_part.shape[-2], rot_dim)  # a view where the layout allows
+    if key_part is None:  # a key of no heads: the kernels then rotate query alone
+        flat_key = query.new_empty(tokens, 0, rot_dim)
     else:
-        flat_key = key.reshape(-1, key.shape[-2], head_dim)
-    q_out, k_out = ROTARY_EMBEDDING(query.device, positions.reshape(-1), flat_query, flat_key, cos_sin_cache, is_neox)
-    return q_out.view(query.shape), None if key is None else k_out.view(key.shape)
+        flat_key = key_part.reshape(tokens, key_part.shape[-2], rot_dim)
+    check_rope_args(flat_positions, flat_query, flat_key, table, is_neox)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (query, key, cos_sin_cache)):
+        flat_query, flat_key = flat_query.clone(), flat_key.clone()  # autograd saves them: not the memory written below
+    q_out, k_out = ROTARY_EMBEDDING(query.device, flat_positions, flat_query, flat_key, table, is_neox)
+    query_part.copy_(q_out.view(query_part.shape))
+    if key_part is not None:
+        key_part.copy_(k_out.view(key_part.shape))
 
 
 def qk_norm_rope_and_cache(

@@ -171,8 +171,42 @@ def apply_rotary_emb(
     return _rotate(query, cos, sin, is_neox), None if key is None else _rotate(key, cos, sin, is_neox)
 
 
-# The public op's name (vLLM's `rotary_embedding`); same signature and semantics as apply_rotary_emb.
-rotary_embedding = apply_rotary_emb
+def rotary_embedding(
+    positions: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor | None,
+    head_size: int,
+    cos_sin_cache: torch.Tensor,
+    is_neox: bool,
+    rope_dim_offset: int = 0,
+    inverse: bool = False,
+) -> None:
+    """vLLM's `rotary_embedding` (vllm/_custom_ops.py): apply_rotary_emb's rotation written back into query and key.
+
+    Args:
+        positions: int64 [T] or [B, S] (P = its shape).
+        query: [*P, Hq * head_size] or [*P, Hq, head_size]; MUTATED.
+        key: like query with Hkv heads, or None; MUTATED.
+        head_size: D.
+        cos_sin_cache: [max_position, rot_dim]; each head's dims [rope_dim_offset, rope_dim_offset + rot_dim) turn.
+        is_neox: rotate-half (True) or interleaved pairs.
+        rope_dim_offset: the first rotated dim of each head.
+        inverse: rotate by the negative angles (sin negated).
+
+    Example:
+        >>> cache = compute_cos_sin_cache(64, 4096, 1e6)
+        >>> q, k = torch.randn(5, 8 * 64), torch.randn(5, 2, 64)
+        >>> rotary_embedding(torch.arange(5), q, k, 64, cache, True)
+        >>> rotary_embedding(torch.arange(5), q, k, 64, cache, True, inverse=True)  # undoes it (up to rounding)
+    """
+    rot_dim = cos_sin_cache.shape[1]
+    cos, sin = cos_sin_cache[positions].chunk(2, dim=-1)  # each [*P, rot_dim / 2]
+    cos, sin = cos.unsqueeze(-2), (-sin if inverse else sin).unsqueeze(-2)  # broadcast over heads
+    for x in (query, key):
+        if x is not None:
+            heads = x if x.dim() == positions.dim() + 2 else x.unflatten(-1, (-1, head_size))
+            part = heads[..., rope_dim_offset : rope_dim_offset + rot_dim]
+            part.copy_(_rotate(part, cos, sin, is_neox))
 
 
 def qk_norm_rope_and_cache(

@@ -2,7 +2,9 @@
 reshape_and_cache.
 
 GQA group sizes 1 to 16, head dims 32 to 256 (and 72, 136: not powers of two), seqlen_q != seqlen_k both ways,
-causal and windowed masks, rows with no key to attend to (they must be exactly 0), empty sequences, pages of 1, 5
+causal and windowed masks, soft capping, the softmax_lse of return_attn_probs (on samples where every row sees a key:
+an empty row's lse is +inf, checked in tests/test_attention.py), rows with no key to attend to (they must be exactly
+0), empty sequences, pages of 1, 5
 and 16 slots, padding slots (-1), and the tensor arguments as views: transformers' [B, H, S, D] layout, slices of
 one fused qkv projection, stride-0 batches, caches whose rows are not 16-byte aligned, and index tensors
 (cache_seqlens, block_table, cu_seqlens, slot_mapping) spaced, column-major or expanded.
@@ -55,6 +57,9 @@ FLASH_ATTN = OpSpec(
         Sample("window-0-0-Sq>Sk", _dense(1, 33, 7, 4, 1, 64, window_size=(0, 0))),
         Sample("Sk1-window-right", _dense(1, 33, 1, 8, 2, 128, window_size=(-1, 3))),
         Sample("D136-causal", _dense(1, 7, 9, 4, 2, 136, causal=True)),  # a masked head dim of 256
+        Sample("softcap-causal", _dense(2, 9, 13, 8, 2, 64, softmax_scale=1.0, causal=True, softcap=3.0)),
+        Sample("lse-window", _dense(2, 9, 13, 8, 2, 64, window_size=(3, 2), return_attn_probs=True)),
+        Sample("lse-softcap-D72", _dense(1, 7, 7, 4, 1, 72, causal=True, softcap=2.0, return_attn_probs=True)),
         Sample("hf-layout-scale", _dense(2, 9, 20, 8, 2, 64, _hf_layout, softmax_scale=0.3, causal=True)),
         Sample("qkv-fused-views", _dense(2, 9, 9, 8, 2, 64, lambda a: _fused(a, "qkv", 2), causal=True)),
         Sample("kv-expanded", _dense(3, 5, 11, 4, 2, 64, lambda a: {
@@ -103,6 +108,8 @@ FLASH_ATTN_VARLEN = OpSpec(
         Sample("all-empty", _packed([0, 0], [0, 0], 8, 2, 72, 2, causal=True)),
         Sample("causal-window", _packed([3, 0, 7, 1], [3, 0, 7, 13], 8, 2, 64, causal=True, window_size=(4, 0))),
         Sample("qkv-fused-views", _packed([4, 9], [4, 9], 8, 2, 64, views=lambda a: _fused(a, "qkv", 1), causal=True)),
+        Sample("softcap-lse", _packed([3, 5], [4, 9], 8, 2, 64, softmax_scale=1.0, causal=True, softcap=4.0,
+                                      return_attn_probs=True)),
         index_layout("cu-seqlens-spaced", _packed([3, 0, 7, 1], [3, 0, 7, 13], 4, 1, 64, views=_cu_spaced,
                                                   causal=True)),
         Sample("S97-D128", _packed([97, 2], [7, 2], 8, 2, 128, causal=True), interpret=False),

@@ -1,10 +1,11 @@
 """Samples of the RoPE ops: rotary_embedding, qk_norm_rope_and_cache.
 
 Qwen3-235B's YaRN table over 131,072 positions (the last one used), rotate-half and interleaved pairs, a table in
-fp32 or in the model dtype, T = 0 and 1, pages of 1, 5 and 16 slots with padding slots, and the tensor arguments
-as views: q/k/v slices of one fused projection, a non-contiguous [B, S, H, D] batch, positions spaced or expanded
-over the batch (what GQAAttention passes when transformers gives cos [1, S, D] with batch > 1), caches whose rows
-are not 16-byte aligned.
+fp32 or in the model dtype, T = 0 and 1, pages of 1, 5 and 16 slots with padding slots, vLLM's flat [T, H * D]
+layout, partial rotary with rope_dim_offset and inverse, and the tensor arguments as views: q/k/v slices of one
+fused projection, a non-contiguous [B, S, H, D] batch, positions spaced or expanded over the batch (what
+GQAAttention passes when transformers gives cos [1, S, D] with batch > 1), caches whose rows are not 16-byte
+aligned.
 """
 
 import torch
@@ -43,7 +44,7 @@ def _rotary(tokens, head_dim, heads_q, heads_kv, is_neox, table_dtype, fused=Fal
 
     def build(x: Inputs) -> dict:
         heads = _heads(x, tokens, head_dim, heads_q, heads_kv, fused)
-        args = {"positions": _positions(x, tokens), "query": heads["query"], "key": heads["key"],
+        args = {"positions": _positions(x, tokens), "query": heads["query"], "key": heads["key"], "head_size": head_dim,
                 "cos_sin_cache": _table(x, head_dim, table_dtype), "is_neox": is_neox}  # fmt: skip
         return args | (views(args) if views else {})
 
@@ -56,7 +57,9 @@ def _batched(x: Inputs, positions_view) -> dict:
         "positions": positions_view(x.ints([[0, 1, 2], [131069, 131070, 131071]], torch.int64)),
         "query": x.randn(3, 2, 5, 64).transpose(0, 1)[:, :, 1:],
         "key": x.randn(2, 3, 2, 64),
+        "head_size": 64,
         "cos_sin_cache": x.rope_table(64, POSITIONS, yarn=True),
+        "is_neox": True,
     }
 
 
@@ -76,7 +79,7 @@ ROTARY_EMBEDDING = OpSpec(
     samples=(
         Sample("T5-D32", lambda x: {
             "positions": x.ints([0, 3, 17, 40, 63], torch.int64), "query": x.randn(5, 4, 32), "key": x.randn(5, 2, 32),
-            "cos_sin_cache": x.rope_table(32, 64)}),
+            "head_size": 32, "cos_sin_cache": x.rope_table(32, 64), "is_neox": True}),
         *(Sample(_name(*case, *mode), _rotary(*case[:4], *mode, fused=case[5])) for case in CASES for mode in MODES),
         Sample("batched-noncontiguous", lambda x: _batched(x, lambda p: p)),
         index_layout("positions-expanded-over-batch", lambda x: _batched(x, lambda p: expanded(p[:1], (2, 3), 0))),
@@ -85,8 +88,13 @@ ROTARY_EMBEDDING = OpSpec(
         index_layout("positions-spaced", _rotary(7, 64, 4, 2, True, "fp32", views=lambda a: {
             "positions": spaced(a["positions"], 0, 0)})),
         Sample("key-none", _rotary(7, 64, 4, 2, False, "fp32", views=lambda a: {"key": None})),
+        Sample("flat-heads", _rotary(7, 64, 4, 2, True, "fp32", views=lambda a: {  # vLLM's [T, H * D] layout
+            "query": a["query"].flatten(1), "key": a["key"].flatten(1)})),
+        Sample("partial-offset-inverse", lambda x: {  # dims [16, 48) of each head turn back by the angles
+            "positions": _positions(x, 7), "query": x.randn(7, 4 * 64), "key": x.randn(7, 2, 64), "head_size": 64,
+            "cos_sin_cache": _table(x, 32, "fp32"), "is_neox": False, "rope_dim_offset": 16, "inverse": True}),
     ),
-    exact_on_cpu=("output[0]", "output[1]"),  # same operations in the same order: the reference's bits
+    exact_on_cpu=("query", "key"),  # same operations in the same order: the reference's bits
     compiles_reference=True,
     opcheck=("T7-D64-4x4-b5-separate-interleaved-table-model",),
 )  # fmt: skip

@@ -2,4 +2,4 @@
 
 from .family import Family
 
-FAMILY = Family("Qwen2", "qwen2", moe_block=None, attention="Qwen2Attention", route="module")
+FAMILY = Family("Qwen2", "qwen2", "Qwen2", attention="Qwen2Attention", route="module")
