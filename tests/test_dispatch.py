@@ -247,9 +247,10 @@ def _grad_inputs(name: str) -> dict:
     """The op's first sample in fp32, its first floating-point argument (q, hidden_states, gating_output, key,
     positions' table ...: one the op reads, never a cache it writes) requiring grad."""
     kwargs = SPECS[name].samples[0].build(Inputs(CPU, torch.float32))
-    written = ("query", "key") if name == "rotary_embedding" else ()  # rotated in place, as vLLM's
+    # rotary_embedding rotates query and key in place (as vLLM's); fused_topk reads only hidden_states' shape
+    unread = {"rotary_embedding": ("query", "key"), "fused_topk": ("hidden_states",)}.get(name, ())
     first = next(
-        k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and k not in written
+        k for k, v in kwargs.items() if isinstance(v, torch.Tensor) and v.is_floating_point() and k not in unread
     )
     kwargs[first] = kwargs[first].detach().clone().requires_grad_()
     return kwargs

@@ -70,9 +70,10 @@ def batched_attention(module, cache, q_rows, k_rows, v_rows, rope, kwargs: dict,
 
 
 def _varlen(module, q_rows, keys, values, cu_q, cu_k, max_q: int, max_k: int, window) -> torch.Tensor:
-    return FLASH_ATTN_VARLEN(
+    out, _ = FLASH_ATTN_VARLEN(  # no softcap, no lse
         q_rows.device, q_rows, keys, values, cu_q, cu_k, max_q, max_k, module.scaling, True, *window, 0.0, False
-    )[0]  # no softcap, no lse  # fmt: skip
+    )
+    return out
 
 
 def _block_table(read, cu_k, lengths, page_size: int, width: int) -> torch.Tensor:
