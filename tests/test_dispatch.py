@@ -356,13 +356,6 @@ def test_triton_fused_moe_runs_every_inner_op_on_triton():
     ]
 
 
-def test_auto_entry_ignores_the_forced_backend():
-    op = _demo_op()
-    with use_backend("torch"), record_backends() as calls:
-        assert op.auto(torch.device("cpu"), 1) == ("cpu", 1)
-    assert calls == [("demo", "cpu")]
-
-
 def test_compiled_calls_keep_their_choice_without_recompiling():
     """Under torch.compile the choice is a constant of the graph: repeated calls compile once; forcing another
     backend recompiles once and runs it."""

@@ -127,6 +127,7 @@ def test_sliding_window_matches_transformers():
     assert_close(windowed, expected)
 
 
+@torch.no_grad()
 def test_rejects_masks_it_cannot_express():
     hf, rotary = _layer("qwen3", torch.float32)
     x, embeddings = _inputs(rotary, batch=1, seq=5, dtype=torch.float32)

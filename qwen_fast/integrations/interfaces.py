@@ -221,7 +221,7 @@ def register(name: str = "qwen_fast") -> str:
     ...     num_attention_heads=2, num_key_value_heads=1, num_experts=4, num_experts_per_tok=2))
     >>> name = qwen_fast.register_transformers()
     >>> model.set_experts_implementation(name); model.set_attn_implementation(name)
-    >>> with qwen_fast.record_backends() as calls:
+    >>> with torch.no_grad(), qwen_fast.record_backends() as calls:
     ...     logits = model(torch.tensor([[1, 2, 3]])).logits
     >>> sorted({op for op, _ in calls})
     ['flash_attn_func', 'fused_experts']

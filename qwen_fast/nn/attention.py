@@ -88,7 +88,8 @@ class GQAAttention(nn.Module):
     Example:
         >>> attn = GQAAttention(hidden_size=64, num_heads=8, num_kv_heads=2, head_dim=16)
         >>> x, cos, sin = torch.randn(2, 5, 64), torch.ones(2, 5, 16), torch.zeros(2, 5, 16)
-        >>> attn(x, (cos, sin), None)[0].shape
+        >>> with torch.no_grad():  # inference: the kernels have no backward
+        ...     attn(x, (cos, sin), None)[0].shape
         torch.Size([2, 5, 64])
     """
 

@@ -28,7 +28,8 @@ class MoEExperts(nn.Module):
     Example:
         >>> experts = qwen_fast.nn.MoEExperts(num_experts=4, hidden_size=16, intermediate_size=8)
         >>> ids = torch.tensor([[0, 3], [2, 1], [3, 2]])
-        >>> experts(torch.randn(3, 16), ids, torch.full((3, 2), 0.5)).shape
+        >>> with torch.no_grad():  # inference: the kernels have no backward
+        ...     experts(torch.randn(3, 16), ids, torch.full((3, 2), 0.5)).shape
         torch.Size([3, 16])
     """
 

@@ -45,7 +45,8 @@ class SparseMoeBlock(nn.Module):
     Example:
         >>> gate = qwen_fast.nn.TopKRouter(hidden_size=16, num_experts=8, top_k=2)
         >>> block = qwen_fast.nn.SparseMoeBlock(gate, qwen_fast.nn.MoEExperts(8, 16, 32))
-        >>> block(torch.randn(2, 5, 16)).shape
+        >>> with torch.no_grad():  # inference: the kernels have no backward
+        ...     block(torch.randn(2, 5, 16)).shape
         torch.Size([2, 5, 16])
 
         From a transformers block, sharing its parameters:

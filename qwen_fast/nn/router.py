@@ -63,7 +63,8 @@ class TopKRouter(nn.Module):
 
     Example:
         >>> router = qwen_fast.nn.TopKRouter(hidden_size=16, num_experts=8, top_k=2)
-        >>> logits, weights, ids = router(torch.randn(5, 16))
+        >>> with torch.no_grad():  # inference: the kernels have no backward
+        ...     logits, weights, ids = router(torch.randn(5, 16))
         >>> tuple(logits.shape), weights.dtype, ids.dtype, tuple(ids.shape)
         ((5, 8), torch.float32, torch.int32, (5, 2))
     """

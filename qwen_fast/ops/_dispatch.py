@@ -185,7 +185,6 @@ class Op:
 
     `OP(device, *args, **kwargs)` runs the op on the chosen backend with arguments already checked: the unchecked,
     dispatched entry that the public function (after its checks), qwen_fast.nn and qwen_fast.cache call.
-    `OP.auto(...)` is the same call ignoring a forced backend (a composite op's secondary parts).
     `native_op` names the extension op whose kernels the cpu/cuda backends run (default: the op's own name; a
     composite such as fused_moe runs fused_experts'). `kernel_limit(*args, **kwargs)` says why the kernel backends
     (all but torch) cannot take a call's arguments, or None: `auto` then takes torch, and forcing one is an error.
@@ -287,25 +286,13 @@ class Op:
             )
         return "torch"
 
-    def _dispatch(self, device: torch.device, forced: str, args: tuple, kwargs: dict) -> str:
-        """The backend this call runs on: the cached route, then its per-call checks (cheap when there are none)."""
-        if is_dynamo_compiling():
-            backend = _traced_route(self.name, device, forced)
-            limits = self._limits(backend, device.type)
-        else:
-            backend, limits = self._routes.get((device, forced)) or self._route(device, forced)
-        if limits is not None and (limits or torch.is_grad_enabled()):
-            backend = self._admit(backend, limits, forced, device, args, kwargs)
-        return backend
-
-    def select(self, device: torch.device, args: tuple = (), kwargs: dict | None = None) -> str:
-        """The backend a call with `args`/`kwargs` on `device` runs on (without arguments: the cached choice)."""
-        if not (args or kwargs):
-            return (self._routes.get((device, _forced)) or self._route(device, _forced))[0]
-        return self._dispatch(device, _forced, args, kwargs or {})
+    def select(self, device: torch.device) -> str:
+        """The backend calls on `device` run on (the cached choice; a call's per-call checks may still send it to
+        torch under auto, or refuse it when forced)."""
+        return (self._routes.get((device, _forced)) or self._route(device, _forced))[0]
 
     def __call__(self, device: torch.device, *args, **kwargs):
-        forced = _forced  # _dispatch inlined: this is the per-call path of every op (tests/test_decode_step.py)
+        forced = _forced  # the per-call path of every op: no helper calls (tests/test_decode_step.py counts them)
         if is_dynamo_compiling():
             backend = _traced_route(self.name, device, forced)
             limits = self._limits(backend, device.type)
@@ -313,14 +300,6 @@ class Op:
             backend, limits = self._routes.get((device, forced)) or self._route(device, forced)
         if limits is not None and (limits or torch.is_grad_enabled()):
             backend = self._admit(backend, limits, forced, device, args, kwargs)
-        if _trace is not None:
-            _trace.append((self.name, backend))
-        return self.impls[backend](*args, **kwargs)
-
-    def auto(self, device: torch.device, *args, **kwargs):
-        """The call with auto's choice whatever is forced: for a composite op's secondary parts (fused_moe's
-        routing, the Triton fused_experts' alignment), where a forced backend names the main part's kernels."""
-        backend = self._dispatch(device, "auto", args, kwargs)
         if _trace is not None:
             _trace.append((self.name, backend))
         return self.impls[backend](*args, **kwargs)
