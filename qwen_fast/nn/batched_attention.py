@@ -58,12 +58,12 @@ def batched_attention(module, cache, q_rows, k_rows, v_rows, rope, kwargs: dict,
     if max_q == 1:  # decode: one query per sequence, over its pages in place
         lengths = cu_k.diff()
         block_table = _block_table(read, cu_k, lengths, page_size, -(-max_k // page_size))
-        out = q_rows.new_zeros(q_rows.shape)  # rows past the sequences (padding) stay 0
-        out[: lengths.shape[0]] = FLASH_ATTN_WITH_KVCACHE(
-            device, q_rows[: lengths.shape[0], None], key_pages, value_pages, None, None, lengths, block_table,
-            module.scaling, True, window,
+        num = lengths.shape[0]
+        out = FLASH_ATTN_WITH_KVCACHE(
+            device, q_rows[:num, None], key_pages, value_pages, None, None, lengths, block_table, module.scaling,
+            True, window,
         )[:, 0]  # fmt: skip
-        return out
+        return out if num == q_rows.shape[0] else torch.cat((out, out.new_zeros(q_rows.shape[0] - num, *out.shape[1:])))
     keys = key_pages.view(-1, *key_pages.shape[2:]).index_select(0, read)
     values = value_pages.view(-1, *value_pages.shape[2:]).index_select(0, read)
     return _varlen(module, q_rows, keys, values, cu_q, cu_k, max_q, max_k, window)
