@@ -4,14 +4,21 @@ CONFIG, DTYPES, BATCHES, random_model, forward and record from here).
 
     pip install --no-build-isolation '.[bench]' && pytest bench/bench_e2e.py --benchmark-columns=median,ops
 
-Timed, a single model forward under torch.no_grad() returning the last position's logits (as generate asks),
+Timed, model forwards under torch.no_grad() returning the last position's logits (as generate asks),
 device-synchronised:
-  test_prefill: B prompts of P tokens into an empty cache (the cache is emptied before each round, untimed).
+  test_prefill: B prompts of P tokens into an empty cache (the cache is emptied before each round, untimed);
+    test_prefill_llama_cpp: llama.cpp's row, batch 1;
+  test_decode: batch 1, DECODE_STEPS greedy tokens after a prompt of DECODE_PROMPT tokens (the prefill is untimed),
+    tokens_per_s = DECODE_STEPS / the median; greedy_agreement: the fraction of the generated tokens that equal
+    unpatched transformers' (DynamicCache, eager) in the same dtype, up to the first difference.
 Implementations:
   "qwen_fast": qwen_fast.patch(model) (qwen_fast.nn.SparseMoeBlock and GQAAttention, the ops' `auto` backends) with a
     qwen_fast.PagedKVCache.for_model(model, max_batch=B);
   "transformers.grouped_mm" (transformers' default experts implementation: the baseline) and "transformers.eager",
-    unpatched, with transformers' DynamicCache and its default attention (sdpa).
+    unpatched, with transformers' DynamicCache and its default attention (sdpa);
+  "llama.cpp" (CPU, batch 1): the same weights converted by llama.cpp's converter to GGUF F32 (float32) or BF16
+    (bfloat16), run by llama-cpp-python on as many threads as torch (bench/llama_cpp_model.py says what it needs;
+    the rows skip without it).
 Shapes: on CUDA the Qwen3-30B-A3B decoder layer (hidden 2048, 128 experts top-8, moe_intermediate 768, 32 / 4 heads of
 128, vocab 151936) with 2 layers, bf16, B in {1, 32}, P = 512. On CPU the small Qwen3-MoE shipped as
 qwen_fast/configs/models/qwen3_moe_small.json (quarter width, 64 experts top-8, 4 layers), fp32 and bf16, B in
@@ -24,6 +31,7 @@ per prefill) and ms (the median), and for qwen_fast the backends its ops ran.
 import contextlib
 import functools
 
+import llama_cpp_model
 import pytest
 import torch
 
@@ -47,6 +55,8 @@ else:
     DTYPES, BATCHES, PROMPT, PREFILL_ROUNDS = ["float32", "bfloat16"], [1, 8], 128, 5
 IMPLS = ["qwen_fast", "transformers.grouped_mm", "transformers.eager"]
 BASELINE = "transformers.grouped_mm"
+LLAMA_CPP = "llama.cpp"
+DECODE_PROMPT, DECODE_STEPS, DECODE_ROUNDS = 16, 64, 5
 
 
 @functools.cache
@@ -136,3 +146,85 @@ def test_prefill(benchmark, impl, batch, dtype):
         benchmark.pedantic(forward, setup=setup, rounds=PREFILL_ROUNDS)
     shape = f"B={batch} P={PROMPT} {dtype}"
     record(benchmark, "e2e_prefill", shape, impl, BASELINE, batch * PROMPT, calls, "flash_attn_func")
+
+
+def _llama_cpp_runner(dtype: str):
+    """A llama.cpp Runner on the random model in `dtype` (batch 1), or a skip saying why not (CPU only, installed)."""
+    if DEVICE != "cpu":
+        pytest.skip("llama.cpp rows: CPU only")
+    if reason := llama_cpp_model.missing():
+        pytest.skip(reason)
+    path = llama_cpp_model.gguf_file(random_model(dtype), dtype)
+    return llama_cpp_model.Runner(path, torch.get_num_threads(), context=max(PROMPT, DECODE_PROMPT + DECODE_STEPS))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_prefill_llama_cpp(benchmark, dtype):
+    runner = _llama_cpp_runner(dtype)
+    tokens = torch.randint(CONFIG["vocab_size"], (PROMPT,)).tolist()
+    runner.prefill(tokens)  # warm-up, untimed
+    benchmark.pedantic(runner.prefill, args=(tokens,), rounds=PREFILL_ROUNDS)
+    record(benchmark, "e2e_prefill", f"B=1 P={PROMPT} {dtype}", LLAMA_CPP, BASELINE, PROMPT, [], "")
+
+
+def _greedy(step, token: torch.Tensor, cache, steps: int) -> list[int]:
+    """`steps` greedy decode steps of `step` from `token` [1, 1] (appended to `cache` first): the tokens generated."""
+    generated = []
+    for _ in range(steps):
+        token = forward(step, token, cache)[:, -1].argmax(-1, keepdim=True)
+        generated.append(int(token))
+    return generated
+
+
+@functools.cache
+def _decode_prompt() -> torch.Tensor:
+    return torch.randint(CONFIG["vocab_size"], (1, DECODE_PROMPT), generator=torch.Generator().manual_seed(1))
+
+
+@functools.cache
+def _transformers_tokens(dtype: str) -> tuple[int, ...]:
+    """Unpatched transformers' greedy tokens (eager experts, DynamicCache) after the decode prompt."""
+    model = random_model(dtype)
+    with _running(model, "transformers.eager") as new_cache:
+        cache = new_cache(1)
+        first = forward(model, _decode_prompt().to(DEVICE), cache)[:, -1].argmax(-1, keepdim=True)
+        return tuple(_greedy(model, first, cache, DECODE_STEPS))
+
+
+def _agreement(tokens: list[int], expected: tuple[int, ...]) -> float:
+    """The fraction of `expected` that `tokens` reproduce before their first difference."""
+    same = next((i for i, (a, b) in enumerate(zip(tokens, expected, strict=True)) if a != b), len(expected))
+    return same / len(expected)
+
+
+@pytest.mark.parametrize("impl", [*IMPLS, LLAMA_CPP])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode(benchmark, impl, dtype):
+    prompt = _decode_prompt()
+    calls = []
+    if impl == LLAMA_CPP:
+        runner = _llama_cpp_runner(dtype)
+        first = runner.prefill(prompt[0].tolist())
+        runner.decode(first, 4)  # warm-up, untimed
+        tokens = benchmark.pedantic(
+            runner.decode, setup=lambda: ((runner.prefill(prompt[0].tolist()), DECODE_STEPS), {}), rounds=DECODE_ROUNDS
+        )
+    else:
+        model = random_model(dtype)
+        prompt = prompt.to(DEVICE)
+        with _running(model, impl) as new_cache:
+            cache = new_cache(1)
+
+            def setup():
+                step_cache = cache if impl == "qwen_fast" else new_cache(1)
+                if impl == "qwen_fast":
+                    cache.reset()
+                first = forward(model, prompt, step_cache)[:, -1].argmax(-1, keepdim=True)
+                return (model, first, step_cache, DECODE_STEPS), {}
+
+            with qwen_fast.record_backends() as calls:  # warm-up, untimed
+                _greedy(*setup()[0][:3], 4)
+            tokens = benchmark.pedantic(_greedy, setup=setup, rounds=DECODE_ROUNDS)
+    record(benchmark, "e2e_decode", f"B=1 P={DECODE_PROMPT} +{DECODE_STEPS} {dtype}", impl, BASELINE, DECODE_STEPS,
+           calls, "flash_attn_with_kvcache")  # fmt: skip
+    benchmark.extra_info["greedy_agreement"] = _agreement(tokens, _transformers_tokens(dtype))
