@@ -155,7 +155,9 @@ def _llama_cpp_runner(dtype: str):
     if reason := llama_cpp_model.missing():
         pytest.skip(reason)
     path = llama_cpp_model.gguf_file(random_model(dtype), dtype)
-    return llama_cpp_model.Runner(path, torch.get_num_threads(), context=max(PROMPT, DECODE_PROMPT + DECODE_STEPS))
+    return llama_cpp_model.Runner(
+        path, dtype, torch.get_num_threads(), context=max(PROMPT, DECODE_PROMPT + DECODE_STEPS)
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -6,9 +6,9 @@ LLAMA_CPP_DIR at a llama.cpp source tree, a checkout or the `vendor/llama.cpp` f
 distribution (`pip download --no-deps --no-binary :all: llama-cpp-python==0.3.36`, then unpack it). Without them
 the llama.cpp rows skip and say which is missing.
 
-The random model has no tokenizer, so the converter writes llama.cpp's "none" vocabulary (its Qwen3-MoE converter
-with `set_vocab` replaced, nothing else) and the bench passes token ids. Greedy decoding takes the argmax of the
-last logits row, as the torch rows do.
+The random model has no tokenizer, so the converter writes a vocabulary of placeholder pieces, as many as the
+model's vocab_size (its Qwen3-MoE converter with `set_vocab` replaced, nothing else), and the bench passes token
+ids. Greedy decoding takes the argmax of the last logits row, as the torch rows do.
 """
 
 import atexit
@@ -23,8 +23,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-# bench dtype -> (converter file type, the name llama.cpp prints)
-FILE_TYPES = {"float32": ("ALL_F32", "F32"), "bfloat16": ("MOSTLY_BF16", "BF16"), "q8_0": ("MOSTLY_Q8_0", "Q8_0")}
+# bench dtype -> (converter file type, the name llama.cpp prints, the K/V cache's ggml type: the activations' dtype,
+# as qwen_fast's and transformers' caches hold them; llama.cpp's default would be F16)
+FILE_TYPES = {
+    "float32": ("ALL_F32", "F32", 0),
+    "bfloat16": ("MOSTLY_BF16", "BF16", 30),
+    "q8_0": ("MOSTLY_Q8_0", "Q8_0", 30),
+}
 
 
 def missing() -> str | None:
@@ -39,7 +44,7 @@ def missing() -> str | None:
 
 @functools.cache
 def _converter():
-    """llama.cpp's Qwen3-MoE converter class with the "none" vocabulary, and its gguf module (the tree's own
+    """llama.cpp's Qwen3-MoE converter class with a placeholder vocabulary, and its gguf module (the tree's own
     gguf-py first, as its convert_hf_to_gguf.py does)."""
     root = Path(os.environ["LLAMA_CPP_DIR"])
     sys.path[:0] = [str(root), str(root / "gguf-py")]
@@ -49,8 +54,21 @@ def _converter():
     class TokenIdsOnly(Qwen3MoeModel):
         model_arch = Qwen3MoeModel.model_arch  # the converter requires each class to name its architecture
 
-        def set_vocab(self):
-            self._set_vocab_none()
+        def set_vocab(self):  # a SentencePiece-style vocabulary of placeholder pieces, as many as the model's
+            size = self.hparams["vocab_size"]
+            pieces = ["<unk>", "<s>", "</s>", *(f"<0x{b:02X}>" for b in range(256))]  # llama.cpp looks up bytes
+            kinds = [
+                gguf.TokenType.UNKNOWN,
+                gguf.TokenType.CONTROL,
+                gguf.TokenType.CONTROL,
+                *[gguf.TokenType.BYTE] * 256,
+            ]
+            pieces += [f"<piece{i}>" for i in range(len(pieces), size)]
+            kinds += [gguf.TokenType.NORMAL] * (size - len(kinds))
+            self.gguf_writer.add_tokenizer_model("llama")
+            self.gguf_writer.add_token_list(pieces)
+            self.gguf_writer.add_token_scores([0.0] * size)
+            self.gguf_writer.add_token_types(kinds)
 
     return TokenIdsOnly, gguf
 
@@ -76,14 +94,16 @@ def gguf_file(model: torch.nn.Module, file_type: str) -> Path:
 
 
 class Runner:
-    """One llama.cpp context on a GGUF file: prefill a prompt, then greedy decode, on `threads` threads."""
+    """One llama.cpp context on a GGUF file of `file_type` (a FILE_TYPES key): prefill a prompt, then greedy
+    decode, on `threads` threads."""
 
-    def __init__(self, path: Path, threads: int, context: int):
+    def __init__(self, path: Path, file_type: str, threads: int, context: int):
         import llama_cpp
 
+        cache_type = FILE_TYPES[file_type][2]
         self.llm = llama_cpp.Llama(
             model_path=str(path), n_ctx=context, n_batch=context, n_threads=threads, n_threads_batch=threads,
-            verbose=False,
+            type_k=cache_type, type_v=cache_type, verbose=False,
         )  # fmt: skip
 
     def prefill(self, tokens: list[int]) -> int:
@@ -101,5 +121,10 @@ class Runner:
             generated.append(token)
         return generated
 
+    def logits(self) -> np.ndarray:
+        """The last evaluated position's logits [vocab] (llama.cpp computes no other row; llama-cpp-python's
+        `scores` keeps rows only with logits_all)."""
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
+
     def _greedy(self) -> int:
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return int(np.argmax(self.logits()))
