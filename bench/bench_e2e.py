@@ -10,7 +10,10 @@ device-synchronised:
     test_prefill_llama_cpp: llama.cpp's row, batch 1;
   test_decode: batch 1, DECODE_STEPS greedy tokens after a prompt of DECODE_PROMPT tokens (the prefill is untimed),
     tokens_per_s = DECODE_STEPS / the median; greedy_agreement: the fraction of the generated tokens that equal
-    unpatched transformers' (DynamicCache, eager) in the same dtype, up to the first difference.
+    unpatched transformers' (DynamicCache, eager) in the same dtype, up to the first difference. Weights: each
+    dtype, and the bf16 model (CUDA) or the last CPU dtype with its experts quantized by qwen_fast.quantize_experts
+    to int8 or fp8 ("bfloat16+int8": qwen_fast, and llama.cpp's Q8_0 of the same bf16 model, whose every matrix
+    is 8-bit; transformers has no 8-bit CPU experts).
 Implementations:
   "qwen_fast": qwen_fast.patch(model) (qwen_fast.nn.SparseMoeBlock and GQAAttention, the ops' `auto` backends) with a
     qwen_fast.PagedKVCache.for_model(model, max_batch=B);
@@ -29,6 +32,7 @@ per prefill) and ms (the median), and for qwen_fast the backends its ops ran.
 """
 
 import contextlib
+import copy
 import functools
 
 import llama_cpp_model
@@ -57,6 +61,7 @@ IMPLS = ["qwen_fast", "transformers.grouped_mm", "transformers.eager"]
 BASELINE = "transformers.grouped_mm"
 LLAMA_CPP = "llama.cpp"
 DECODE_PROMPT, DECODE_STEPS, DECODE_ROUNDS = 16, 64, 5
+DECODE_WEIGHTS = [*DTYPES, *(f"{DTYPES[-1]}+{experts}" for experts in ("int8", "fp8"))]  # + 8-bit experts
 
 
 @functools.cache
@@ -148,16 +153,34 @@ def test_prefill(benchmark, impl, batch, dtype):
     record(benchmark, "e2e_prefill", shape, impl, BASELINE, batch * PROMPT, calls, "flash_attn_func")
 
 
-def _llama_cpp_runner(dtype: str):
-    """A llama.cpp Runner on the random model in `dtype` (batch 1), or a skip saying why not (CPU only, installed)."""
+def _llama_cpp_runner(weights: str):
+    """A llama.cpp Runner on the random model with `weights` (a dtype, or DECODE_WEIGHTS' 8-bit entries: llama.cpp's
+    Q8_0 of the bf16 model for int8 experts), batch 1; or a skip saying why not (CPU only, installed, a format
+    llama.cpp has)."""
     if DEVICE != "cpu":
         pytest.skip("llama.cpp rows: CPU only")
     if reason := llama_cpp_model.missing():
         pytest.skip(reason)
-    path = llama_cpp_model.gguf_file(random_model(dtype), dtype)
+    dtype, _, experts = weights.partition("+")
+    if experts not in ("", "int8"):
+        pytest.skip(f"llama.cpp has no CPU format for {experts} weights")
+    file_type = "q8_0" if experts else dtype
+    path = llama_cpp_model.gguf_file(random_model(dtype), file_type)
     return llama_cpp_model.Runner(
-        path, dtype, torch.get_num_threads(), context=max(PROMPT, DECODE_PROMPT + DECODE_STEPS)
+        path, file_type, torch.get_num_threads(), context=max(PROMPT, DECODE_PROMPT + DECODE_STEPS)
     )
+
+
+@functools.cache
+def _decode_model(weights: str) -> torch.nn.Module:
+    """The random model with `weights`: a dtype, or "<dtype>+<format>", a copy with its experts quantized by
+    qwen_fast.quantize_experts."""
+    dtype, _, experts = weights.partition("+")
+    if not experts:
+        return random_model(dtype)
+    model = copy.deepcopy(random_model(dtype))
+    qwen_fast.quantize_experts(model, experts)
+    return model
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -200,19 +223,22 @@ def _agreement(tokens: list[int], expected: tuple[int, ...]) -> float:
 
 
 @pytest.mark.parametrize("impl", [*IMPLS, LLAMA_CPP])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_decode(benchmark, impl, dtype):
+@pytest.mark.parametrize("weights", DECODE_WEIGHTS)
+def test_decode(benchmark, impl, weights):
     prompt = _decode_prompt()
+    dtype, _, experts = weights.partition("+")
+    if experts and impl.startswith("transformers"):
+        pytest.skip("transformers has no CPU kernel for 8-bit experts (it dequantizes FP8 checkpoints at load)")
     calls = []
     if impl == LLAMA_CPP:
-        runner = _llama_cpp_runner(dtype)
+        runner = _llama_cpp_runner(weights)
         first = runner.prefill(prompt[0].tolist())
         runner.decode(first, 4)  # warm-up, untimed
         tokens = benchmark.pedantic(
             runner.decode, setup=lambda: ((runner.prefill(prompt[0].tolist()), DECODE_STEPS), {}), rounds=DECODE_ROUNDS
         )
     else:
-        model = random_model(dtype)
+        model = _decode_model(weights)
         prompt = prompt.to(DEVICE)
         with _running(model, impl) as new_cache:
             cache = new_cache(1)
@@ -227,6 +253,6 @@ def test_decode(benchmark, impl, dtype):
             with qwen_fast.record_backends() as calls:  # warm-up, untimed
                 _greedy(*setup()[0][:3], 4)
             tokens = benchmark.pedantic(_greedy, setup=setup, rounds=DECODE_ROUNDS)
-    record(benchmark, "e2e_decode", f"B=1 P={DECODE_PROMPT} +{DECODE_STEPS} {dtype}", impl, BASELINE, DECODE_STEPS,
+    record(benchmark, "e2e_decode", f"B=1 P={DECODE_PROMPT} +{DECODE_STEPS} {weights}", impl, BASELINE, DECODE_STEPS,
            calls, "flash_attn_with_kvcache")  # fmt: skip
     benchmark.extra_info["greedy_agreement"] = _agreement(tokens, _transformers_tokens(dtype))
