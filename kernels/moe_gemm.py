@@ -51,6 +51,16 @@ from qwen_fast import configs
 from qwen_fast.configs.moe_block_size import BLOCK_SIZES, choose_block_size
 
 from .compile_spec import TRITON_DTYPE, CompileSpec
+from .moe_gemm_quant import (
+    WEIGHT_FORMATS,
+    _dequantize,
+    _scales,
+    quant_tiles,
+    quantize_groups,
+    scale_k_tile,
+    scale_layout,
+    uses_w8a8,
+)
 
 COMBINE_BLOCK_H = 512  # 512 columns x 4 B fp32 accumulator over 4 warps: 4 registers per thread, 1 KB per row loaded
 # What a tuned entry may hold. Tiles are powers of 2 (tl.arange) and at least 16 (tl.dot); BLOCK_M is the
@@ -81,11 +91,22 @@ def _gate_up_kernel(
     stride_we,
     stride_wn,
     stride_wk,
+    w_scale,
+    a_scale,
+    stride_se,
+    stride_sn,
+    stride_sk,
+    stride_at,
+    scale_bn,
+    scale_bk,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     GELU: tl.constexpr,
+    WEIGHTS: tl.constexpr,
+    W8A8: tl.constexpr,
+    SCALE_K_TILE: tl.constexpr,
 ):
     block = tl.program_id(0)
     col_block = tl.program_id(1)
@@ -105,6 +126,9 @@ def _gate_up_kernel(
     a_ptrs = hidden + tokens[:, None] * stride_ht + ks[None, :] * stride_hh
     gate_ptrs = w13 + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
     up_ptrs = gate_ptrs + inter_size * stride_wn  # I rows past the gate rows (one expert: I*H << 2^31 elements)
+    dtype = intermediate.dtype.element_ty
+    s_base = w_scale + expert * stride_se  # quantized weights: scale rows n // bn of the gate and up columns
+    gate_rows, up_rows = cols // scale_bn, (inter_size + cols) // scale_bn
     acc_gate = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, hidden_size, BLOCK_K):
@@ -113,13 +137,25 @@ def _gate_up_kernel(
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b_gate = tl.load(gate_ptrs, mask=b_mask, other=0.0)
         b_up = tl.load(up_ptrs, mask=b_mask, other=0.0)
-        acc_gate = tl.dot(a, b_gate, acc_gate, input_precision=DOT_PRECISION)
-        acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+        if WEIGHTS == 0:
+            acc_gate = tl.dot(a, b_gate, acc_gate, input_precision=DOT_PRECISION)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+        else:
+            s_gate = _scales(s_base, gate_rows, k0, ks, col_ok, b_mask, stride_sn, stride_sk, scale_bk, SCALE_K_TILE)
+            s_up = _scales(s_base, up_rows, k0, ks, col_ok, b_mask, stride_sn, stride_sk, scale_bk, SCALE_K_TILE)
+            if W8A8:  # fp8 x fp8 per K tile, both scales constant over it
+                a_s = tl.load(a_scale + tokens * stride_at + k0 // scale_bk, mask=row_ok, other=0.0)[:, None]
+                acc_gate += tl.dot(a, b_gate) * (a_s * s_gate)
+                acc_up += tl.dot(a, b_up) * (a_s * s_up)
+            else:
+                b_gate = _dequantize(b_gate, s_gate, WEIGHTS).to(dtype)
+                b_up = _dequantize(b_up, s_up, WEIGHTS).to(dtype)
+                acc_gate = tl.dot(a, b_gate, acc_gate, input_precision=DOT_PRECISION)
+                acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K * stride_hh
         gate_ptrs += BLOCK_K * stride_wk
         up_ptrs += BLOCK_K * stride_wk
 
-    dtype = intermediate.dtype.element_ty
     gate = acc_gate.to(dtype).to(tl.float32)
     up = acc_up.to(dtype).to(tl.float32)
     if GELU:  # the exact GELU (erf), torch's approximate="none"
@@ -145,10 +181,21 @@ def _down_kernel(
     stride_we,
     stride_wn,
     stride_wk,
+    w_scale,
+    a_scale,
+    stride_se,
+    stride_sn,
+    stride_sk,
+    stride_at,
+    scale_bn,
+    scale_bk,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    WEIGHTS: tl.constexpr,
+    W8A8: tl.constexpr,
+    SCALE_K_TILE: tl.constexpr,
 ):
     block = tl.program_id(0)
     col_block = tl.program_id(1)
@@ -166,12 +213,24 @@ def _down_kernel(
 
     a_ptrs = intermediate + rows[:, None] * inter_size + ks[None, :]
     b_ptrs = w2 + expert * stride_we + cols[None, :].to(tl.int64) * stride_wn + ks[:, None] * stride_wk
+    s_base = w_scale + expert * stride_se
+    scale_rows = cols // scale_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, inter_size, BLOCK_K):
         k_ok = ks < inter_size - k0
+        b_mask = k_ok[:, None] & col_ok[None, :]
         a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & col_ok[None, :], other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+        if WEIGHTS == 0:
+            acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
+        else:
+            scales = _scales(s_base, scale_rows, k0, ks, col_ok, b_mask, stride_sn, stride_sk, scale_bk, SCALE_K_TILE)
+            if W8A8:
+                a_s = tl.load(a_scale + rows * stride_at + k0 // scale_bk, mask=row_ok, other=0.0)[:, None]
+                acc += tl.dot(a, b) * (a_s * scales)
+            else:
+                b = _dequantize(b, scales, WEIGHTS).to(y.dtype.element_ty)
+                acc = tl.dot(a, b, acc, input_precision=DOT_PRECISION)
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_wk
 
@@ -193,7 +252,10 @@ def _combine_kernel(y, topk_weights, out, topk, hidden_size, stride_wt, stride_w
 
 
 def _config(block_m: int, dtype: torch.dtype) -> dict:
-    """GEMM tiles for one BLOCK_M and dtype: {"gate_up": {...}, "down": {...}} with BLOCK_N, BLOCK_K, warps, stages."""
+    """GEMM tiles for one BLOCK_M and dtype: {"gate_up": {...}, "down": {...}} with BLOCK_N, BLOCK_K, warps, stages.
+    A quantized weight dtype (WEIGHT_FORMATS) gets moe_gemm_quant.quant_tiles."""
+    if dtype in WEIGHT_FORMATS:
+        return quant_tiles(block_m)
     if dtype == torch.float32:  # exact fp32 dot products run on FMA units: small tiles, operands held in registers
         warps = 4 if block_m <= 32 else 8
         tiles = {"BLOCK_N": 32, "BLOCK_K": 16 if block_m >= 64 else 32, "num_warps": warps, "num_stages": 2}
@@ -260,6 +322,24 @@ def choose_config(num_tokens: int, topk: int, w13: torch.Tensor) -> dict:
     return tuned if tuned is not None else heuristic_config(num_tokens, topk, num_experts, w13.dtype)
 
 
+def _quant_args(weights: int, scale, a_scale: torch.Tensor, block_shape, width: int, block_k: int, w8a8: bool):
+    """The GEMM kernels' quantization arguments (w_scale .. scale_bk, WEIGHTS, W8A8, SCALE_K_TILE) for weights of
+    format `weights` (WEIGHT_FORMATS; 0: unquantized, placeholders never read) over K = width."""
+    if not weights:
+        placeholders = dict.fromkeys(("stride_se", "stride_sn", "stride_sk", "stride_at", "scale_bn", "scale_bk"), 1)
+        return {
+            "w_scale": a_scale,
+            "a_scale": a_scale,
+            **placeholders,
+            "WEIGHTS": 0,
+            "W8A8": False,
+            "SCALE_K_TILE": True,
+        }
+    layout = scale_layout(weights, scale, block_shape, width)
+    return {"w_scale": scale, "a_scale": a_scale, **layout, "stride_at": a_scale.stride(0), "WEIGHTS": weights,
+            "W8A8": w8a8, "SCALE_K_TILE": scale_k_tile(weights, layout["scale_bk"], block_k)}  # fmt: skip
+
+
 def fused_experts(
     hidden_states: torch.Tensor,
     w13: torch.Tensor,
@@ -271,12 +351,23 @@ def fused_experts(
     config: dict,
     zero_y: bool = False,
     activation: str = "silu",
+    w13_scale: torch.Tensor | None = None,
+    w2_scale: torch.Tensor | None = None,
+    block_shape: list[int] | None = None,
+    *,
+    w8a8: bool | None = None,
 ) -> torch.Tensor:
     """Launcher; arguments as qwen_fast.fused_experts (checked there) with T >= 1, the routing as
     moe_align_block_size(topk_ids, config["BLOCK_M"], E) lays it out (expert_ids -1: a skipped block), and `config`
     an entry as validate_config() describes (choose_config()'s, or a tuner's candidate). zero_y: some pairs sit in
     skipped blocks (an expert map), so y starts zeroed. activation: "silu" (SwiGLU) or "gelu" (GeGLU). Returns [T, H]
-    in hidden_states' dtype."""
+    in hidden_states' dtype.
+
+    Quantized experts (kernels/moe_gemm_quant.py): w13/w2 float8_e4m3fn with w13_scale [E, ceil(2I/bn),
+    ceil(H/bk)], w2_scale [E, ceil(H/bn), ceil(I/bk)] fp32 and block_shape [bn, bk]; or int8 with w13_scale [E, 2I],
+    w2_scale [E, H] fp32 and block_shape None. w8a8: None picks as uses_w8a8(); True forces the w8a8 kernels (a test
+    of them under the interpreter; fp8 weights and 16-bit activations only), False w8a16. fp32 activations run the
+    fp32 tiles at config's BLOCK_M (the quantized tiles are sized for 16-bit activations)."""
     num_tokens, topk = topk_weights.shape
     inter_size, hidden_size = w2.shape[2], w2.shape[1]
     dtype, device = hidden_states.dtype, hidden_states.device
@@ -287,10 +378,20 @@ def fused_experts(
     intermediate = torch.empty(sorted_token_ids.shape[0], inter_size, dtype=dtype, device=device)
     y = (torch.zeros if zero_y else torch.empty)(num_pairs, hidden_size, dtype=dtype, device=device)
     precision = _precision(dtype)
+    weights = WEIGHT_FORMATS.get(w13.dtype, 0)
+    if weights and dtype == torch.float32:
+        config = {"BLOCK_M": block_m, **_config(block_m, dtype)}
+    if w8a8 is None:
+        w8a8 = uses_w8a8(hidden_states, w13, block_shape, config)
+    a_gate_up, a_scale_gate_up = hidden_states, hidden_states  # the activations of GEMM 1 and their scales
+    if w8a8:
+        a_gate_up, a_scale_gate_up = quantize_groups(hidden_states, block_shape[1])
+    elif w13.dtype == torch.float8_e4m3fn:  # w8a16 decodes the bits (sm_80 has no e4m3 conversion)
+        w13, w2 = w13.view(torch.uint8), w2.view(torch.uint8)
 
     gate_up = config["gate_up"]
     _gate_up_kernel[(num_blocks, triton.cdiv(inter_size, gate_up["BLOCK_N"]))](
-        hidden_states,
+        a_gate_up,
         w13,
         intermediate,
         sorted_token_ids,
@@ -300,19 +401,23 @@ def fused_experts(
         topk,
         hidden_size,
         inter_size,
-        hidden_states.stride(0),
-        hidden_states.stride(1),
+        a_gate_up.stride(0),
+        a_gate_up.stride(1),
         w13.stride(0),
         w13.stride(1),
         w13.stride(2),
         BLOCK_M=block_m,
         DOT_PRECISION=precision,
         GELU=activation == "gelu",
+        **_quant_args(weights, w13_scale, a_scale_gate_up, block_shape, hidden_size, gate_up["BLOCK_K"], w8a8),
         **gate_up,
     )
+    a_down, a_scale_down = intermediate, intermediate
+    if w8a8:
+        a_down, a_scale_down = quantize_groups(intermediate, block_shape[1])
     down = config["down"]
     _down_kernel[(num_blocks, triton.cdiv(hidden_size, down["BLOCK_N"]))](
-        intermediate,
+        a_down,
         w2,
         y,
         sorted_token_ids,
@@ -326,6 +431,7 @@ def fused_experts(
         w2.stride(2),
         BLOCK_M=block_m,
         DOT_PRECISION=precision,
+        **_quant_args(weights, w2_scale, a_scale_down, block_shape, inter_size, down["BLOCK_K"], w8a8),
         **down,
     )
     _combine_kernel[(num_tokens, triton.cdiv(hidden_size, COMBINE_BLOCK_H))](
@@ -354,38 +460,64 @@ def _launch_configs() -> list[tuple[torch.dtype, int, dict]]:
     return list(unique.values())
 
 
-def gemm_specs(dtype: torch.dtype, block_m: int, config: dict) -> list[CompileSpec]:
+def gemm_specs(dtype: torch.dtype, block_m: int, config: dict, quant: tuple = (None, False, True)) -> list[CompileSpec]:
     """The gate_up kernel (silu and gelu) and the down kernel as launched with one config (tiles {"gate_up": ...,
-    "down": ...})."""
+    "down": ...}), activations of `dtype`; quant = (weight dtype, W8A8, SCALE_K_TILE): None for unquantized weights,
+    float8_e4m3fn or int8 (kernels/moe_gemm_quant.py)."""
+    weight_dtype, w8a8, k_tile = quant
     specs, pointer = [], "*" + TRITON_DTYPE[dtype]
+    weights = WEIGHT_FORMATS.get(weight_dtype, 0)
+    weight_pointer = {0: pointer, 1: "*fp8e4nv" if w8a8 else "*u8", 2: "*i8"}[weights]
+    a_pointer = "*fp8e4nv" if w8a8 else pointer
     for kernel, names, ints, tiles, variants in (
         (_gate_up_kernel, ("hidden", "w13", "intermediate"), 9, config["gate_up"], ({"GELU": False}, {"GELU": True})),
         (_down_kernel, ("intermediate", "w2", "y"), 6, config["down"], ({},)),
     ):
-        signature = {name: pointer for name in names}
+        signature = dict(zip(names, (a_pointer, weight_pointer, pointer), strict=True))
         signature |= {"sorted_token_ids": "*i32", "expert_ids": "*i32", "num_tokens_post_padded": "*i32"}
         scalars = list(kernel.arg_names[6 : 6 + ints])
         signature |= {name: "i64" if name.startswith("stride") else "i32" for name in scalars}
+        signature |= {"w_scale": "*fp32" if weights else pointer, "a_scale": "*fp32" if w8a8 else pointer}
+        signature |= {
+            name: "i32" for name in ("stride_se", "stride_sn", "stride_sk", "stride_at", "scale_bn", "scale_bk")
+        }
         signature |= {name: "constexpr" for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "DOT_PRECISION")}
         constexprs = {"BLOCK_M": block_m, "BLOCK_N": tiles["BLOCK_N"], "BLOCK_K": tiles["BLOCK_K"]}
         constexprs["DOT_PRECISION"] = _precision(dtype)
+        formats = {"WEIGHTS": weights, "W8A8": w8a8, "SCALE_K_TILE": k_tile}
+        label = f"{TRITON_DTYPE[dtype]} M={block_m} N={tiles['BLOCK_N']} K={tiles['BLOCK_K']} S={tiles['num_stages']}"
+        if weights:
+            label += f" {weight_pointer[1:]}" + (" w8a8" if w8a8 else "") + ("" if k_tile else " scales per element")
         for variant in variants:
             specs.append(
                 CompileSpec(
                     kernel,
-                    signature | {name: "constexpr" for name in variant},
-                    constexprs | variant,
+                    signature | {name: "constexpr" for name in (*variant, *formats)},
+                    constexprs | variant | formats,
                     num_warps=tiles["num_warps"],
                     num_stages=tiles["num_stages"],
-                    label=f"{TRITON_DTYPE[dtype]} M={block_m} N={tiles['BLOCK_N']} K={tiles['BLOCK_K']} "
-                    f"S={tiles['num_stages']}" + (" gelu" if variant.get("GELU") else ""),
+                    label=label + (" gelu" if variant.get("GELU") else ""),
                 )
             )
     return specs
 
 
+def _quantized_specs() -> list[CompileSpec]:
+    """Every quantized variant the launcher can run, at the heuristic's tiles: fp8 w8a16 (scales per tile and per
+    element), int8, and fp8 w8a8 (16-bit activations)."""
+    variants = [(torch.float8_e4m3fn, False, True), (torch.float8_e4m3fn, False, False), (torch.int8, False, True)]
+    specs = []
+    for dtype in DTYPES.values():
+        w8a8 = [(torch.float8_e4m3fn, True, True)] if dtype != torch.float32 else []
+        for block_m in BLOCK_SIZES:
+            tiles = _config(block_m, torch.float32 if dtype == torch.float32 else torch.int8)
+            specs += [spec for quant in variants + w8a8 for spec in gemm_specs(dtype, block_m, tiles, quant)]
+    return specs
+
+
 def compile_specs() -> list[CompileSpec]:
     specs = [spec for dtype, block_m, config in _launch_configs() for spec in gemm_specs(dtype, block_m, config)]
+    specs += _quantized_specs()
     for dtype in DTYPES.values():
         pointer = "*" + TRITON_DTYPE[dtype]
         for weight_dtype in dict.fromkeys((torch.float32, dtype)):
