@@ -23,7 +23,8 @@ TRITON_DTYPE = {
 class CompileSpec:
     """A @triton.jit kernel with a full signature ("*fp16", "i64", "constexpr", ...) and its launch options.
     `aligned` names the arguments the JIT would see as multiples of 16 (16-byte aligned pointers, strides) at the
-    launches the spec stands for."""
+    launches the spec stands for. `min_arch`: the lowest SM version the launcher runs the kernel on (the fp8 MMA
+    kernels: 90); gpu_check compiles the spec only for the requested archs from it on."""
 
     kernel: object
     signature: dict[str, str]
@@ -32,3 +33,4 @@ class CompileSpec:
     num_stages: int = 2
     label: str = field(default="")
     aligned: tuple[str, ...] = ()
+    min_arch: int = 0

@@ -28,6 +28,14 @@ description.
    here rather than in the GEMM 2 epilogue so that the product stays in fp32 (y in the dtype times an fp32 weight,
    as the reference), with no extra rounding of a weighted y to the activation dtype.
 
+Quantized experts (kernels/moe_gemm_quant.py: formats, numerics, the w8a16 / w8a8 choice): constexpr WEIGHTS
+selects the weight tile's format (0 the activation dtype; 1 fp8 block-scaled, 2 int8 per channel: 1-byte codes and
+fp32 scales w_scale [E, ., .] read through stride_se/sn/sk at row n // scale_bn, column k // scale_bk). In w8a16
+the tile is dequantized to the activation dtype before tl.dot; with W8A8 the activations come in as fp8 codes with
+per-row, per-group scales a_scale (row stride stride_at; GEMM 1 indexes them by token, GEMM 2 by sorted row) and
+each K tile's fp8 tl.dot is scaled into the fp32 accumulator. SCALE_K_TILE: a K tile lies in one scale block, so
+its scales are a [BLOCK_N] vector (else gathered per element). Unquantized launches pass placeholders.
+
 Offsets: token rows, pair rows and expert bases are int64 (T*k*H and E*2I*H can pass 2^31). fp32 tl.dot uses
 input_precision "ieee" (no TF32) so the fp32 backend meets the fp32 tolerance.
 
@@ -39,8 +47,11 @@ BLOCK_N/BLOCK_K/warps/stages are fixed per (BLOCK_M, dtype).
 16-bit: BLOCK_K = 64 (128-byte rows, one swizzled shared-memory line); GEMM 1 holds two accumulators, so its N tile
 is 64 up to BLOCK_M = 64 and 32 at BLOCK_M = 128 (64 spilled on sm_80 and sm_90); GEMM 2 widens N to 128 from
 BLOCK_M = 64. fp32 (exact "ieee" dot products on FMA units, operands in registers): N = 32 and K = 32, K = 16 from
-BLOCK_M = 64 (wider tiles spilled on sm_80). Every config is listed in compile_specs() and compiled for sm_80 and
-sm_90 by `python -m qwen_fast.gpu_check`, which fails on spills, and so is every entry of every tuned file found.
+BLOCK_M = 64 (wider tiles spilled on sm_80). 1-byte weights (fp8, int8; choose_config() reads w13's dtype):
+moe_gemm_quant.quant_tiles, for 16-bit activations (launch_tiles() swaps in its fp32 or per-element tiles at
+config's BLOCK_M); tuned tables hold unquantized dtypes only. Every config is listed in compile_specs() and compiled
+for sm_80 and sm_90 by `python -m qwen_fast.gpu_check`, which fails on spills, and so is every entry of every tuned
+file found.
 """
 
 import torch
@@ -55,9 +66,9 @@ from .moe_gemm_quant import (
     WEIGHT_FORMATS,
     _dequantize,
     _scales,
+    launch_tiles,
     quant_tiles,
     quantize_groups,
-    scale_k_tile,
     scale_layout,
     uses_w8a8,
 )
@@ -253,9 +264,9 @@ def _combine_kernel(y, topk_weights, out, topk, hidden_size, stride_wt, stride_w
 
 def _config(block_m: int, dtype: torch.dtype) -> dict:
     """GEMM tiles for one BLOCK_M and dtype: {"gate_up": {...}, "down": {...}} with BLOCK_N, BLOCK_K, warps, stages.
-    A quantized weight dtype (WEIGHT_FORMATS) gets moe_gemm_quant.quant_tiles."""
+    A quantized weight dtype (WEIGHT_FORMATS) gets moe_gemm_quant.quant_tiles for 16-bit activations."""
     if dtype in WEIGHT_FORMATS:
-        return quant_tiles(block_m)
+        return quant_tiles(block_m, torch.bfloat16)  # 16-bit activations; launch_tiles() for fp32
     if dtype == torch.float32:  # exact fp32 dot products run on FMA units: small tiles, operands held in registers
         warps = 4 if block_m <= 32 else 8
         tiles = {"BLOCK_N": 32, "BLOCK_K": 16 if block_m >= 64 else 32, "num_warps": warps, "num_stages": 2}
@@ -322,7 +333,7 @@ def choose_config(num_tokens: int, topk: int, w13: torch.Tensor) -> dict:
     return tuned if tuned is not None else heuristic_config(num_tokens, topk, num_experts, w13.dtype)
 
 
-def _quant_args(weights: int, scale, a_scale: torch.Tensor, block_shape, width: int, block_k: int, w8a8: bool):
+def _quant_args(weights: int, scale, a_scale: torch.Tensor, block_shape, width: int, per_element: bool, w8a8: bool):
     """The GEMM kernels' quantization arguments (w_scale .. scale_bk, WEIGHTS, W8A8, SCALE_K_TILE) for weights of
     format `weights` (WEIGHT_FORMATS; 0: unquantized, placeholders never read) over K = width."""
     if not weights:
@@ -337,7 +348,7 @@ def _quant_args(weights: int, scale, a_scale: torch.Tensor, block_shape, width: 
         }
     layout = scale_layout(weights, scale, block_shape, width)
     return {"w_scale": scale, "a_scale": a_scale, **layout, "stride_at": a_scale.stride(0), "WEIGHTS": weights,
-            "W8A8": w8a8, "SCALE_K_TILE": scale_k_tile(weights, layout["scale_bk"], block_k)}  # fmt: skip
+            "W8A8": w8a8, "SCALE_K_TILE": not per_element}  # fmt: skip
 
 
 def fused_experts(
@@ -379,10 +390,12 @@ def fused_experts(
     y = (torch.zeros if zero_y else torch.empty)(num_pairs, hidden_size, dtype=dtype, device=device)
     precision = _precision(dtype)
     weights = WEIGHT_FORMATS.get(w13.dtype, 0)
-    if weights and dtype == torch.float32:
-        config = {"BLOCK_M": block_m, **_config(block_m, dtype)}
+    config, per_element = launch_tiles(config, dtype, weights, block_shape)
     if w8a8 is None:
         w8a8 = uses_w8a8(hidden_states, w13, block_shape, config)
+    elif w8a8 and (w13.dtype != torch.float8_e4m3fn or dtype == torch.float32 or per_element):
+        raise ValueError(f"w8a8 needs fp8 weights, 16-bit activations and bk a multiple of BLOCK_K, got {w13.dtype}, "
+                         f"{dtype}, block_shape {block_shape} with {config}")  # fmt: skip
     a_gate_up, a_scale_gate_up = hidden_states, hidden_states  # the activations of GEMM 1 and their scales
     if w8a8:
         a_gate_up, a_scale_gate_up = quantize_groups(hidden_states, block_shape[1])
@@ -409,7 +422,7 @@ def fused_experts(
         BLOCK_M=block_m,
         DOT_PRECISION=precision,
         GELU=activation == "gelu",
-        **_quant_args(weights, w13_scale, a_scale_gate_up, block_shape, hidden_size, gate_up["BLOCK_K"], w8a8),
+        **_quant_args(weights, w13_scale, a_scale_gate_up, block_shape, hidden_size, per_element, w8a8),
         **gate_up,
     )
     a_down, a_scale_down = intermediate, intermediate
@@ -431,7 +444,7 @@ def fused_experts(
         w2.stride(2),
         BLOCK_M=block_m,
         DOT_PRECISION=precision,
-        **_quant_args(weights, w2_scale, a_scale_down, block_shape, inter_size, down["BLOCK_K"], w8a8),
+        **_quant_args(weights, w2_scale, a_scale_down, block_shape, inter_size, per_element, w8a8),
         **down,
     )
     _combine_kernel[(num_tokens, triton.cdiv(hidden_size, COMBINE_BLOCK_H))](
@@ -485,6 +498,13 @@ def gemm_specs(dtype: torch.dtype, block_m: int, config: dict, quant: tuple = (N
         constexprs = {"BLOCK_M": block_m, "BLOCK_N": tiles["BLOCK_N"], "BLOCK_K": tiles["BLOCK_K"]}
         constexprs["DOT_PRECISION"] = _precision(dtype)
         formats = {"WEIGHTS": weights, "W8A8": w8a8, "SCALE_K_TILE": k_tile}
+        aligned = ()
+        if weights:  # as launched at the models' shapes: i32 strides, unit ones specialized, multiples of 16 aligned
+            signature |= {name: "i32" for name in scalars}
+            ones = ["stride_hh", "stride_wk"] + (["stride_sk"] if weights == 1 else ["stride_sn", "scale_bn"])
+            formats |= {name: 1 for name in ones if name in signature}
+            aligned = (*names, "hidden_size", "inter_size", "stride_ht", "stride_we", "stride_wn", "w_scale", "a_scale")
+            aligned = tuple(name for name in aligned if name in signature and name not in formats)
         label = f"{TRITON_DTYPE[dtype]} M={block_m} N={tiles['BLOCK_N']} K={tiles['BLOCK_K']} S={tiles['num_stages']}"
         if weights:
             label += f" {weight_pointer[1:]}" + (" w8a8" if w8a8 else "") + ("" if k_tile else " scales per element")
@@ -497,21 +517,27 @@ def gemm_specs(dtype: torch.dtype, block_m: int, config: dict, quant: tuple = (N
                     num_warps=tiles["num_warps"],
                     num_stages=tiles["num_stages"],
                     label=label + (" gelu" if variant.get("GELU") else ""),
+                    aligned=aligned,
+                    min_arch=90 if w8a8 else 0,
                 )
             )
     return specs
 
 
 def _quantized_specs() -> list[CompileSpec]:
-    """Every quantized variant the launcher can run, at the heuristic's tiles: fp8 w8a16 (scales per tile and per
-    element), int8, and fp8 w8a8 (16-bit activations)."""
-    variants = [(torch.float8_e4m3fn, False, True), (torch.float8_e4m3fn, False, False), (torch.int8, False, True)]
-    specs = []
+    """Every quantized variant the launcher can run, at the heuristic's tiles (moe_gemm_quant.quant_tiles): fp8 w8a16
+    (scales per tile, and per element at the per-element tiles), int8, and fp8 w8a8 (16-bit activations, sm_90)."""
+    fp8, specs = torch.float8_e4m3fn, []
     for dtype in DTYPES.values():
-        w8a8 = [(torch.float8_e4m3fn, True, True)] if dtype != torch.float32 else []
         for block_m in BLOCK_SIZES:
-            tiles = _config(block_m, torch.float32 if dtype == torch.float32 else torch.int8)
-            specs += [spec for quant in variants + w8a8 for spec in gemm_specs(dtype, block_m, tiles, quant)]
+            tiles, per_element = quant_tiles(block_m, dtype), quant_tiles(block_m, dtype, per_element=True)
+            variants = [
+                (tiles, (fp8, False, True)),
+                (per_element, (fp8, False, False)),
+                (tiles, (torch.int8, False, True)),
+            ]
+            variants += [(tiles, (fp8, True, True))] if dtype != torch.float32 else []
+            specs += [spec for config, quant in variants for spec in gemm_specs(dtype, block_m, config, quant)]
     return specs
 
 

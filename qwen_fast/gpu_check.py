@@ -107,7 +107,7 @@ def triton_usages(archs: list[int]) -> tuple[list[Usage], list[str]]:
         module = importlib.import_module(f"qwen_fast.kernels.{info.name}")
         for spec in getattr(module, "compile_specs", list)():
             name = f"{info.name}.{spec.kernel.__name__}[{spec.label}, warps={spec.num_warps}]"
-            for arch in archs:
+            for arch in (arch for arch in archs if arch >= spec.min_arch):
                 try:
                     usages += spec_usages(spec, arch, name, tool)
                 except Exception as error:  # any compiler error is a finding, reported with the config

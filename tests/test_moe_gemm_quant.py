@@ -75,11 +75,12 @@ def launch(x, q13, q2, weights, ids, s13, s2, block_shape, activation="silu", ex
     return kernels.fused_experts(x, q13, q2, weights, *args, **kw)
 
 
-@pytest.mark.parametrize("block_shape", [[128, 128], [32, 32], [16, 48], [7, 5]], ids=str)
+@pytest.mark.parametrize("block_shape", [[128, 128], [64, 64], [32, 32], [16, 48], [7, 5]], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.interpret
 def test_fp8_w8a16_matches_the_dequantized_reference(dtype, block_shape):
-    """Scales per tile ([128, 128]: bk a multiple of BLOCK_K) and gathered per element (the others)."""
+    """Scales per tile (bk a multiple of BLOCK_K 64: one partial block, or two along H) and gathered per element (the
+    others, at BLOCK_K 16)."""
     q13, q2, s13, s2 = make_experts("fp8", block_shape)
     x = torch.randn(5, HIDDEN).to(dtype)
     weights, ids = topk_routing(torch.randn(5, EXPERTS), TOPK)
