@@ -9,17 +9,27 @@ shapes (E = 32, k = 4, H = 256, I = 128, T in {1, 16, 512}), fp32 and bf16, timi
 records TFLOP/s (6*T*k*H*I: three GEMMs per pair), GB/s on the active experts' weights (each expert that gets a
 token reads its w13 and w2 once) and, on CUDA, the peak memory one call allocates above its inputs.
 
+test_fused_experts_quantized puts bf16, fp8 (128 x 128 blocks) and int8 (per channel) experts side by side at a real
+layer's shapes, where the active experts' weights are far larger than any cache, so a decode step (T = 1) is bound
+by reading them: on CUDA Qwen3-30B-A3B's and Qwen3-235B-A22B's layers on the triton backend, on CPU Qwen3-30B-A3B's
+H, I and k with 32 of its 128 experts on the cpu backend, bf16 activations. extra_info adds the format and
+bytes_per_token: the weight and scale bytes of the experts the call routes to, per token (at T = 1: k experts);
+8-bit experts read half of bf16's, so the bound on their speed-up is 2x.
+
 test_moe_block times the whole routed layer, the unit a model runs: qwen_fast.nn.SparseMoeBlock.from_hf(block)
 (router logits, fused_topk, fused_experts on the forced backend), against
 transformers' Qwen3MoeSparseMoeBlock (its router + its experts) with the experts implementation transformers picks
 by default ("grouped_mm") and with "eager", all on the same weight tensors.
 """
 
+import functools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import qwen_fast
+from qwen_fast.ops import FUSED_EXPERTS
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 if DEVICE == "cuda":
@@ -149,3 +159,64 @@ def test_vllm_fused_experts(benchmark, num_tokens, dtype):
     inputs = _inputs(num_tokens, dtype)
     x, w13, w2, weights, ids = inputs
     _time(benchmark, lambda: vllm_moe.fused_experts(x, w13, w2, weights, ids), inputs, "vllm")
+
+
+if DEVICE == "cuda":
+    QUANT_SHAPES = {"Qwen3-30B-A3B": (128, 8, 2048, 768), "Qwen3-235B-A22B": (128, 8, 4096, 1536)}  # E, k, H, I
+    QUANT_TOKENS, QUANT_BACKEND = [1, 8, 64, 512], "triton"
+else:
+    QUANT_SHAPES = {"Qwen3-30B-A3B/E32": (32, 8, 2048, 768)}  # the real layer's k, H and I, 32 of its 128 experts
+    QUANT_TOKENS, QUANT_BACKEND = [1, 4, 16], "cpu"
+
+
+@functools.cache
+def _quant_layer(shape: str, fmt: str) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    """(w13, w2, fused_experts' quantization keywords) of the seeded bf16 layer `shape`, in format `fmt` (the bf16
+    weights themselves for "bf16"); generated on the device, one expert at a time for the 8-bit formats."""
+    num_experts, _, hidden, inter = QUANT_SHAPES[shape]
+    generator = torch.Generator(DEVICE).manual_seed(0)
+
+    def weights(rows: int, cols: int) -> torch.Tensor:
+        w = torch.randn(num_experts, rows, cols, device=DEVICE, dtype=torch.bfloat16, generator=generator)
+        return w.mul_(cols**-0.5)
+
+    w13, w2 = weights(2 * inter, hidden), weights(hidden, inter)
+    if fmt == "bf16":
+        return w13, w2, {}
+    quantize = qwen_fast.quantize_fp8 if fmt == "fp8" else qwen_fast.quantize_int8
+    (q13, s13), (q2, s2) = (
+        [torch.cat(parts) for parts in zip(*(quantize(w[e : e + 1]) for e in range(num_experts)), strict=True)]
+        for w in (w13, w2)
+    )
+    quant = {"w1_scale": s13, "w2_scale": s2}
+    quant |= {"use_fp8_w8a8": True, "block_shape": [128, 128]} if fmt == "fp8" else {"use_int8_w8a16": True}
+    return q13, q2, quant
+
+
+@pytest.mark.parametrize("fmt", ["bf16", "fp8", "int8"])
+@pytest.mark.parametrize("num_tokens", QUANT_TOKENS)
+@pytest.mark.parametrize("shape", list(QUANT_SHAPES))
+def test_fused_experts_quantized(benchmark, shape, num_tokens, fmt):
+    w13, w2, quant = _quant_layer(shape, fmt)
+    num_experts, topk, hidden, _ = QUANT_SHAPES[shape]
+    generator = torch.Generator(DEVICE).manual_seed(num_tokens)
+    x = torch.randn(num_tokens, hidden, device=DEVICE, generator=generator).bfloat16()
+    logits = torch.randn(num_tokens, num_experts, device=DEVICE, generator=generator)
+    weights, ids = qwen_fast.reference.topk_routing(logits, topk)
+    problem = FUSED_EXPERTS.kernel_limit(x, w13)
+    if problem is not None:
+        pytest.skip(f"the {QUANT_BACKEND} backend cannot run {fmt} experts here: {problem}")
+    with qwen_fast.use_backend(QUANT_BACKEND), qwen_fast.record_backends() as calls:
+        _time(benchmark, lambda: qwen_fast.fused_experts(x, w13, w2, weights, ids, **quant), (x, w13, w2, weights, ids),
+              f"qwen_fast.{QUANT_BACKEND}")  # fmt: skip
+    assert calls and {b for _, b in calls} == {QUANT_BACKEND}
+    scales = [quant[name] for name in ("w1_scale", "w2_scale") if name in quant]
+    per_expert = sum(t[0].nbytes for t in (w13, w2, *scales))
+    active = int(torch.unique(ids).numel())
+    benchmark.extra_info.update(
+        shape=f"{shape} T={num_tokens} bfloat16",
+        format=fmt,
+        baseline="qwen_fast.bf16",
+        bytes_per_token=active * per_expert / num_tokens,
+        weight_gb_per_s=active * per_expert / benchmark.stats["mean"] / 1e9,
+    )

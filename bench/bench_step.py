@@ -21,6 +21,11 @@ a recompile while timing raises. Every implementation must produce the greedy ne
 step (DynamicCache, unpatched) on at least half the batch's rows in one of its warm-up steps, or the bench raises
 (greedy_agreement in extra_info: the fraction of rows that agree; bf16 near-ties flip a row now and then).
 
+test_decode_step_quantized times "qwen_fast.eager" on the same model with its experts quantized in place
+(qwen_fast.quantize_experts on a copy: "fp8", 128 x 128 blocks, or "int8", per channel), beside test_decode_step's
+"qwen_fast.eager" (the model dtype's experts, its baseline). Its reference step is the quantized model's own, on the
+torch backend (the specification the kernels match); weight_bytes count the 8-bit experts and their scales.
+
 The memory-bandwidth bound: the bytes one step must read at least, over the machine's copy bandwidth (COPY_BYTES
 copied COPY_ROUNDS times over about a second, best time, GB/s = 2 * bytes / time: read and write). Bytes: every
 parameter once (norms, attention projections, q/k norms, routers, LM head), except the embedding (only the rows of the
@@ -41,6 +46,7 @@ package over one whole step, sys.setprofile, divided by the number of layers).
 """
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import os
@@ -82,8 +88,26 @@ class Reference:
 
 
 @functools.cache
-def _reference(dtype: str, batch: int) -> Reference:
-    model = random_model(dtype)
+def _model(dtype: str, experts: str) -> torch.nn.Module:
+    """random_model(dtype), or (experts "fp8" / "int8") a copy with its experts quantized in place."""
+    if experts == "model":
+        return random_model(dtype)
+    model = copy.deepcopy(random_model(dtype))
+    qwen_fast.quantize_experts(model, experts)
+    return model
+
+
+@functools.cache
+def _reference(dtype: str, batch: int, experts: str = "model") -> Reference:
+    """The step of `_model(dtype, experts)` in eager transformers (DynamicCache, unpatched); for quantized experts the
+    experts modules are qwen_fast's, run on the torch backend (the reference)."""
+    model = _model(dtype, experts)
+    backend = qwen_fast.use_backend("torch") if experts != "model" else contextlib.nullcontext()
+    with backend:
+        return _reference_step(model, batch)
+
+
+def _reference_step(model: torch.nn.Module, batch: int) -> Reference:
     generator = torch.Generator().manual_seed(batch)
     context, step = (torch.randint(CONFIG["vocab_size"], (batch, n), generator=generator) for n in (CONTEXT, 1))
     context, step = context.to(DEVICE), step.to(DEVICE)
@@ -189,7 +213,21 @@ def _qwen_fast_calls(run) -> int:
 @pytest.mark.parametrize("batch", BATCHES)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_decode_step(benchmark, impl, batch, dtype):
-    model, reference = random_model(dtype), _reference(dtype, batch)
+    _bench_step(benchmark, random_model(dtype), _reference(dtype, batch), impl, batch, dtype, impl, BASELINE)
+
+
+@pytest.mark.parametrize("experts", ["fp8", "int8"])
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_decode_step_quantized(benchmark, experts, batch, dtype):
+    model, reference = _model(dtype, experts), _reference(dtype, batch, experts)
+    _bench_step(benchmark, model, reference, "qwen_fast.eager", batch, dtype, f"qwen_fast.eager.{experts}",
+                "qwen_fast.eager")  # fmt: skip
+    benchmark.extra_info["experts"] = experts
+
+
+def _bench_step(benchmark, model, reference: Reference, impl: str, batch: int, dtype: str, label: str, baseline: str):
+    """Times `impl` on `model`'s decode step against `reference`, recorded as `label` (see the module docstring)."""
     with _variant(model, impl, batch) as (step, cache):
         forward(model, reference.context, cache)  # the context: an eager prefill, untimed
 
@@ -225,7 +263,7 @@ def test_decode_step(benchmark, impl, batch, dtype):
             calls_per_step = _qwen_fast_calls(lambda: forward(*args))
             benchmark.extra_info["qwen_fast_calls_per_layer"] = calls_per_step / CONFIG["num_hidden_layers"]
     shape = f"B={batch} L={CONTEXT} {dtype}"
-    record(benchmark, "decode_step", shape, impl, BASELINE, batch, calls, "flash_attn_with_kvcache")
+    record(benchmark, "decode_step", shape, label, baseline, batch, calls, "flash_attn_with_kvcache")
     bandwidth = _copy_bandwidth()
     bound = (reference.weight_bytes + reference.kv_bytes) / bandwidth
     benchmark.extra_info.update(

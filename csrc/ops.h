@@ -4,6 +4,7 @@
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/Optional.h>
+#include <c10/util/OptionalArrayRef.h>
 #include <c10/util/string_view.h>
 
 #include <optional>
@@ -44,10 +45,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_align_block_size_cuda(const a
 
 // SwiGLU (activation "silu") or GeGLU ("gelu") experts: hidden_states [T, H], w13 [E, 2I, H] (gate rows, then up
 // rows), w2 [E, H, I], topk_weights and topk_ids [T, k] (global ids mapped by expert_map [global E] int32 when
-// given, -1: skipped); returns [T, H], the k expert outputs weighted and summed in fp32 in j order.
+// given, -1: skipped); returns [T, H], the k expert outputs weighted and summed in fp32 in j order. Weights in
+// hidden_states' dtype, or quantized (read in place, dequantized in registers or in a per-item tile): int8 with fp32
+// w13_scale [E, 2I] / w2_scale [E, H] per output channel (W[e, n, k] = w[e, n, k] * scale[e, n]); float8_e4m3fn
+// with block_shape [bn, bk] and fp32 w13_scale [E, ceil(2I / bn), ceil(H / bk)] / w2_scale [E, ceil(H / bn),
+// ceil(I / bk)] (W[e, n, k] = w[e, n, k] * scale[e, n / bn, k / bk]).
 at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& w13, const at::Tensor& w2,
                              const at::Tensor& topk_weights, const at::Tensor& topk_ids,
-                             const c10::optional<at::Tensor>& expert_map, c10::string_view activation);
+                             const c10::optional<at::Tensor>& expert_map, c10::string_view activation,
+                             const c10::optional<at::Tensor>& w13_scale, const c10::optional<at::Tensor>& w2_scale,
+                             at::OptionalIntArrayRef block_shape);
 
 // RoPE of query [T, Hq, D] and key [T, Hkv, D] by positions [T] (int64) with cos_sin_cache [max_position, D]
 // ([cos | sin], fp32 or query's dtype) -> new (query, key). Roundings: rope.h.

@@ -29,7 +29,8 @@ TORCH_LIBRARY(qwen_fast, m) {
       "bool return_lse) -> (Tensor, Tensor)");
   m.def(
       "fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
-      "Tensor? expert_map=None, str activation=\"silu\") -> Tensor");
+      "Tensor? expert_map=None, str activation=\"silu\", Tensor? w13_scale=None, Tensor? w2_scale=None, "
+      "int[]? block_shape=None) -> Tensor");
 }
 
 // A plain Python module, so that `import qwen_fast._C` loads the library and runs the registrations above.

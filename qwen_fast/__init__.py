@@ -25,6 +25,7 @@ from .ops import (
     use_backend,
 )
 from .ops.report import backends as _backends
+from .quantize import quantize_experts, quantize_fp8, quantize_int8
 
 __version__ = "0.1.0"
 
@@ -64,6 +65,9 @@ __all__ = [
     "nn",
     "patch",
     "qk_norm_rope_and_cache",
+    "quantize_experts",
+    "quantize_fp8",
+    "quantize_int8",
     "record_backends",
     "reference",
     "register_transformers",

@@ -61,9 +61,12 @@ void check_fused_experts(const at::Tensor& hidden, const at::Tensor& w13, const 
   TORCH_CHECK(hidden.scalar_type() == at::kFloat || hidden.scalar_type() == at::kBFloat16 ||
                   hidden.scalar_type() == at::kHalf,
               "fused_experts: hidden_states must be float32, bfloat16 or float16, got ", hidden.scalar_type());
-  TORCH_CHECK(w13.scalar_type() == hidden.scalar_type() && w2.scalar_type() == hidden.scalar_type(),
-              "fused_experts: w13 and w2 must have hidden_states' dtype ", hidden.scalar_type(), ", got ",
-              w13.scalar_type(), " and ", w2.scalar_type());
+  const at::ScalarType wtype = w13.scalar_type();
+  TORCH_CHECK(w2.scalar_type() == wtype && (wtype == hidden.scalar_type() || wtype == at::kFloat8_e4m3fn ||
+                                            wtype == at::kChar),
+              "fused_experts: w13 and w2 must have hidden_states' dtype ", hidden.scalar_type(),
+              " (or both be float8_e4m3fn or int8: quantized experts), got ", w13.scalar_type(), " and ",
+              w2.scalar_type());
   TORCH_CHECK(topk_ids.dim() == 2 && topk_ids.size(0) == hidden.size(0),
               "fused_experts: topk_ids must be [T, k] with T = ", hidden.size(0), ", got ", topk_ids.sizes());
   TORCH_CHECK(topk_ids.scalar_type() == at::kInt || topk_ids.scalar_type() == at::kLong,
@@ -73,14 +76,70 @@ void check_fused_experts(const at::Tensor& hidden, const at::Tensor& w13, const 
               topk_weights.scalar_type(), " ", topk_weights.sizes());
 }
 
+// One scale tensor of quantized experts: fp32 with the shape of its format (see fused_experts_cpu in ops.h).
+void check_scale(const c10::optional<at::Tensor>& scale, const char* name, const char* weight, at::IntArrayRef shape) {
+  TORCH_CHECK(scale.has_value(), "fused_experts: ", name, " must be given for ", weight, " weights (fp32 ", shape, ")");
+  TORCH_CHECK(scale->scalar_type() == at::kFloat && scale->sizes() == shape, "fused_experts: ", name, " must be fp32 ",
+              shape, " for ", weight, " weights, got ", scale->scalar_type(), " ", scale->sizes());
+}
+
+// The scales of quantized experts (none for fp32/fp16/bf16 weights): int8 per output channel, w13_scale [E, 2I] and
+// w2_scale [E, H], no block_shape; float8_e4m3fn per [bn, bk] block, w13_scale [E, ceil(2I / bn), ceil(H / bk)]
+// and w2_scale [E, ceil(H / bn), ceil(I / bk)].
+void check_quantization(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
+                        const c10::optional<at::Tensor>& w13_scale, const c10::optional<at::Tensor>& w2_scale,
+                        at::OptionalIntArrayRef block_shape) {
+  const at::ScalarType wtype = w13.scalar_type();
+  const int64_t experts = w13.size(0), hidden_size = w13.size(2), inter2 = w13.size(1), inter = w2.size(2);
+  if (wtype == hidden.scalar_type()) {
+    TORCH_CHECK(!w13_scale.has_value() && !w2_scale.has_value() && !block_shape.has_value(),
+                "fused_experts: w13_scale, w2_scale and block_shape are for float8_e4m3fn or int8 weights, got ",
+                wtype, " weights with w13_scale ", w13_scale.has_value() ? "given" : "None", ", w2_scale ",
+                w2_scale.has_value() ? "given" : "None", ", block_shape ", block_shape.has_value() ? "given" : "None");
+    return;
+  }
+  if (wtype == at::kChar) {
+    TORCH_CHECK(!block_shape.has_value(), "fused_experts: block_shape must be None for int8 weights (one scale per ",
+                "output channel), got ", *block_shape);
+    check_scale(w13_scale, "w13_scale", "int8", {experts, inter2});
+    check_scale(w2_scale, "w2_scale", "int8", {experts, hidden_size});
+    return;
+  }
+  TORCH_CHECK(block_shape.has_value(), "fused_experts: block_shape [bn, bk] must be given for float8_e4m3fn weights");
+  TORCH_CHECK(block_shape->size() == 2 && (*block_shape)[0] >= 1 && (*block_shape)[1] >= 1,
+              "fused_experts: block_shape must be [bn, bk] (both >= 1) for float8_e4m3fn weights, got ", *block_shape);
+  const int64_t bn = (*block_shape)[0], bk = (*block_shape)[1];
+  auto blocks = [](int64_t n, int64_t b) { return (n + b - 1) / b; };
+  check_scale(w13_scale, "w13_scale", "float8_e4m3fn", {experts, blocks(inter2, bn), blocks(hidden_size, bk)});
+  check_scale(w2_scale, "w2_scale", "float8_e4m3fn", {experts, blocks(hidden_size, bn), blocks(inter, bk)});
+}
+
+// Expert e's matrix of w [E, rows, cols] with its scales (see tiles::Matrix).
+template <typename W>
+tiles::Matrix<W> expert_matrix(const at::Tensor& w, int64_t e, const c10::optional<at::Tensor>& scale,
+                               at::OptionalIntArrayRef block_shape) {
+  tiles::Matrix<W> m{w.const_data_ptr<W>() + e * w.stride(0), w.stride(1), w.stride(2)};
+  if (!scale.has_value()) return m;
+  m.scale = scale->const_data_ptr<float>() + e * scale->stride(0);
+  m.scale_row_stride = scale->stride(1);
+  if (block_shape.has_value()) {
+    m.bn = (*block_shape)[0];
+    m.bk = (*block_shape)[1];
+    m.scale_col_stride = scale->stride(2);
+  } else {  // per output channel: one block spans a row
+    m.bk = std::max<int64_t>(w.size(2), 1);
+  }
+  return m;
+}
+
 enum class Stage { kGateUp, kDown, kCombine };
 
 // Everything one call's stages read and write. Pairs are numbered by their sorted position s (grouped by expert,
 // expert e owning s in [start[e], start[e + 1])); pair[s] is the flat index t * k + j, token[s] = t.
-template <typename T>
+template <typename T, typename W>
 struct Work {
-  const tiles::Matrix<T>* w13;  // [E] matrices [2I, H]
-  const tiles::Matrix<T>* w2;   // [E] matrices [H, I]
+  const tiles::Matrix<W>* w13;  // [E] matrices [2I, H]
+  const tiles::Matrix<W>* w2;   // [E] matrices [H, I]
   int64_t hidden, inter, topk;
   const float* x;  // [T, H] fp32 token rows, ldx apart
   int64_t ldx;
@@ -111,8 +170,8 @@ QF_VEC_INLINE vec::Vec gated(vec::Vec gate, vec::Vec up, bool use_gelu) {
 }
 
 // Step 2 for expert e, intermediate columns n0 .. n0 + nb (nb <= kGateBlock). scratch: see kGateScratch.
-template <typename T>
-QF_VEC_INLINE void gate_up_item(const Work<T>& w, int64_t e, int64_t n0, int64_t nb, float* scratch) {
+template <typename T, typename W>
+QF_VEC_INLINE void gate_up_item(const Work<T, W>& w, int64_t e, int64_t n0, int64_t nb, float* scratch) {
   const int64_t hidden = w.hidden, inter = w.inter, begin = w.start[e], end = w.start[e + 1];
   float* tile = scratch + 2 * kGateBlock * hidden;
   if (end - begin >= kOuterMinRows) {
@@ -168,8 +227,8 @@ QF_VEC_INLINE void gate_up_item(const Work<T>& w, int64_t e, int64_t n0, int64_t
 }
 
 // Step 3 for expert e, hidden columns h0 .. h0 + nb (nb <= kDownBlock). scratch: see kDownScratch.
-template <typename T>
-QF_VEC_INLINE void down_item(const Work<T>& w, int64_t e, int64_t h0, int64_t nb, float* scratch) {
+template <typename T, typename W>
+QF_VEC_INLINE void down_item(const Work<T, W>& w, int64_t e, int64_t h0, int64_t nb, float* scratch) {
   const int64_t hidden = w.hidden, inter = w.inter, begin = w.start[e], end = w.start[e + 1];
   float* tile = scratch + kDownBlock * inter;  // [rows, kDownBlock] or [kOuterRows, 16]
   auto store_rows = [&](int64_t s0, int64_t m, int64_t c0, int64_t count, int64_t ld) {
@@ -222,8 +281,8 @@ QF_VEC_INLINE void down_item(const Work<T>& w, int64_t e, int64_t h0, int64_t nb
 }
 
 // Step 4 for token t.
-template <typename T>
-QF_VEC_INLINE void combine_token(const Work<T>& w, int64_t t) {
+template <typename T, typename W>
+QF_VEC_INLINE void combine_token(const Work<T, W>& w, int64_t t) {
   const int64_t hidden = w.hidden, topk = w.topk;
   const float* y = w.y + t * topk * hidden;
   for (int64_t h = 0; h < hidden; h += vec::kLanes) {
@@ -235,8 +294,8 @@ QF_VEC_INLINE void combine_token(const Work<T>& w, int64_t t) {
 }
 
 // Items lo .. hi of a stage. Gate/up and down items are numbered active-expert-major: item = a * blocks + block.
-template <typename T>
-QF_VEC_INLINE void run_stage_impl(const Work<T>& w, Stage stage, int64_t lo, int64_t hi) {
+template <typename T, typename W>
+QF_VEC_INLINE void run_stage_impl(const Work<T, W>& w, Stage stage, int64_t lo, int64_t hi) {
   if (stage == Stage::kCombine) {
     for (int64_t t = lo; t < hi; ++t) combine_token(w, t);
     return;
@@ -257,20 +316,26 @@ QF_VEC_INLINE void run_stage_impl(const Work<T>& w, Stage stage, int64_t lo, int
   }
 }
 
-// One non-template entry per dtype, each compiled for AVX2 + FMA and for the baseline (QF_CPU_CLONES).
-#define QF_DEFINE_RUN_STAGE(T)                                                        \
-  QF_CPU_CLONES void run_stage(const Work<T>& w, Stage stage, int64_t lo, int64_t hi) { \
-    run_stage_impl(w, stage, lo, hi);                                                 \
+// One non-template entry per (activation dtype, weight dtype), each compiled for AVX2 + FMA and for the baseline
+// (QF_CPU_CLONES).
+#define QF_DEFINE_RUN_STAGE(T, W)                                                        \
+  QF_CPU_CLONES void run_stage(const Work<T, W>& w, Stage stage, int64_t lo, int64_t hi) { \
+    run_stage_impl(w, stage, lo, hi);                                                    \
   }
-QF_DEFINE_RUN_STAGE(float)
-QF_DEFINE_RUN_STAGE(c10::BFloat16)
-QF_DEFINE_RUN_STAGE(c10::Half)
+#define QF_DEFINE_RUN_STAGES(T)                 \
+  QF_DEFINE_RUN_STAGE(T, T)                     \
+  QF_DEFINE_RUN_STAGE(T, c10::Float8_e4m3fn)    \
+  QF_DEFINE_RUN_STAGE(T, int8_t)
+QF_DEFINE_RUN_STAGES(float)
+QF_DEFINE_RUN_STAGES(c10::BFloat16)
+QF_DEFINE_RUN_STAGES(c10::Half)
+#undef QF_DEFINE_RUN_STAGES
 #undef QF_DEFINE_RUN_STAGE
 
 // Runs a stage's items [0, n) over the threads in contiguous ranges of about equal cost, cost(item) = its
 // expert's rows + kItemCost (item = a * blocks + block).
-template <typename T>
-void run_items(const Work<T>& w, Stage stage, const std::vector<int64_t>& active, int64_t blocks) {
+template <typename T, typename W>
+void run_items(const Work<T, W>& w, Stage stage, const std::vector<int64_t>& active, int64_t blocks) {
   const int64_t n = static_cast<int64_t>(active.size()) * blocks;
   std::vector<int64_t> prefix(n + 1, 0);
   for (int64_t item = 0; item < n; ++item) {
@@ -293,8 +358,11 @@ void run_items(const Work<T>& w, Stage stage, const std::vector<int64_t>& active
 
 at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& w13, const at::Tensor& w2,
                              const at::Tensor& topk_weights, const at::Tensor& topk_ids,
-                             const c10::optional<at::Tensor>& expert_map, c10::string_view activation) {
+                             const c10::optional<at::Tensor>& expert_map, c10::string_view activation,
+                             const c10::optional<at::Tensor>& w13_scale, const c10::optional<at::Tensor>& w2_scale,
+                             at::OptionalIntArrayRef block_shape) {
   check_fused_experts(hidden_states, w13, w2, topk_weights, topk_ids);
+  check_quantization(hidden_states, w13, w2, w13_scale, w2_scale, block_shape);
   TORCH_CHECK(activation == "silu" || activation == "gelu", "fused_experts: activation must be 'silu' or 'gelu', got '",
               std::string(activation), "'");
   TORCH_CHECK(!expert_map.has_value() || (expert_map->dim() == 1 && expert_map->scalar_type() == at::kInt),
@@ -342,18 +410,28 @@ at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& 
   // A skipped pair's row of y is never computed: zero, so that it adds nothing to the combine.
   at::Tensor y = skipped > 0 ? at::zeros({num_pairs, hidden}, act.options()) : at::empty({num_pairs, hidden}, act.options());
   AT_DISPATCH_V2(hidden_states.scalar_type(), "fused_experts_cpu", AT_WRAP([&] {
-    std::vector<tiles::Matrix<scalar_t>> up(num_experts), down(num_experts);
-    for (int64_t e = 0; e < num_experts; ++e) {
-      up[e] = {w13.const_data_ptr<scalar_t>() + e * w13.stride(0), w13.stride(1), w13.stride(2)};
-      down[e] = {w2.const_data_ptr<scalar_t>() + e * w2.stride(0), w2.stride(1), w2.stride(2)};
+    auto run = [&](auto weight_tag) {
+      using W = decltype(weight_tag);
+      std::vector<tiles::Matrix<W>> up(num_experts), down(num_experts);
+      for (int64_t e = 0; e < num_experts; ++e) {
+        up[e] = expert_matrix<W>(w13, e, w13_scale, block_shape);
+        down[e] = expert_matrix<W>(w2, e, w2_scale, block_shape);
+      }
+      const Work<scalar_t, W> work{up.data(), down.data(), hidden, inter, topk, x32.const_data_ptr<float>(),
+                                   x32.stride(0), start.data(), pair.data(), token.data(), active.data(),
+                                   weights.const_data_ptr<float>(), act.mutable_data_ptr<float>(),
+                                   y.mutable_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), activation == "gelu"};
+      run_items(work, Stage::kGateUp, active, (inter + kGateBlock - 1) / kGateBlock);  // 2.
+      run_items(work, Stage::kDown, active, (hidden + kDownBlock - 1) / kDownBlock);  // 3.
+      at::parallel_for(0, num_tokens, 16, [&](int64_t lo, int64_t hi) { run_stage(work, Stage::kCombine, lo, hi); });
+    };
+    if (w13.scalar_type() == at::kFloat8_e4m3fn) {
+      run(c10::Float8_e4m3fn());
+    } else if (w13.scalar_type() == at::kChar) {
+      run(int8_t());
+    } else {
+      run(scalar_t());
     }
-    const Work<scalar_t> work{up.data(), down.data(), hidden, inter, topk, x32.const_data_ptr<float>(),
-                              x32.stride(0), start.data(), pair.data(), token.data(), active.data(),
-                              weights.const_data_ptr<float>(), act.mutable_data_ptr<float>(),
-                              y.mutable_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), activation == "gelu"};
-    run_items(work, Stage::kGateUp, active, (inter + kGateBlock - 1) / kGateBlock);  // 2.
-    run_items(work, Stage::kDown, active, (hidden + kDownBlock - 1) / kDownBlock);  // 3.
-    at::parallel_for(0, num_tokens, 16, [&](int64_t lo, int64_t hi) { run_stage(work, Stage::kCombine, lo, hi); });
   }), at::kFloat, at::kBFloat16, at::kHalf);
   return out;
 }

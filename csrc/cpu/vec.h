@@ -9,6 +9,7 @@
 #pragma once
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Float8_e4m3fn.h>
 #include <c10/util/Half.h>
 
 #include <cstdint>
@@ -61,11 +62,18 @@ static_assert(kLanes == 8, "splat lists 8 lanes");
 // Pairwise sum of the lanes, in a fixed order.
 QF_VEC_INLINE float hsum(Vec v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
 
-// float(x) for n elements of a float, bfloat16 or half array.
+template <typename T>
+QF_VEC_INLINE Vec load_float(const T* p);
+
+// float(x) for n elements of a float, bfloat16, half, float8_e4m3fn or int8 array.
 template <typename T>
 QF_VEC_INLINE void to_float(const T* src, float* dst, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
     std::memcpy(dst, src, n * sizeof(float));
+  } else if constexpr (std::is_same_v<T, c10::Float8_e4m3fn> || std::is_same_v<T, int8_t>) {
+    int64_t i = 0;
+    for (; i + kLanes <= n; i += kLanes) store(dst + i, load_float(src + i));
+    for (; i < n; ++i) dst[i] = static_cast<float>(src[i]);
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
     for (int64_t i = 0; i < n; ++i) {  // the upper half of the float's bits: vectorizes to a widen and a shift
       const uint32_t bits = static_cast<uint32_t>(src[i].x) << 16;
@@ -76,11 +84,36 @@ QF_VEC_INLINE void to_float(const T* src, float* dst, int64_t n) {
   }
 }
 
-// float(p[0 .. kLanes)) of a float, bfloat16 or half array.
+// float(x) per lane of float8_e4m3fn bit patterns b (0 .. 255 in int lanes), exact, with no denormal arithmetic
+// (so a flush-denormals mode cannot change it): a normal value (exponent field > 0) gets its exponent rebiased
+// (7 -> 127) and its 3 mantissa bits moved to the top of the float's; a subnormal one is m * 2^-9 (m = its 3 bits);
+// 0x7f / 0xff (the format's only NaN) give NaN.
+QF_VEC_INLINE Vec fp8_bits_to_float(IVec b) {
+  const IVec mag = b & 0x7f;
+  const Vec subnormal = __builtin_convertvector(mag, Vec) * (1.0f / 512);  // used only where mag < 8
+  IVec sub_bits;
+  std::memcpy(&sub_bits, &subnormal, sizeof(sub_bits));
+  IVec bits = mag >= 8 ? (mag << 20) + (120 << 23) : sub_bits;
+  bits = mag == 0x7f ? IVec{} + 0x7fc00000 : bits;
+  bits |= (b & 0x80) << 24;
+  Vec v;
+  std::memcpy(&v, &bits, sizeof(v));
+  return v;
+}
+
+// float(p[0 .. kLanes)) of a float, bfloat16, half, float8_e4m3fn or int8 array.
 template <typename T>
 QF_VEC_INLINE Vec load_float(const T* p) {
   if constexpr (std::is_same_v<T, float>) {
     return load(p);
+  } else if constexpr (std::is_same_v<T, c10::Float8_e4m3fn> || std::is_same_v<T, int8_t>) {
+    typedef std::conditional_t<std::is_same_v<T, int8_t>, int8_t, uint8_t> Byte;
+    typedef Byte Bytes __attribute__((vector_size(kLanes)));
+    Bytes bytes;
+    std::memcpy(&bytes, p, sizeof(bytes));
+    const IVec wide = __builtin_convertvector(bytes, IVec);
+    if constexpr (std::is_same_v<T, int8_t>) return __builtin_convertvector(wide, Vec);
+    return fp8_bits_to_float(wide);
   } else if constexpr (std::is_same_v<T, c10::BFloat16>) {
     typedef uint16_t Bits __attribute__((vector_size(kLanes * sizeof(uint16_t))));
     Bits half;

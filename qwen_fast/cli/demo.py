@@ -9,9 +9,15 @@ tokenizer) with the unpatched model and with `qwen_fast.patch(model)` and a `qwe
 alternating rounds (unpatched, patched, unpatched, ...), and prints which backend ran each part, the largest logit
 difference against the unpatched run, whether the generated tokens agree, and tokens/s for both sides: median and
 spread over the rounds, the thread count, and a one-line reading of the ratio.
+
+--experts fp8|int8 runs qwen_fast's side with 8-bit experts (qwen_fast.quantize_experts on a copy of the model: fp8
+with 128 x 128 block scales, or int8 per channel) and gives transformers' side the same weights dequantized to the
+model dtype, which is what transformers does with an 8-bit checkpoint on CPU: both sides compute with the same
+values, and qwen_fast reads half the bytes of bf16 experts (a quarter of fp32 ones) per token.
 """
 
 import argparse
+import copy
 import os
 import statistics
 import time
@@ -21,6 +27,9 @@ import torch
 
 import qwen_fast
 from qwen_fast.configs.models import SMALL_QWEN3_MOE, config_kwargs
+from qwen_fast.nn import MoEExperts
+from qwen_fast.nn.experts import FORMATS
+from qwen_fast.reference.quant import dequantize
 
 # op -> the part of the model it serves, as printed
 PARTS = {
@@ -53,6 +62,12 @@ def add_parser(subparsers) -> None:
     parser.add_argument("--block-size", type=int, default=16, help="tokens per page of the paged KV cache")
     parser.add_argument("--backend", choices=["auto", "cuda", "triton", "cpu", "torch"], default="auto",
                         help="force one backend for qwen_fast's ops (qwen_fast.use_backend)")  # fmt: skip
+    parser.add_argument(
+        "--experts",
+        choices=["model", *FORMATS],
+        default="model",
+        help="qwen_fast's experts: the model's own (default), or quantized to fp8 / int8 (see above)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(run=run)
 
@@ -66,14 +81,15 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     model, tokenizer, described = _load(args.model, device, dtype)
     prompts, mask = _prompts(args, model, tokenizer, device)
-    handle = _check_patch(model)
+    fast_model, experts = _experts_side(model, args.experts)
+    handle = _check_patch(fast_model)
     paged = _paged_cache_problem(model.config)
     print(f"model: {described}; {str(dtype).removeprefix('torch.')} on {device}, {torch.get_num_threads()} threads")
     batch, length = prompts.shape
     print(f"prompts: {batch} x {length} tokens; generating {args.new_tokens} tokens each (greedy), {args.rounds} "
           "timed rounds per side, alternating")  # fmt: skip
     print(f"\n[unpatched] transformers ({_implementations(model)}, DynamicCache)")
-    print(f"[patched]   qwen_fast.patch({type(model).__name__}):")
+    print(f"[patched]   qwen_fast.patch({type(model).__name__}){experts}:")
     lines = [f"patched: {x}" for x in handle.patched] + [f"not patched: {x}" for x in handle.not_patched]
     print("".join(f"              {line}\n" for line in lines), end="")
     if paged is None:
@@ -87,13 +103,13 @@ def run(args: argparse.Namespace) -> int:
             if side == "unpatched":
                 results[side].append(_generate(model, prompts, mask, args.new_tokens, None, warm=round_ == 0))
                 continue
-            handle = qwen_fast.patch(model)
+            handle = qwen_fast.patch(fast_model)
             try:
                 if cache is None and paged is None:  # built for the patched model: it then reads pages in place
-                    cache = qwen_fast.PagedKVCache.for_model(model, max_batch=batch, block_size=args.block_size,
+                    cache = qwen_fast.PagedKVCache.for_model(fast_model, max_batch=batch, block_size=args.block_size,
                                                              max_seq_len=length + args.new_tokens)  # fmt: skip
                 with qwen_fast.use_backend(args.backend), qwen_fast.record_backends() as calls:
-                    results[side].append(_generate(model, prompts, mask, args.new_tokens, cache, warm=round_ == 0))
+                    results[side].append(_generate(fast_model, prompts, mask, args.new_tokens, cache, warm=round_ == 0))
             finally:
                 handle.undo()
     print("\nbackends in one patched generation (part: op, backend x calls):")
@@ -146,6 +162,35 @@ def _check_patch(model) -> "qwen_fast.PatchHandle":
         raise fail(str(error)) from None
     handle.undo()
     return handle
+
+
+def _experts_side(model, experts: str) -> tuple:
+    """(the model qwen_fast's side runs, how its experts are described): `model` itself for --experts model; else a
+    copy with quantize_experts(copy, experts), and `model`'s own experts overwritten with those weights dequantized
+    to the model dtype (transformers' side then computes with the same values)."""
+    if experts == "model":
+        return model, ""
+    fast = copy.deepcopy(model)
+    try:
+        qwen_fast.quantize_experts(fast, experts)
+    except ValueError as error:
+        raise fail(f"--experts {experts}: {error}") from None
+    dtype, total = next(model.parameters()).dtype, [0, 0]
+    with torch.no_grad():
+        for name, module in fast.named_modules():
+            if isinstance(module, MoEExperts):
+                own = model.get_submodule(name)
+                for weight in ("gate_up_proj", "down_proj"):
+                    w, scale = getattr(module, weight), getattr(module, f"{weight}_scale_inv")
+                    getattr(own, weight).copy_(dequantize(w, scale, module.block_size).to(dtype))
+                    total[0] += w.numel() * w.element_size() + scale.numel() * scale.element_size()
+                    total[1] += w.numel() * dtype.itemsize
+    block = "" if experts == "int8" else " 128x128 blocks"
+    return fast, (
+        f" with {experts}{block} experts ({total[0] / 2**20:.1f} MiB of expert weights and scales, "
+        f"{total[1] / 2**20:.1f} MiB in {str(dtype).removeprefix('torch.')}; transformers' side runs them "
+        "dequantized)"
+    )
 
 
 def _paged_cache_problem(config) -> str | None:

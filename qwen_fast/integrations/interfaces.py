@@ -1,7 +1,7 @@
 """qwen_fast as a transformers 5.x experts and attention implementation.
 
 `register()` (also `qwen_fast.register_transformers()`) adds "qwen_fast" to transformers' ExpertsInterface,
-AttentionInterface and AttentionMaskInterface. Afterwards
+FP8ExpertsInterface, AttentionInterface and AttentionMaskInterface. Afterwards
 
     model = AutoModelForCausalLM.from_pretrained(
         path, experts_implementation="qwen_fast", attn_implementation="qwen_fast"
@@ -9,10 +9,14 @@ AttentionInterface and AttentionMaskInterface. Afterwards
     model.set_experts_implementation("qwen_fast")  # or switch a loaded model, and back
     model.set_attn_implementation("qwen_fast")
 
-run the model's experts (every class decorated with transformers' @use_experts_implementation whose layout is the
-SwiGLU gate_up_proj [E, 2I, H] / down_proj [E, H, I] one: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V3, ...)
-through qwen_fast.fused_experts, and its attention through qwen_fast.flash_attn_func / flash_attn_varlen_func, each
-on the backend qwen_fast picks per call (`qwen_fast.use_backend`). Routing, RoPE, the cache and the projections stay
+run the model's experts (every class decorated with transformers' @use_experts_implementation whose layout is the SwiGLU
+gate_up_proj [E, 2I, H] / down_proj [E, H, I] one: Qwen3-MoE, Qwen2-MoE, Mixtral, OLMoE, DeepSeek-V3, ...) through
+qwen_fast.fused_experts, and its attention through qwen_fast.flash_attn_func / flash_attn_varlen_func, each on the
+backend qwen_fast picks per call (`qwen_fast.use_backend`). A model loaded from an FP8 checkpoint (its experts are
+transformers' FP8Experts: fp8 weights with 128 x 128 block scales) runs them through fused_experts' use_fp8_w8a8 path,
+with the activations in the model dtype (w8a16), wherever the FP8Experts are (transformers itself has no CPU kernel for
+them, and on a machine without a GPU it dequantizes an FP8 checkpoint to bf16 at load: there
+`qwen_fast.quantize_experts(model, "fp8")` makes 8-bit experts again). Routing, RoPE, the cache and the projections stay
 the model's own. To write and read a paged KV cache in place, swap the modules instead (qwen_fast.nn).
 
 Registering is explicit: importing qwen_fast does not import transformers; this module does.
@@ -25,8 +29,10 @@ import torch
 from torch import nn
 from transformers import AttentionInterface, AttentionMaskInterface
 from transformers.activations import SiLUActivation
+from transformers.integrations.finegrained_fp8 import FP8ExpertsInterface
 from transformers.integrations.moe import ExpertsInterface, _default_apply_gate
 
+from qwen_fast.nn import _hf
 from qwen_fast.nn.cached_attention import attend
 from qwen_fast.ops import flash_attn_varlen_func, fused_experts
 
@@ -97,13 +103,40 @@ def experts_forward(
         ValueError: a layout fused_experts does not compute (the message names the class and the flag).
     """
     _check_experts(self)
-    if getattr(self, "_is_expert_parallel", False):
+    return _run(self, hidden_states, top_k_index, top_k_weights, {})
+
+
+def fp8_experts_forward(
+    self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+) -> torch.Tensor:
+    """transformers' FP8 experts forward (FP8ExpertsInterface), run by qwen_fast.fused_experts with use_fp8_w8a8 on
+    the module's fp8 weights and block scales in place; activations stay in hidden_states' dtype.
+
+    Args:
+        self: transformers' FP8Experts: gate_up_proj [E, 2I, H] and down_proj [E, H, I] float8_e4m3fn,
+            gate_up_proj_scale_inv and down_proj_scale_inv fp32 per block_size (bn, bk) block, dynamic activations.
+        hidden_states, top_k_index, top_k_weights: as experts_forward.
+
+    Returns:
+        [T, H] in hidden_states' dtype.
+
+    Raises:
+        ValueError: a format qwen_fast does not run (FP4 weights, UE8M0 or per-tensor scales, static activation
+            scales, another activation): the message names it.
+    """
+    w13_scale, w2_scale, block_shape = _hf.fp8_experts_scales(self)
+    quant = {"use_fp8_w8a8": True, "w1_scale": w13_scale, "w2_scale": w2_scale, "block_shape": block_shape}
+    return _run(self, hidden_states, top_k_index, top_k_weights, quant)
+
+
+def _run(module: nn.Module, hidden_states, top_k_index, top_k_weights, options: dict) -> torch.Tensor:
+    """fused_experts on `module`'s weights; under transformers' expert parallelism with the map that drops the
+    routes to other ranks' experts."""
+    if getattr(module, "_is_expert_parallel", False):
         # transformers' expert parallelism runs this rank's experts (local shards, local ids); routes it sends here
         # for other ranks' experts carry the id num_local with weight 0: the map makes them cost nothing
-        expert_map = _other_ranks_map(self.gate_up_proj.shape[0], hidden_states.device)
-        return fused_experts(hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index,
-                             expert_map=expert_map)  # fmt: skip
-    return fused_experts(hidden_states, self.gate_up_proj, self.down_proj, top_k_weights, top_k_index)
+        options = options | {"expert_map": _other_ranks_map(module.gate_up_proj.shape[0], hidden_states.device)}
+    return fused_experts(hidden_states, module.gate_up_proj, module.down_proj, top_k_weights, top_k_index, **options)
 
 
 def _packed_cu_seqlens(position_ids: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
@@ -211,7 +244,8 @@ def attention_mask_function(
 
 
 def register(name: str = "qwen_fast") -> str:
-    """Register qwen_fast with transformers as `name` (experts, attention and attention-mask implementation).
+    """Register qwen_fast with transformers as `name` (experts, FP8 experts, attention and attention-mask
+    implementation).
 
     Idempotent. Returns `name`, for `from_pretrained(..., experts_implementation=name, attn_implementation=name)`.
 
@@ -243,6 +277,7 @@ def register(name: str = "qwen_fast") -> str:
     # packed sequences are recovered from position_ids, as flash attention does.
     entries: list[tuple[type, Callable]] = [
         (ExpertsInterface, experts_forward),
+        (FP8ExpertsInterface, fp8_experts_forward),
         (AttentionInterface, attention_forward),
         (AttentionMaskInterface, attention_mask_function),
     ]

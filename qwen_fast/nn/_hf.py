@@ -7,6 +7,7 @@ indices int64 [T, k]); every block returns one tensor of its input's shape; ever
 gate_up_proj [E, 2I, H], down_proj [E, H, I].
 """
 
+import torch
 from torch import nn
 
 from qwen_fast.families import FAMILIES
@@ -48,3 +49,47 @@ def is_distributed(module: nn.Module) -> bool:
     one that hands the module its local shards and adds the collectives (transformers 5.24
     distributed/tensor_parallel.py and expert_parallel.py, `install_forward`)."""
     return "forward" in vars(module)
+
+
+FP8_EXPERTS = ("transformers.integrations.finegrained_fp8", "FP8Experts")  # what an FP8 checkpoint's experts load as
+
+
+def is_fp8_experts(module: nn.Module) -> bool:
+    return (type(module).__module__, type(module).__qualname__) == FP8_EXPERTS
+
+
+def fp8_experts_scales(experts: nn.Module) -> tuple:
+    """(gate_up_proj_scale_inv, down_proj_scale_inv, block_size as a list) of transformers' FP8Experts, checked for
+    what qwen_fast computes: fp8 block-scaled weights with fp32 scales, dynamic activations, gated SwiGLU, no bias.
+
+    transformers allocates gate_up_proj_scale_inv with at least 2 block rows (room for a separately quantized gate
+    and up); when 2I fits in one block the extra row is never read, and the first ceil(2I / bn) rows are returned
+    (a contiguous copy: a few floats per expert).
+
+    Raises:
+        ValueError: another format (FP4 weights, UE8M0 or per-tensor scales, static activation scales) or
+            activation (the message names it).
+    """
+    cls = type(experts).__name__
+    problems = {
+        "activation_scheme": (getattr(experts, "activation_scheme", "dynamic"), "dynamic"),
+        "gate_up_proj dtype": (experts.gate_up_proj.dtype, torch.float8_e4m3fn),
+        "scale dtype": (experts.gate_up_proj_scale_inv.dtype, torch.float32),
+        "has_gate": (getattr(experts, "has_gate", True), True),
+        "has_bias": (getattr(experts, "has_bias", False), False),
+        "block_size is None": (experts.block_size is None, False),
+    }
+    problems |= {name: (getattr(experts, name, None), None) for name in ("swiglu_alpha", "limit", "gate_softcap")}
+    problems["act_fn"] = (getattr(experts.config, "hidden_act", "silu") in ("silu", "swish"), True)
+    for what, (found, needed) in problems.items():
+        if found != needed:
+            raise ValueError(
+                f"qwen_fast runs FP8 experts with fp8 (e4m3) block-scaled weights, fp32 scales, dynamic activations "
+                f"and SwiGLU; {cls} has {what} = {found!r} (needs {needed!r})"
+            )
+    bn, bk = (int(v) for v in experts.block_size)
+    rows = (experts.gate_up_proj.shape[1] + bn - 1) // bn
+    w13_scale = experts.gate_up_proj_scale_inv
+    if w13_scale.shape[1] != rows:
+        w13_scale = w13_scale[:, :rows].contiguous()
+    return w13_scale, experts.down_proj_scale_inv, [bn, bk]

@@ -4,18 +4,21 @@ v0.10.1.1's signatures (vllm/model_executor/layers/fused_moe/fused_moe.py)."""
 import torch
 
 from qwen_fast.reference import moe as reference
+from qwen_fast.reference.quant import FP8, QUANTIZED_DTYPES
 
 from ._checks import FLOAT_DTYPES, INDEX_DTYPES, Require, check_int, check_shape, check_tensor, raise_unless, traced
-from ._dispatch import INTERPRETER_DOT, Op
+from ._dispatch import INTERPRETER_DOT, InterpreterLimit, Op
 from ._library import define_triton_op, launcher, native_op
 from .moe_align import MOE_ALIGN_BLOCK_SIZE, check_expert_ids, check_expert_map
+from .moe_quant import check_expert_scales, quant_args
 from .routing import FUSED_TOPK, check_routing_args
 
 
 def _fake_fused_experts(
-    hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None, activation="silu"
-) -> torch.Tensor:
-    check_experts_args(hidden_states, w13, w2, topk_weights, topk_ids, traced)
+    hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None, activation="silu", w13_scale=None,
+    w2_scale=None, block_shape=None,
+) -> torch.Tensor:  # fmt: skip
+    check_experts_args(hidden_states, w13, w2, topk_weights, topk_ids, w13_scale, w2_scale, block_shape, traced)
     return hidden_states.new_empty(hidden_states.shape)
 
 
@@ -24,12 +27,14 @@ _launch_experts = launcher("moe_gemm", "fused_experts")
 
 
 def triton_fused_experts(
-    hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None, activation="silu", config: dict | None = None
-) -> torch.Tensor:
+    hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None, activation="silu", w13_scale=None,
+    w2_scale=None, block_shape=None, config: dict | None = None,
+) -> torch.Tensor:  # fmt: skip
     """The Triton fused_experts, composed here: the tiles (kernels/moe_gemm.py choose_config, or `config`, a tuner's
     candidate), the routing layout from moe_align_block_size's op on the backend this call runs on (forced, or
     auto's), on the global ids with expert_map applied to expert_ids as vLLM does (a block of -1 is skipped), then
-    the GEMM and combine kernels. Arguments as the FUSED_EXPERTS op (already checked)."""
+    the GEMM and combine kernels. Arguments as the FUSED_EXPERTS op (already checked); the launcher gets the scales
+    and block_shape only for quantized weights."""
     num_tokens, topk = topk_ids.shape
     if num_tokens == 0:
         return hidden_states.new_empty(hidden_states.shape)
@@ -42,37 +47,52 @@ def triton_fused_experts(
         expert_ids = expert_map[expert_ids.long()].to(torch.int32)
     return _launch_experts(
         hidden_states, w13, w2, topk_weights, sorted_ids, expert_ids, post_padded, config, expert_map is not None,
-        activation,
+        activation, *quant_args(w13, w13_scale, w2_scale, block_shape),
     )  # fmt: skip
 
 
 _fused_experts_triton = define_triton_op(
     "fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
-    'Tensor? expert_map=None, str activation="silu") -> Tensor',
+    'Tensor? expert_map=None, str activation="silu", Tensor? w13_scale=None, Tensor? w2_scale=None, '
+    "int[]? block_shape=None) -> Tensor",
     triton_fused_experts,
     _fake_fused_experts,
 )
 _fused_experts_native = native_op("fused_experts", _fake_fused_experts)
 
 
+def _quantized_kernels(hidden_states, w13, *args) -> str | None:
+    """Until the quantized cpu and Triton kernels are merged: quantized weights run on the torch reference."""
+    if w13.dtype in QUANTIZED_DTYPES:
+        return f"the kernels do not read {w13.dtype} experts yet (the torch reference does)"
+    return None
+
+
+# The interpreter reads fp8 weights right (tl.load, the cast to fp32 and fp8 tl.dot are exact there; int8 is not a
+# floating-point argument): only bf16 stays refused, as for every tl.dot kernel.
+INTERPRETER_QUANTIZED_DOT = InterpreterLimit((*INTERPRETER_DOT.dtypes, FP8), INTERPRETER_DOT.reason)
+
 # The experts' GEMMs are Triton's job on CUDA (no CUDA C++ kernel); on CPU the C++ extension's tiled kernels
 # (csrc/cpu/moe.cpp). The op's arguments: (hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None,
-# activation="silu").
+# activation="silu", w13_scale=None, w2_scale=None, block_shape=None); callers pass the last three only for
+# quantized weights (quant_args), so the unquantized call is the 7-argument one on every backend.
 FUSED_EXPERTS = Op(
     "fused_experts",
     {"triton": _fused_experts_triton, "cpu": _fused_experts_native, "torch": reference.experts},
     {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
-    interpreter_limit=INTERPRETER_DOT,
+    kernel_limit=_quantized_kernels,
+    interpreter_limit=INTERPRETER_QUANTIZED_DOT,
 )
 
 
 def _run_experts(hidden_states, w13, w2, topk_weights, topk_ids, options: dict, apply_router_weight_on_input=False):
-    """fused_experts' options (inplace, expert_map, activation) around the FUSED_EXPERTS op (arguments checked)."""
+    """fused_experts' options (inplace, expert_map, activation, quant: the scales and block_shape or nothing)
+    around the FUSED_EXPERTS op (arguments checked)."""
     x, weights = hidden_states, topk_weights
     if apply_router_weight_on_input:
         x, weights = reference.weigh_input(hidden_states, topk_weights)
     expert_map, activation = options["expert_map"], options["activation"]
-    out = FUSED_EXPERTS(hidden_states.device, x, w13, w2, weights, topk_ids, expert_map, activation)
+    out = FUSED_EXPERTS(hidden_states.device, x, w13, w2, weights, topk_ids, expert_map, activation, *options["quant"])
     return hidden_states.copy_(out) if options["inplace"] else out
 
 
@@ -97,12 +117,16 @@ FUSED_MOE = Op(
 )
 
 
-def check_expert_weights(hidden_states: object, w13: object, w2: object, require: Require = raise_unless) -> None:
-    """hidden [T, H], w1 [E, 2I, H], w2 [E, H, I], one dtype and device."""
+def check_expert_weights(
+    hidden_states: object, w13: object, w2: object, w13_scale: object = None, w2_scale: object = None,
+    block_shape: object = None, require: Require = raise_unless,
+) -> None:  # fmt: skip
+    """hidden [T, H], w1 [E, 2I, H], w2 [E, H, I] on one device, the weights in hidden's dtype or quantized (fp8,
+    int8: both the same) with their scales (moe_quant.check_expert_scales)."""
     check_tensor("hidden_states", hidden_states, ndim=2, dtypes=FLOAT_DTYPES, require=require)
     dtype, device = hidden_states.dtype, hidden_states.device
-    check_tensor("w1", w13, ndim=3, dtypes=(dtype,), device=device, require=require)
-    check_tensor("w2", w2, ndim=3, dtypes=(dtype,), device=device, require=require)
+    check_tensor("w1", w13, ndim=3, dtypes=(dtype, *QUANTIZED_DTYPES), device=device, require=require)
+    check_tensor("w2", w2, ndim=3, dtypes=(w13.dtype,), device=device, require=require)
     num_experts, two_i, hidden = w13.shape
     require(
         hidden == hidden_states.shape[1],
@@ -117,11 +141,15 @@ def check_expert_weights(hidden_states: object, w13: object, w2: object, require
         lambda: f"w1 [E, 2I, H] must have an even, nonzero 2I (gate rows then up rows), got {tuple(w13.shape)}",
     )
     check_shape("w2", w2, (num_experts, hidden, two_i // 2), "[E, H, I] from w1 [E, 2I, H] =", require)
+    check_expert_scales(w13, w2, w13_scale, w2_scale, block_shape, require)
 
 
-def check_experts_args(hidden_states, w13, w2, topk_weights, topk_ids, require: Require = raise_unless) -> None:
+def check_experts_args(
+    hidden_states, w13, w2, topk_weights, topk_ids, w13_scale=None, w2_scale=None, block_shape=None,
+    require: Require = raise_unless,
+) -> None:  # fmt: skip
     """fused_experts' tensor contract (the eager check and the fake; `require`: see _checks.py)."""
-    check_expert_weights(hidden_states, w13, w2, require)
+    check_expert_weights(hidden_states, w13, w2, w13_scale, w2_scale, block_shape, require)
     device = hidden_states.device
     check_tensor("topk_ids", topk_ids, ndim=2, dtypes=INDEX_DTYPES, device=device, require=require)
     check_tensor("topk_weights", topk_weights, dtypes=FLOAT_DTYPES, device=device, require=require)
@@ -201,10 +229,20 @@ def fused_experts(
     out[t] = sum_j topk_weights[t, j] * y, accumulated in fp32 in a fixed order (deterministic). The weights are
     transformers 5.x's `gate_up_proj` and `down_proj`, read in place. Math: qwen_fast.reference.moe.
 
+    Quantized experts (formats: qwen_fast.reference.quant), computed with activations in hidden_states' dtype
+    (w8a16: the kernels dequantize the weights in registers, never into memory):
+    - use_fp8_w8a8=True: w1, w2 float8_e4m3fn, block_shape [bn, bk] (e.g. [128, 128], as Qwen3-*-FP8 and
+      DeepSeek-V3 checkpoints), w1_scale fp32 [E, ceil(2I/bn), ceil(H/bk)], w2_scale fp32 [E, ceil(H/bn),
+      ceil(I/bk)]: W = w * scale per block (transformers' `*_scale_inv`). Unlike vLLM, x is not quantized to fp8.
+    - use_int8_w8a16=True: w1, w2 int8, w1_scale fp32 [E, 2I], w2_scale fp32 [E, H] (per output channel,
+      symmetric), block_shape None.
+    qwen_fast.quantize_fp8 / quantize_int8 make both from float weights.
+
     Args:
         hidden_states: [T, H] float32/float16/bfloat16.
-        w1: [E, 2I, H], hidden_states' dtype: gate rows, then up rows (this rank's experts under expert_map).
-        w2: [E, H, I], hidden_states' dtype.
+        w1: [E, 2I, H], hidden_states' dtype (or float8_e4m3fn / int8, quantized): gate rows, then up rows (this
+            rank's experts under expert_map).
+        w2: [E, H, I], w1's dtype.
         topk_weights: [T, k] float (fp32 from fused_topk, or the model dtype).
         topk_ids: [T, k] int32/int64 expert ids in [0, E), or global ids in [0, global_num_experts) with expert_map.
         inplace: write the output into hidden_states and return it.
@@ -215,9 +253,11 @@ def fused_experts(
         global_num_experts: -1 (expert_map's length, or E without one) or the global expert count.
         expert_map: [global_num_experts] int32 or None (expert parallelism): global id -> local index into w1/w2,
             or -1 for another rank's expert; such a route costs no work and contributes 0.
-        use_*, per_channel_quant, w*_scale, w*_zp, a*_scale, block_shape, w1_bias, w2_bias: refused unless unset
-            (quantized experts and expert biases are not supported yet). allow_deep_gemm and
-            allow_cutlass_block_scaled_grouped_gemm pick fp8 kernels in vLLM; without fp8 they change nothing.
+        use_fp8_w8a8, use_int8_w8a16, w1_scale, w2_scale, block_shape: quantized weights (above).
+        use_int8_w8a8, use_int4_w4a16, use_mxfp4_w4a4, per_channel_quant, w*_zp, a*_scale, w1_bias, w2_bias:
+            refused unless unset (those quantization modes and expert biases are not supported).
+            allow_deep_gemm and allow_cutlass_block_scaled_grouped_gemm pick vLLM's own fp8 kernels; they change
+            nothing here.
 
     Returns:
         [T, H] in hidden_states' dtype (hidden_states itself when inplace).
@@ -227,14 +267,20 @@ def fused_experts(
         >>> weights, ids, _ = qwen_fast.fused_topk(x, torch.randn(3, 4), topk=2, renormalize=True)
         >>> qwen_fast.fused_experts(x, w1, w2, weights, ids).shape
         torch.Size([3, 8])
+        >>> (q1, s1), (q2, s2) = qwen_fast.quantize_fp8(w1, [4, 4]), qwen_fast.quantize_fp8(w2, [4, 4])
+        >>> qwen_fast.fused_experts(x, q1, q2, weights, ids, use_fp8_w8a8=True, w1_scale=s1, w2_scale=s2,
+        ...                         block_shape=[4, 4]).shape
+        torch.Size([3, 8])
     """
-    check_experts_args(hidden_states, w1, w2, topk_weights, topk_ids)
+    reference.check_quantization(locals())
+    check_experts_args(hidden_states, w1, w2, topk_weights, topk_ids, w1_scale, w2_scale, block_shape)
     num_experts = _check_options(
         hidden_states, w1, topk_ids.shape[1], inplace, apply_router_weight_on_input, global_num_experts, expert_map,
         locals(),
     )  # fmt: skip
     check_expert_ids("topk_ids", topk_ids, num_experts)
-    options = {"inplace": inplace, "expert_map": expert_map, "activation": activation}
+    quant = quant_args(w1, w1_scale, w2_scale, block_shape)
+    options = {"inplace": inplace, "expert_map": expert_map, "activation": activation, "quant": quant}
     return _run_experts(hidden_states, w1, w2, topk_weights, topk_ids, options, apply_router_weight_on_input)
 
 
@@ -284,11 +330,13 @@ def fused_moe(
 
     Args:
         hidden_states: [T, H] float32/float16/bfloat16.
-        w1: [E, 2I, H] and w2: [E, H, I], hidden_states' dtype (transformers' gate_up_proj and down_proj).
+        w1: [E, 2I, H] and w2: [E, H, I], hidden_states' dtype (transformers' gate_up_proj and down_proj), or
+            quantized (float8_e4m3fn with use_fp8_w8a8, int8 with use_int8_w8a16: see fused_experts).
         gating_output: [T, global E] float router logits.
         topk, renormalize: as fused_topk.
-        inplace, activation, is_act_and_mul, global_num_experts, expert_map, the quantization arguments, w1_bias,
-            w2_bias: as fused_experts.
+        inplace, activation, is_act_and_mul, global_num_experts, expert_map, the quantization arguments
+            (use_fp8_w8a8, use_int8_w8a16, w1_scale, w2_scale, block_shape; the others refused), w1_bias, w2_bias:
+            as fused_experts.
         use_grouped_topk, num_expert_group, topk_group: group-limited top-k (vLLM's grouped_topk: softmax, groups
             scored by `group_scoring`); num_expert_group without use_grouped_topk is refused (vLLM ignores it).
         custom_routing_function: None, or f(hidden_states, gating_output, topk, renormalize) -> (weights, ids).
@@ -303,7 +351,8 @@ def fused_moe(
         >>> qwen_fast.fused_moe(x, w1, w2, torch.randn(3, 4), topk=2, renormalize=True).shape
         torch.Size([3, 8])
     """
-    check_expert_weights(hidden_states, w1, w2)
+    reference.check_quantization(locals())
+    check_expert_weights(hidden_states, w1, w2, w1_scale, w2_scale, block_shape)
     _check_bool("use_grouped_topk", use_grouped_topk)
     if not use_grouped_topk and (num_expert_group is not None or topk_group is not None):
         raise ValueError(
@@ -330,5 +379,5 @@ def fused_moe(
     check_tensor("gating_output", gating_output, device=hidden_states.device)
     check_shape("gating_output", gating_output, (hidden_states.shape[0], num_experts), "[T, global E] =")
     options = {"custom_routing_function": custom_routing_function, "inplace": inplace, "expert_map": expert_map,
-               "activation": activation}  # fmt: skip
+               "activation": activation, "quant": quant_args(w1, w1_scale, w2_scale, block_shape)}  # fmt: skip
     return FUSED_MOE(hidden_states.device, hidden_states, w1, w2, gating_output, topk, renormalize, options, routing)
