@@ -34,7 +34,7 @@ import triton.language as tl
 from .compile_spec import TRITON_DTYPE, CompileSpec
 from .kv_cache import _e4m3_bits, _e4m3_value
 
-FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+FP8_MAX = tl.constexpr(448.0)  # float8_e4m3fn's largest finite value (a constexpr: read in kernels)
 WEIGHT_FORMATS = {torch.float8_e4m3fn: 1, torch.int8: 2}  # WEIGHTS constexpr of the GEMM kernels; 0: unquantized
 W8A8_MIN_BLOCK_K = 32  # the K of one fp8 MMA instruction
 
@@ -115,21 +115,31 @@ def uses_w8a8(hidden_states: torch.Tensor, w13: torch.Tensor, block_shape, confi
     return all(k >= W8A8_MIN_BLOCK_K and block_shape[1] % k == 0 for k in block_ks)
 
 
+# 16-bit activations: (BLOCK_N, BLOCK_K, num_warps) of gate_up and of down per BLOCK_M, 3 stages (quant_tiles).
+TILES_16BIT = {
+    16: ((32, 64, 4), (64, 64, 4)),
+    32: ((32, 64, 4), (64, 64, 4)),
+    64: ((32, 64, 8), (128, 64, 8)),
+    128: ((64, 32, 8), (64, 64, 4)),
+}
+
+
 def quant_tiles(block_m: int, dtype: torch.dtype, per_element: bool = False) -> dict:
-    """GEMM tiles for 1-byte weights and `dtype` activations: {"gate_up": ..., "down": ...}. The dequantized weight
-    tile lives in registers (BLOCK_K x BLOCK_N values per CTA), so the tiles are smaller than unquantized ones:
-    16-bit BLOCK_K = 64 (divides the checkpoints' bk = 128, so w8a8 applies), gate_up N 32 (64 at BLOCK_M 64: two
-    accumulators), down N 64 (128 at BLOCK_M 64; at 128, the w8a8 kernel's dot result beside the accumulator
-    spilled); fp32 ("ieee" FMA dot products) K 16 from BLOCK_M 32 and N 16 at
-    BLOCK_M 128. per_element (a bk no BLOCK_K divides: scales gathered per weight): BLOCK_K = 16."""
-    warps = 4 if block_m <= 32 else 8
+    """GEMM tiles for 1-byte weights and `dtype` activations: {"gate_up": ..., "down": ...}, BLOCK_M past 128 as 128.
+    The dequantized weight tile lives in registers (BLOCK_K x BLOCK_N values per CTA), so the tiles are smaller than
+    unquantized ones. 16-bit (TILES_16BIT): BLOCK_K 64 (divides the checkpoints' bk = 128, so w8a8 applies), 32 for
+    gate_up at BLOCK_M 128; gate_up holds two accumulators, so N 32 (64 spilled on sm_80 at BLOCK_M 64) but 64 at
+    BLOCK_M 128 with K 32 (K 64 spilled with 4 and 8 warps); down N 64, 128 at BLOCK_M 64 (128 spilled at BLOCK_M
+    128 in w8a8, where the dot result sits beside the accumulator). fp32 ("ieee" FMA dot products): N 32, K 32 at
+    BLOCK_M 16 and 16 above, N 16 at BLOCK_M 128. per_element (a bk no BLOCK_K divides: scales gathered per weight):
+    BLOCK_K 16."""
     if dtype == torch.float32:
+        warps = 4 if block_m <= 32 else 8
         n, k = (16 if block_m >= 128 else 32), (32 if block_m <= 16 else 16)
         gate_up = down = {"BLOCK_N": n, "BLOCK_K": k, "num_warps": warps, "num_stages": 2}
     else:
-        k = 64
-        gate_up = {"BLOCK_N": 64 if block_m == 64 else 32, "BLOCK_K": k, "num_warps": warps, "num_stages": 3}
-        down = {"BLOCK_N": 128 if block_m == 64 else 64, "BLOCK_K": k, "num_warps": warps, "num_stages": 3}
+        row = TILES_16BIT[next((m for m in TILES_16BIT if block_m <= m), 128)]
+        gate_up, down = ({"BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": 3} for n, k, w in row)
     if per_element:
         gate_up, down = ({**tiles, "BLOCK_K": 16} for tiles in (gate_up, down))
     return {"gate_up": gate_up, "down": down}
