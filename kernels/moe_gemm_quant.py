@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .compile_spec import TRITON_DTYPE, CompileSpec
+from .compile_spec import META, CompileSpec, launches
 from .kv_cache import _e4m3_bits, _e4m3_value
 
 FP8_MAX = tl.constexpr(448.0)  # float8_e4m3fn's largest finite value (a constexpr: read in kernels)
@@ -160,18 +160,11 @@ def launch_tiles(config: dict, dtype: torch.dtype, weights: int, block_shape) ->
 
 
 def compile_specs() -> list[CompileSpec]:
+    """quantize_groups as w8a8 fused_experts launches it (sm_90): fp16/bf16 hidden states and intermediates of the
+    Qwen3-MoE layer widths (2048, 768, 4096, 1536), groups of 128."""
     specs = []
     for dtype in (torch.float16, torch.bfloat16):
-        for group in (128,):
-            signature = {"x": "*" + TRITON_DTYPE[dtype], "codes": "*u8", "scales": "*fp32", "width": "i32"}
-            signature |= {"stride_x": "i64", "group": "i32", "BLOCK_G": "constexpr"}
-            specs.append(
-                CompileSpec(
-                    _quantize_groups_kernel,
-                    signature,
-                    {"BLOCK_G": group},
-                    num_warps=4,
-                    label=f"{TRITON_DTYPE[dtype]} group={group}",
-                )  # fmt: skip
-            )
+        for width in (2048, 768, 4096, 1536):
+            x = torch.empty(8, width, dtype=dtype, device=META)
+            specs += launches(lambda x=x: quantize_groups(x, 128), f"{dtype} width={width}", (90,))
     return specs
