@@ -137,16 +137,21 @@ def test_w8a8_is_not_chosen_off_sm90(dtype):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens", [1, 33, 300])
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
-def test_quantized_experts_on_the_gpu(fmt):
-    """bf16 on the GPU at the checkpoints' block [128, 128]: w8a8 where uses_w8a8 picks it (sm_90) against its
-    reference, else w8a16 against the dequantized reference."""
+def test_quantized_experts_through_the_op_on_the_gpu(fmt, num_tokens):
+    """qwen_fast.fused_experts on the triton backend, bf16, at the checkpoints' block [128, 128] and BLOCK_M 16 ... 128:
+    w8a8 where uses_w8a8 picks it (sm_90) against its reference, else w8a16 against the reference."""
     block_shape = [128, 128] if fmt == "fp8" else None
     q13, q2, s13, s2 = make_experts(fmt, block_shape, "cuda")
-    x = torch.randn(33, HIDDEN, device="cuda").bfloat16()
-    weights, ids = topk_routing(torch.randn(33, EXPERTS, device="cuda"), TOPK)
-    out = launch(x, q13, q2, weights, ids, s13, s2, block_shape)
-    if quant.uses_w8a8(x, q13, block_shape, kernels.choose_config(33, TOPK, q13)):
+    x = torch.randn(num_tokens, HIDDEN, device="cuda").bfloat16()
+    weights, ids = topk_routing(torch.randn(num_tokens, EXPERTS, device="cuda"), TOPK)
+    flag = {"use_fp8_w8a8": True} if fmt == "fp8" else {"use_int8_w8a16": True}
+    with qwen_fast.record_backends() as trace, qwen_fast.use_backend("triton"):
+        out = qwen_fast.fused_experts(x, q13, q2, weights, ids, w1_scale=s13, w2_scale=s2, block_shape=block_shape,
+                                      **flag)  # fmt: skip
+    assert ("fused_experts", "triton") in trace
+    if quant.uses_w8a8(x, q13, block_shape, kernels.choose_config(num_tokens, TOPK, q13)):
         expected = experts_w8a8(x, q13, q2, weights, ids, s13, s2, block_shape)
     else:
         expected = experts(x, q13, q2, weights, ids, None, "silu", s13, s2, block_shape)

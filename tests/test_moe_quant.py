@@ -119,6 +119,20 @@ def _backend_dtypes() -> list:
     ]
 
 
+def _w8a8_reference(backend, args, quant, x, weights_q, topk_weights, ids):
+    """The w8a8 reference where the triton backend runs fp8 experts as w8a8 (sm_90, 16-bit activations:
+    kernels/moe_gemm_quant.py uses_w8a8), else None."""
+    if backend != "triton" or not args[1].is_cuda:
+        return None
+    from qwen_fast.kernels import moe_gemm, moe_gemm_quant
+    from qwen_fast.reference.moe_w8a8 import experts_w8a8
+
+    config = moe_gemm.choose_config(*ids.shape, args[1])
+    if not moe_gemm_quant.uses_w8a8(args[0], args[1], quant.get("block_shape"), config):
+        return None
+    return experts_w8a8(x, *weights_q, topk_weights, ids, *_scale_args(quant))
+
+
 @pytest.mark.parametrize("fmt", ["fp8", "int8"])
 @pytest.mark.parametrize("num_tokens", [1, 7, 40])
 @pytest.mark.parametrize("backend,device,dtype", _backend_dtypes())
@@ -134,7 +148,8 @@ def test_backends_match_reference(backend, device, dtype, num_tokens, fmt):
         out = qwen_fast.fused_experts(*args, **quant_dev)
     assert ("fused_experts", backend) in trace and {b for _, b in trace} == {backend}
     expected = reference_experts(x, *weights_q, topk_weights, ids, None, "silu", *_scale_args(quant))
-    assert_close(out.cpu(), expected)
+    w8a8 = _w8a8_reference(backend, args, quant, x, weights_q, topk_weights, ids)
+    assert_close(out.cpu(), expected if w8a8 is None else w8a8)
     # and the reference is the float experts on the dequantized weights (rounded to the activation dtype)
     block = quant.get("block_shape")
     deq = [dequantize(w, s, block).to(dtype) for w, s in zip(weights_q, _scale_args(quant)[:2], strict=True)]
