@@ -63,8 +63,8 @@ K = 32, K = 16 from BLOCK_M = 64, 2 stages (M 32's gate_up holds 252 registers o
 int8; choose_config() reads w13's dtype): moe_gemm_quant.quant_tiles for 16-bit activations (launch_tiles() swaps
 in its fp32 or per-element tiles at config's BLOCK_M); tuned tables hold unquantized dtypes only (QUANT_KINDS lists
 the quantized launches checked). Every config the heuristic can pick for each family and every entry of every
-tuned file found is launched on meta tensors at the MODEL_SHAPES
-(compile_specs()) and compiled as launched for its arch by `python -m qwen_fast.gpu_check`, which fails on spills.
+tuned file found is launched on meta tensors at the MODEL_SHAPES (compile_specs()) and compiled as launched for its
+arch by `python -m qwen_fast.gpu_check`, which fails on spills.
 num_pairs (T-dependent) is not specialised, so one binary serves odd and even T * k.
 """
 

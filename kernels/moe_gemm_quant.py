@@ -24,7 +24,11 @@ even (kv_cache._e4m3_bits, exact on every target and under the interpreter). The
 runs tl.dot on the fp8 tensor cores per K tile and adds dot * a_scale[row] * w_scale[col] to the fp32 accumulator
 (a K tile lies in one group, so both scales are constant over it). The result differs from the w8a16 reference by
 the activation rounding (e4m3 keeps 3 mantissa bits); its reference is qwen_fast/reference/moe_w8a8.py. Anywhere the
-conditions fail (sm_80, fp32 activations, a bk no tile divides) the launcher runs w8a16.
+conditions fail (sm_80, fp32 activations, a bk no tile divides) the launcher runs w8a16. Why w8a8 by default where
+it can run: an FP8 checkpoint declares "activation_scheme": "dynamic", i.e. it was made to run with activations
+quantized on the fly (vLLM, DeepGEMM and transformers' own GPU kernels all do), and prefill is compute-bound, where
+the fp8 tensor cores double the bf16 rate. It is chosen for every BLOCK_M, decode included, so that a token's
+result does not depend on the batch it came in.
 """
 
 import torch
