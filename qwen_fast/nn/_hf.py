@@ -63,8 +63,8 @@ def fp8_experts_scales(experts: nn.Module) -> tuple:
     what qwen_fast computes: fp8 block-scaled weights with fp32 scales, dynamic activations, gated SwiGLU, no bias.
 
     transformers allocates gate_up_proj_scale_inv with at least 2 block rows (room for a separately quantized gate
-    and up); when 2I fits in one block the extra row is never read, and the first ceil(2I / bn) rows are returned
-    (a contiguous copy: a few floats per expert).
+    and up); when 2I fits in one block the extra row is never read, and a view of the first ceil(2I / bn) rows is
+    returned.
 
     Raises:
         ValueError: another format (FP4 weights, UE8M0 or per-tensor scales, static activation scales) or
@@ -91,5 +91,5 @@ def fp8_experts_scales(experts: nn.Module) -> tuple:
     rows = (experts.gate_up_proj.shape[1] + bn - 1) // bn
     w13_scale = experts.gate_up_proj_scale_inv
     if w13_scale.shape[1] != rows:
-        w13_scale = w13_scale[:, :rows].contiguous()
+        w13_scale = w13_scale[:, :rows]
     return w13_scale, experts.down_proj_scale_inv, [bn, bk]

@@ -10,7 +10,7 @@ from ._checks import FLOAT_DTYPES, INDEX_DTYPES, Require, check_int, check_shape
 from ._dispatch import INTERPRETER_DOT, InterpreterLimit, Op
 from ._library import define_triton_op, launcher, native_op
 from .moe_align import MOE_ALIGN_BLOCK_SIZE, check_expert_ids, check_expert_map
-from .moe_quant import check_expert_scales, quant_args
+from .moe_quant import check_expert_scales
 from .routing import FUSED_TOPK, check_routing_args
 
 
@@ -33,13 +33,12 @@ def triton_fused_experts(
     """The Triton fused_experts, composed here: the tiles (kernels/moe_gemm.py choose_config, or `config`, a tuner's
     candidate), the routing layout from moe_align_block_size's op on the backend this call runs on (forced, or
     auto's), on the global ids with expert_map applied to expert_ids as vLLM does (a block of -1 is skipped), then
-    the GEMM and combine kernels. Arguments as the FUSED_EXPERTS op (already checked); the launcher gets the scales
-    and block_shape only for quantized weights."""
+    the GEMM and combine kernels. Arguments as the FUSED_EXPERTS op (already checked)."""
     num_tokens, topk = topk_ids.shape
     if num_tokens == 0:
         return hidden_states.new_empty(hidden_states.shape)
-    config = _choose_config(num_tokens, topk, w13) if config is None else config
     num_experts = w13.shape[0] if expert_map is None else expert_map.shape[0]
+    config = _choose_config(num_tokens, topk, w13, num_experts) if config is None else config
     sorted_ids, expert_ids, post_padded = MOE_ALIGN_BLOCK_SIZE(
         topk_ids.device, topk_ids, config["BLOCK_M"], num_experts
     )
@@ -47,7 +46,7 @@ def triton_fused_experts(
         expert_ids = expert_map[expert_ids.long()].to(torch.int32)
     return _launch_experts(
         hidden_states, w13, w2, topk_weights, sorted_ids, expert_ids, post_padded, config, expert_map is not None,
-        activation, *quant_args(w13, w13_scale, w2_scale, block_shape),
+        activation, w13_scale, w2_scale, block_shape,
     )  # fmt: skip
 
 
@@ -61,33 +60,24 @@ _fused_experts_triton = define_triton_op(
 _fused_experts_native = native_op("fused_experts", _fake_fused_experts)
 
 
-def _quantized_kernels(hidden_states, w13, *args) -> str | None:
-    """Until the quantized cpu and Triton kernels are merged: quantized weights run on the torch reference."""
-    if w13.dtype in QUANTIZED_DTYPES:
-        return f"the kernels do not read {w13.dtype} experts yet (the torch reference does)"
-    return None
-
-
 # The interpreter reads fp8 weights right (tl.load, the cast to fp32 and fp8 tl.dot are exact there; int8 is not a
 # floating-point argument): only bf16 stays refused, as for every tl.dot kernel.
 INTERPRETER_QUANTIZED_DOT = InterpreterLimit((*INTERPRETER_DOT.dtypes, FP8), INTERPRETER_DOT.reason)
 
 # The experts' GEMMs are Triton's job on CUDA (no CUDA C++ kernel); on CPU the C++ extension's tiled kernels
 # (csrc/cpu/moe.cpp). The op's arguments: (hidden_states, w13, w2, topk_weights, topk_ids, expert_map=None,
-# activation="silu", w13_scale=None, w2_scale=None, block_shape=None); callers pass the last three only for
-# quantized weights (quant_args), so the unquantized call is the 7-argument one on every backend.
+# activation="silu", w13_scale=None, w2_scale=None, block_shape=None).
 FUSED_EXPERTS = Op(
     "fused_experts",
     {"triton": _fused_experts_triton, "cpu": _fused_experts_native, "torch": reference.experts},
     {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
-    kernel_limit=_quantized_kernels,
     interpreter_limit=INTERPRETER_QUANTIZED_DOT,
 )
 
 
 def _run_experts(hidden_states, w13, w2, topk_weights, topk_ids, options: dict, apply_router_weight_on_input=False):
-    """fused_experts' options (inplace, expert_map, activation, quant: the scales and block_shape or nothing)
-    around the FUSED_EXPERTS op (arguments checked)."""
+    """fused_experts' options (inplace, expert_map, activation, quant: (w13_scale, w2_scale, block_shape)) around
+    the FUSED_EXPERTS op (arguments checked)."""
     x, weights = hidden_states, topk_weights
     if apply_router_weight_on_input:
         x, weights = reference.weigh_input(hidden_states, topk_weights)
@@ -279,7 +269,7 @@ def fused_experts(
         locals(),
     )  # fmt: skip
     check_expert_ids("topk_ids", topk_ids, num_experts)
-    quant = quant_args(w1, w1_scale, w2_scale, block_shape)
+    quant = (w1_scale, w2_scale, block_shape)
     options = {"inplace": inplace, "expert_map": expert_map, "activation": activation, "quant": quant}
     return _run_experts(hidden_states, w1, w2, topk_weights, topk_ids, options, apply_router_weight_on_input)
 
@@ -379,5 +369,5 @@ def fused_moe(
     check_tensor("gating_output", gating_output, device=hidden_states.device)
     check_shape("gating_output", gating_output, (hidden_states.shape[0], num_experts), "[T, global E] =")
     options = {"custom_routing_function": custom_routing_function, "inplace": inplace, "expert_map": expert_map,
-               "activation": activation, "quant": quant_args(w1, w1_scale, w2_scale, block_shape)}  # fmt: skip
+               "activation": activation, "quant": (w1_scale, w2_scale, block_shape)}  # fmt: skip
     return FUSED_MOE(hidden_states.device, hidden_states, w1, w2, gating_output, topk, renormalize, options, routing)

@@ -32,7 +32,7 @@ def check_expert_scales(
     - float8_e4m3fn: block_shape [bn, bk]; w1_scale [E, ceil(2I/bn), ceil(H/bk)], w2_scale [E, ceil(H/bn),
       ceil(I/bk)];
     - int8: block_shape None; w1_scale [E, 2I], w2_scale [E, H];
-    the scales fp32, contiguous, on the weights' device. (The public API names w13 "w1", as vLLM.)"""
+    the scales fp32 (any strides), on the weights' device. (The public API names w13 "w1", as vLLM.)"""
     dtype = w13.dtype
     if dtype not in QUANTIZED_DTYPES:
         for name, value in (("w1_scale", w13_scale), ("w2_scale", w2_scale), ("block_shape", block_shape)):
@@ -61,14 +61,3 @@ def check_expert_scales(
         require(scale is not None, ValueError, lambda name=name: f"{name} is required for {dtype} weights (fp32)")
         check_tensor(name, scale, dtypes=(torch.float32,), device=w13.device, require=require)
         check_shape(name, scale, scale_shape(weight.shape, dtype, block_shape), what, require)
-        require(
-            scale.is_contiguous(),
-            ValueError,
-            lambda name=name, scale=scale: f"{name} must be contiguous, got strides {scale.stride()}",
-        )
-
-
-def quant_args(w13: torch.Tensor, w13_scale, w2_scale, block_shape) -> tuple:
-    """The op's trailing quantization arguments: (w13_scale, w2_scale, block_shape) for quantized weights, () for
-    unquantized ones (whose call is the 7-argument one on every backend)."""
-    return (w13_scale, w2_scale, block_shape) if w13.dtype in QUANTIZED_DTYPES else ()

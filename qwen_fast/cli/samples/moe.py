@@ -7,6 +7,8 @@ for bit), and every tensor argument as a non-contiguous or stride-0 view.
 
 import torch
 
+from qwen_fast.reference.quant import quantize_fp8, quantize_int8
+
 from .inputs import Inputs, OpSpec, Sample, expanded, index_layout, relayout, spaced
 
 
@@ -193,6 +195,24 @@ def _experts(tokens, experts, topk, hidden=40, inter=24, route="random", weights
     return build
 
 
+def _quantized(fmt: str, block: list[int] | None = None, strided: bool = False):
+    """views: w1 and w2 quantized (qwen_fast.reference.quant: fp8 with `block`, or int8 per channel) with their
+    scales and vLLM's flag; `strided`: the scales stored transposed (the same values, other strides)."""
+
+    def views(args: dict) -> dict:
+        if fmt == "int8":
+            (w1, s1), (w2, s2) = quantize_int8(args["w1"]), quantize_int8(args["w2"])
+            quant = {"use_int8_w8a16": True}
+        else:
+            (w1, s1), (w2, s2) = quantize_fp8(args["w1"], block), quantize_fp8(args["w2"], block)
+            quant = {"use_fp8_w8a8": True, "block_shape": block}
+        if strided:
+            s1, s2 = (relayout(s, s.dim() - 2, s.dim() - 1) for s in (s1, s2))
+        return {"w1": w1, "w2": w2, "w1_scale": s1, "w2_scale": s2, **quant}
+
+    return views
+
+
 FUSED_EXPERTS = OpSpec(
     samples=(
         Sample("T7-E8-k2", _experts(7, 8, 2, 32, 16)),
@@ -222,7 +242,19 @@ FUSED_EXPERTS = OpSpec(
         })),
         *(Sample(f"gpu-qwen3-30b-T{t}", _experts(t, 128, 8, 2048, 768), gpu=True, dtypes=LOW)
           for t in (1, 64, 512, 1024, 2048)),  # every BLOCK_M: 16, 16, 32, 64, 128
+        # Quantized experts (w8a16): partial blocks in both dimensions (H = 40, I = 24), a block no tile divides,
+        # checkpoints' 128 x 128 blocks (fp32 activations: on sm_90 the triton backend runs 16-bit activations with
+        # 128-blocks as w8a8, which has its own reference), int8 per channel, with an expert map.
+        Sample("fp8-block16", _experts(9, 8, 2, views=_quantized("fp8", [16, 16]))),
+        Sample("fp8-block7x5", _experts(9, 8, 2, views=_quantized("fp8", [7, 5]))),
+        Sample("fp8-block128-T1-E61-k8", _experts(1, 61, 8, views=_quantized("fp8", [128, 128])),
+               dtypes=(torch.float32,)),
+        Sample("int8", _experts(9, 8, 2, views=_quantized("int8"))),
+        Sample("int8-expert-map", _experts(9, 16, 3, local=8, views=_quantized("int8"))),
+        Sample("fp8-scales-transposed", _experts(9, 8, 2, views=_quantized("fp8", [16, 8], strided=True))),
+        Sample("int8-scales-transposed", _experts(9, 8, 2, views=_quantized("int8", strided=True))),
     ),
+    opcheck=("int8",),  # fp8 weights: tests/test_moe_quant.py (opcheck's schema check cannot compare fp8 tensors)
 )  # fmt: skip
 
 
