@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from numerics import assert_close
+from test_moe_cpu_quant import dequantize, quantize
 
 import qwen_fast
 from qwen_fast.reference.moe import experts
@@ -17,7 +18,6 @@ from qwen_fast.reference.moe import experts
 pytestmark = pytest.mark.skipif(qwen_fast._native.LOAD_ERROR is not None, reason="the C++ extension is not built")
 
 LEVELS = ["baseline", "avx2", "avx512", "avx512_bf16"]
-FP8 = torch.float8_e4m3fn
 
 
 def _expected_level() -> str:
@@ -75,23 +75,6 @@ def test_bad_or_unsupported_level_is_refused(monkeypatch):
                                               torch.zeros(2, 1, dtype=torch.int32))  # fmt: skip
 
 
-def _quantize(weight, fmt, block_shape):
-    if fmt == "int8":
-        scale = weight.abs().amax(-1) / 127
-        return torch.round(weight / scale[..., None]).clamp(-127, 127).to(torch.int8), scale
-    bn, bk = block_shape
-    blocks = torch.nn.functional.pad(weight, (0, -weight.shape[-1] % bk, 0, -weight.shape[-2] % bn))
-    scale = blocks.unflatten(-1, (-1, bk)).unflatten(-3, (-1, bn)).abs().amax((-3, -1)) / 448
-    return (weight / _expand(scale, weight.shape, block_shape)).to(FP8), scale
-
-
-def _expand(scale, shape, block_shape):
-    if block_shape is None:
-        return scale[..., None]
-    bn, bk = block_shape
-    return scale.repeat_interleave(bn, -2).repeat_interleave(bk, -1)[..., : shape[-2], : shape[-1]]
-
-
 FORMATS = {  # name: (activation dtype, weight format, block_shape)
     "fp32": (torch.float32, None, None),
     "fp16": (torch.float16, None, None),
@@ -118,9 +101,8 @@ def _case(fmt: str, num_tokens: int, inter: int):
     if quant is None:
         w13, w2 = w13.to(dtype), w2.to(dtype)
         return (x, w13, w2, weights, ids, None, "silu", None, None, None), experts(x, w13, w2, weights, ids)
-    (q13, s13), (q2, s2) = _quantize(w13, quant, block_shape), _quantize(w2, quant, block_shape)
-    deq13 = (q13.float() * _expand(s13, q13.shape, block_shape)).to(dtype)
-    deq2 = (q2.float() * _expand(s2, q2.shape, block_shape)).to(dtype)
+    (q13, s13), (q2, s2) = quantize(w13, quant, block_shape), quantize(w2, quant, block_shape)
+    deq13, deq2 = dequantize(q13, s13, block_shape, dtype), dequantize(q2, s2, block_shape, dtype)
     expected = experts(x, deq13, deq2, weights, ids)
     return (x, q13, q2, weights, ids, None, "silu", s13, s2, block_shape), expected
 
