@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 import triton
 from qwen_fast.kernels import moe_gemm
+from qwen_fast.kernels.compile_spec import device_arch, num_sms, specialization_key, unique
 
 import qwen_fast
 from qwen_fast import configs, gpu_check
@@ -149,11 +150,11 @@ class SpillCheck:
 
     def __call__(self, dtype: torch.dtype, config: dict) -> str | None:
         found = []
-        for spec in moe_gemm.gemm_specs(dtype, config["BLOCK_M"], config):
-            key = (spec.kernel.__name__, spec.label, spec.num_warps)
+        for spec in unique(moe_gemm.gemm_specs(dtype, config, (self.arch,)), self.arch):
+            key = specialization_key(spec, self.arch)
             if key not in self.found:
                 self.found[key] = self.problems(spec)
-            found += [f"{spec.kernel.__name__} sm_{self.arch}: {p}" for p in self.found[key]]
+            found += [f"{spec.name} sm_{self.arch}: {p}" for p in self.found[key]]
         return found[0] if found else None
 
 
@@ -194,11 +195,13 @@ def tune(args, num_tokens: int, device: torch.device, found: list, spill_check) 
     """(best entry, its ms, the heuristic's ms, candidates timed) for one T."""
     inputs = make_inputs(args, num_tokens, device)
     timer = Timer(inputs, qwen_fast.reference.fused_experts(*inputs), spill_check)
-    dtype = moe_gemm.DTYPES[args.dtype]
-    heuristic = moe_gemm.heuristic_config(num_tokens, args.topk, args.experts, dtype)
+    dtype, arch = moe_gemm.DTYPES[args.dtype], device_arch(device)
+    shape = (args.experts, args.hidden, args.inter, dtype, arch, num_sms(device))
+    heuristic = moe_gemm.heuristic_config(num_tokens, args.topk, *shape)
     baseline = timer(heuristic)
     for block_m, gate_up, down in found:
-        seed_down = moe_gemm._config(block_m, dtype)["down"]
+        same = block_m == heuristic["BLOCK_M"]
+        seed_down = heuristic["down"] if same else moe_gemm._config(block_m, dtype, arch)["down"]
         seed_down = seed_down if seed_down in down else down[0]
         best_g = min(gate_up, key=lambda g: timer({"BLOCK_M": block_m, "gate_up": g, "down": seed_down}))
         min(down, key=lambda d: timer({"BLOCK_M": block_m, "gate_up": best_g, "down": d}))

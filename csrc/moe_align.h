@@ -44,18 +44,22 @@ QF_HOST_DEVICE int64_t tile_end(int64_t row, int64_t tile, int64_t num_pairs) {
   return tile_begin(row + 1, tile, num_pairs);
 }
 
-// Total ids of expert e over all tiles: column e of the [rows, stride] count matrix.
-QF_HOST_DEVICE int64_t column_total(const int32_t* counts, int64_t rows, int64_t stride, int64_t expert) {
+// Ids of expert e in tiles [row_begin, row_end): part of column e of the [rows, stride] count matrix (the CPU sums
+// whole columns; the CUDA prefix sums a column in chunks, one thread each).
+QF_HOST_DEVICE int64_t column_total(const int32_t* counts, int64_t row_begin, int64_t row_end, int64_t stride,
+                                    int64_t expert) {
   int64_t total = 0;
-  for (int64_t r = 0; r < rows; ++r) total += counts[r * stride + expert];
+  for (int64_t r = row_begin; r < row_end; ++r) total += counts[r * stride + expert];
   return total;
 }
 
-// Turns column e of the count matrix, in place, into the write bases of the tiles: base[r][e] = offset + the ids of
-// expert e in tiles before r.
-QF_HOST_DEVICE void column_to_bases(int32_t* counts, int64_t rows, int64_t stride, int64_t expert, int64_t offset) {
+// Turns rows [row_begin, row_end) of column e of the count matrix, in place, into the write bases of those tiles:
+// base[r][e] = offset + the ids of expert e in tiles row_begin .. r - 1, where offset is the write position of the
+// chunk's first tile (expert e's run start plus the ids of the tiles before the chunk).
+QF_HOST_DEVICE void column_to_bases(int32_t* counts, int64_t row_begin, int64_t row_end, int64_t stride,
+                                    int64_t expert, int64_t offset) {
   int64_t next = offset;
-  for (int64_t r = 0; r < rows; ++r) {
+  for (int64_t r = row_begin; r < row_end; ++r) {
     const int64_t count = counts[r * stride + expert];
     counts[r * stride + expert] = static_cast<int32_t>(next);
     next += count;

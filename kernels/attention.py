@@ -49,13 +49,15 @@ sliced) tensors get from the JIT, and `python -m qwen_fast.gpu_check` compiles e
 on spills.
 """
 
+import functools
+import itertools
 import math
 
 import torch
 import triton
 import triton.language as tl
 
-from .compile_spec import TRITON_DTYPE, CompileSpec
+from .compile_spec import META, CompileSpec, launches
 
 LOG2E = math.log2(math.e)
 HEAD_DIMS = (16, 32, 64, 128, 256)  # HEAD_DIM, the padded head dim
@@ -299,51 +301,31 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
     return out, q.new_empty(0, dtype=torch.float32) if lse is None else lse
 
 
+def _example_launch(dtype: torch.dtype, head_dim: int, seqlen_q: int, varlen: bool, extras: bool) -> None:
+    """flash_attn_func / flash_attn_varlen_func on meta tensors: 32 query and 4 KV heads (Qwen3-MoE), q/k/v sliced
+    from one fused qkv projection as a model passes them, 64 keys; extras: with softmax_lse and a softcap."""
+    heads_q, heads_kv, seqlen_k, meta = 32, 4, 64, {"device": META}
+    rows = seqlen_q if varlen else 2 * seqlen_q
+    qkv = torch.empty(rows, (heads_q + 2 * heads_kv) * head_dim, dtype=dtype, **meta)
+    q = qkv[:, : heads_q * head_dim].view(rows, heads_q, head_dim)
+    k, v = (torch.empty(seqlen_k if varlen else 2 * seqlen_k, heads_kv, head_dim, dtype=dtype, **meta) for _ in "kv")
+    options = (head_dim**-0.5, True, (-1, -1), 30.0 if extras else 0.0, extras)
+    if varlen:
+        cu_q, cu_k = (torch.empty(3, dtype=torch.int32, **meta) for _ in "qk")
+        flash_attn_varlen_func(q, k, v, cu_q, cu_k, seqlen_q, seqlen_k, *options)
+    else:
+        batched = (t.view(2, t.shape[0] // 2, *t.shape[1:]) for t in (q, k, v))
+        flash_attn_func(*batched, *options)
+
+
 def compile_specs() -> list[CompileSpec]:
-    """Every (dtype, HEAD_DIM, row tile, EVEN_D, layout, EXTRAS or not) the launcher can pick."""
-    kernel = _flash_attn_kernel
-    specs, seen = [], set()
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        pointer = "*" + TRITON_DTYPE[dtype]
-        for padded in HEAD_DIMS:
-            for num_rows, even_d in ((16, True), (17, True), (17, False)):  # short queries, prefill, masked D
-                if _copies_padded(dtype, padded, even_d):
-                    continue  # launched on zero-padded copies, i.e. with EVEN_D
-                config = _config(dtype, padded, num_rows, even_d)
-                if (dtype, padded, even_d, config["BLOCK_M"]) in seen:
-                    continue  # fp32: one tile for short and long queries
-                seen.add((dtype, padded, even_d, config["BLOCK_M"]))
-                for varlen, extras in ((False, False), (True, False), (False, True), (True, True)):
-                    signature = {name: pointer for name in ("q", "k", "v", "out")}
-                    index = "*i32" if varlen else "constexpr"
-                    signature |= {"cu_seqlens_q": index, "cu_seqlens_k": index}
-                    signature |= {name: "i32" for name in kernel.arg_names[6:13]}
-                    signature["qk_scale"] = "fp32"
-                    signature |= {name: "i64" for name in kernel.arg_names[14:26]}
-                    lse = "*fp32" if extras else pointer  # without EXTRAS the launcher passes `out` (unused)
-                    signature |= {"lse": lse, "stride_lb": "i32", "stride_lh": "i32", "cap_log2": "fp32"}
-                    constexprs = {
-                        "BLOCK_M": config["BLOCK_M"],
-                        "BLOCK_N": config["BLOCK_N"],
-                        "HEAD_DIM": padded,
-                        "EVEN_D": even_d,
-                        "IS_VARLEN": varlen,
-                        "DOT_PRECISION": _precision(dtype),
-                        "EXTRAS": extras,
-                    }
-                    signature |= {name: "constexpr" for name in constexprs}
-                    if not varlen:
-                        constexprs |= {"cu_seqlens_q": None, "cu_seqlens_k": None}
-                    label = (
-                        f"{TRITON_DTYPE[dtype]} D={padded}{'' if even_d else ' padded'} M={config['BLOCK_M']} "
-                        f"N={config['BLOCK_N']} {'varlen' if varlen else 'batched'}{' extras' if extras else ''}"
-                    )
-                    # The JIT's specialization for 16-byte aligned tensors; with D a power of 2 the strides
-                    # (multiples of D) are multiples of 16 too.
-                    aligned = ("q", "k", "v", "out", "lse") + (tuple(kernel.arg_names[14:26]) if even_d else ())
-                    specs.append(
-                        CompileSpec(
-                            kernel, signature, constexprs, config["num_warps"], config["num_stages"], label, aligned
-                        )
-                    )
+    """The launches for every dtype and head dim (powers of 2 and, padded, multiples of 8 that are not), short
+    queries (decode: Sq * G <= 16 rows) and long ones, dense and varlen batches, with and without EXTRAS."""
+    specs = []
+    for dtype, head_dim, seqlen_q, varlen, extras in itertools.product(
+        (torch.float32, torch.float16, torch.bfloat16), HEAD_DIMS + (24, 40, 72, 136), (1, 256), (False, True),
+        (False, True),
+    ):  # fmt: skip
+        label = f"D={head_dim} Sq={seqlen_q} {'varlen' if varlen else 'batched'}" + (" extras" if extras else "")
+        specs += launches(functools.partial(_example_launch, dtype, head_dim, seqlen_q, varlen, extras), label)
     return specs

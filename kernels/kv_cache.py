@@ -13,11 +13,14 @@ vLLM's saturating conversion), rounded to nearest even and encoded by _e4m3_bits
 are passed as their uint8 bits).
 """
 
+import functools
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from .compile_spec import TRITON_DTYPE, CompileSpec
+from .compile_spec import META, CompileSpec, launches
 
 
 @triton.jit
@@ -133,27 +136,28 @@ def reshape_and_cache(
     )
 
 
+def _example_launch(dtype: torch.dtype, head_dim: int, fp8: bool, fused_projection: bool) -> None:
+    """reshape_and_cache on meta tensors: 8 KV heads, 16-token pages; key and value contiguous, or slices of one
+    fused qkv projection (32 query heads), as a model passes them."""
+    num_tokens, heads, meta = 3, 8, {"device": META}
+    if fused_projection:
+        qkv = torch.empty(num_tokens, (32 + 2 * heads) * head_dim, dtype=dtype, **meta)
+        key, value = (qkv[:, (32 + i * heads) * head_dim :][:, : heads * head_dim] for i in (0, 1))
+        key, value = key.view(num_tokens, heads, head_dim), value.view(num_tokens, heads, head_dim)
+    else:
+        key, value = (torch.empty(num_tokens, heads, head_dim, dtype=dtype, **meta) for _ in range(2))
+    cache_dtype = torch.float8_e4m3fn if fp8 else dtype
+    caches = [torch.empty(64, 16, heads, head_dim, dtype=cache_dtype, **meta) for _ in range(2)]
+    scales = [torch.empty(1, **meta) for _ in range(2)] if fp8 else [None, None]
+    reshape_and_cache(key, value, *caches, torch.empty(num_tokens, dtype=torch.int64, **meta), *scales)
+
+
 def compile_specs() -> list[CompileSpec]:
+    """The launches for each dtype and head dim, with and without an fp8 cache, from contiguous and sliced K/V."""
     specs = []
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for head_dim in (64, 96, 128, 256):
-            for fp8 in (False, True):
-                config = _config(head_dim)
-                pointer = "*" + TRITON_DTYPE[dtype]
-                cache = "*u8" if fp8 else pointer
-                signature = {"key": pointer, "value": pointer, "key_cache": cache, "value_cache": cache}
-                scale = "*fp32" if fp8 else "*i64"  # without FP8 the launcher passes slot_mapping (never read)
-                signature |= {"slot_mapping": "*i64", "k_scale": scale, "v_scale": scale}
-                for name in "k_token k_head v_token v_head kc_block kc_page kc_head vc_block vc_page vc_head".split():
-                    signature[f"{name}_stride"] = "i64"
-                signature |= {"block_size": "i32", "HEAD_DIM": "constexpr", "BLOCK_D": "constexpr", "FP8": "constexpr"}
-                specs.append(
-                    CompileSpec(
-                        _reshape_and_cache_kernel,
-                        signature,
-                        {"HEAD_DIM": head_dim, "BLOCK_D": config["BLOCK_D"], "FP8": fp8},
-                        num_warps=config["num_warps"],
-                        label=f"{TRITON_DTYPE[dtype]} D={head_dim}" + (" fp8 cache" if fp8 else ""),
-                    )
-                )
+    for dtype, head_dim, fp8, fused in itertools.product(
+        (torch.float32, torch.float16, torch.bfloat16), (64, 96, 128, 256), (False, True), (False, True)
+    ):
+        label = f"D={head_dim}" + (" fp8 cache" if fp8 else "") + (" qkv slices" if fused else "")
+        specs += launches(functools.partial(_example_launch, dtype, head_dim, fp8, fused), label)
     return specs

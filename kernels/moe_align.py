@@ -26,11 +26,14 @@ sorted_token_ids is prefilled with the sentinel N by torch.full. Offsets fit int
 < 2^31 is checked by the launcher.
 """
 
+import functools
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from .compile_spec import TRITON_DTYPE, CompileSpec
+from .compile_spec import META, CompileSpec, launches
 
 SUB = 64  # ids per chunk: the [SUB, SUB] rank comparison stays at 32 booleans per thread with 4 warps
 MIN_TILE = 1024  # ids per tile at least, so small batches are one tile (one program per kernel)
@@ -40,7 +43,7 @@ MAX_EXPERTS = 4096  # the prefix program holds E_PAD int32 vectors in registers
 COUNT_WARPS = 2  # 64 threads for the SUB = 64 ids of a chunk: one id per thread, no replicated atomics
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # T-dependent ints: one binary for every batch size
 def _count_kernel(ids, counts, num_pairs, num_experts, tile, SUB: tl.constexpr):
     row = tl.program_id(0)
     begin = row * tile
@@ -54,7 +57,7 @@ def _count_kernel(ids, counts, num_pairs, num_experts, tile, SUB: tl.constexpr):
         tl.atomic_add(counts + row * num_experts + expert, ones, mask=valid)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["rows"])
 def _prefix_kernel(counts, bases, offsets, post_padded, rows, num_experts, block_size, E_PAD: tl.constexpr):
     experts = tl.arange(0, E_PAD)
     emask = experts < num_experts
@@ -74,7 +77,7 @@ def _prefix_kernel(counts, bases, offsets, post_padded, rows, num_experts, block
         running += count
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_blocks"])
 def _expert_ids_kernel(
     offsets, expert_ids, max_blocks, num_experts, block_size, BLOCK_B: tl.constexpr, STEPS: tl.constexpr
 ):
@@ -92,7 +95,7 @@ def _expert_ids_kernel(
     tl.store(expert_ids + blocks, tl.where(start < used, low, 0), mask=bmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _scatter_kernel(ids, bases, sorted_ids, num_pairs, num_experts, tile, SUB: tl.constexpr):
     row = tl.program_id(0)
     begin = row * tile
@@ -170,43 +173,17 @@ def moe_align_block_size(
 
 
 def compile_specs() -> list[CompileSpec]:
+    """The launches at every expert count a family uses and the limits (E, k: Mixtral 8, 2; Qwen2-MoE 60, 4; OLMoE
+    64, 8; Qwen3-MoE 128, 8; DeepSeek-V3 256, 8; 1024; MAX_EXPERTS), for decode and prefill (T = 1, 4096), at the
+    smallest and largest block size, with int32 and int64 ids."""
     specs = []
-    i32 = "i32"
-    for num_experts in (8, 64, 128, 256, 1024, MAX_EXPERTS):
-        config = _config(num_experts)
-        specs.append(
-            CompileSpec(
-                _prefix_kernel,
-                {"counts": "*i32", "bases": "*i32", "offsets": "*i32", "post_padded": "*i32", "rows": i32,
-                 "num_experts": i32, "block_size": i32, "E_PAD": "constexpr"},
-                {"E_PAD": config["E_PAD"]},
-                num_warps=config["prefix_warps"],
-                label=f"prefix E={num_experts}",
-            )
-        )  # fmt: skip
-        specs.append(
-            CompileSpec(
-                _expert_ids_kernel,
-                {"offsets": "*i32", "expert_ids": "*i32", "max_blocks": i32, "num_experts": i32, "block_size": i32,
-                 "BLOCK_B": "constexpr", "STEPS": "constexpr"},
-                {"BLOCK_B": BLOCK_B, "STEPS": config["STEPS"]},
-                num_warps=4,
-                label=f"expert_ids E={num_experts}",
-            )
-        )  # fmt: skip
-    for dtype in (torch.int32, torch.int64):
-        ids = "*" + TRITON_DTYPE[dtype]
-        common = {"num_pairs": i32, "num_experts": i32, "tile": i32, "SUB": "constexpr"}
-        specs.append(
-            CompileSpec(
-                _count_kernel, {"ids": ids, "counts": "*i32"} | common, {"SUB": SUB}, num_warps=COUNT_WARPS,
-                label=f"count {TRITON_DTYPE[dtype]}",
-            )
-        )  # fmt: skip
-        specs.append(
-            CompileSpec(
-                _scatter_kernel, {"ids": ids, "bases": "*i32", "sorted_ids": "*i32"} | common, {"SUB": SUB},
-                num_warps=4, label=f"scatter {TRITON_DTYPE[dtype]}",
-            )
-        )  # fmt: skip
+    for (num_experts, topk), num_tokens, block_size, dtype in itertools.product(
+        ((8, 2), (60, 4), (64, 8), (128, 8), (256, 8), (1024, 8), (MAX_EXPERTS, 8)),
+        (1, 4096),
+        (16, 128),
+        (torch.int32, torch.int64),
+    ):
+        ids = torch.empty(num_tokens, topk, dtype=dtype, device=META)
+        label = f"E={num_experts} T={num_tokens} k={topk} block_size={block_size}"
+        specs += launches(functools.partial(moe_align_block_size, ids, block_size, num_experts), label)
     return specs

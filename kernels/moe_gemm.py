@@ -28,20 +28,50 @@ description.
    here rather than in the GEMM 2 epilogue so that the product stays in fp32 (y in the dtype times an fp32 weight,
    as the reference), with no extra rounding of a weighted y to the activation dtype.
 
+Quantized experts (kernels/moe_gemm_quant.py: formats, numerics, the w8a16 / w8a8 choice): constexpr WEIGHTS
+selects the weight tile's format (0 the activation dtype; 1 fp8 block-scaled, 2 int8 per channel: 1-byte codes and
+fp32 scales w_scale [E, ., .] read through stride_se/sn/sk at row n // scale_bn, column k // scale_bk). In w8a16
+the tile is dequantized to the activation dtype before tl.dot; with W8A8 the activations come in as fp8 codes with
+per-row, per-group scales a_scale (row stride stride_at; GEMM 1 indexes them by token, GEMM 2 by sorted row) and
+each K tile's fp8 tl.dot is scaled into the fp32 accumulator. SCALE_K_TILE: a K tile lies in one scale block, so
+its scales are a [BLOCK_N] vector (else gathered per element). Unquantized launches pass placeholders.
+
 Offsets: token rows, pair rows and expert bases are int64 (T*k*H and E*2I*H can pass 2^31). fp32 tl.dot uses
 input_precision "ieee" (no TF32) so the fp32 backend meets the fp32 tolerance.
 
 Tiles: a tuned entry for the device and layer shape when one exists (qwen_fast.configs, table "moe_gemm", written by
-bench/tune_moe.py; keyed by shape_key(), checked by validate_config(); none ship yet), else the heuristic
-(_config): BLOCK_M is qwen_fast.configs.moe_block_size.choose_block_size, the rows per active expert rounded up to 16
-(decode) ... 128 (prefill), since rows past an expert's count are padding and cost full work.
-BLOCK_N/BLOCK_K/warps/stages are fixed per (BLOCK_M, dtype).
-16-bit: BLOCK_K = 64 (128-byte rows, one swizzled shared-memory line); GEMM 1 holds two accumulators, so its N tile
-is 64 up to BLOCK_M = 64 and 32 at BLOCK_M = 128 (64 spilled on sm_80 and sm_90); GEMM 2 widens N to 128 from
-BLOCK_M = 64. fp32 (exact "ieee" dot products on FMA units, operands in registers): N = 32 and K = 32, K = 16 from
-BLOCK_M = 64 (wider tiles spilled on sm_80). Every config is listed in compile_specs() and compiled for sm_80 and
-sm_90 by `python -m qwen_fast.gpu_check`, which fails on spills, and so is every entry of every tuned file found.
+bench/tune_moe.py; keyed by shape_key(), checked by validate_config(); none ship yet), else heuristic_config(), for
+the device's arch family (compile_spec.device_arch: 90 for sm_90+, 80 below; CPU tensors take 90):
+BLOCK_M is qwen_fast.configs.moe_block_size.choose_block_size, the rows the busiest experts get, rounded up to 16
+(decode) ... 128 (prefill): each block re-reads its expert's weights, so BLOCK_M follows the experts' real counts as
+far as the host knows them without a sync (at most T rows an expert; the global E under an expert map), not the mean.
+16-bit tiles (_config; registers / shared memory as launched, Triton 3.8, gpu_check):
+- BLOCK_M 16 (decode, weight-bandwidth bound): N is the widest of 64, 32, 16 whose grid, (blocks with rows =
+  min(E, T*k)) x cdiv(N dim, N), fills every SM once (decode_n; the device's SM count, else 132 / 108), so T = 1 runs
+  8 x 24 = 192 gate_up CTAs for Qwen3-30B-A3B (N 32; N 64 gave 96 on 132 SMs) and 8 x 24 for 235B (N 64). Narrower
+  N rather than split-K: gate_up's epilogue, silu(gate) * up, needs the whole K sum, so split-K would add an fp32
+  partial buffer and a reduction pass, while at one to sixteen rows a narrower N costs nothing (the weights are read
+  once either way; only the 1-16 activation rows are re-read). K 128 and 4 stages on sm_90 (gate_up N 64: 104
+  registers, 108 KiB), K 64 and 4 stages on sm_80 (80 registers, 54 KiB), 4 warps.
+- BLOCK_M 32 and 64: gate_up N 64, K 64; down N 64 (M 32) or 128 (M 64); 4 warps; 4 stages on sm_90 (at most 136
+  registers, 96 KiB), 3 on sm_80.
+- BLOCK_M 128 (prefill, compute bound): sm_90 gate_up 128 x (2 x 128) x 64 with 3 stages (228 registers, 144 KiB)
+  and down 128 x 128 x 64 with 4 stages (109 registers, 128 KiB), 8 warps; sm_80 gate_up N 64 and down N 128, 3
+  stages (149 and 200 registers, 64 KiB: also within the 99 KiB of sm_86/sm_89).
+fp32 (exact "ieee" dot products on FMA units, operands in registers; the interpreter's and a fallback's): N = 32,
+K = 32, K = 16 from BLOCK_M = 64, 2 stages (M 32's gate_up holds 252 registers on sm_80). 1-byte weights (fp8,
+int8; choose_config() reads w13's dtype): moe_gemm_quant.quant_tiles for 16-bit activations (launch_tiles() swaps
+in its fp32 or per-element tiles at config's BLOCK_M); tuned tables hold unquantized dtypes only (QUANT_KINDS lists
+the quantized launches checked). Every config the heuristic can pick for each family and every entry of every
+tuned file found is launched on meta tensors at the MODEL_SHAPES
+(compile_specs()) and compiled as launched for its arch by `python -m qwen_fast.gpu_check`, which fails on spills.
+num_pairs (T-dependent) is not specialised, so one binary serves odd and even T * k.
 """
+
+import functools
+import itertools
+import re
+from pathlib import Path
 
 import torch
 import triton
@@ -50,18 +80,21 @@ import triton.language as tl
 from qwen_fast import configs
 from qwen_fast.configs.moe_block_size import BLOCK_SIZES, choose_block_size
 
-from .compile_spec import TRITON_DTYPE, CompileSpec
+from .compile_spec import ARCH_SMS, DEFAULT_ARCHS, META, CompileSpec, device_arch, launches
+from .compile_spec import num_sms as device_sms
 from .moe_gemm_quant import (
     WEIGHT_FORMATS,
     _dequantize,
+    _quantize_groups_kernel,
     _scales,
+    launch_tiles,
     quant_tiles,
     quantize_groups,
-    scale_k_tile,
     scale_layout,
     uses_w8a8,
 )
 
+DECODE_N = (64, 32, 16)  # N tiles at BLOCK_M 16, widest first
 COMBINE_BLOCK_H = 512  # 512 columns x 4 B fp32 accumulator over 4 warps: 4 registers per thread, 1 KB per row loaded
 # What a tuned entry may hold. Tiles are powers of 2 (tl.arange) and at least 16 (tl.dot); BLOCK_M is the
 # block_size of moe_align_block_size, which takes any size >= 1: past 256, the rows an expert pads to a block and the
@@ -71,10 +104,12 @@ WARPS = (1, 2, 4, 8, 16)
 STAGES = range(1, 9)
 TILE_FIELDS = {"BLOCK_N": TILE_SIZES, "BLOCK_K": TILE_SIZES, "num_warps": WARPS, "num_stages": STAGES}
 SHAPE_FIELDS = ("E", "H", "I", "k", "dtype")
+# Layer shapes (E, H, I, k) the static check launches at: the two Qwen3-MoE sizes.
+MODEL_SHAPES = {"Qwen3-30B-A3B": (128, 2048, 768, 8), "Qwen3-235B-A22B": (128, 4096, 1536, 8)}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # one binary for odd and even T * k
 def _gate_up_kernel(
     hidden,
     w13,
@@ -167,7 +202,7 @@ def _gate_up_kernel(
     tl.store(out_ptrs, out, mask=row_ok[:, None] & col_ok[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])
 def _down_kernel(
     intermediate,
     w2,
@@ -251,19 +286,37 @@ def _combine_kernel(y, topk_weights, out, topk, hidden_size, stride_wt, stride_w
     tl.store(out + token * hidden_size + cols, acc.to(out.dtype.element_ty), mask=col_ok)
 
 
-def _config(block_m: int, dtype: torch.dtype) -> dict:
-    """GEMM tiles for one BLOCK_M and dtype: {"gate_up": {...}, "down": {...}} with BLOCK_N, BLOCK_K, warps, stages.
-    A quantized weight dtype (WEIGHT_FORMATS) gets moe_gemm_quant.quant_tiles."""
+def decode_n(blocks: int, dim: int, num_sms: int) -> int:
+    """The widest N tile of DECODE_N whose grid `blocks` x cdiv(dim, N) fills every SM at least once; else the
+    narrowest."""
+    return next((n for n in DECODE_N if blocks * triton.cdiv(dim, n) >= num_sms), DECODE_N[-1])
+
+
+def _config(block_m: int, dtype: torch.dtype, arch: int, decode_tiles: tuple[int, int] = (64, 64)) -> dict:
+    """GEMM tiles {"gate_up": {...}, "down": {...}} (BLOCK_N, BLOCK_K, num_warps, num_stages) for one BLOCK_M, dtype
+    and arch family (80 or 90); decode_tiles: the (gate_up, down) N tiles at BLOCK_M 16 (decode_n). A quantized
+    weight dtype (WEIGHT_FORMATS) gets moe_gemm_quant.quant_tiles for 16-bit activations (launch_tiles() swaps in the
+    fp32 or per-element ones)."""
     if dtype in WEIGHT_FORMATS:
-        return quant_tiles(block_m)
+        return quant_tiles(block_m, torch.bfloat16)
     if dtype == torch.float32:  # exact fp32 dot products run on FMA units: small tiles, operands held in registers
         warps = 4 if block_m <= 32 else 8
         tiles = {"BLOCK_N": 32, "BLOCK_K": 16 if block_m >= 64 else 32, "num_warps": warps, "num_stages": 2}
         return {"gate_up": tiles, "down": tiles}
-    warps = 4 if block_m <= 32 else 8
-    stages = 3 if block_m <= 64 else 2
-    gate_up = {"BLOCK_N": 64 if block_m <= 64 else 32, "BLOCK_K": 64, "num_warps": warps, "num_stages": stages}
-    down = {"BLOCK_N": 64 if block_m <= 32 else 128, "BLOCK_K": 64, "num_warps": warps, "num_stages": stages}
+    hopper = arch >= 90
+    if block_m == 16:  # decode: weight-bandwidth bound; N tiles that fill the SMs, long K steps, a deep pipeline
+        k_step = 128 if hopper else 64
+        return {
+            name: {"BLOCK_N": n, "BLOCK_K": k_step, "num_warps": 4, "num_stages": 4}
+            for name, n in zip(("gate_up", "down"), decode_tiles, strict=True)
+        }
+    if block_m <= 64:
+        warps, stages = 4, 4 if hopper else 3
+        gate_up = {"BLOCK_N": 64, "BLOCK_K": 64, "num_warps": warps, "num_stages": stages}
+        down = {"BLOCK_N": 64 if block_m == 32 else 128, "BLOCK_K": 64, "num_warps": warps, "num_stages": stages}
+        return {"gate_up": gate_up, "down": down}
+    gate_up = {"BLOCK_N": 128 if hopper else 64, "BLOCK_K": 64, "num_warps": 8, "num_stages": 3}
+    down = {"BLOCK_N": 128, "BLOCK_K": 64, "num_warps": 8, "num_stages": 4 if hopper else 3}
     return {"gate_up": gate_up, "down": down}
 
 
@@ -308,21 +361,37 @@ def validate_config(shape: str, entry: dict) -> None:
             _check_choice(f"{gemm}.{field}", tiles[field], allowed)
 
 
-def heuristic_config(num_tokens: int, topk: int, num_experts: int, dtype: torch.dtype) -> dict:
-    """The entry the heuristic picks, in validate_config()'s form: BLOCK_M = choose_block_size, tiles = _config."""
+def heuristic_config(num_tokens: int, topk: int, num_experts: int, hidden_size: int, inter_size: int,
+                     dtype: torch.dtype, arch: int = 90, num_sms: int | None = None) -> dict:  # fmt: skip
+    """The entry the heuristic picks, in validate_config()'s form: BLOCK_M = choose_block_size over the routed
+    experts (num_experts: the global count under an expert map), tiles = _config for the arch family (80 or 90), at
+    BLOCK_M 16 with the N tiles decode_n picks for num_sms SMs (default: the family's ARCH_SMS).
+
+        >>> heuristic_config(1, 8, 128, 2048, 768, torch.bfloat16)["gate_up"]  # Qwen3-30B-A3B decode on sm_90
+        {'BLOCK_N': 32, 'BLOCK_K': 128, 'num_warps': 4, 'num_stages': 4}
+    """
     block_m = choose_block_size(num_tokens, topk, num_experts)
-    return {"BLOCK_M": block_m, **_config(block_m, dtype)}
+    blocks = min(num_experts, num_tokens * topk)  # blocks with rows at BLOCK_M 16 (exact at one token)
+    num_sms = ARCH_SMS[arch] if num_sms is None else num_sms
+    decode_tiles = (decode_n(blocks, inter_size, num_sms), decode_n(blocks, hidden_size, num_sms))
+    return {"BLOCK_M": block_m, **_config(block_m, dtype, arch, decode_tiles)}
 
 
-def choose_config(num_tokens: int, topk: int, w13: torch.Tensor) -> dict:
-    """The tuned entry for w13's device and the layer shape at the nearest tuned T, else heuristic_config()."""
-    num_experts, two_i, hidden_size = w13.shape
-    shape = shape_key(num_experts, hidden_size, two_i // 2, topk, w13.dtype)
+def choose_config(num_tokens: int, topk: int, w13: torch.Tensor, num_experts: int | None = None) -> dict:
+    """The tuned entry for w13's device and the layer shape at the nearest tuned T, else heuristic_config() for the
+    device's arch family. num_experts: the experts the ids route to (the global count under an expert map; default
+    w13's E)."""
+    local_experts, two_i, hidden_size = w13.shape
+    shape = shape_key(local_experts, hidden_size, two_i // 2, topk, w13.dtype)
     tuned = configs.lookup("moe_gemm", validate_config, configs.device_name(w13.device), shape, num_tokens)
-    return tuned if tuned is not None else heuristic_config(num_tokens, topk, num_experts, w13.dtype)
+    if tuned is not None:
+        return tuned
+    routed = local_experts if num_experts is None else num_experts
+    arch, sms = device_arch(w13.device), device_sms(w13.device)
+    return heuristic_config(num_tokens, topk, routed, hidden_size, two_i // 2, w13.dtype, arch, sms)
 
 
-def _quant_args(weights: int, scale, a_scale: torch.Tensor, block_shape, width: int, block_k: int, w8a8: bool):
+def _quant_args(weights: int, scale, a_scale: torch.Tensor, block_shape, width: int, per_element: bool, w8a8: bool):
     """The GEMM kernels' quantization arguments (w_scale .. scale_bk, WEIGHTS, W8A8, SCALE_K_TILE) for weights of
     format `weights` (WEIGHT_FORMATS; 0: unquantized, placeholders never read) over K = width."""
     if not weights:
@@ -337,7 +406,7 @@ def _quant_args(weights: int, scale, a_scale: torch.Tensor, block_shape, width: 
         }
     layout = scale_layout(weights, scale, block_shape, width)
     return {"w_scale": scale, "a_scale": a_scale, **layout, "stride_at": a_scale.stride(0), "WEIGHTS": weights,
-            "W8A8": w8a8, "SCALE_K_TILE": scale_k_tile(weights, layout["scale_bk"], block_k)}  # fmt: skip
+            "W8A8": w8a8, "SCALE_K_TILE": not per_element}  # fmt: skip
 
 
 def fused_experts(
@@ -379,10 +448,12 @@ def fused_experts(
     y = (torch.zeros if zero_y else torch.empty)(num_pairs, hidden_size, dtype=dtype, device=device)
     precision = _precision(dtype)
     weights = WEIGHT_FORMATS.get(w13.dtype, 0)
-    if weights and dtype == torch.float32:
-        config = {"BLOCK_M": block_m, **_config(block_m, dtype)}
+    config, per_element = launch_tiles(config, dtype, weights, block_shape)
     if w8a8 is None:
         w8a8 = uses_w8a8(hidden_states, w13, block_shape, config)
+    elif w8a8 and (w13.dtype != torch.float8_e4m3fn or dtype == torch.float32 or per_element):
+        raise ValueError(f"w8a8 needs fp8 weights, 16-bit activations and bk a multiple of BLOCK_K, got {w13.dtype}, "
+                         f"{dtype}, block_shape {block_shape} with {config}")  # fmt: skip
     a_gate_up, a_scale_gate_up = hidden_states, hidden_states  # the activations of GEMM 1 and their scales
     if w8a8:
         a_gate_up, a_scale_gate_up = quantize_groups(hidden_states, block_shape[1])
@@ -409,7 +480,7 @@ def fused_experts(
         BLOCK_M=block_m,
         DOT_PRECISION=precision,
         GELU=activation == "gelu",
-        **_quant_args(weights, w13_scale, a_scale_gate_up, block_shape, hidden_size, gate_up["BLOCK_K"], w8a8),
+        **_quant_args(weights, w13_scale, a_scale_gate_up, block_shape, hidden_size, per_element, w8a8),
         **gate_up,
     )
     a_down, a_scale_down = intermediate, intermediate
@@ -431,7 +502,7 @@ def fused_experts(
         w2.stride(2),
         BLOCK_M=block_m,
         DOT_PRECISION=precision,
-        **_quant_args(weights, w2_scale, a_scale_down, block_shape, inter_size, down["BLOCK_K"], w8a8),
+        **_quant_args(weights, w2_scale, a_scale_down, block_shape, inter_size, per_element, w8a8),
         **down,
     )
     _combine_kernel[(num_tokens, triton.cdiv(hidden_size, COMBINE_BLOCK_H))](
@@ -448,89 +519,98 @@ def fused_experts(
     return out
 
 
-def _launch_configs() -> list[tuple[torch.dtype, int, dict]]:
-    """(dtype, BLOCK_M, config) of every GEMM config the launcher can pick: the heuristic's, then each tuned file's
-    (every device, every search directory), without repeats."""
-    found = [(dtype, m, _config(m, dtype)) for dtype in DTYPES.values() for m in BLOCK_SIZES]
-    found += [
-        (parse_shape_key(shape)["dtype"], entry["BLOCK_M"], entry)
-        for _, shape, _, entry in configs.entries("moe_gemm", validate_config)
-    ]
-    unique = {(dtype, m, repr(tiles["gate_up"]), repr(tiles["down"])): (dtype, m, tiles) for dtype, m, tiles in found}
-    return list(unique.values())
+def _file_archs(path) -> tuple[int, ...]:
+    """The arch families a tuned file's device name stands for (Hopper parts: 90; Ampere: 80; else both)."""
+    name = Path(path).stem
+    if re.search(r"(^|_)(GH|H)\d+", name):
+        return (90,)
+    return (80,) if re.search(r"(^|_)A\d+", name) else DEFAULT_ARCHS
 
 
-def gemm_specs(dtype: torch.dtype, block_m: int, config: dict, quant: tuple = (None, False, True)) -> list[CompileSpec]:
-    """The gate_up kernel (silu and gelu) and the down kernel as launched with one config (tiles {"gate_up": ...,
-    "down": ...}), activations of `dtype`; quant = (weight dtype, W8A8, SCALE_K_TILE): None for unquantized weights,
-    float8_e4m3fn or int8 (kernels/moe_gemm_quant.py)."""
-    weight_dtype, w8a8, k_tile = quant
-    specs, pointer = [], "*" + TRITON_DTYPE[dtype]
-    weights = WEIGHT_FORMATS.get(weight_dtype, 0)
-    weight_pointer = {0: pointer, 1: "*fp8e4nv" if w8a8 else "*u8", 2: "*i8"}[weights]
-    a_pointer = "*fp8e4nv" if w8a8 else pointer
-    for kernel, names, ints, tiles, variants in (
-        (_gate_up_kernel, ("hidden", "w13", "intermediate"), 9, config["gate_up"], ({"GELU": False}, {"GELU": True})),
-        (_down_kernel, ("intermediate", "w2", "y"), 6, config["down"], ({},)),
+def _launch_configs() -> list[tuple[torch.dtype, dict, tuple[int, ...]]]:
+    """(dtype, config, archs) of every GEMM config the launcher can pick: the heuristic's for each arch family (every
+    decode N tile it can choose), then each tuned file's (every device, every search directory)."""
+    found = []
+    for dtype, arch, block_m in itertools.product(DTYPES.values(), DEFAULT_ARCHS, BLOCK_SIZES):
+        for decode_tiles in itertools.product(DECODE_N, repeat=2) if block_m == 16 else [(64, 64)]:
+            found.append((dtype, {"BLOCK_M": block_m, **_config(block_m, dtype, arch, decode_tiles)}, (arch,)))
+    for path, shape, _, entry in configs.entries("moe_gemm", validate_config):
+        found.append((parse_shape_key(shape)["dtype"], entry, _file_archs(path)))
+    return list({(dtype, repr(config), archs): (dtype, config, archs) for dtype, config, archs in found}.values())
+
+
+def _example_launch(model: str, dtype: torch.dtype, config: dict, num_tokens: int, weights: torch.dtype,
+                    activation: str, quant: tuple = (None, None, False)) -> None:  # fmt: skip
+    """fused_experts on meta tensors of `model`'s layer shape (MODEL_SHAPES) with `config`; quant: (weight dtype,
+    block_shape, w8a8) of quantized experts (QUANT_KINDS), or unquantized."""
+    num_experts, hidden_size, inter_size, topk = MODEL_SHAPES[model]
+    num_pairs, block_m = num_tokens * topk, config["BLOCK_M"]
+    padded = num_pairs + min(num_experts, num_pairs) * (block_m - 1)
+    meta = {"device": META}
+    weight_dtype, block_shape, w8a8 = quant
+    shapes = (num_experts, 2 * inter_size, hidden_size), (num_experts, hidden_size, inter_size)
+    w13, w2 = (torch.empty(shape, dtype=weight_dtype or dtype, **meta) for shape in shapes)
+    scales = {}
+    if weight_dtype is not None:  # fp8: [E, ceil(N/bn), ceil(K/bk)]; int8: [E, N]
+        scale_shapes = [(e, n) if block_shape is None else (e, -(-n // block_shape[0]), -(-k // block_shape[1]))
+                        for e, n, k in shapes]  # fmt: skip
+        w13_scale, w2_scale = (torch.empty(shape, dtype=torch.float32, **meta) for shape in scale_shapes)
+        scales = {"w13_scale": w13_scale, "w2_scale": w2_scale, "block_shape": block_shape, "w8a8": w8a8}
+    fused_experts(
+        torch.empty(num_tokens, hidden_size, dtype=dtype, **meta),
+        w13,
+        w2,
+        torch.empty(num_tokens, topk, dtype=weights, **meta),
+        torch.empty(padded, dtype=torch.int32, **meta),
+        torch.empty(triton.cdiv(padded, block_m), dtype=torch.int32, **meta),
+        torch.empty(1, dtype=torch.int32, **meta),
+        config,
+        activation=activation,
+        **scales,
+    )
+
+
+def gemm_specs(dtype: torch.dtype, config: dict, archs: tuple[int, ...] = DEFAULT_ARCHS) -> list[CompileSpec]:
+    """The launches of fused_experts with one config (silu and gelu, fp32 and model-dtype routing weights, odd and
+    even T) at every MODEL_SHAPES shape: its gate_up, down and combine kernels as launched."""
+    specs = []
+    for model, num_tokens, weights, activation in itertools.product(
+        MODEL_SHAPES, (1, 2), dict.fromkeys((torch.float32, dtype)), ("silu", "gelu")
     ):
-        signature = dict(zip(names, (a_pointer, weight_pointer, pointer), strict=True))
-        signature |= {"sorted_token_ids": "*i32", "expert_ids": "*i32", "num_tokens_post_padded": "*i32"}
-        scalars = list(kernel.arg_names[6 : 6 + ints])
-        signature |= {name: "i64" if name.startswith("stride") else "i32" for name in scalars}
-        signature |= {"w_scale": "*fp32" if weights else pointer, "a_scale": "*fp32" if w8a8 else pointer}
-        signature |= {
-            name: "i32" for name in ("stride_se", "stride_sn", "stride_sk", "stride_at", "scale_bn", "scale_bk")
-        }
-        signature |= {name: "constexpr" for name in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "DOT_PRECISION")}
-        constexprs = {"BLOCK_M": block_m, "BLOCK_N": tiles["BLOCK_N"], "BLOCK_K": tiles["BLOCK_K"]}
-        constexprs["DOT_PRECISION"] = _precision(dtype)
-        formats = {"WEIGHTS": weights, "W8A8": w8a8, "SCALE_K_TILE": k_tile}
-        label = f"{TRITON_DTYPE[dtype]} M={block_m} N={tiles['BLOCK_N']} K={tiles['BLOCK_K']} S={tiles['num_stages']}"
-        if weights:
-            label += f" {weight_pointer[1:]}" + (" w8a8" if w8a8 else "") + ("" if k_tile else " scales per element")
-        for variant in variants:
-            specs.append(
-                CompileSpec(
-                    kernel,
-                    signature | {name: "constexpr" for name in (*variant, *formats)},
-                    constexprs | variant | formats,
-                    num_warps=tiles["num_warps"],
-                    num_stages=tiles["num_stages"],
-                    label=label + (" gelu" if variant.get("GELU") else ""),
-                )
-            )
+        label = f"{model} T={num_tokens} M={config['BLOCK_M']}"
+        launch = functools.partial(_example_launch, model, dtype, config, num_tokens, weights, activation)
+        specs += launches(launch, label, archs)
     return specs
+
+
+# (weight dtype, block_shape, w8a8) of each kind of quantized launch: fp8 at the checkpoints' [128, 128] (scales per
+# tile), fp8 with a bk no BLOCK_K divides (per-element tiles), int8, and fp8 w8a8 (16-bit activations, sm_90 only).
+QUANT_KINDS = (
+    (torch.float8_e4m3fn, [128, 128], False),
+    (torch.float8_e4m3fn, [128, 96], False),
+    (torch.int8, None, False),
+    (torch.float8_e4m3fn, [128, 128], True),
+)
 
 
 def _quantized_specs() -> list[CompileSpec]:
-    """Every quantized variant the launcher can run, at the heuristic's tiles: fp8 w8a16 (scales per tile and per
-    element), int8, and fp8 w8a8 (16-bit activations)."""
-    variants = [(torch.float8_e4m3fn, False, True), (torch.float8_e4m3fn, False, False), (torch.int8, False, True)]
+    """The launches of fused_experts with quantized experts: every QUANT_KINDS kind at the heuristic's tiles of every
+    BLOCK_M (moe_gemm_quant.quant_tiles; launch_tiles' fp32 and per-element swaps), silu and gelu, at every
+    MODEL_SHAPES shape, for sm_80 and sm_90 (w8a8: sm_90)."""
     specs = []
-    for dtype in DTYPES.values():
-        w8a8 = [(torch.float8_e4m3fn, True, True)] if dtype != torch.float32 else []
-        for block_m in BLOCK_SIZES:
-            tiles = _config(block_m, torch.float32 if dtype == torch.float32 else torch.int8)
-            specs += [spec for quant in variants + w8a8 for spec in gemm_specs(dtype, block_m, tiles, quant)]
-    return specs
+    for dtype, block_m, kind, model, activation in itertools.product(
+        DTYPES.values(), BLOCK_SIZES, QUANT_KINDS, MODEL_SHAPES, ("silu", "gelu")
+    ):
+        weight_dtype, _, w8a8 = kind
+        if w8a8 and dtype == torch.float32:
+            continue
+        config = {"BLOCK_M": block_m, **_config(block_m, weight_dtype, 90)}
+        label = f"{model} T=1 M={block_m} {str(weight_dtype).removeprefix('torch.')}" + (" w8a8" if w8a8 else "")
+        launch = functools.partial(_example_launch, model, dtype, config, 1, torch.float32, activation, kind)
+        specs += launches(launch, label, (90,) if w8a8 else DEFAULT_ARCHS)
+    return [spec for spec in specs if spec.kernel is not _quantize_groups_kernel]  # moe_gemm_quant checks it
 
 
 def compile_specs() -> list[CompileSpec]:
-    specs = [spec for dtype, block_m, config in _launch_configs() for spec in gemm_specs(dtype, block_m, config)]
-    specs += _quantized_specs()
-    for dtype in DTYPES.values():
-        pointer = "*" + TRITON_DTYPE[dtype]
-        for weight_dtype in dict.fromkeys((torch.float32, dtype)):
-            signature = {"y": pointer, "topk_weights": "*" + TRITON_DTYPE[weight_dtype], "out": pointer}
-            signature |= {"topk": "i32", "hidden_size": "i32", "stride_wt": "i64", "stride_wk": "i64"}
-            signature["BLOCK_H"] = "constexpr"
-            specs.append(
-                CompileSpec(
-                    _combine_kernel,
-                    signature,
-                    {"BLOCK_H": COMBINE_BLOCK_H},
-                    num_warps=4,
-                    label=f"{TRITON_DTYPE[dtype]} weights {TRITON_DTYPE[weight_dtype]}",
-                )
-            )
-    return specs
+    specs = [spec for dtype, config, archs in _launch_configs() for spec in gemm_specs(dtype, config, archs)]
+    return specs + _quantized_specs()

@@ -13,7 +13,8 @@ uint8 bits: sm_80 has no e4m3 conversion, so kv_cache._e4m3_value decodes the bi
 fp32 (exact), multiplied by its fp32 scale (the reference's product, bit for bit) and rounded to the activation
 dtype: the reference's dequantized weight, in registers. tl.dot then runs in the activation dtype with fp32
 accumulation, as for unquantized weights. When bk is a multiple of BLOCK_K (SCALE_K_TILE: every K tile lies in one
-scale block; int8 always) the scales of a tile are one vector [BLOCK_N]; otherwise they are gathered per element.
+scale block; int8 always) the scales of a tile are one vector [BLOCK_N]; otherwise (a block shape no checkpoint
+uses) they are gathered per element, with BLOCK_K 16 tiles (launch_tiles).
 
 w8a8 (fp8 weights, fp16/bf16 activations, CUDA capability >= 9.0, bk a multiple of both GEMMs' BLOCK_K >= 32;
 uses_w8a8()): DeepGEMM's and vLLM's scheme, which is also what transformers' FP8 layers run on GPU. Each GEMM's
@@ -30,10 +31,10 @@ import torch
 import triton
 import triton.language as tl
 
-from .compile_spec import TRITON_DTYPE, CompileSpec
+from .compile_spec import META, CompileSpec, launches
 from .kv_cache import _e4m3_bits, _e4m3_value
 
-FP8_MAX = 448.0  # float8_e4m3fn's largest finite value
+FP8_MAX = tl.constexpr(448.0)  # float8_e4m3fn's largest finite value (a constexpr: read in kernels)
 WEIGHT_FORMATS = {torch.float8_e4m3fn: 1, torch.int8: 2}  # WEIGHTS constexpr of the GEMM kernels; 0: unquantized
 W8A8_MIN_BLOCK_K = 32  # the K of one fp8 MMA instruction
 
@@ -104,11 +105,6 @@ def scale_layout(weights: int, scale: torch.Tensor, block_shape, width: int) -> 
             "scale_bn": bn, "scale_bk": bk}  # fmt: skip
 
 
-def scale_k_tile(weights: int, scale_bk: int, block_k: int) -> bool:
-    """SCALE_K_TILE: every K tile of BLOCK_K columns lies in one scale block (int8: one block spans K)."""
-    return weights == WEIGHT_FORMATS[torch.int8] or scale_bk % block_k == 0
-
-
 def uses_w8a8(hidden_states: torch.Tensor, w13: torch.Tensor, block_shape, config: dict) -> bool:
     """Whether fused_experts runs w8a8 (module docstring) for these arguments and tiles, else w8a16."""
     if w13.dtype != torch.float8_e4m3fn or hidden_states.dtype not in (torch.float16, torch.bfloat16):
@@ -119,30 +115,56 @@ def uses_w8a8(hidden_states: torch.Tensor, w13: torch.Tensor, block_shape, confi
     return all(k >= W8A8_MIN_BLOCK_K and block_shape[1] % k == 0 for k in block_ks)
 
 
-def quant_tiles(block_m: int) -> dict:
-    """GEMM tiles for 1-byte weights and 16-bit activations: {"gate_up": ..., "down": ...}. BLOCK_K = 128 (a
-    128-byte weight row; divides the checkpoints' bk = 128, so w8a8 applies); decode (BLOCK_M 16) narrows gate_up's N
-    to 32 for twice the CTAs, as the halved weight bytes make the step bandwidth-bound."""
-    warps = 4 if block_m <= 32 else 8
-    stages = 4 if block_m <= 32 else 3
-    gate_up = {"BLOCK_N": 32 if block_m <= 16 else 64, "BLOCK_K": 128, "num_warps": warps, "num_stages": stages}
-    down = {"BLOCK_N": 64 if block_m <= 32 else 128, "BLOCK_K": 128, "num_warps": warps, "num_stages": stages}
+# 16-bit activations: (BLOCK_N, BLOCK_K, num_warps) of gate_up and of down per BLOCK_M, 3 stages (quant_tiles).
+TILES_16BIT = {
+    16: ((32, 64, 4), (64, 64, 4)),
+    32: ((32, 64, 4), (64, 64, 4)),
+    64: ((32, 64, 8), (128, 64, 8)),
+    128: ((64, 32, 8), (64, 64, 4)),
+}
+
+
+def quant_tiles(block_m: int, dtype: torch.dtype, per_element: bool = False) -> dict:
+    """GEMM tiles for 1-byte weights and `dtype` activations: {"gate_up": ..., "down": ...}, BLOCK_M past 128 as 128.
+    The dequantized weight tile lives in registers (BLOCK_K x BLOCK_N values per CTA), so the tiles are smaller than
+    unquantized ones. 16-bit (TILES_16BIT): BLOCK_K 64 (divides the checkpoints' bk = 128, so w8a8 applies), 32 for
+    gate_up at BLOCK_M 128; gate_up holds two accumulators, so N 32 (64 spilled on sm_80 at BLOCK_M 64) but 64 at
+    BLOCK_M 128 with K 32 (K 64 spilled with 4 and 8 warps); down N 64, 128 at BLOCK_M 64 (128 spilled at BLOCK_M
+    128 in w8a8, where the dot result sits beside the accumulator). fp32 ("ieee" FMA dot products): N 32, K 32 at
+    BLOCK_M 16 and 16 above, N 16 at BLOCK_M 128. per_element (a bk no BLOCK_K divides: scales gathered per weight):
+    BLOCK_K 16."""
+    if dtype == torch.float32:
+        warps = 4 if block_m <= 32 else 8
+        n, k = (16 if block_m >= 128 else 32), (32 if block_m <= 16 else 16)
+        gate_up = down = {"BLOCK_N": n, "BLOCK_K": k, "num_warps": warps, "num_stages": 2}
+    else:
+        row = TILES_16BIT[next((m for m in TILES_16BIT if block_m <= m), 128)]
+        gate_up, down = ({"BLOCK_N": n, "BLOCK_K": k, "num_warps": w, "num_stages": 3} for n, k, w in row)
+    if per_element:
+        gate_up, down = ({**tiles, "BLOCK_K": 16} for tiles in (gate_up, down))
     return {"gate_up": gate_up, "down": down}
 
 
+def launch_tiles(config: dict, dtype: torch.dtype, weights: int, block_shape) -> tuple[dict, bool]:
+    """(tiles, per_element) of a launch with weights of format `weights`: config's tiles, except for 1-byte weights
+    with fp32 activations (quant_tiles' fp32 tiles; choose_config() sees only w13) or an fp8 bk that a BLOCK_K of
+    config does not divide (per_element: quant_tiles' per-element tiles, scales gathered per weight, the kernels'
+    SCALE_K_TILE False), at config's BLOCK_M."""
+    block_m = config["BLOCK_M"]
+    per_element = weights == WEIGHT_FORMATS[torch.float8_e4m3fn] and any(
+        block_shape[1] % config[gemm]["BLOCK_K"] for gemm in ("gate_up", "down")
+    )
+    if weights and (dtype == torch.float32 or per_element):
+        return {"BLOCK_M": block_m, **quant_tiles(block_m, dtype, per_element)}, per_element
+    return config, per_element
+
+
 def compile_specs() -> list[CompileSpec]:
+    """quantize_groups as w8a8 fused_experts launches it (sm_90): fp16/bf16 hidden states and intermediates of the
+    Qwen3-MoE layer widths (2048, 768, 4096, 1536), groups of 128."""
     specs = []
     for dtype in (torch.float16, torch.bfloat16):
-        for group in (128,):
-            signature = {"x": "*" + TRITON_DTYPE[dtype], "codes": "*u8", "scales": "*fp32", "width": "i32"}
-            signature |= {"stride_x": "i64", "group": "i32", "BLOCK_G": "constexpr"}
-            specs.append(
-                CompileSpec(
-                    _quantize_groups_kernel,
-                    signature,
-                    {"BLOCK_G": group},
-                    num_warps=4,
-                    label=f"{TRITON_DTYPE[dtype]} group={group}",
-                )  # fmt: skip
-            )
+        for width in (2048, 768, 4096, 1536):
+            x = torch.empty(8, width, dtype=dtype, device=META)
+            specs += launches(lambda x=x: quantize_groups(x, 128), f"{dtype} width={width}", (90,))
     return specs

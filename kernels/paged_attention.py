@@ -45,13 +45,14 @@ x BLOCK_N 32, halved BLOCK_N for D = 256. fp32, or rows not 16-byte aligned (ele
 sm_90 by `python -m qwen_fast.gpu_check` (head dims 64, 128, 256).
 """
 
+import functools
 import itertools
 
 import torch
 import triton
 import triton.language as tl
 
-from .compile_spec import TRITON_DTYPE, CompileSpec
+from .compile_spec import META, CompileSpec, launches
 from .kv_cache import _e4m3_value
 
 LOG2E = 1.4426950408889634
@@ -367,41 +368,33 @@ def paged_attention(
     return out, lse
 
 
+def _example_launch(dtype: torch.dtype, head_dim: int, seqlen_q: int, aligned: bool, fp8: bool, splits: int) -> None:
+    """paged_attention on meta tensors: a batch of 2, 32 query and 4 KV heads (Qwen3-MoE), 16-token pages, 64 pages
+    per sequence; unaligned: the caches start one element into their buffer (rows not on 16 bytes)."""
+    batch, heads_q, heads_kv, page, pages, meta = 2, 32, 4, 16, 64, {"device": META}
+    q = torch.empty(batch, seqlen_q, heads_q, head_dim, dtype=dtype, **meta)
+    cache_dtype = torch.float8_e4m3fn if fp8 else dtype
+    shape = torch.Size((batch * pages, page, heads_kv, head_dim))
+    start = 0 if aligned else 1
+    caches = [torch.empty(shape.numel() + 1, dtype=cache_dtype, **meta)[start : start + shape.numel()].view(shape)
+              for _ in "kv"]  # fmt: skip
+    seqlens = torch.empty(batch, dtype=torch.int32, **meta)
+    block_table = torch.empty(batch, pages, dtype=torch.int32, **meta)
+    descales = [torch.empty(batch, heads_kv, **meta) for _ in "kv"] if fp8 else [None, None]
+    paged_attention(q, *caches, seqlens, block_table, None, head_dim**-0.5, -1, 0, 0.0, splits, *descales)
+
+
 def compile_specs() -> list[CompileSpec]:
+    """The launches for every dtype and head dim, decode (Sq * G = 8 rows) and a 4-token chunk (32 rows), aligned
+    and unaligned caches, 16-bit and fp8 caches (aligned only: the launcher refuses the others), one split and the
+    three (the split kernel and the merge)."""
     specs = []
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        pointer = "*" + TRITON_DTYPE[dtype]
-        for head_dim in (64, 128, 256):
-            # (rows, aligned) reaching every distinct config: 16-bit aligned caches use BLOCK_M 16 and 32
-            for (num_rows, aligned), fp8 in itertools.product(((16, True), (32, True), (16, False)), (False, True)):
-                config = _config(num_rows, head_dim, dtype, aligned, fp8)
-                if (dtype == torch.float32 and num_rows > 16) or (fp8 and not aligned):
-                    continue  # fp32 always takes BLOCK_M = 16; fp8 caches must be aligned
-                cache = "*u8" if fp8 else pointer
-                signature = {"q": pointer, "k_cache": cache, "v_cache": cache, "out": pointer}
-                signature |= {"lse_out": "*fp32", "part_out": "*fp32", "part_lse": "*fp32"}
-                signature |= {"seqlens": "*i32", "block_table": "*i32", "leftpad": "*i32"}
-                descale = "*fp32" if fp8 else "*i32"  # without FP8_KV the launcher passes seqlens (never read)
-                signature |= {"k_descale": descale, "v_descale": descale}
-                signature |= {n: "i32" for n in ("seqlen_q", "group", "num_splits", "block_size")}
-                signature |= {"qk_scale": "fp32", "softcap": "fp32", "window_left": "i32", "window_right": "i32"}
-                for name in ("qb", "qs", "qh", "kp", "kr", "kh", "vp", "vr", "vh", "sl", "bt", "bc", "lp"):
-                    signature[f"stride_{name}"] = "i64"
-                constexprs = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "ALIGNED")}
-                constexprs |= {"HAS_LEFTPAD": False, "SOFTCAP": False, "FP8_KV": fp8}  # decode's kernels
-                constexprs |= {"HEAD_DIM": head_dim, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
-                signature |= dict.fromkeys(constexprs, "constexpr")
-                label = f"{TRITON_DTYPE[dtype]} D={head_dim} " + " ".join(f"{k}={v}" for k, v in config.items())
-                label += " fp8 cache" if fp8 else ""
-                specs.append(
-                    CompileSpec(
-                        _attention_kernel, signature, constexprs, config["num_warps"], config["num_stages"], label
-                    )
-                )
-            merge_signature = {"part_out": "*fp32", "part_lse": "*fp32", "out": pointer, "lse_out": "*fp32"}
-            merge_signature |= {n: "i32" for n in ("num_rows", "num_splits", "seqlen_q", "num_heads_q")}
-            merge_signature |= {"HEAD_DIM": "constexpr", "BLOCK_D": "constexpr"}
-            merge_constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim)}
-            label = f"{TRITON_DTYPE[dtype]} D={head_dim}"
-            specs.append(CompileSpec(_merge_kernel, merge_signature, merge_constexprs, num_warps=1, label=label))
+    for dtype, head_dim, seqlen_q, aligned, fp8, splits in itertools.product(
+        (torch.float32, torch.float16, torch.bfloat16), (64, 128, 256), (1, 4), (True, False), (False, True), (1, 3)
+    ):
+        if fp8 and not aligned:
+            continue
+        label = f"D={head_dim} Sq={seqlen_q}" + ("" if aligned else " unaligned") + (" fp8 cache" if fp8 else "")
+        launch = functools.partial(_example_launch, dtype, head_dim, seqlen_q, aligned, fp8, splits)
+        specs += launches(launch, label + (" one split" if splits == 1 else ""))
     return specs

@@ -23,11 +23,14 @@ CUDA devices run both this kernel and the extension's CUDA kernel (csrc/cuda/rop
 kernel's per-row code); `auto` prefers the CUDA one, like the other small latency-bound ops.
 """
 
+import functools
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from .compile_spec import TRITON_DTYPE, CompileSpec
+from .compile_spec import META, CompileSpec, launches
 
 BLOCK_H = 4
 
@@ -161,38 +164,37 @@ def qk_norm_rope_and_cache(query, key, value, q_norm_weight, k_norm_weight, eps,
                    value_cache, slot_mapping)  # fmt: skip
 
 
+def _example_launch(dtype: torch.dtype, cache_dtype: torch.dtype, head_dim: int, is_neox: bool, fused: bool) -> None:
+    """rotary_embedding, or the fused q/k-norm + RoPE + page write, on meta tensors: 32 query and 4 KV heads sliced
+    from one fused qkv projection (as a model passes them), 16-token pages."""
+    num_tokens, heads_q, heads_kv, meta = 3, 32, 4, {"device": META}
+    qkv = torch.empty(num_tokens, (heads_q + 2 * heads_kv) * head_dim, dtype=dtype, **meta)
+    query = qkv[:, : heads_q * head_dim].view(num_tokens, heads_q, head_dim)
+    key, value = (
+        qkv[:, (heads_q + i * heads_kv) * head_dim :][:, : heads_kv * head_dim].view(num_tokens, heads_kv, head_dim)
+        for i in (0, 1)
+    )
+    positions = torch.empty(num_tokens, dtype=torch.int64, **meta)
+    cos_sin = torch.empty(4096, head_dim, dtype=cache_dtype, **meta)
+    if not fused:
+        rotary_embedding(positions, query, key, cos_sin, is_neox)
+        return
+    weights = [torch.empty(head_dim, dtype=dtype, **meta) for _ in range(2)]
+    caches = [torch.empty(64, 16, heads_kv, head_dim, dtype=dtype, **meta) for _ in range(2)]
+    slots = torch.empty(num_tokens, dtype=torch.int64, **meta)
+    qk_norm_rope_and_cache(query, key, value, *weights, 1e-6, positions, cos_sin, *caches, slots, is_neox)
+
+
 def compile_specs() -> list[CompileSpec]:
+    """The launches for each (dtype, cos/sin cache dtype) pair, head dim, rotation style, plain or fused."""
     specs = []
     pairs = [(torch.float32, torch.float32)] + [
         (d, c) for d in (torch.float16, torch.bfloat16) for c in (torch.float32, d)
     ]
-    for dtype, cache_dtype in pairs:
-        pointer = "*" + TRITON_DTYPE[dtype]
-        signature = {"positions": "*i64"}
-        for name in ("query", "key", "value", "q_weight", "k_weight"):
-            signature[name] = pointer
-        signature["cos_sin"] = "*" + TRITON_DTYPE[cache_dtype]
-        for name in ("query_out", "key_out", "key_cache", "value_cache"):
-            signature[name] = pointer
-        signature["slot_mapping"] = "*i64"
-        for name in ("positions_stride", "slot_stride", "cos_sin_stride", "q_token_stride", "q_head_stride",
-                     "k_token_stride", "k_head_stride", "v_token_stride", "v_head_stride", "block_stride",
-                     "page_stride", "cache_head_stride"):  # fmt: skip
-            signature[name] = "i64"
-        signature |= {"block_size": "i32", "num_q_heads": "i32", "num_kv_heads": "i32", "eps": "fp32"}
-        for name in ("HEAD_DIM", "BLOCK_HALF", "BLOCK_H", "IS_NEOX", "FUSED", "ROUND_EACH"):
-            signature[name] = "constexpr"
-        for head_dim in (64, 128, 256):
-            config = _config(head_dim)
-            for is_neox in (True, False):
-                for fused in (True, False):
-                    constexprs = {
-                        "HEAD_DIM": head_dim, "BLOCK_HALF": config["BLOCK_HALF"], "BLOCK_H": BLOCK_H,
-                        "IS_NEOX": is_neox, "FUSED": fused, "ROUND_EACH": cache_dtype != torch.float32,
-                    }  # fmt: skip
-                    label = f"{TRITON_DTYPE[dtype]} cache {TRITON_DTYPE[cache_dtype]} D={head_dim}"
-                    label += f" {'neox' if is_neox else 'interleaved'} {'fused' if fused else 'rope'}"
-                    specs.append(
-                        CompileSpec(_rope_kernel, dict(signature), constexprs, config["num_warps"], label=label)
-                    )
+    for (dtype, cache_dtype), head_dim, is_neox, fused in itertools.product(
+        pairs, (64, 128, 256), (True, False), (True, False)
+    ):
+        label = f"cos_sin {str(cache_dtype).removeprefix('torch.')} D={head_dim}"
+        launch = functools.partial(_example_launch, dtype, cache_dtype, head_dim, is_neox, fused)
+        specs += launches(launch, label)
     return specs

@@ -21,11 +21,14 @@ TRITON_INTERPRET=1 tl.sort costs about 1 ms per element. Costs: O((G + topk_grou
 only for degenerate cases such as groups of one expert at large E.
 """
 
+import functools
+import itertools
+
 import torch
 import triton
 import triton.language as tl
 
-from .compile_spec import TRITON_DTYPE, CompileSpec
+from .compile_spec import META, CompileSpec, launches
 
 MAX_EXPERTS = 1024  # the tile of candidates stays in registers
 MIN_TILE = 16  # smallest BLOCK_E, so that tiny E shares one compiled config
@@ -57,7 +60,8 @@ def _score(x, max_logit, inv_sum, sigmoid):
     return s
 
 
-@triton.jit
+# The T-dependent int and the routing flags are runtime values (one binary for every batch size and router).
+@triton.jit(do_not_specialize=["num_tokens", "sigmoid", "has_bias", "renormalize", "group_top2"])
 def _fused_topk_kernel(
     logits, bias, weights, ids, num_tokens, num_experts, group_size, num_groups, topk, topk_group, scale,
     sigmoid, has_bias, renormalize, group_top2, BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr,
@@ -153,21 +157,21 @@ def fused_topk(
 
 
 def compile_specs() -> list[CompileSpec]:
+    """The launches for every BLOCK_E (E = 2^i up to MAX_EXPERTS, and the families' E that are not: 8 (Mixtral), 60
+    (Qwen2-MoE)), with softmax top-k (Qwen3-MoE) and with DeepSeek-V3's grouped sigmoid routing (8 groups, 4 kept,
+    a bias, scale 2.5), logits in each float dtype."""
     specs = []
-    for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        for block_e in (2**i for i in range(MIN_TILE.bit_length() - 1, MAX_EXPERTS.bit_length())):
-            config = _config(block_e)
-            constexprs = {"BLOCK_T": config["BLOCK_T"], "BLOCK_E": config["BLOCK_E"]}
-            specs.append(
-                CompileSpec(
-                    _fused_topk_kernel,
-                    {"logits": "*" + TRITON_DTYPE[dtype], "bias": "*fp32", "weights": "*fp32", "ids": "*i32",
-                     "num_tokens": "i32", "num_experts": "i32", "group_size": "i32", "num_groups": "i32",
-                     "topk": "i32", "topk_group": "i32", "scale": "fp32", "sigmoid": "i32", "has_bias": "i32",
-                     "renormalize": "i32", "group_top2": "i32", "BLOCK_T": "constexpr", "BLOCK_E": "constexpr"},
-                    constexprs,
-                    num_warps=config["num_warps"],
-                    label=f"fused_topk {TRITON_DTYPE[dtype]} T{config['BLOCK_T']}xE{block_e}",
-                )
-            )  # fmt: skip
+    sizes = (8, 60) + tuple(2**i for i in range(MIN_TILE.bit_length() - 1, MAX_EXPERTS.bit_length()))
+    for dtype, num_experts, grouped in itertools.product((torch.float32, torch.float16, torch.bfloat16), sizes,
+                                                         (False, True)):  # fmt: skip
+        if grouped and num_experts < 64:
+            continue
+        logits = torch.empty(4, num_experts, dtype=dtype, device=META)
+        topk = min(8, num_experts)
+        if grouped:
+            bias = torch.empty(num_experts, dtype=torch.float32, device=META)
+            launch = functools.partial(fused_topk, logits, topk, True, "sigmoid", bias, 8, 4, 2.5, "top2_sum")
+        else:
+            launch = functools.partial(fused_topk, logits, topk, True, "softmax", None, None, None, 1.0, "max")
+        specs += launches(launch, f"E={num_experts} k={topk}" + (" grouped sigmoid" if grouped else ""))
     return specs

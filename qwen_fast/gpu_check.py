@@ -1,12 +1,14 @@
 """Static GPU check, no GPU needed: compile every Triton kernel config for sm_80 and sm_90, read the extension's
 CUDA kernels with cuobjdump, print registers / shared memory / spills per kernel, exit non-zero on any problem.
 
-    python -m qwen_fast.gpu_check [--arch 80 90] [--require-cuda]
+    python -m qwen_fast.gpu_check [--arch 80 90] [--require-cuda] [--modules moe_gemm ...]
 
 A problem is: a Triton config that fails to compile, a kernel that uses local memory or stack (a register spill at
 REG 255, or a local array), shared memory past the arch's limit, or with --require-cuda an extension that lacks
-SASS for a requested arch. Triton configs come from each kernels/ module's compile_specs(), built from the same
-config function its launcher uses.
+SASS for a requested arch. The Triton kernels compiled are the launches each kernels/ module's compile_specs()
+records from its own launcher at model shapes, each specialised by Triton's launch-time binder for the arch (ints
+equal to 1 as constants, 16-divisible ints and pointers as aligned: kernels/compile_spec.py), once per distinct
+specialisation; a launch is compiled for the archs its config is for (every config the launcher can pick there).
 """
 
 import argparse
@@ -77,16 +79,14 @@ def demangle(names: list[str]) -> list[str]:
 
 
 def spec_usages(spec, arch: int, label: str, tool: str) -> list[Usage]:
-    """Compile one CompileSpec for sm_<arch> (no GPU needed) and read its resource usage with cuobjdump. Raises the
-    compiler's exception when it does not compile."""
+    """Compile one recorded launch (kernels/compile_spec.py) for sm_<arch> as the JIT would compile it there (no GPU
+    needed) and read its resource usage with cuobjdump. Raises the compiler's exception when it does not compile."""
     import triton
     from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
 
-    names = list(spec.signature)  # arguments a real launch sees 16-byte aligned (CompileSpec.aligned)
-    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in spec.aligned}
-    source = ASTSource(fn=spec.kernel, signature=spec.signature, constexprs=spec.constexprs, attrs=attrs)
-    options = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    from qwen_fast.kernels.compile_spec import specialize
+
+    source, options = specialize(spec, arch)
     compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
@@ -98,16 +98,33 @@ def spec_usages(spec, arch: int, label: str, tool: str) -> list[Usage]:
     ]
 
 
-def triton_usages(archs: list[int]) -> tuple[list[Usage], list[str]]:
+def describe(spec, arch: int) -> str:
+    """A launch in one line: its label, the constants the JIT sees (tiles, flags, ints equal to 1), warps, stages."""
+    from qwen_fast.kernels.compile_spec import specialize
+
+    source, _ = specialize(spec, arch)
+    names = list(source.signature)
+    constants = " ".join(
+        f"{names[path[0]]}={value}" for path, value in source.constants.items() if value is not None and len(path) == 1
+    )
+    pointers = ",".join(dict.fromkeys(t for t in source.signature.values() if t.startswith("*")))
+    return f"{spec.label} {pointers} {constants} warps={spec.num_warps} stages={spec.num_stages}".strip()
+
+
+def triton_usages(archs: list[int], modules: list[str] | None = None) -> tuple[list[Usage], list[str]]:
     import qwen_fast.kernels as kernels_package
+    from qwen_fast.kernels.compile_spec import unique
 
     usages, failures = [], []
     tool = cuobjdump()
     for info in pkgutil.iter_modules(kernels_package.__path__):
+        if modules and info.name not in modules:
+            continue
         module = importlib.import_module(f"qwen_fast.kernels.{info.name}")
-        for spec in getattr(module, "compile_specs", list)():
-            name = f"{info.name}.{spec.kernel.__name__}[{spec.label}, warps={spec.num_warps}]"
-            for arch in archs:
+        specs = getattr(module, "compile_specs", list)()
+        for arch in archs:
+            for spec in unique(specs, arch):
+                name = f"{info.name}.{spec.name}[{describe(spec, arch)}]"
                 try:
                     usages += spec_usages(spec, arch, name, tool)
                 except Exception as error:  # any compiler error is a finding, reported with the config
@@ -136,17 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM versions (default: 80 90)")
     parser.add_argument("--require-cuda", action="store_true", help="fail unless _C has SASS for every --arch")
+    parser.add_argument("--modules", nargs="+", metavar="NAME", help="only these kernels/ modules (e.g. moe_gemm)")
     args = parser.parse_args(argv)
 
-    triton_found, triton_failed = triton_usages(args.arch)
+    triton_found, triton_failed = triton_usages(args.arch, args.modules)
     native_found, native_failed = native_usages(args.arch, args.require_cuda)
     problems = triton_failed + native_failed
-    print(f"{'kernel':<100} {'arch':>5} {'REG':>4} {'SHARED':>7} {'STACK':>6} {'LOCAL':>6}")
+    print(f"{'arch':<5} {'REG':>4} {'SHARED':>7} {'STACK':>6} {'LOCAL':>6}  kernel")
     for usage in triton_found + native_found:
-        print(
-            f"{usage.kernel[:100]:<100} sm_{usage.arch:<2} {usage.regs:>4} {usage.shared:>7} {usage.stack:>6} "
-            f"{usage.local:>6}"
-        )
+        print(f"sm_{usage.arch:<2} {usage.regs:>4} {usage.shared:>7} {usage.stack:>6} {usage.local:>6}  {usage.kernel}")
         problems += [f"{usage.kernel} sm_{usage.arch}: {p}" for p in usage.problems()]
     print(
         f"\n{len(triton_found)} Triton kernel compilations and {len(native_found)} extension kernels checked "

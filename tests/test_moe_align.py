@@ -193,6 +193,20 @@ def test_moe_align_cpu_many_tiles(dtype, block_size):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("num_tokens,num_experts", [(4096, 128), (1500, 4096), (40000, 256)])
+@pytest.mark.parametrize("block_size", [16, 128])
+def test_moe_align_cuda_multi_pass(num_tokens, num_experts, block_size):
+    """T*k past the fused path's 8192 ids: the count, prefix and scatter kernels (many blocks, bases in shared
+    memory; E = 4096 leaves 3 warps a block, T = 40000 tiles of more than 64 ids) equal the reference bit for bit,
+    with half of the tokens' first choice on one expert."""
+    topk_ids = _random_ids(num_tokens, num_experts, 8, torch.int32, seed=7)
+    topk_ids[::2, 0] = 7
+    got = torch.ops.qwen_fast.moe_align_block_size(topk_ids.cuda(), block_size, num_experts)
+    for g, e in zip(got, moe_align_block_size(topk_ids, block_size, num_experts), strict=True):
+        assert torch.equal(g.cpu(), e)
+
+
+@pytest.mark.gpu
 def test_moe_align_cuda_graph_and_deterministic():
     topk_ids = _random_ids(512, 128, 8, torch.int32).cuda()
     first = torch.ops.qwen_fast.moe_align_block_size(topk_ids, 16, 128)
@@ -222,17 +236,30 @@ def test_moe_align_native_op_checks():
 
 
 def test_choose_block_size_rule():
+    """BLOCK_M holds the rows of the busiest experts (at most T an expert; binomial mean + 2 sd), not the mean."""
     from qwen_fast.ops.moe_align import choose_block_size
 
-    assert choose_block_size(1, 8, 128) == 16  # decode: 8 rows on 8 experts
+    assert choose_block_size(1, 8, 128) == 16  # decode: one row on each of 8 experts
     assert choose_block_size(0, 8, 128) == 16
-    assert choose_block_size(512, 8, 128) == 32  # 4096 rows / 128 experts = 32 each
-    assert choose_block_size(513, 8, 128) == 64
-    assert choose_block_size(2048, 8, 128) == 128
+    assert choose_block_size(64, 8, 8) == 64  # k = E: every expert gets exactly T rows
+    assert choose_block_size(65, 8, 8) == 128
+    # mean 16 rows an expert, but about half get more: 16 + 2 * sqrt(16 * (1 - 1/16)) = 23.7 rows
+    assert choose_block_size(256, 8, 128) == 32
     assert choose_block_size(10**6, 8, 128) == 128
     assert choose_block_size(64, 1, 1) == 64  # one expert takes every row
     sizes = [choose_block_size(t, 8, 128) for t in range(0, 5000, 7)]
     assert sizes == sorted(sizes) and set(sizes) <= {16, 32, 64, 128}
+
+
+@pytest.mark.parametrize("num_tokens", [64, 256, 512, 1024])
+def test_choose_block_size_holds_the_busy_experts(num_tokens):
+    """Under uniform routing (Qwen3-30B-A3B: E = 128, k = 8) at most 5% of the experts need a second block; with
+    the mean rows per expert as the block size about half of them would."""
+    from qwen_fast.ops.moe_align import choose_block_size
+
+    counts = torch.bincount(_random_ids(num_tokens, 128, 8, torch.int32, seed=5).flatten(), minlength=128)
+    assert (counts > choose_block_size(num_tokens, 8, 128)).float().mean() <= 0.05
+    assert (counts > num_tokens * 8 // 128).float().mean() >= 0.3
 
 
 @pytest.mark.parametrize("num_tokens", [1, 2, 4, 16])

@@ -172,7 +172,7 @@ def test_triton_launcher_uses_the_tuned_entry(config_dir, monkeypatch):
     num_tokens, num_experts, topk, hidden, inter = 8, 8, 2, 40, 24
     tuned = {"BLOCK_M": 32, "gate_up": {"BLOCK_N": 16, "BLOCK_K": 16, "num_warps": 2, "num_stages": 1},
              "down": {"BLOCK_N": 32, "BLOCK_K": 16, "num_warps": 4, "num_stages": 3}}  # fmt: skip
-    heuristic = moe_gemm.heuristic_config(num_tokens, topk, num_experts, torch.float32)
+    heuristic = moe_gemm.heuristic_config(num_tokens, topk, num_experts, hidden, inter, torch.float32)
     assert heuristic["BLOCK_M"] == choose_block_size(num_tokens, topk, num_experts) == 16
     _write(config_dir, "cpu", {SHAPE: {"4": tuned}})
 
@@ -210,11 +210,10 @@ def test_triton_launcher_uses_the_tuned_entry(config_dir, monkeypatch):
 
 def _spec_keys(specs) -> set:
     return {
-        (s.kernel.__name__, s.signature["hidden" if "hidden" in s.signature else "intermediate"],
-         *(s.constexprs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), s.num_warps, s.num_stages)
+        (s.name, s.args[0].dtype, *(s.kwargs[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K")), s.num_warps, s.num_stages)
         for s in specs
-        if "BLOCK_M" in s.constexprs
-    }  # fmt: skip
+        if "BLOCK_M" in s.kwargs
+    }
 
 
 def test_compile_specs_cover_tuned_files(config_dir):
@@ -225,8 +224,8 @@ def test_compile_specs_cover_tuned_files(config_dir):
     configs.clear_cache()
     with_file = _spec_keys(moe_gemm.compile_specs())
     assert with_file - shipped == {
-        ("_gate_up_kernel", "*fp16", 256, 16, 128, 2, 4),
-        ("_down_kernel", "*fp16", 256, 256, 32, 16, 5),
+        ("_gate_up_kernel", torch.float16, 256, 16, 128, 2, 4),
+        ("_down_kernel", torch.float16, 256, 256, 32, 16, 5),
     }
 
 
@@ -289,7 +288,7 @@ spec.loader.exec_module(tuner)
 check = tuner.SpillCheck(90)
 tiles = {{"BLOCK_N": 32, "BLOCK_K": 32, "num_warps": 4, "num_stages": 2}}
 print(check(torch.float16, {{"BLOCK_M": 128, "gate_up": tiles | {{"BLOCK_N": 128}}, "down": tiles}}))
-print(check(torch.float16, tuner.moe_gemm.heuristic_config(64, 8, 128, torch.float16)))
+print(check(torch.float16, tuner.moe_gemm.heuristic_config(64, 8, 128, 2048, 768, torch.float16)))
 """
     env = {name: value for name, value in os.environ.items() if name != "TRITON_INTERPRET"}
     # -P: import the installed qwen_fast, never the source tree in the working directory (no _C, no kernels there)

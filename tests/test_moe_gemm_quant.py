@@ -1,8 +1,8 @@
 """The Triton grouped GEMM with quantized experts (kernels/moe_gemm_quant.py), called through its launcher
 (kernels/moe_gemm.fused_experts) on the routing layout of qwen_fast.moe_align_block_size.
 
-w8a16 (fp8 block-scaled, int8 per channel) against the reference on the dequantized weights, computed here exactly as
-the format defines it (fp32 product, rounded to the activation dtype); w8a8 against its own reference
+w8a16 (fp8 block-scaled, int8 per channel) against the reference (qwen_fast.reference.moe.experts with the scales:
+the weights dequantized, rounded to the activation dtype); w8a8 against its own reference
 (qwen_fast/reference/moe_w8a8.py), forced under the interpreter and as auto-selected on a GPU. Shapes are tiny: the
 interpreter runs each program serially.
 """
@@ -15,43 +15,13 @@ import qwen_fast
 from qwen_fast.reference.moe import experts
 from qwen_fast.reference.moe_w8a8 import block_matmul, experts_w8a8
 from qwen_fast.reference.moe_w8a8 import quantize_groups as reference_quantize_groups
+from qwen_fast.reference.quant import dequantize, quantize_fp8, quantize_int8
 from qwen_fast.reference.routing import topk_routing
 
 kernels = pytest.importorskip("qwen_fast.kernels.moe_gemm")
 quant = pytest.importorskip("qwen_fast.kernels.moe_gemm_quant")
 
 HIDDEN, INTER, EXPERTS, TOPK = 96, 40, 4, 2  # H, I not multiples of the blocks below: partial last blocks
-
-
-def quantize_fp8(w: torch.Tensor, block_shape) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [E, N, K] -> (float8_e4m3fn [E, N, K], fp32 scales [E, ceil(N/bn), ceil(K/bk)]), amax / 448 per block."""
-    bn, bk = block_shape
-    num, width = w.shape[1:]
-    rows, cols = torch.arange(num) // bn, torch.arange(width) // bk
-    scales = torch.zeros(w.shape[0], int(rows[-1]) + 1, int(cols[-1]) + 1)
-    for r in range(scales.shape[1]):
-        for c in range(scales.shape[2]):
-            block = w[:, rows == r][:, :, cols == c]
-            scales[:, r, c] = block.abs().amax(dim=(1, 2)).clamp(min=1e-6) / 448
-    return (w / dequantize_scales(scales, block_shape, w.shape)).to(torch.float8_e4m3fn), scales
-
-
-def dequantize_scales(scales: torch.Tensor, block_shape, shape) -> torch.Tensor:
-    """The block scales expanded to one per weight [E, N, K]."""
-    bn, bk = block_shape
-    return scales.repeat_interleave(bn, 1)[:, : shape[1]].repeat_interleave(bk, 2)[:, :, : shape[2]]
-
-
-def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """w [E, N, K] -> (int8 [E, N, K] in [-127, 127], fp32 scales [E, N]), amax / 127 per output channel."""
-    scales = w.abs().amax(dim=2).clamp(min=1e-6) / 127
-    return (w / scales[:, :, None]).round().clamp(-127, 127).to(torch.int8), scales
-
-
-def dequantize(w: torch.Tensor, scales: torch.Tensor, block_shape, dtype: torch.dtype) -> torch.Tensor:
-    """The contract's dequantized weight: float(w) * scale, rounded to the activation dtype."""
-    expanded = scales[:, :, None] if block_shape is None else dequantize_scales(scales, block_shape, w.shape)
-    return (w.float() * expanded).to(dtype)
 
 
 def make_experts(fmt: str, block_shape, device="cpu"):
@@ -75,17 +45,17 @@ def launch(x, q13, q2, weights, ids, s13, s2, block_shape, activation="silu", ex
     return kernels.fused_experts(x, q13, q2, weights, *args, **kw)
 
 
-@pytest.mark.parametrize("block_shape", [[128, 128], [32, 32], [16, 48], [7, 5]], ids=str)
+@pytest.mark.parametrize("block_shape", [[128, 128], [64, 64], [32, 32], [16, 48], [7, 5]], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.interpret
 def test_fp8_w8a16_matches_the_dequantized_reference(dtype, block_shape):
-    """Scales per tile ([128, 128]: bk a multiple of BLOCK_K) and gathered per element (the others)."""
+    """Scales per tile (bk a multiple of BLOCK_K 64: one partial block, or two along H) and gathered per element (the
+    others, at BLOCK_K 16)."""
     q13, q2, s13, s2 = make_experts("fp8", block_shape)
     x = torch.randn(5, HIDDEN).to(dtype)
     weights, ids = topk_routing(torch.randn(5, EXPERTS), TOPK)
     out = launch(x, q13, q2, weights, ids, s13, s2, block_shape)
-    w13, w2 = dequantize(q13, s13, block_shape, dtype), dequantize(q2, s2, block_shape, dtype)
-    assert_close(out, experts(x, w13, w2, weights, ids))
+    assert_close(out, experts(x, q13, q2, weights, ids, None, "silu", s13, s2, block_shape))
 
 
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
@@ -96,8 +66,7 @@ def test_int8_w8a16_matches_the_dequantized_reference(dtype, activation):
     x = torch.randn(6, HIDDEN).to(dtype)
     weights, ids = topk_routing(torch.randn(6, EXPERTS), TOPK)
     out = launch(x, q13, q2, weights, ids, s13, s2, None, activation)
-    w13, w2 = dequantize(q13, s13, None, dtype), dequantize(q2, s2, None, dtype)
-    assert_close(out, experts(x, w13, w2, weights, ids, activation=activation))
+    assert_close(out, experts(x, q13, q2, weights, ids, None, activation, s13, s2))
 
 
 @pytest.mark.interpret
@@ -111,8 +80,7 @@ def test_fp8_with_an_expert_map_and_many_blocks_per_expert():
     x = torch.randn(20, HIDDEN).half()
     weights, ids = topk_routing(torch.randn(20, 6), TOPK)
     out = launch(x, q13, q2, weights, ids, s13, s2, block_shape, expert_map=expert_map)
-    w13, w2 = dequantize(q13, s13, block_shape, x.dtype), dequantize(q2, s2, block_shape, x.dtype)
-    assert_close(out, experts(x, w13, w2, weights, ids, expert_map))
+    assert_close(out, experts(x, q13, q2, weights, ids, expert_map, "silu", s13, s2, block_shape))
 
 
 @pytest.mark.parametrize("group", [32, 64, 100])
@@ -154,7 +122,7 @@ def test_w8a8_reference_is_exact_on_representable_activations():
     codes[:, ::32] = 448.0
     a = codes * 2.0 ** torch.randint(-4, 4, (6, 3)).float().repeat_interleave(32, 1)
     w, scales = quantize_fp8(torch.randn(1, 40, 96), block_shape)
-    expected = a @ dequantize(w, scales, block_shape, torch.float32)[0].T
+    expected = a @ dequantize(w, scales, block_shape)[0].T
     assert_close(block_matmul(a, w[0], scales[0], block_shape), expected)
 
 
@@ -181,6 +149,5 @@ def test_quantized_experts_on_the_gpu(fmt):
     if quant.uses_w8a8(x, q13, block_shape, kernels.choose_config(33, TOPK, q13)):
         expected = experts_w8a8(x, q13, q2, weights, ids, s13, s2, block_shape)
     else:
-        w13, w2 = dequantize(q13, s13, block_shape, x.dtype), dequantize(q2, s2, block_shape, x.dtype)
-        expected = experts(x, w13, w2, weights, ids)
+        expected = experts(x, q13, q2, weights, ids, None, "silu", s13, s2, block_shape)
     assert_close(out, expected)

@@ -48,7 +48,8 @@ void moe_align_cpu_impl(const Id* ids, const AlignSizes& sizes, int64_t block_si
   std::vector<int32_t> offsets(num_experts + 1);
   at::parallel_for(0, num_experts, 64, [&](int64_t begin, int64_t end) {
     for (int64_t e = begin; e < end; ++e) {
-      offsets[e] = static_cast<int32_t>(padded_count(column_total(counts.data(), rows, num_experts, e), block_size));
+      const int64_t total = column_total(counts.data(), 0, rows, num_experts, e);
+      offsets[e] = static_cast<int32_t>(padded_count(total, block_size));
     }
   });
   int64_t next = 0;  // exclusive prefix: offsets[e] = start of expert e's run
@@ -58,7 +59,7 @@ void moe_align_cpu_impl(const Id* ids, const AlignSizes& sizes, int64_t block_si
     next += padded;
   }
   at::parallel_for(0, num_experts, 64, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) column_to_bases(counts.data(), rows, num_experts, e, offsets[e]);
+    for (int64_t e = begin; e < end; ++e) column_to_bases(counts.data(), 0, rows, num_experts, e, offsets[e]);
   });
 
   std::fill(sorted, sorted + sizes.max_num_tokens_padded, static_cast<int32_t>(n));

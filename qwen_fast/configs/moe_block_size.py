@@ -4,21 +4,32 @@ A shape heuristic, not a kernel: kernels/ read it here (kernels never import qwe
 qwen_fast.ops.moe_align.choose_block_size is its checked public face.
 """
 
+import math
+
 # The GEMM block sizes choose_block_size picks from: BLOCK_M of the grouped GEMM's tiles.
 BLOCK_SIZES = (16, 32, 64, 128)
 
 
-def choose_block_size(num_tokens: int, topk: int, num_experts: int) -> int:
-    """BLOCK_M for the grouped GEMM: rows per block of moe_align_block_size, from the expected rows per expert.
-    Arguments unchecked (ints >= 0, >= 1, >= 1).
+def busy_expert_rows(num_tokens: int, topk: int, num_experts: int) -> int:
+    """The rows the busiest experts get, from what the host knows without a sync: an expert gets each token at most
+    once (at most T rows, exactly T when k = E), and under uniform routing its count is Binomial(T, k / E), whose
+    mean plus two standard deviations (about the 98th percentile) bounds all but the odd expert."""
+    share = min(1.0, topk / num_experts)
+    mean = num_tokens * share
+    return min(num_tokens, math.ceil(mean + 2.0 * math.sqrt(mean * (1.0 - share))))
 
-    Rule: the N = num_tokens * topk routed rows fall on at most A = min(num_experts, N) experts, so an active expert
-    gets about R = ceil(N / A) rows; BLOCK_M is the smallest of 16, 32, 64, 128 that holds R (128 when R > 64).
-    Each active expert pads its run by at most BLOCK_M - 1 rows, so with R <= 16 (decode, small batches) the padding
-    is at most A * 15 rows (vLLM's fixed 64 pads the 8 rows of one decode token to 512); and BLOCK_M stays no larger
-    than the rows an expert has, while large batches get the 128-row tiles the GEMM runs fastest with.
+
+def choose_block_size(num_tokens: int, topk: int, num_experts: int) -> int:
+    """BLOCK_M for the grouped GEMM: rows per block of moe_align_block_size, from the rows of the busiest experts.
+    Arguments unchecked (ints >= 0, >= 1, >= 1); num_experts is the count the ids route over (the global one under
+    an expert map).
+
+    Rule: BLOCK_M is the smallest of 16, 32, 64, 128 that holds busy_expert_rows (128 past 64). Each block re-reads
+    its expert's weights, so a BLOCK_M below the busy experts' counts multiplies the weight traffic that bounds the
+    GEMMs up to T of several hundred; the mean (T * k / E) is below what half the experts get (T = 256, k = 8,
+    E = 128: mean 16, busy 24: BLOCK_M 32, one block for nearly every expert instead of two for half of them).
+    Decode and small batches (T <= 16: at most T rows an expert) get 16, which pads each active expert by at most 15
+    rows (vLLM's fixed 64 pads the 8 rows of one decode token to 512).
     """
-    num_pairs = num_tokens * topk
-    active = max(1, min(num_experts, num_pairs))
-    rows = -(-num_pairs // active)
+    rows = busy_expert_rows(num_tokens, topk, num_experts)
     return next((b for b in BLOCK_SIZES if b >= rows), BLOCK_SIZES[-1])

@@ -37,8 +37,8 @@ def triton_fused_experts(
     num_tokens, topk = topk_ids.shape
     if num_tokens == 0:
         return hidden_states.new_empty(hidden_states.shape)
-    config = _choose_config(num_tokens, topk, w13) if config is None else config
     num_experts = w13.shape[0] if expert_map is None else expert_map.shape[0]
+    config = _choose_config(num_tokens, topk, w13, num_experts) if config is None else config
     sorted_ids, expert_ids, post_padded = MOE_ALIGN_BLOCK_SIZE(
         topk_ids.device, topk_ids, config["BLOCK_M"], num_experts
     )

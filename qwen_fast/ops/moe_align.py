@@ -11,13 +11,13 @@ from ._library import define_triton_op, launcher, native_op
 
 
 def choose_block_size(num_tokens: int, topk: int, num_experts: int) -> int:
-    """BLOCK_M for the grouped GEMM: rows per block of moe_align_block_size, from the expected rows per expert
+    """BLOCK_M for the grouped GEMM: rows per block of moe_align_block_size, from the rows the busiest experts get
     (the rule: qwen_fast.configs.moe_block_size.choose_block_size, which the Triton launcher uses; this checks its
-    arguments, ints >= 0, >= 1, >= 1).
+    arguments, ints >= 0, >= 1, >= 1; num_experts: the experts the ids route over).
 
     Example (Qwen3-30B-A3B, E = 128, k = 8):
         >>> [qwen_fast.ops.moe_align.choose_block_size(t, 8, 128) for t in (1, 64, 256, 512, 1024, 4096)]
-        [16, 16, 16, 32, 64, 128]
+        [16, 16, 32, 64, 128, 128]
     """
     check_int("num_tokens", num_tokens, low=0)
     check_int("topk", topk, low=1)

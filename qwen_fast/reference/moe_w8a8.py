@@ -16,8 +16,7 @@ whose reference is the dequantized weights through qwen_fast.reference.moe.exper
 import torch
 
 from qwen_fast.reference.moe import ACTIVATIONS, local_ids
-
-FP8_MAX = 448.0
+from qwen_fast.reference.quant import FP8_MAX
 
 
 def quantize_groups(x: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
