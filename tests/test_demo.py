@@ -51,6 +51,18 @@ def test_local_checkpoint(tmp_path, capsys, backend):
     assert "generated tokens: 18/18 identical" in out
 
 
+@pytest.mark.parametrize("experts", ["fp8", "int8"])
+def test_quantized_experts(tmp_path, capsys, experts):
+    """--experts: qwen_fast's side runs 8-bit experts, transformers' side the same weights dequantized (fp32 here):
+    the same tokens and logits within the fp32 tolerance."""
+    tiny_model("qwen3_moe").save_pretrained(tmp_path)
+    out = _demo(capsys, "--model", str(tmp_path), "--experts", experts, "--backend", "cpu", *SMALL)
+    assert re.search(rf"with {experts} experts \(.*MiB of weights and scales against [\d.]+ MiB in float32", out)
+    assert re.search(r"fused_experts +cpu +x \d+", out)
+    assert "generated tokens: 8/8 identical" in out
+    assert float(re.search(r"against the unpatched run, first 4 steps: (\S+)", out).group(1)) < 1e-4
+
+
 def test_dense_model_is_not_labelled_with_experts(tmp_path, capsys):
     tiny_model("qwen3").save_pretrained(tmp_path)
     out = _demo(capsys, "--model", str(tmp_path), "--backend", "cpu", *SMALL)

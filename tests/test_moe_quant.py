@@ -294,6 +294,23 @@ def test_quantized_model_patch_and_backends(source):
     assert [layer.mlp for layer in model.model.layers] == originals
 
 
+@pytest.mark.interpret
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+def test_quantized_model_triton_tokens(fmt):
+    """Greedy tokens of a patched quantized tiny model on the triton backend (the interpreter, fp32) equal the
+    torch reference's."""
+    model = tiny_model("qwen3_moe")
+    qwen_fast.quantize_experts(model, fmt, block_shape=(16, 16))
+    prompt = torch.tensor([[5, 17, 3, 88, 41, 9]])
+    tokens = {}
+    with qwen_fast.patch(model):
+        for backend in ("triton", "torch"):
+            with qwen_fast.use_backend(backend), qwen_fast.record_backends() as trace:
+                tokens[backend] = model.generate(prompt, max_new_tokens=4, do_sample=False)
+            assert ("fused_experts", backend) in trace
+    assert torch.equal(tokens["triton"], tokens["torch"])
+
+
 def _dequantized_experts(model: torch.nn.Module, family: str) -> torch.nn.Module:
     """The float tiny `family` model (seeded: the same weights outside the experts) with each experts module holding
     the dequantized values of `model`'s quantized MoEExperts."""

@@ -185,11 +185,10 @@ def _experts_side(model, experts: str) -> tuple:
                     getattr(own, weight).copy_(dequantize(w, scale, module.block_size).to(dtype))
                     total[0] += w.numel() * w.element_size() + scale.numel() * scale.element_size()
                     total[1] += w.numel() * dtype.itemsize
-    block = "" if experts == "int8" else " 128x128 blocks"
+    layout = "per-channel scales" if experts == "int8" else "128 x 128 blocks"
     return fast, (
-        f" with {experts}{block} experts ({total[0] / 2**20:.1f} MiB of expert weights and scales, "
-        f"{total[1] / 2**20:.1f} MiB in {str(dtype).removeprefix('torch.')}; transformers' side runs them "
-        "dequantized)"
+        f" with {experts} experts ({layout}; {total[0] / 2**20:.1f} MiB of weights and scales against "
+        f"{total[1] / 2**20:.1f} MiB in {str(dtype).removeprefix('torch.')}; transformers' side runs them dequantized)"
     )
 
 

@@ -91,8 +91,10 @@ def patch(model: nn.Module, moe: bool = True, attention: bool = True, *, hf_pari
 
     Supported: Qwen3-MoE, Qwen3, Qwen2-MoE, Qwen2 (MoE blocks and attention modules swapped), Mixtral and OLMoE (MoE
     blocks swapped, attention through the "qwen_fast" attention implementation), DeepSeek-V3 (MoE blocks; its latent
-    attention stays transformers'). Patch after moving the model to its device and dtype. For the paged serving path
-    pass a `qwen_fast.PagedKVCache.for_model(model, ...)` as the cache.
+    attention stays transformers'). Quantized experts are swapped in too: an FP8 checkpoint's FP8Experts (fp8 weights
+    and block scales shared) and the MoEExperts of qwen_fast.quantize_experts (quantize before patching). Patch after
+    moving the model to its device and dtype. For the paged serving path pass a `qwen_fast.PagedKVCache.for_model(model,
+    ...)` as the cache.
 
     Args:
         model: a loaded transformers model (e.g. Qwen3MoeForCausalLM), or any module containing supported blocks.

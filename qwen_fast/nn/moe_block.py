@@ -34,8 +34,9 @@ class SparseMoeBlock(nn.Module):
 
     Args:
         gate: the router, TopKRouter [E, H].
-        experts: the routed experts, MoEExperts with the gate's E and H (or, under transformers' tensor or expert
-            parallelism, transformers' experts module with its parallel forward: see from_hf).
+        experts: the routed experts, MoEExperts with the gate's E and H, in the model dtype or quantized (or, under
+            transformers' tensor or expert parallelism, transformers' experts module with its parallel forward: see
+            from_hf).
         shared_expert: a module [T, H] -> [T, H] added to every token (Qwen2-MoE), or None.
         shared_expert_gate: a module [T, H] -> [T, 1] whose sigmoid scales shared_expert's output, or None.
         shared_experts: a module [T, H] -> [T, H] added to every token (DeepSeek-V3's name), or None.
@@ -123,7 +124,9 @@ class SparseMoeBlock(nn.Module):
         Args:
             block: a transformers 5.x Qwen3MoeSparseMoeBlock, Qwen2MoeSparseMoeBlock, MixtralSparseMoeBlock,
                 OlmoeSparseMoeBlock or DeepseekV3MoE. top_k, norm_topk_prob, n_group, topk_group,
-                routed_scaling_factor and the selection bias are read from its router.
+                routed_scaling_factor and the selection bias are read from its router. Its experts may be
+                transformers' FP8Experts (an FP8 checkpoint) or a quantized MoEExperts (qwen_fast.quantize_experts):
+                MoEExperts.from_hf.
             hf_parity: cast the routing weights where transformers does (see the class docstring).
 
         Under transformers' tensor or expert parallelism (a model loaded with `tp_plan` or a `DistributedConfig`)
