@@ -49,6 +49,7 @@ sliced) tensors get from the JIT, and `python -m qwen_fast.gpu_check` compiles e
 on spills.
 """
 
+import functools
 import math
 
 import torch
@@ -56,9 +57,12 @@ import triton
 import triton.language as tl
 
 from .compile_spec import TRITON_DTYPE, CompileSpec
+from .paged_attention import paged_attention
 
 LOG2E = math.log2(math.e)
 HEAD_DIMS = (16, 32, 64, 128, 256)  # HEAD_DIM, the padded head dim
+DECODE_ROWS = 16  # Sq * G up to this: flash_attn_func runs the split-K decode kernel (one m16 row tile per group)
+ARCHS = (80, 90)  # the compute capabilities with their own configs (others take the nearest below, sm_80's)
 
 
 @triton.jit
@@ -212,9 +216,10 @@ def _copies_padded(dtype: torch.dtype, padded_head_dim: int, even_d: bool) -> bo
     return not even_d and (padded_head_dim == 256 or (dtype == torch.float32 and padded_head_dim == 128))
 
 
-def _config(dtype: torch.dtype, padded_head_dim: int, num_rows: int, even_d: bool) -> dict:
-    """BLOCK_M, BLOCK_N, warps, stages for one dtype, padded head dim, the rows of the longest sequence (Sq * G) and
-    whether D is a power of 2 (see the module docstring for why each tile is what it is)."""
+def _config(dtype: torch.dtype, padded_head_dim: int, num_rows: int, even_d: bool, arch: int = 80) -> dict:
+    """BLOCK_M, BLOCK_N, warps, stages for one dtype, padded head dim, the rows of the longest sequence (Sq * G),
+    whether D is a power of 2 and the GPU's compute capability major * 10 + minor (see the module docstring for why
+    each tile is what it is)."""
     if dtype == torch.float32:  # exact fp32 dots on FMA units, operands in registers: 32-row tiles spilled
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8 if padded_head_dim == 256 else 4, "num_stages": 1}
     if not even_d:  # scalar loads (strides not provably 16-aligned): 32 x 32, 8 warps at HEAD_DIM 128
@@ -224,8 +229,19 @@ def _config(dtype: torch.dtype, padded_head_dim: int, num_rows: int, even_d: boo
     if padded_head_dim <= 64:  # 8 warps used stack at HEAD_DIM 32 on sm_80
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if padded_head_dim <= 32 else 8, "num_stages": 2}
     if padded_head_dim <= 128:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+        if arch >= 90:  # two warpgroups of 64 rows each (wgmma), where 64 rows made both compute the same rows
+            return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}  # sm_80: warps split the columns
     return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+
+
+@functools.cache
+def _arch(device: torch.device) -> int:
+    """Compute capability as major * 10 + minor; 80 for CPU tensors (the interpreter runs the sm_80 configs)."""
+    if device.type != "cuda":
+        return 80
+    major, minor = torch.cuda.get_device_capability(device)
+    return major * 10 + minor
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -257,7 +273,7 @@ def _launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q, 
     unbounded = max_seqlen_q + max_seqlen_k  # a window edge that no key can pass
     left = unbounded if window_size[0] < 0 else window_size[0]
     right = 0 if causal else (unbounded if window_size[1] < 0 else window_size[1])
-    config = _config(q.dtype, padded, max_seqlen_q * group, padded == head_dim)
+    config = _config(q.dtype, padded, max_seqlen_q * group, padded == head_dim, _arch(q.device))
     grid = (batch * num_kv_heads, triton.cdiv(max_seqlen_q * group, config["BLOCK_M"]))
     strides = [t.stride(0) if batch_strides else 0 for t in (q, k, v, out)]
     token_dim = 1 if batch_strides else 0
@@ -274,10 +290,37 @@ def _launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q, 
     )  # fmt: skip
 
 
+_INDEX: dict[torch.device, torch.Tensor] = {}  # per device, int32 [n] = 0, 1, ..: block tables and lengths as views
+
+
+def _index(device: torch.device, size: int) -> torch.Tensor:
+    """int32 [>= size] holding 0, 1, 2, ..., kept per device and grown by doubling (no allocation per call)."""
+    index = _INDEX.get(device)
+    if index is None or index.shape[0] < size:
+        index = _INDEX[device] = torch.arange(triton.next_power_of_2(size), dtype=torch.int32, device=device)
+    return index
+
+
+def _decode(q, k, v, softmax_scale, causal, window_size, softcap) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode-shaped calls (Sq * G <= DECODE_ROWS) on the split-K kernel of paged_attention: k/v [B, Sk, Hkv, D] are
+    B pages of Sk rows (block table [[0], [1], ..], every length Sk: views of one cached index tensor), so the
+    context is cut into splits that fill the GPU instead of one program per (sequence, KV head)."""
+    batch, seqlen_k = q.shape[0], k.shape[1]
+    index = _index(q.device, max(batch, seqlen_k + 1))
+    table, lengths = index[:batch, None], index[seqlen_k : seqlen_k + 1].expand(batch)
+    right = 0 if causal else window_size[1]
+    return paged_attention(
+        q, k, v, lengths, table, None, softmax_scale, window_size[0], right, softcap, 0, max_seqlen_k=seqlen_k
+    )
+
+
 def flash_attn_func(q, k, v, softmax_scale, causal, window_size, softcap, return_lse) -> tuple[torch.Tensor, ...]:
     """Launcher; arguments as qwen_fast.flash_attn_func (checked there): q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D].
     Returns (out [B, Sq, Hq, D] in q's dtype, softmax_lse fp32 [B, Hq, Sq] or, without return_lse, empty [0]);
-    inputs are read through their strides (no copies)."""
+    inputs are read through their strides (no copies). Decode shapes (Sq * G <= DECODE_ROWS) run split-K."""
+    if q.shape[1] * (q.shape[2] // k.shape[2]) <= DECODE_ROWS and k.shape[1] > 0 and q.numel() > 0:
+        out, lse = _decode(q, k, v, softmax_scale, causal, window_size, softcap)
+        return out, lse if return_lse else q.new_empty(0, dtype=torch.float32)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("inf"), device=q.device) if return_lse else None
     _launch(q, k, v, out, lse, None, None, q.shape[0], q.shape[1], k.shape[1], softmax_scale, causal, window_size,
@@ -309,41 +352,52 @@ def compile_specs() -> list[CompileSpec]:
             for num_rows, even_d in ((16, True), (17, True), (17, False)):  # short queries, prefill, masked D
                 if _copies_padded(dtype, padded, even_d):
                     continue  # launched on zero-padded copies, i.e. with EVEN_D
-                config = _config(dtype, padded, num_rows, even_d)
-                if (dtype, padded, even_d, config["BLOCK_M"]) in seen:
-                    continue  # fp32: one tile for short and long queries
-                seen.add((dtype, padded, even_d, config["BLOCK_M"]))
-                for varlen, extras in ((False, False), (True, False), (False, True), (True, True)):
-                    signature = {name: pointer for name in ("q", "k", "v", "out")}
-                    index = "*i32" if varlen else "constexpr"
-                    signature |= {"cu_seqlens_q": index, "cu_seqlens_k": index}
-                    signature |= {name: "i32" for name in kernel.arg_names[6:13]}
-                    signature["qk_scale"] = "fp32"
-                    signature |= {name: "i64" for name in kernel.arg_names[14:26]}
-                    lse = "*fp32" if extras else pointer  # without EXTRAS the launcher passes `out` (unused)
-                    signature |= {"lse": lse, "stride_lb": "i32", "stride_lh": "i32", "cap_log2": "fp32"}
-                    constexprs = {
-                        "BLOCK_M": config["BLOCK_M"],
-                        "BLOCK_N": config["BLOCK_N"],
-                        "HEAD_DIM": padded,
-                        "EVEN_D": even_d,
-                        "IS_VARLEN": varlen,
-                        "DOT_PRECISION": _precision(dtype),
-                        "EXTRAS": extras,
-                    }
-                    signature |= {name: "constexpr" for name in constexprs}
-                    if not varlen:
-                        constexprs |= {"cu_seqlens_q": None, "cu_seqlens_k": None}
-                    label = (
-                        f"{TRITON_DTYPE[dtype]} D={padded}{'' if even_d else ' padded'} M={config['BLOCK_M']} "
-                        f"N={config['BLOCK_N']} {'varlen' if varlen else 'batched'}{' extras' if extras else ''}"
-                    )
-                    # The JIT's specialization for 16-byte aligned tensors; with D a power of 2 the strides
-                    # (multiples of D) are multiples of 16 too.
-                    aligned = ("q", "k", "v", "out", "lse") + (tuple(kernel.arg_names[14:26]) if even_d else ())
-                    specs.append(
-                        CompileSpec(
-                            kernel, signature, constexprs, config["num_warps"], config["num_stages"], label, aligned
+                for arch in ARCHS:
+                    config = _config(dtype, padded, num_rows, even_d, arch)
+                    if (dtype, padded, even_d, tuple(config.items())) in seen:
+                        continue  # fp32: one tile for short and long queries; most tiles: one for every arch
+                    seen.add((dtype, padded, even_d, tuple(config.items())))
+                    archs = tuple(a for a in ARCHS if _config(dtype, padded, num_rows, even_d, a) == config)
+                    archs = () if archs == ARCHS else archs
+                    for varlen, extras in ((False, False), (True, False), (False, True), (True, True)):
+                        signature = {name: pointer for name in ("q", "k", "v", "out")}
+                        index = "*i32" if varlen else "constexpr"
+                        signature |= {"cu_seqlens_q": index, "cu_seqlens_k": index}
+                        signature |= {name: "i32" for name in kernel.arg_names[6:13]}
+                        signature["qk_scale"] = "fp32"
+                        signature |= {name: "i64" for name in kernel.arg_names[14:26]}
+                        lse = "*fp32" if extras else pointer  # without EXTRAS the launcher passes `out` (unused)
+                        signature |= {"lse": lse, "stride_lb": "i32", "stride_lh": "i32", "cap_log2": "fp32"}
+                        constexprs = {
+                            "BLOCK_M": config["BLOCK_M"],
+                            "BLOCK_N": config["BLOCK_N"],
+                            "HEAD_DIM": padded,
+                            "EVEN_D": even_d,
+                            "IS_VARLEN": varlen,
+                            "DOT_PRECISION": _precision(dtype),
+                            "EXTRAS": extras,
+                        }
+                        signature |= {name: "constexpr" for name in constexprs}
+                        if not varlen:
+                            constexprs |= {"cu_seqlens_q": None, "cu_seqlens_k": None}
+                        label = (
+                            f"{TRITON_DTYPE[dtype]} D={padded}{'' if even_d else ' padded'} M={config['BLOCK_M']} "
+                            f"N={config['BLOCK_N']} {'varlen' if varlen else 'batched'}{' extras' if extras else ''}"
+                            + "".join(f" sm_{a}" for a in archs)
                         )
-                    )
+                        # The JIT's specialization for 16-byte aligned tensors; with D a power of 2 the strides
+                        # (multiples of D) are multiples of 16 too.
+                        aligned = ("q", "k", "v", "out", "lse") + (tuple(kernel.arg_names[14:26]) if even_d else ())
+                        specs.append(
+                            CompileSpec(
+                                kernel,
+                                signature,
+                                constexprs,
+                                config["num_warps"],
+                                config["num_stages"],
+                                label,
+                                aligned,
+                                archs,
+                            )
+                        )
     return specs

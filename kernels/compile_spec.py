@@ -23,7 +23,7 @@ TRITON_DTYPE = {
 class CompileSpec:
     """A @triton.jit kernel with a full signature ("*fp16", "i64", "constexpr", ...) and its launch options.
     `aligned` names the arguments the JIT would see as multiples of 16 (16-byte aligned pointers, strides) at the
-    launches the spec stands for."""
+    launches the spec stands for; `archs` the compute capabilities (80, 90) whose launches pick it."""
 
     kernel: object
     signature: dict[str, str]
@@ -32,3 +32,4 @@ class CompileSpec:
     num_stages: int = 2
     label: str = field(default="")
     aligned: tuple[str, ...] = ()
+    archs: tuple[int, ...] = ()  # the SM versions whose launches pick this config (empty: every one)

@@ -57,7 +57,9 @@ from .kv_cache import _e4m3_value
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): the kernels keep log-sum-exps in base 2
 MIN_SPLIT_KEYS = 256  # a split below this many keys costs more in its partial write and merge than it saves
+MIN_KEYS = tl.constexpr(MIN_SPLIT_KEYS)
 MAX_SPLITS = 64
+MERGE_SPLITS = 16  # splits the merge reads per step: a [16, BLOCK_D] fp32 tile over 4 warps (16 registers a thread)
 
 
 @triton.jit
@@ -134,7 +136,11 @@ def _attention_kernel(
     lo = tl.where(window_left >= 0, tl.maximum(first_query + length - seqlen_q - window_left, 0), 0)
     lo = tl.maximum(lo, first_key)
     hi = tl.where(window_right >= 0, tl.minimum(last_query + length - seqlen_q + window_right + 1, length), length)
-    chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), num_splits), BLOCK_N) * BLOCK_N
+    # The splits this program's range needs (MIN_KEYS keys each at least): the grid's num_splits is a bound from
+    # the host; the splits past this count exit at once and the merge skips them.
+    span = tl.maximum(hi - lo, 0)
+    used_splits = tl.minimum(num_splits, tl.maximum(tl.cdiv(span, MIN_KEYS), 1))
+    chunk = tl.cdiv(tl.cdiv(span, used_splits), BLOCK_N) * BLOCK_N
     start = lo + split * chunk
     end = tl.minimum(start + chunk, hi)
     lower = tl.maximum(tl.where(window_left >= 0, diagonal - window_left, 0), first_key)
@@ -147,10 +153,15 @@ def _attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     table_row = block_table + b.to(tl.int64) * stride_bt
+    pos = start + tl.arange(0, BLOCK_N)
+    next_page = tl.load(table_row + (pos // block_size).to(tl.int64) * stride_bc, mask=pos < end, other=0)
     for key_start in range(start, end, BLOCK_N):
         pos = key_start + tl.arange(0, BLOCK_N)
         key_ok = pos < end
-        page = tl.load(table_row + (pos // block_size).to(tl.int64) * stride_bc, mask=key_ok, other=0).to(tl.int64)
+        page = next_page.to(tl.int64)
+        # The next tile's pages, loaded before this tile's K/V: the table lookup leaves the K/V load's critical path.
+        ahead = pos + BLOCK_N
+        next_page = tl.load(table_row + (ahead // block_size).to(tl.int64) * stride_bc, mask=ahead < end, other=0)
         slot_row = (pos % block_size).to(tl.int64)
         kv_mask = key_ok[:, None] & dim_ok[None, :]
         k_rows = k_cache + (page * stride_kp + slot_row * stride_kr + kv_head * stride_kh)
@@ -191,7 +202,8 @@ def _attention_kernel(
         tl.store(lse_out + lse_row, tl.where(seen, log2_sum * LN2, float("inf")), mask=row_ok)
     else:
         part_row = split.to(tl.int64) * batch * seqlen_q * num_heads_q + out_row
-        tl.store(part_out + part_row[:, None] * HEAD_DIM + dims[None, :], result, mask=store_mask)
+        # A row that saw no key writes only its lse (-inf): the merge never reads its partial output.
+        tl.store(part_out + part_row[:, None] * HEAD_DIM + dims[None, :], result, mask=store_mask & seen[:, None])
         tl.store(part_lse + part_row, tl.where(seen, log2_sum, float("-inf")), mask=row_ok)
 
 
@@ -207,27 +219,34 @@ def _merge_kernel(
     num_heads_q,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # row (b * Sq + i) * Hq + h of the output
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
-    lse_max = tl.load(part_lse + row)
-    for s in range(1, num_splits):
-        lse_max = tl.maximum(lse_max, tl.load(part_lse + s * num_rows + row))
-    lse_safe = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    m = tl.full([], float("-inf"), dtype=tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     weight_sum = tl.zeros([], dtype=tl.float32)
-    for s in range(num_splits):
-        weight = tl.exp2(tl.load(part_lse + s * num_rows + row) - lse_safe)
-        acc += weight * tl.load(part_out + (s * num_rows + row) * HEAD_DIM + dims, mask=dim_ok, other=0.0)
-        weight_sum += weight
+    for s0 in range(0, num_splits, BLOCK_S):  # one pass: BLOCK_S splits' lse and partial rows loaded together
+        splits = s0 + tl.arange(0, BLOCK_S)
+        part_rows = splits.to(tl.int64) * num_rows + row
+        lse = tl.load(part_lse + part_rows, mask=splits < num_splits, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        rescale = tl.exp2(m - m_safe)
+        weight = tl.exp2(lse - m_safe)  # 0 for a split that saw no key (its partial row was never written)
+        seen = (lse > float("-inf"))[:, None] & dim_ok[None, :]
+        parts = tl.load(part_out + part_rows[:, None] * HEAD_DIM + dims[None, :], mask=seen, other=0.0)
+        acc = acc * rescale + tl.sum(weight[:, None] * parts, axis=0)
+        weight_sum = weight_sum * rescale + tl.sum(weight, axis=0)
+        m = m_new
     seen = weight_sum > 0.0
     result = acc / tl.where(seen, weight_sum, 1.0)
     tl.store(out + row * HEAD_DIM + dims, result.to(out.dtype.element_ty), mask=dim_ok)
     head = row % num_heads_q
     query = (row // num_heads_q) % seqlen_q
     b = row // num_heads_q // seqlen_q
-    lse = (lse_safe + tl.log2(tl.where(seen, weight_sum, 1.0))) * LN2
+    lse = (tl.where(seen, m, 0.0) + tl.log2(tl.where(seen, weight_sum, 1.0))) * LN2
     tl.store(lse_out + (b * num_heads_q + head) * seqlen_q + query, tl.where(seen, lse, float("inf")))
 
 
@@ -263,10 +282,15 @@ def _aligned(*caches: torch.Tensor) -> bool:
 
 def num_splits(programs: int, max_context: int, num_sms: int) -> int:
     """Context splits per (row tile, KV head): enough programs for about two waves over the SMs, each split at least
-    MIN_SPLIT_KEYS keys of the longest possible context (the cache capacity, a shape: no host sync)."""
+    MIN_SPLIT_KEYS keys of `max_context`, a host-known bound on the longest context (the caller's maximum length, or
+    the cache capacity: no host sync). The kernel then uses only the splits each sequence's real length needs."""
     if programs >= num_sms:
         return 1
-    return max(1, min(triton.cdiv(2 * num_sms, programs), max_context // MIN_SPLIT_KEYS, MAX_SPLITS))
+    return max(1, min(triton.cdiv(2 * num_sms, programs), triton.cdiv(max_context, MIN_SPLIT_KEYS), MAX_SPLITS))
+
+
+def _merge_block(splits: int) -> int:
+    return min(triton.next_power_of_2(splits), MERGE_SPLITS)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -289,9 +313,11 @@ def paged_attention(
     splits: int,
     k_descale: torch.Tensor | None = None,
     v_descale: torch.Tensor | None = None,
+    max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher; arguments as qwen_fast.ops.paged_attention's paged_attention op (checked there). `splits` > 0
-    overrides the heuristic (flash-attn's num_splits). Returns new tensors: out [B, Sq, Hq, D] in q's dtype and the
+    overrides the heuristic (flash-attn's num_splits). `max_seqlen_k` > 0: a host-known bound on seqlens (keys per
+    sequence), which sizes the split count (0: the block table's capacity). Returns new tensors: out [B, Sq, Hq, D] in q's dtype and the
     natural log-sum-exp lse fp32 [B, Hq, Sq]. With k_descale / v_descale (fp32 [B, Hkv], contiguous) the caches are
     float8_e4m3fn."""
     if k_descale is not None:  # the kernel decodes e4m3 bits
@@ -312,6 +338,8 @@ def paged_attention(
     config = _config(seqlen_q * group, head_dim, q.dtype, aligned, k_descale is not None)
     m_tiles = triton.cdiv(seqlen_q * group, config["BLOCK_M"])
     max_context = block_table.shape[1] * k_cache.shape[1]
+    if max_seqlen_k > 0:
+        max_context = min(max_context, max_seqlen_k)
     if splits <= 0:
         splits = num_splits(batch * num_heads_kv * m_tiles, max_context, _num_sms(q.device))
     if splits > 1:
@@ -362,7 +390,7 @@ def paged_attention(
         num_rows = batch * seqlen_q * num_heads_q
         _merge_kernel[(num_rows,)](
             part_out, part_lse, out, lse, num_rows, splits, seqlen_q, num_heads_q,
-            HEAD_DIM=head_dim, BLOCK_D=config["BLOCK_D"], num_warps=1,
+            HEAD_DIM=head_dim, BLOCK_D=config["BLOCK_D"], BLOCK_S=_merge_block(splits), num_warps=4,
         )  # fmt: skip
     return out, lse
 
@@ -401,7 +429,10 @@ def compile_specs() -> list[CompileSpec]:
             merge_signature = {"part_out": "*fp32", "part_lse": "*fp32", "out": pointer, "lse_out": "*fp32"}
             merge_signature |= {n: "i32" for n in ("num_rows", "num_splits", "seqlen_q", "num_heads_q")}
             merge_signature |= {"HEAD_DIM": "constexpr", "BLOCK_D": "constexpr"}
-            merge_constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim)}
-            label = f"{TRITON_DTYPE[dtype]} D={head_dim}"
-            specs.append(CompileSpec(_merge_kernel, merge_signature, merge_constexprs, num_warps=1, label=label))
+            merge_signature["BLOCK_S"] = "constexpr"
+            for block_s in (2, MERGE_SPLITS):  # the fewest and the most splits the merge reads per step
+                merge_constexprs = {"HEAD_DIM": head_dim, "BLOCK_D": triton.next_power_of_2(head_dim)}
+                merge_constexprs["BLOCK_S"] = block_s
+                label = f"{TRITON_DTYPE[dtype]} D={head_dim} BLOCK_S={block_s}"
+                specs.append(CompileSpec(_merge_kernel, merge_signature, merge_constexprs, num_warps=4, label=label))
     return specs

@@ -108,6 +108,8 @@ def triton_usages(archs: list[int]) -> tuple[list[Usage], list[str]]:
         for spec in getattr(module, "compile_specs", list)():
             name = f"{info.name}.{spec.kernel.__name__}[{spec.label}, warps={spec.num_warps}]"
             for arch in archs:
+                if spec.archs and arch not in spec.archs:
+                    continue  # a per-architecture config: the others never launch it
                 try:
                     usages += spec_usages(spec, arch, name, tool)
                 except Exception as error:  # any compiler error is a finding, reported with the config

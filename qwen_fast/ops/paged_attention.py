@@ -38,8 +38,9 @@ from .rope import ROTARY_EMBEDDING
 
 
 def _fake_paged_attention(
-    q, k_cache, v_cache, seqlens, block_table, leftpad, scale, left, right, softcap, splits, k_descale, v_descale
-):
+    q, k_cache, v_cache, seqlens, block_table, leftpad, scale, left, right, softcap, splits, k_descale, v_descale,
+    max_seqlen_k,
+):  # fmt: skip
     check_kvcache_args(
         q, k_cache, v_cache, None, None, seqlens, block_table, None, leftpad, k_descale, v_descale, traced
     )
@@ -61,7 +62,7 @@ def _fake_flash_attn_with_kvcache(
 _paged_attention_triton = define_triton_op(
     "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, Tensor block_table, Tensor? leftpad, "
     "float softmax_scale, int window_left, int window_right, float softcap, int num_splits, Tensor? k_descale, "
-    "Tensor? v_descale) -> (Tensor, Tensor)",
+    "Tensor? v_descale, int max_seqlen_k) -> (Tensor, Tensor)",
     launcher("paged_attention", "paged_attention"),
     _fake_paged_attention,
 )
@@ -88,7 +89,7 @@ def _kernel_args(q, k_cache, cache_seqlens, block_table, cache_batch_idx, softma
 def _with_kvcache_triton(
     q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal, window_size,
     cache_batch_idx=None, cache_leftpad=None, softcap=0.0, num_splits=0, return_softmax_lse=False, k_descale=None,
-    v_descale=None,
+    v_descale=None, max_seqlen_k=0,
 ):  # fmt: skip
     seqlens, table, scale, left, right = _kernel_args(
         q, k_cache, cache_seqlens, block_table, cache_batch_idx, softmax_scale, causal, window_size
@@ -102,7 +103,7 @@ def _with_kvcache_triton(
         seqlens = seqlens + k.shape[1]
     out, lse = _paged_attention_triton(
         q, k_cache, v_cache, seqlens.int(), table, cache_leftpad, scale, left, right, float(softcap), num_splits,
-        k_descale, v_descale,
+        k_descale, v_descale, max_seqlen_k,
     )  # fmt: skip
     return (out, lse) if return_softmax_lse else out
 
@@ -110,7 +111,7 @@ def _with_kvcache_triton(
 def _with_kvcache_native(
     q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal, window_size,
     cache_batch_idx=None, cache_leftpad=None, softcap=0.0, num_splits=0, return_softmax_lse=False, k_descale=None,
-    v_descale=None,
+    v_descale=None, max_seqlen_k=0,
 ):  # fmt: skip
     seqlens, table, scale, left, right = _kernel_args(
         q, k_cache, cache_seqlens, block_table, cache_batch_idx, softmax_scale, causal, window_size
@@ -127,7 +128,7 @@ def _with_kvcache_native(
 def _with_kvcache_reference(
     q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal, window_size,
     cache_batch_idx=None, cache_leftpad=None, softcap=0.0, num_splits=0, return_softmax_lse=False, k_descale=None,
-    v_descale=None,
+    v_descale=None, max_seqlen_k=0,
 ):  # fmt: skip
     return reference.flash_attn_with_kvcache(
         q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
@@ -139,7 +140,9 @@ def _with_kvcache_reference(
 
 # Called by nn/ and cache/ unchecked: (device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale,
 # causal, window_size[, cache_batch_idx, cache_leftpad, softcap, num_splits, return_softmax_lse, k_descale,
-# v_descale]) with k_descale / v_descale fp32 [B, Hkv] for fp8 caches (given as their uint8 bits).
+# v_descale, max_seqlen_k]) with k_descale / v_descale fp32 [B, Hkv] for fp8 caches (given as their uint8 bits) and
+# max_seqlen_k a host-known bound on the keys per sequence after the append (0: unknown), which sizes the triton
+# kernel's split count without a host sync (a hint: the other backends do not need it).
 FLASH_ATTN_WITH_KVCACHE = Op(
     "flash_attn_with_kvcache",
     {"triton": _with_kvcache_triton, "cpu": _with_kvcache_native, "torch": _with_kvcache_reference},
@@ -263,5 +266,5 @@ def flash_attn_with_kvcache(
         q, k = _apply_rotary(q, k, rotary_cos, rotary_sin, cache_seqlens, moving, rotary_interleaved)
     return FLASH_ATTN_WITH_KVCACHE(
         q.device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal, tuple(window_size),
-        cache_batch_idx, cache_leftpad, softcap, num_splits, return_softmax_lse, k_descale, v_descale,
+        cache_batch_idx, cache_leftpad, softcap, num_splits, return_softmax_lse, k_descale, v_descale, longest,
     )  # fmt: skip
