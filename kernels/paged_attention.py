@@ -12,26 +12,32 @@ parallel, each producing a partial softmax result, which a second kernel merges 
    accumulator [BLOCK_M, BLOCK_D], the running max and sum-exp [BLOCK_M], a K tile loaded transposed
    [BLOCK_D, BLOCK_N] and a V tile [BLOCK_N, BLOCK_D].
    Visible keys: the program's rows see keys in [lo, hi) (length L = seqlens[b], causal/window bounds of its first
-   and last query, bottom-right aligned: query i sits at key d(i) = i + L - Sq); split s takes its share of that
-   range, rounded to whole BLOCK_N tiles. Each key tile gathers its rows by position: position p lives in page
+   and last query, bottom-right aligned: query i sits at key d(i) = i + L - Sq). The range is cut into
+   min(num_splits, cdiv(hi - lo, MIN_SPLIT_KEYS)) slices of whole BLOCK_N tiles: the grid's num_splits is a bound
+   known on the host, each program uses only the splits its sequence's real length needs, and the splits past that
+   return after writing an lse of -inf. Each key tile gathers its rows by position: position p lives in page
    block_table[b, p // block_size] at row p % block_size, so a tile may span pages and any block_size >= 1 works
-   (a contiguous cache is one page of S_max rows per sequence). Scores are fp32 (tl.dot), masked per (row, key) by
-   the window, softmax online in base 2. With one split the program writes out = acc / sum (0 for a row with no
-   visible key) in q's dtype; otherwise it writes the normalised partial output (fp32) and its log2-sum-exp
-   (-inf when the slice had no visible key) to part_out [S, B, Sq, Hq, D] and part_lse [S, B, Sq, Hq].
+   (a contiguous cache is one page of S_max rows per sequence); the page numbers of the next tile are loaded before
+   the current tile's K/V, so the table lookup is off the K/V load's critical path. Scores are fp32 (tl.dot), masked
+   per (row, key) by the window, softmax online in base 2. With one split the program writes out = acc / sum (0 for
+   a row with no visible key) in q's dtype; otherwise it writes the normalised partial output (fp32, only for rows
+   that saw a key) and its log2-sum-exp (-inf when the slice had no visible key) to part_out [S, B, Sq, Hq, D] and
+   part_lse [S, B, Sq, Hq].
    Keys before leftpad[b] (HAS_LEFTPAD) are invisible. SOFTCAP: the score is softcap * tanh(scale * q.k / softcap)
    (flash-attn's order: scale, then cap; tanh(x) = 1 - 2 / (exp(2x) + 1), exact at both ends), in base 2 after.
    With one split the program also writes the row's natural log-sum-exp to lse [B, Hq, Sq] (+inf without a key).
    FP8_KV: the caches hold float8_e4m3fn bits (passed as uint8; decoded by kv_cache._e4m3_value in integer
    arithmetic, exact in q's dtype, since Triton has no e4m3 type on sm_80); the scores are scaled by the
    (sequence, KV head)'s k_descale and the output by its v_descale (fp32 [B, Hkv]).
-2. _merge_kernel, grid (B * Sq * Hq,): one output row; two passes over the splits (max lse, then the weighted sum
-   of the partial rows in fp32), 0 when no split saw a key; the merged log-sum-exp to lse [B, Hq, Sq].
+2. _merge_kernel, grid (B * Sq * Hq,): one output row, one pass over the splits, MERGE_SPLITS at a time (their lse
+   and partial rows loaded together, merged with a running max as the online softmax does), skipping the splits
+   that saw no key; 0 when none did; the merged log-sum-exp to lse [B, Hq, Sq].
 
-num_splits (unless the caller forces it: flash-attn's num_splits > 0) comes from the shapes only (the batch, heads,
-row tiles, the cache capacity per sequence, the SM count), never from cache_seqlens' values: no host
-synchronisation, so the launch can be captured in a CUDA graph; each split then adapts its slice to the sequence's
-actual length inside the kernel.
+num_splits (unless the caller forces it: flash-attn's num_splits > 0) comes from the shapes and a host-known bound on
+the longest context (the caller's `max_seqlen_k`: flash_attn_with_kvcache's host-side lengths, PagedKVCache's plan,
+flash_attn_func's Sk; else the cache capacity per sequence) and the SM count, never from cache_seqlens' device
+values: no host synchronisation, so the launch can be captured in a CUDA graph; each program then adapts its split
+count and slices to the sequence's actual length inside the kernel.
 
 Offsets are int64 (page * page stride passes 2^31 for large pools). Every tensor is read through its strides (head
 dims contiguous): seqlens and block_table may be strided or expanded views (a stride-0 seqlens of one length, a
@@ -317,9 +323,9 @@ def paged_attention(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher; arguments as qwen_fast.ops.paged_attention's paged_attention op (checked there). `splits` > 0
     overrides the heuristic (flash-attn's num_splits). `max_seqlen_k` > 0: a host-known bound on seqlens (keys per
-    sequence), which sizes the split count (0: the block table's capacity). Returns new tensors: out [B, Sq, Hq, D] in q's dtype and the
-    natural log-sum-exp lse fp32 [B, Hq, Sq]. With k_descale / v_descale (fp32 [B, Hkv], contiguous) the caches are
-    float8_e4m3fn."""
+    sequence), which sizes the split count (0: the block table's capacity). Returns new tensors: out [B, Sq, Hq, D]
+    in q's dtype and the natural log-sum-exp lse fp32 [B, Hq, Sq]. With k_descale / v_descale (fp32 [B, Hkv],
+    contiguous) the caches are float8_e4m3fn."""
     if k_descale is not None:  # the kernel decodes e4m3 bits
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     batch, seqlen_q, num_heads_q, head_dim = q.shape
