@@ -389,7 +389,6 @@ def test_decode_shaped_flash_attn_func_runs_split_k(monkeypatch, seqlen_q, heads
     """Sq * G <= 16 (DynamicCache decode) goes to the split-K kernel (3 splits over 700 keys: 2 programs, the
     interpreter's 4 "SMs"), with
     flash_attn_func's results: out within the budget, lse as the reference's."""
-    from qwen_fast.kernels import attention as kernels
     from qwen_fast.kernels import paged_attention as paged
 
     splits, split_count = [], paged.num_splits
