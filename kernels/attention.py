@@ -314,6 +314,31 @@ def _decode(q, k, v, softmax_scale, causal, window_size, softcap) -> tuple[torch
     )
 
 
+def paged_prefill(q, k_cache, v_cache, seqlens, block_table, softmax_scale, window_left, window_right, softcap,
+                  max_seqlen_k) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Many queries over a paged cache (chunked prefill): q [B, Sq, Hq, D], caches [num_blocks, block_size, Hkv, D],
+    seqlens int32 [B] (<= max_seqlen_k, a host bound), block_table int32 [B, W]. Sequence b's keys are gathered into
+    packed rows (B * max_seqlen_k of them, the tail unused; index arithmetic on the device, no sync) and attended by
+    the varlen prefill kernel, causal bottom-right per sequence. Returns (out [B, Sq, Hq, D], lse fp32 [B, Hq, Sq])."""
+    batch, seqlen_q, num_heads_q, head_dim = q.shape
+    block_size, device = k_cache.shape[1], q.device
+    lengths = seqlens.long()
+    cu_k = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+    rows = torch.arange(batch * max_seqlen_k, device=device)
+    seq = torch.searchsorted(cu_k[1:], rows, right=True).clamp(max=batch - 1)
+    pos = rows - cu_k[seq]
+    used = pos < lengths[seq]  # rows past the last sequence's keys read page 0 row 0 (never attended)
+    page = torch.where(used, block_table[seq, (pos // block_size).clamp(max=block_table.shape[1] - 1)].long(), 0)
+    slot = torch.where(used, pos % block_size, 0)
+    keys, values = k_cache[page, slot], v_cache[page, slot]  # [B * max_seqlen_k, Hkv, D]: the used keys only
+    cu_q = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * seqlen_q
+    out, lse = flash_attn_varlen_func(
+        q.reshape(batch * seqlen_q, num_heads_q, head_dim), keys, values, cu_q, cu_k.to(torch.int32), seqlen_q,
+        max_seqlen_k, softmax_scale, False, (window_left, window_right), softcap, True,
+    )  # fmt: skip
+    return out.view(q.shape), lse.view(num_heads_q, batch, seqlen_q).transpose(0, 1).contiguous()
+
+
 def flash_attn_func(q, k, v, softmax_scale, causal, window_size, softcap, return_lse) -> tuple[torch.Tensor, ...]:
     """Launcher; arguments as qwen_fast.flash_attn_func (checked there): q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D].
     Returns (out [B, Sq, Hq, D] in q's dtype, softmax_lse fp32 [B, Hq, Sq] or, without return_lse, empty [0]);

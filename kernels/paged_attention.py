@@ -39,6 +39,12 @@ flash_attn_func's Sk; else the cache capacity per sequence) and the SM count, ne
 values: no host synchronisation, so the launch can be captured in a CUDA graph; each program then adapts its split
 count and slices to the sequence's actual length inside the kernel.
 
+Chunked prefill (Sq * G > PREFILL_ROWS, e.g. a 512-token chunk onto a non-empty cache) is compute-shaped: row tiles
+of 32 that each gather the whole context would re-read it per tile. With a host-known max_seqlen_k (and no
+leftpad, no fp8) the launcher instead gathers each sequence's keys and values once into packed rows (device index
+arithmetic, B * max_seqlen_k rows, no sync) and runs the prefill kernel (attention.paged_prefill: the varlen flash
+attention, causal bottom-right per sequence), whose large query tiles read each key tile once per 64-128 rows.
+
 Offsets are int64 (page * page stride passes 2^31 for large pools). Every tensor is read through its strides (head
 dims contiguous): seqlens and block_table may be strided or expanded views (a stride-0 seqlens of one length, a
 block table sliced out of a wider one). fp32 tl.dot uses input_precision "ieee".
@@ -65,6 +71,7 @@ LN2 = tl.constexpr(0.6931471805599453)  # ln(2): the kernels keep log-sum-exps i
 MIN_SPLIT_KEYS = 256  # a split below this many keys costs more in its partial write and merge than it saves
 MIN_KEYS = tl.constexpr(MIN_SPLIT_KEYS)
 MAX_SPLITS = 64
+PREFILL_ROWS = 64  # more rows (Sq * G) than this, with a host-known max_seqlen_k: the prefill kernel (see above)
 MERGE_SPLITS = 16  # splits the merge reads per step: a [16, BLOCK_D] fp32 tile over 4 warps (16 registers a thread)
 
 
@@ -335,6 +342,11 @@ def paged_attention(
     lse = torch.empty(batch, num_heads_q, seqlen_q, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
+    if seqlen_q * group > PREFILL_ROWS and max_seqlen_k > 0 and leftpad is None and k_descale is None:
+        from .attention import paged_prefill  # attention.py imports this module
+
+        return paged_prefill(q, k_cache, v_cache, seqlens, block_table, softmax_scale, window_left, window_right,
+                             softcap, max_seqlen_k)  # fmt: skip
     aligned = _aligned(k_cache, v_cache)
     if k_descale is not None and not aligned:  # element-wise fp8 loads spill registers (gpu_check, sm_80, D=256)
         raise ValueError(

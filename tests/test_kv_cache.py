@@ -604,3 +604,33 @@ def test_with_kvcache_passes_the_host_lengths_as_split_bound(monkeypatch):
     assert calls[0] == ("flash_attn_with_kvcache", "triton")
     longest = int(args["cache_seqlens"].max()) + args["k"].shape[1]
     assert seen == [longest] and longest < args["block_table"].shape[1] * args["k_cache"].shape[1]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window_size", [(-1, -1), (9, 0)])
+def test_chunked_prefill_onto_a_cache_runs_the_prefill_kernel(monkeypatch, window_size, dtype):
+    """A 20-token chunk of 4 query heads per KV head (80 rows > PREFILL_ROWS) appended to sequences holding 5 and
+    40 tokens (pages of 16, scattered): the triton backend gathers the keys once and runs the varlen prefill kernel
+    (host lengths known), with flash_attn_with_kvcache's results and lse."""
+    from qwen_fast.kernels import attention as kernels
+
+    ran = []
+    prefill = kernels.paged_prefill
+    monkeypatch.setattr(kernels, "paged_prefill", lambda *a: ran.append(a[-1]) or prefill(*a))
+    lengths = torch.tensor([5, 40], dtype=torch.int32)
+    k_cache, v_cache = torch.randn(12, 16, 1, 64).to(dtype), torch.randn(12, 16, 1, 64).to(dtype)
+    table = torch.randperm(12, dtype=torch.int32)[:8].view(2, 4)
+    q = torch.randn(2, 20, 4, 64).to(dtype)
+    k, v = torch.randn(2, 20, 1, 64).to(dtype), torch.randn(2, 20, 1, 64).to(dtype)
+    caches = (k_cache.clone(), v_cache.clone())
+    kwargs = {"cache_seqlens": lengths, "block_table": table, "causal": True, "window_size": window_size}
+    with qwen_fast.use_backend("triton"), qwen_fast.record_backends() as calls:
+        out, lse = qwen_fast.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, **kwargs, return_softmax_lse=True)
+    assert ("flash_attn_with_kvcache", "triton") in calls and ran == [60]
+    expected, expected_lse = flash_attn_with_kvcache(q.float(), *(c.float() for c in caches), k.float(), v.float(),
+                                                     **kwargs, return_softmax_lse=True)  # fmt: skip
+    low = flash_attn_with_kvcache(q, *caches, k, v, **kwargs)
+    assert_within_budget(out, expected, low)
+    assert_close(lse, expected_lse, torch.float16 if dtype == torch.float16 else None)
+    assert torch.equal(k_cache, caches[0])  # the reference appended the same rows to its copies

@@ -31,6 +31,7 @@ from .kvcache_checks import (
     check_rotary,
     check_used_blocks,
     fp8_cache,
+    lengths_known,
 )
 from .rope import ROTARY_EMBEDDING
 
@@ -266,5 +267,6 @@ def flash_attn_with_kvcache(
         q, k = _apply_rotary(q, k, rotary_cos, rotary_sin, cache_seqlens, moving, rotary_interleaved)
     return FLASH_ATTN_WITH_KVCACHE(
         q.device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal, tuple(window_size),
-        cache_batch_idx, cache_leftpad, softcap, num_splits, return_softmax_lse, k_descale, v_descale, longest,
+        cache_batch_idx, cache_leftpad, softcap, num_splits, return_softmax_lse, k_descale, v_descale,
+        longest if lengths_known(cache_seqlens) else 0,
     )  # fmt: skip
