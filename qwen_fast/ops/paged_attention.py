@@ -1,7 +1,8 @@
 """flash_attn_with_kvcache: append new K/V to a paged or contiguous cache and attend over it, with flash-attn 2.8.3's
 signature, defaults (causal=False) and conventions.
 
-Backends: triton (reshape_and_cache + the split-K paged attention of kernels/paged_attention.py; no host sync), cpu
+Backends: flash_attn (flash-attn 2's own kernels where installed and its constraints allow: ops/flash_attn_backend.py),
+triton (reshape_and_cache + the split-K paged attention of kernels/paged_attention.py; no host sync), cpu
 (csrc/cpu/paged_attention.cpp: append and attend in one op), torch (the reference). Every backend implements
 cache_leftpad, softcap, num_splits and the log-sum-exp itself. Two arguments are composed here, identically for
 every backend: cache_batch_idx (a contiguous cache is B_cache pages of S_max rows; sequence b's block table is
@@ -18,10 +19,11 @@ import torch
 
 from qwen_fast.reference import kv_cache as reference
 
+from . import flash_attn_backend
 from ._checks import traced
 from ._dispatch import INTERPRETER_DOT, Op
 from ._library import define_triton_op, launcher, native_op
-from .attention import check_attention_options
+from .attention import ATTENTION_ORDER, check_attention_options
 from .kv_cache import _reshape_and_cache_triton
 from .kvcache_checks import (
     check_index_values,
@@ -146,9 +148,15 @@ def _with_kvcache_reference(
 # kernel's split count without a host sync (a hint: the other backends do not need it).
 FLASH_ATTN_WITH_KVCACHE = Op(
     "flash_attn_with_kvcache",
-    {"triton": _with_kvcache_triton, "cpu": _with_kvcache_native, "torch": _with_kvcache_reference},
-    {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
+    {
+        "triton": _with_kvcache_triton,
+        "flash_attn": flash_attn_backend.flash_attn_with_kvcache,
+        "cpu": _with_kvcache_native,
+        "torch": _with_kvcache_reference,
+    },
+    ATTENTION_ORDER,
     interpreter_limit=INTERPRETER_DOT,
+    backend_limits={"flash_attn": flash_attn_backend.kvcache_limit},
 )
 
 
