@@ -17,12 +17,11 @@ parallel, each producing a partial softmax result, which a second kernel merges 
    known on the host, each program uses only the splits its sequence's real length needs, and the splits past that
    return after writing an lse of -inf. Each key tile gathers its rows by position: position p lives in page
    block_table[b, p // block_size] at row p % block_size, so a tile may span pages and any block_size >= 1 works
-   (a contiguous cache is one page of S_max rows per sequence); with 16-bit aligned caches (PREFETCH) the page
-   numbers of the next tile are loaded before the current tile's K/V, so the table lookup is off the K/V load's
-   critical path (fp32 tiles keep the plain lookup: carrying the numbers used stack on sm_90). Scores are fp32
+   (a contiguous cache is one page of S_max rows per sequence). (Loading the next tile's page numbers one tile
+   ahead was tried: the carried numbers pushed ten configs past the register file in gpu_check.) Scores are fp32
    (tl.dot), masked per (row, key) by the window, softmax online in base 2. With one split the program writes
    out = acc / sum (0 for a row with no visible key) in q's dtype; otherwise it writes the normalised partial output
-   (fp32, only for rows that saw a key) and its log2-sum-exp (-inf when the slice had no visible key) to part_out
+   (fp32; 0 for a row that saw no key) and its log2-sum-exp (-inf when the slice had no visible key) to part_out
    [S, B, Sq, Hq, D] and part_lse [S, B, Sq, Hq].
    Keys before leftpad[b] (HAS_LEFTPAD) are invisible. SOFTCAP: the score is softcap * tanh(scale * q.k / softcap)
    (flash-attn's order: scale, then cap; tanh(x) = 1 - 2 / (exp(2x) + 1), exact at both ends), in base 2 after.
@@ -117,7 +116,6 @@ def _attention_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     ALIGNED: tl.constexpr,
-    PREFETCH: tl.constexpr,
     HAS_LEFTPAD: tl.constexpr,
     SOFTCAP: tl.constexpr,
     FP8_KV: tl.constexpr,
@@ -168,17 +166,10 @@ def _attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     table_row = block_table + b.to(tl.int64) * stride_bt
-    pos = start + tl.arange(0, BLOCK_N)
-    next_page = tl.load(table_row + (pos // block_size).to(tl.int64) * stride_bc, mask=pos < end, other=0)
     for key_start in range(start, end, BLOCK_N):
         pos = key_start + tl.arange(0, BLOCK_N)
         key_ok = pos < end
-        if PREFETCH:  # the next tile's pages, loaded before this tile's K/V: off the K/V load's critical path
-            page = next_page.to(tl.int64)
-            ahead = pos + BLOCK_N
-            next_page = tl.load(table_row + (ahead // block_size).to(tl.int64) * stride_bc, mask=ahead < end, other=0)
-        else:
-            page = tl.load(table_row + (pos // block_size).to(tl.int64) * stride_bc, mask=key_ok, other=0).to(tl.int64)
+        page = tl.load(table_row + (pos // block_size).to(tl.int64) * stride_bc, mask=key_ok, other=0).to(tl.int64)
         slot_row = (pos % block_size).to(tl.int64)
         kv_mask = key_ok[:, None] & dim_ok[None, :]
         k_rows = k_cache + (page * stride_kp + slot_row * stride_kr + kv_head * stride_kh)
@@ -219,8 +210,7 @@ def _attention_kernel(
         tl.store(lse_out + lse_row, tl.where(seen, log2_sum * LN2, float("inf")), mask=row_ok)
     else:
         part_row = split.to(tl.int64) * batch * seqlen_q * num_heads_q + out_row
-        # A row that saw no key writes only its lse (-inf): the merge never reads its partial output.
-        tl.store(part_out + part_row[:, None] * HEAD_DIM + dims[None, :], result, mask=store_mask & seen[:, None])
+        tl.store(part_out + part_row[:, None] * HEAD_DIM + dims[None, :], result, mask=store_mask)
         tl.store(part_lse + part_row, tl.where(seen, log2_sum, float("-inf")), mask=row_ok)
 
 
@@ -251,7 +241,7 @@ def _merge_kernel(
         m_new = tl.maximum(m, tl.max(lse, axis=0))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         rescale = tl.exp2(m - m_safe)
-        weight = tl.exp2(lse - m_safe)  # 0 for a split that saw no key (its partial row was never written)
+        weight = tl.exp2(lse - m_safe)  # 0 for a split that saw no key (its partial row is not read)
         seen = (lse > float("-inf"))[:, None] & dim_ok[None, :]
         parts = tl.load(part_out + part_rows[:, None] * HEAD_DIM + dims[None, :], mask=seen, other=0.0)
         acc = acc * rescale + tl.sum(weight[:, None] * parts, axis=0)
@@ -283,8 +273,7 @@ def _config(num_rows: int, head_dim: int, dtype: torch.dtype, aligned: bool, fp8
     num_stages = 1 if dtype == torch.float32 and not aligned else 2
     if fp8 and dtype == torch.float32:
         num_warps, num_stages = 4, 1
-    prefetch = aligned and dtype != torch.float32  # fp32 tiles: the carried page numbers used stack on sm_90
-    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "ALIGNED": aligned, "PREFETCH": prefetch} | {
+    return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "ALIGNED": aligned} | {
         "num_warps": num_warps,
         "num_stages": num_stages,
     }
@@ -403,7 +392,6 @@ def paged_attention(
         BLOCK_D=config["BLOCK_D"],
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         ALIGNED=config["ALIGNED"],
-        PREFETCH=config["PREFETCH"],
         HAS_LEFTPAD=leftpad is not None,
         SOFTCAP=softcap > 0,
         FP8_KV=k_descale is not None,
@@ -439,7 +427,7 @@ def compile_specs() -> list[CompileSpec]:
                 signature |= {"qk_scale": "fp32", "softcap": "fp32", "window_left": "i32", "window_right": "i32"}
                 for name in ("qb", "qs", "qh", "kp", "kr", "kh", "vp", "vr", "vh", "sl", "bt", "bc", "lp"):
                     signature[f"stride_{name}"] = "i64"
-                constexprs = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "ALIGNED", "PREFETCH")}
+                constexprs = {k: config[k] for k in ("BLOCK_M", "BLOCK_N", "BLOCK_D", "ALIGNED")}
                 constexprs |= {"HAS_LEFTPAD": False, "SOFTCAP": False, "FP8_KV": fp8}  # decode's kernels
                 constexprs |= {"HEAD_DIM": head_dim, "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
                 signature |= dict.fromkeys(constexprs, "constexpr")
