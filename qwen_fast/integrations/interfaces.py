@@ -158,7 +158,8 @@ def attention_forward(
         dropout: must be 0 (transformers passes attention_dropout in training): refused otherwise.
         sliding_window: keys per query, the query's own included (None: all).
         kwargs: is_causal; position_ids (batch 1, restarting positions: packed sequences) or cu_seq_lens_q /
-            cu_seq_lens_k (padding-free batches), both run through flash_attn_varlen_func.
+            cu_seq_lens_k (padding-free batches, with max_length_q / max_length_k: host ints, or continuous
+            batching's dict of them per layer type), both run through flash_attn_varlen_func.
 
     Returns:
         ([B, S, Hq, D] in query's dtype, None). Query rows that are padding output 0.
