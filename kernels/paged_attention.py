@@ -13,9 +13,9 @@ parallel, each producing a partial softmax result, which a second kernel merges 
    [BLOCK_D, BLOCK_N] and a V tile [BLOCK_N, BLOCK_D].
    Visible keys: the program's rows see keys in [lo, hi) (length L = seqlens[b], causal/window bounds of its first
    and last query, bottom-right aligned: query i sits at key d(i) = i + L - Sq). The range is cut into
-   min(num_splits, cdiv(hi - lo, MIN_SPLIT_KEYS)) slices of whole BLOCK_N tiles: the grid's num_splits is a bound
-   known on the host, each program uses only the splits its sequence's real length needs, and the splits past that
-   return after writing an lse of -inf. Each key tile gathers its rows by position: position p lives in page
+   slices of max(cdiv(hi - lo, num_splits) rounded up to whole BLOCK_N tiles, MIN_SPLIT_KEYS) keys: the grid's
+   num_splits is a bound known on the host, each program uses only the splits its sequence's real length needs,
+   and the splits past them find an empty slice and write an lse of -inf. Each key tile gathers its rows by position: position p lives in page
    block_table[b, p // block_size] at row p % block_size, so a tile may span pages and any block_size >= 1 works
    (a contiguous cache is one page of S_max rows per sequence). (Loading the next tile's page numbers one tile
    ahead was tried: the carried numbers pushed ten configs past the register file in gpu_check.) Scores are fp32
@@ -69,7 +69,7 @@ from .kv_cache import _e4m3_value
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): the kernels keep log-sum-exps in base 2
 MIN_SPLIT_KEYS = 256  # a split below this many keys costs more in its partial write and merge than it saves
-MIN_KEYS = tl.constexpr(MIN_SPLIT_KEYS)
+MIN_KEYS = tl.constexpr(MIN_SPLIT_KEYS)  # a multiple of every BLOCK_N
 MAX_SPLITS = 64
 PREFILL_ROWS = 64  # more rows (Sq * G) than this, with a host-known max_seqlen_k: the prefill kernel (see above)
 MERGE_SPLITS = 16  # splits the merge reads per step: a [16, BLOCK_D] fp32 tile over 4 warps (16 registers a thread)
@@ -149,11 +149,9 @@ def _attention_kernel(
     lo = tl.where(window_left >= 0, tl.maximum(first_query + length - seqlen_q - window_left, 0), 0)
     lo = tl.maximum(lo, first_key)
     hi = tl.where(window_right >= 0, tl.minimum(last_query + length - seqlen_q + window_right + 1, length), length)
-    # The splits this program's range needs (MIN_KEYS keys each at least): the grid's num_splits is a bound from
-    # the host; the splits past this count exit at once and the merge skips them.
-    span = tl.maximum(hi - lo, 0)
-    used_splits = tl.minimum(num_splits, tl.maximum(tl.cdiv(span, MIN_KEYS), 1))
-    chunk = tl.cdiv(tl.cdiv(span, used_splits), BLOCK_N) * BLOCK_N
+    # Slices of at least MIN_KEYS keys (a multiple of BLOCK_N): the grid's num_splits is a bound from the host, and
+    # the splits past this sequence's cdiv(hi - lo, chunk) find an empty slice (the merge skips them).
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), num_splits), BLOCK_N) * BLOCK_N, MIN_KEYS)
     start = lo + split * chunk
     end = tl.minimum(start + chunk, hi)
     lower = tl.maximum(tl.where(window_left >= 0, diagonal - window_left, 0), first_key)
