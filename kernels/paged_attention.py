@@ -15,13 +15,14 @@ parallel, each producing a partial softmax result, which a second kernel merges 
    and last query, bottom-right aligned: query i sits at key d(i) = i + L - Sq). The range is cut into
    slices of max(cdiv(hi - lo, num_splits) rounded up to whole BLOCK_N tiles, MIN_SPLIT_KEYS) keys: the grid's
    num_splits is a bound known on the host, each program uses only the splits its sequence's real length needs,
-   and the splits past them find an empty slice and write an lse of -inf. Each key tile gathers its rows by position: position p lives in page
-   block_table[b, p // block_size] at row p % block_size, so a tile may span pages and any block_size >= 1 works
-   (a contiguous cache is one page of S_max rows per sequence). (Loading the next tile's page numbers one tile
-   ahead was tried: the carried numbers pushed ten configs past the register file in gpu_check.) Scores are fp32
-   (tl.dot), masked per (row, key) by the window, softmax online in base 2. With one split the program writes
-   out = acc / sum (0 for a row with no visible key) in q's dtype; otherwise it writes the normalised partial output
-   (fp32; 0 for a row that saw no key) and its log2-sum-exp (-inf when the slice had no visible key) to part_out
+   and the splits past them find an empty slice and write an lse of -inf. Each key tile gathers its rows by
+   position: position p lives in page block_table[b, p // block_size] at row p % block_size, so a tile may span
+   pages and any block_size >= 1 works (a contiguous cache is one page of S_max rows per sequence). (Loading the next
+   tile's page numbers one tile ahead was tried: the carried numbers pushed ten configs past the register file in
+   gpu_check.) Scores are fp32 (tl.dot), masked per (row, key) by the window, softmax online in base 2. With one
+   split the program writes out = acc / sum (0 for a row with no visible key) in q's dtype; otherwise it writes the
+   normalised partial output (fp32; 0 for a row that saw no key) and its log2-sum-exp (-inf when the slice had no
+   visible key) to part_out
    [S, B, Sq, Hq, D] and part_lse [S, B, Sq, Hq].
    Keys before leftpad[b] (HAS_LEFTPAD) are invisible. SOFTCAP: the score is softcap * tanh(scale * q.k / softcap)
    (flash-attn's order: scale, then cap; tanh(x) = 1 - 2 / (exp(2x) + 1), exact at both ends), in base 2 after.
