@@ -22,8 +22,7 @@ parallel, each producing a partial softmax result, which a second kernel merges 
    gpu_check.) Scores are fp32 (tl.dot), masked per (row, key) by the window, softmax online in base 2. With one
    split the program writes out = acc / sum (0 for a row with no visible key) in q's dtype; otherwise it writes the
    normalised partial output (fp32; 0 for a row that saw no key) and its log2-sum-exp (-inf when the slice had no
-   visible key) to part_out
-   [S, B, Sq, Hq, D] and part_lse [S, B, Sq, Hq].
+   visible key) to part_out [S, B, Sq, Hq, D] and part_lse [S, B, Sq, Hq].
    Keys before leftpad[b] (HAS_LEFTPAD) are invisible. SOFTCAP: the score is softcap * tanh(scale * q.k / softcap)
    (flash-attn's order: scale, then cap; tanh(x) = 1 - 2 / (exp(2x) + 1), exact at both ends), in base 2 after.
    With one split the program also writes the row's natural log-sum-exp to lse [B, Hq, Sq] (+inf without a key).
