@@ -1,5 +1,6 @@
 """flash_attn_func prefill: qwen_fast's kernel for the device against torch SDPA, flash-attn (when importable) and
-the reference, self-attention over S tokens, causal and not.
+the reference, self-attention over S tokens, causal and not. The baseline is flash-attn on CUDA where it is
+installed (torch SDPA otherwise); qwen_fast runs its triton backend forced (auto would take flash-attn there).
 
     pip install --no-build-isolation '.[bench]' && pytest bench/bench_attention.py --benchmark-columns=median,ops
 
@@ -32,6 +33,7 @@ try:
     from flash_attn import flash_attn_func as flash_attn_peer
 except ImportError:
     flash_attn_peer = None
+BASELINE = "flash_attn" if flash_attn_peer is not None and DEVICE == "cuda" else "torch_sdpa"
 
 
 def _sdpa(q, k, v, causal):
@@ -84,6 +86,6 @@ def test_flash_attn_prefill(benchmark, dtype, heads_q, heads_kv, seqlen, causal,
         op="flash_attn_func",
         shape=f"{str(dtype)[6:]} Hq={heads_q}/Hkv={heads_kv} S={seqlen}{' causal' if causal else ''}",
         impl=f"qwen_fast.{BACKEND}" if impl == "qwen_fast" else impl,
-        baseline="torch_sdpa",
+        baseline=BASELINE,
         tflops=flops / benchmark.stats["median"] / 1e12,
     )

@@ -1,6 +1,7 @@
 """reshape_and_cache: new K/V rows into the paged pools, per backend, in GB/s (bytes read + written); and
-flash_attn_with_kvcache decode (one query per sequence over a paged cache) against torch SDPA over a contiguous cache
-of the same data, in GB/s of K/V read.
+flash_attn_with_kvcache decode (one query per sequence over a paged cache) against torch SDPA and, on CUDA where it is
+installed (the baseline there), flash-attn's own decode over a contiguous cache of the same data, in GB/s of K/V
+read.
 
     pip install --no-build-isolation '.[bench]' && pytest bench/bench_kv_cache.py --benchmark-columns=mean,ops
 
@@ -59,7 +60,12 @@ def test_reshape_and_cache(benchmark, backend, num_tokens, dtype):
 DECODE_HEADS_Q, DECODE_HEADS_KV = (32, 4) if DEVICE == "cuda" else (16, 2)  # Qwen3-30B-A3B; group 8 on CPU
 DECODE_BATCH = [1, 16, 64] if DEVICE == "cuda" else [1, 8]
 DECODE_CONTEXT = [512, 4096, 32768] if DEVICE == "cuda" else [512, 4096]
-DECODE_PEERS = ["triton", "torch", "sdpa"] if DEVICE == "cuda" else ["cpu", "torch", "sdpa"]
+DECODE_PEERS = ["triton", "torch", "sdpa", "flash_attn"] if DEVICE == "cuda" else ["cpu", "torch", "sdpa"]
+try:  # the CUDA baseline where installed: flash-attn's decode over a contiguous cache of the same data
+    from flash_attn import flash_attn_with_kvcache as flash_attn_peer
+except ImportError:
+    flash_attn_peer = None
+DECODE_BASELINE = "flash_attn" if flash_attn_peer is not None and DEVICE == "cuda" else "torch_sdpa"
 
 
 def _decode_inputs(batch: int, context: int, dtype: torch.dtype):
@@ -80,12 +86,20 @@ def _decode_inputs(batch: int, context: int, dtype: torch.dtype):
 @pytest.mark.parametrize("context", DECODE_CONTEXT)
 @pytest.mark.parametrize("batch", DECODE_BATCH)
 def test_paged_decode(benchmark, backend, batch, context):
+    if backend == "flash_attn" and flash_attn_peer is None:
+        pytest.skip("flash-attn is not installed")
     q, k_cache, v_cache, seqlens, block_table, dense_k, dense_v = _decode_inputs(batch, context, torch.bfloat16)
+    peer = backend in ("sdpa", "flash_attn")
     if backend == "sdpa":  # the peer: torch SDPA over a contiguous cache of the same data
         q_sdpa = q.transpose(1, 2)
 
         def attend():
             return torch.nn.functional.scaled_dot_product_attention(q_sdpa, dense_k, dense_v, enable_gqa=True)
+    elif backend == "flash_attn":  # flash-attn's own decode over the same data, contiguous [B, L, Hkv, D]
+        flash_k, flash_v = dense_k.transpose(1, 2).contiguous(), dense_v.transpose(1, 2).contiguous()
+
+        def attend():
+            return flash_attn_peer(q, flash_k, flash_v, cache_seqlens=seqlens, causal=True)
     else:
 
         def attend():
@@ -98,16 +112,16 @@ def test_paged_decode(benchmark, backend, batch, context):
         if DEVICE == "cuda":
             torch.cuda.synchronize()
 
-    with qwen_fast.use_backend("auto" if backend == "sdpa" else backend), qwen_fast.record_backends() as calls:
+    with qwen_fast.use_backend("auto" if peer else backend), qwen_fast.record_backends() as calls:
         benchmark(run)
-    assert backend == "sdpa" or (calls and {b for _, b in calls} == {backend})
+    assert peer or (calls and {b for _, b in calls} == {backend})
     read = 2 * dense_k.numel() * dense_k.element_size()  # K and V, each read once
     benchmark.extra_info.update(
         device=torch.cuda.get_device_name() if DEVICE == "cuda" else f"cpu, {torch.get_num_threads()} threads",
         backend=backend,
         op="flash_attn_with_kvcache decode",
         shape=f"B={batch} context={context}",
-        impl="torch_sdpa" if backend == "sdpa" else f"qwen_fast.{backend}",
-        baseline="torch_sdpa",
+        impl={"sdpa": "torch_sdpa", "flash_attn": "flash_attn"}.get(backend, f"qwen_fast.{backend}"),
+        baseline=DECODE_BASELINE,
         gb_per_s=read / benchmark.stats["mean"] / 1e9,
     )

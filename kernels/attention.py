@@ -57,10 +57,12 @@ import torch
 import triton
 import triton.language as tl
 
-from .compile_spec import META, CompileSpec, launches
+from .compile_spec import META, CompileSpec, device_arch, launches
+from .paged_attention import paged_attention
 
 LOG2E = math.log2(math.e)
 HEAD_DIMS = (16, 32, 64, 128, 256)  # HEAD_DIM, the padded head dim
+DECODE_ROWS = 16  # Sq * G up to this: flash_attn_func runs the split-K decode kernel (one m16 row tile per group)
 
 
 @triton.jit
@@ -214,9 +216,10 @@ def _copies_padded(dtype: torch.dtype, padded_head_dim: int, even_d: bool) -> bo
     return not even_d and (padded_head_dim == 256 or (dtype == torch.float32 and padded_head_dim == 128))
 
 
-def _config(dtype: torch.dtype, padded_head_dim: int, num_rows: int, even_d: bool) -> dict:
-    """BLOCK_M, BLOCK_N, warps, stages for one dtype, padded head dim, the rows of the longest sequence (Sq * G) and
-    whether D is a power of 2 (see the module docstring for why each tile is what it is)."""
+def _config(dtype: torch.dtype, padded_head_dim: int, num_rows: int, even_d: bool, arch: int = 80) -> dict:
+    """BLOCK_M, BLOCK_N, warps, stages for one dtype, padded head dim, the rows of the longest sequence (Sq * G),
+    whether D is a power of 2 and the GPU's compute capability major * 10 + minor (see the module docstring for why
+    each tile is what it is)."""
     if dtype == torch.float32:  # exact fp32 dots on FMA units, operands in registers: 32-row tiles spilled
         return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8 if padded_head_dim == 256 else 4, "num_stages": 1}
     if not even_d:  # scalar loads (strides not provably 16-aligned): 32 x 32, 8 warps at HEAD_DIM 128
@@ -226,7 +229,9 @@ def _config(dtype: torch.dtype, padded_head_dim: int, num_rows: int, even_d: boo
     if padded_head_dim <= 64:  # 8 warps used stack at HEAD_DIM 32 on sm_80
         return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if padded_head_dim <= 32 else 8, "num_stages": 2}
     if padded_head_dim <= 128:
-        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+        if arch >= 90:  # two warpgroups of 64 rows each (wgmma), where 64 rows made both compute the same rows
+            return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
+        return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}  # sm_80: warps split the columns
     return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
 
 
@@ -259,7 +264,7 @@ def _launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q, 
     unbounded = max_seqlen_q + max_seqlen_k  # a window edge that no key can pass
     left = unbounded if window_size[0] < 0 else window_size[0]
     right = 0 if causal else (unbounded if window_size[1] < 0 else window_size[1])
-    config = _config(q.dtype, padded, max_seqlen_q * group, padded == head_dim)
+    config = _config(q.dtype, padded, max_seqlen_q * group, padded == head_dim, device_arch(q.device))
     grid = (batch * num_kv_heads, triton.cdiv(max_seqlen_q * group, config["BLOCK_M"]))
     strides = [t.stride(0) if batch_strides else 0 for t in (q, k, v, out)]
     token_dim = 1 if batch_strides else 0
@@ -276,10 +281,62 @@ def _launch(q, k, v, out, lse, cu_seqlens_q, cu_seqlens_k, batch, max_seqlen_q, 
     )  # fmt: skip
 
 
+_INDEX: dict[torch.device, torch.Tensor] = {}  # per device, int32 [n] = 0, 1, ..: block tables and lengths as views
+
+
+def _index(device: torch.device, size: int) -> torch.Tensor:
+    """int32 [>= size] holding 0, 1, 2, ..., kept per device and grown by doubling (no allocation per call)."""
+    index = _INDEX.get(device)
+    if index is None or index.shape[0] < size:
+        index = _INDEX[device] = torch.arange(triton.next_power_of_2(size), dtype=torch.int32, device=device)
+    return index
+
+
+def _decode(q, k, v, softmax_scale, causal, window_size, softcap) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode-shaped calls (Sq * G <= DECODE_ROWS) on the split-K kernel of paged_attention: k/v [B, Sk, Hkv, D] are
+    B pages of Sk rows (block table [[0], [1], ..], every length Sk: views of one cached index tensor), so the
+    context is cut into splits that fill the GPU instead of one program per (sequence, KV head)."""
+    batch, seqlen_k = q.shape[0], k.shape[1]
+    index = _index(q.device, max(batch, seqlen_k + 1))
+    table, lengths = index[:batch, None], index[seqlen_k : seqlen_k + 1].expand(batch)
+    right = 0 if causal else window_size[1]
+    return paged_attention(
+        q, k, v, lengths, table, None, softmax_scale, window_size[0], right, softcap, 0, max_seqlen_k=seqlen_k
+    )
+
+
+def paged_prefill(q, k_cache, v_cache, seqlens, block_table, softmax_scale, window_left, window_right, softcap,
+                  max_seqlen_k) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """Many queries over a paged cache (chunked prefill): q [B, Sq, Hq, D], caches [num_blocks, block_size, Hkv, D],
+    seqlens int32 [B] (<= max_seqlen_k, a host bound), block_table int32 [B, W]. Sequence b's keys are gathered into
+    packed rows (B * max_seqlen_k of them, the tail unused; index arithmetic on the device, no sync) and attended by
+    the varlen prefill kernel, causal bottom-right per sequence. Returns (out [B, Sq, Hq, D], lse fp32 [B, Hq, Sq])."""
+    batch, seqlen_q, num_heads_q, head_dim = q.shape
+    block_size, device = k_cache.shape[1], q.device
+    lengths = seqlens.long()
+    cu_k = torch.nn.functional.pad(lengths.cumsum(0), (1, 0))
+    rows = torch.arange(batch * max_seqlen_k, device=device)
+    seq = torch.searchsorted(cu_k[1:], rows, right=True).clamp(max=batch - 1)
+    pos = rows - cu_k[seq]
+    used = pos < lengths[seq]  # rows past the last sequence's keys read page 0 row 0 (never attended)
+    page = torch.where(used, block_table[seq, (pos // block_size).clamp(max=block_table.shape[1] - 1)].long(), 0)
+    slot = torch.where(used, pos % block_size, 0)
+    keys, values = k_cache[page, slot], v_cache[page, slot]  # [B * max_seqlen_k, Hkv, D]: the used keys only
+    cu_q = torch.arange(0, batch + 1, dtype=torch.int32, device=device) * seqlen_q
+    out, lse = flash_attn_varlen_func(
+        q.reshape(batch * seqlen_q, num_heads_q, head_dim), keys, values, cu_q, cu_k.to(torch.int32), seqlen_q,
+        max_seqlen_k, softmax_scale, False, (window_left, window_right), softcap, True,
+    )  # fmt: skip
+    return out.view(q.shape), lse.view(num_heads_q, batch, seqlen_q).transpose(0, 1).contiguous()
+
+
 def flash_attn_func(q, k, v, softmax_scale, causal, window_size, softcap, return_lse) -> tuple[torch.Tensor, ...]:
     """Launcher; arguments as qwen_fast.flash_attn_func (checked there): q [B, Sq, Hq, D], k/v [B, Sk, Hkv, D].
     Returns (out [B, Sq, Hq, D] in q's dtype, softmax_lse fp32 [B, Hq, Sq] or, without return_lse, empty [0]);
-    inputs are read through their strides (no copies)."""
+    inputs are read through their strides (no copies). Decode shapes (Sq * G <= DECODE_ROWS) run split-K."""
+    if q.shape[1] * (q.shape[2] // k.shape[2]) <= DECODE_ROWS and k.shape[1] > 0 and q.numel() > 0:
+        out, lse = _decode(q, k, v, softmax_scale, causal, window_size, softcap)
+        return out, lse if return_lse else q.new_empty(0, dtype=torch.float32)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.full((q.shape[0], q.shape[2], q.shape[1]), float("inf"), device=q.device) if return_lse else None
     _launch(q, k, v, out, lse, None, None, q.shape[0], q.shape[1], k.shape[1], softmax_scale, causal, window_size,

@@ -12,26 +12,38 @@ parallel, each producing a partial softmax result, which a second kernel merges 
    accumulator [BLOCK_M, BLOCK_D], the running max and sum-exp [BLOCK_M], a K tile loaded transposed
    [BLOCK_D, BLOCK_N] and a V tile [BLOCK_N, BLOCK_D].
    Visible keys: the program's rows see keys in [lo, hi) (length L = seqlens[b], causal/window bounds of its first
-   and last query, bottom-right aligned: query i sits at key d(i) = i + L - Sq); split s takes its share of that
-   range, rounded to whole BLOCK_N tiles. Each key tile gathers its rows by position: position p lives in page
-   block_table[b, p // block_size] at row p % block_size, so a tile may span pages and any block_size >= 1 works
-   (a contiguous cache is one page of S_max rows per sequence). Scores are fp32 (tl.dot), masked per (row, key) by
-   the window, softmax online in base 2. With one split the program writes out = acc / sum (0 for a row with no
-   visible key) in q's dtype; otherwise it writes the normalised partial output (fp32) and its log2-sum-exp
-   (-inf when the slice had no visible key) to part_out [S, B, Sq, Hq, D] and part_lse [S, B, Sq, Hq].
+   and last query, bottom-right aligned: query i sits at key d(i) = i + L - Sq). The range is cut into
+   slices of max(cdiv(hi - lo, num_splits) rounded up to whole BLOCK_N tiles, MIN_SPLIT_KEYS) keys: the grid's
+   num_splits is a bound known on the host, each program uses only the splits its sequence's real length needs,
+   and the splits past them find an empty slice and write an lse of -inf. Each key tile gathers its rows by
+   position: position p lives in page block_table[b, p // block_size] at row p % block_size, so a tile may span
+   pages and any block_size >= 1 works (a contiguous cache is one page of S_max rows per sequence). (Loading the next
+   tile's page numbers one tile ahead was tried: the carried numbers pushed ten configs past the register file in
+   gpu_check.) Scores are fp32 (tl.dot), masked per (row, key) by the window, softmax online in base 2. With one
+   split the program writes out = acc / sum (0 for a row with no visible key) in q's dtype; otherwise it writes the
+   normalised partial output (fp32; 0 for a row that saw no key) and its log2-sum-exp (-inf when the slice had no
+   visible key) to part_out [S, B, Sq, Hq, D] and part_lse [S, B, Sq, Hq].
    Keys before leftpad[b] (HAS_LEFTPAD) are invisible. SOFTCAP: the score is softcap * tanh(scale * q.k / softcap)
    (flash-attn's order: scale, then cap; tanh(x) = 1 - 2 / (exp(2x) + 1), exact at both ends), in base 2 after.
    With one split the program also writes the row's natural log-sum-exp to lse [B, Hq, Sq] (+inf without a key).
    FP8_KV: the caches hold float8_e4m3fn bits (passed as uint8; decoded by kv_cache._e4m3_value in integer
    arithmetic, exact in q's dtype, since Triton has no e4m3 type on sm_80); the scores are scaled by the
    (sequence, KV head)'s k_descale and the output by its v_descale (fp32 [B, Hkv]).
-2. _merge_kernel, grid (B * Sq * Hq,): one output row; two passes over the splits (max lse, then the weighted sum
-   of the partial rows in fp32), 0 when no split saw a key; the merged log-sum-exp to lse [B, Hq, Sq].
+2. _merge_kernel, grid (B * Sq * Hq,): one output row, one pass over the splits, MERGE_SPLITS at a time (their lse
+   and partial rows loaded together, merged with a running max as the online softmax does), skipping the splits
+   that saw no key; 0 when none did; the merged log-sum-exp to lse [B, Hq, Sq].
 
-num_splits (unless the caller forces it: flash-attn's num_splits > 0) comes from the shapes only (the batch, heads,
-row tiles, the cache capacity per sequence, the SM count), never from cache_seqlens' values: no host
-synchronisation, so the launch can be captured in a CUDA graph; each split then adapts its slice to the sequence's
-actual length inside the kernel.
+num_splits (unless the caller forces it: flash-attn's num_splits > 0) comes from the shapes and a host-known bound on
+the longest context (the caller's `max_seqlen_k`: flash_attn_with_kvcache's host-side lengths, PagedKVCache's plan,
+flash_attn_func's Sk; else the cache capacity per sequence) and the SM count, never from cache_seqlens' device
+values: no host synchronisation, so the launch can be captured in a CUDA graph; each program then adapts its split
+count and slices to the sequence's actual length inside the kernel.
+
+Chunked prefill (Sq * G > PREFILL_ROWS, e.g. a 512-token chunk onto a non-empty cache) is compute-shaped: row tiles
+of 32 that each gather the whole context would re-read it per tile. With a host-known max_seqlen_k (and no
+leftpad, no fp8) the launcher instead gathers each sequence's keys and values once into packed rows (device index
+arithmetic, B * max_seqlen_k rows, no sync) and runs the prefill kernel (attention.paged_prefill: the varlen flash
+attention, causal bottom-right per sequence), whose large query tiles read each key tile once per 64-128 rows.
 
 Offsets are int64 (page * page stride passes 2^31 for large pools). Every tensor is read through its strides (head
 dims contiguous): seqlens and block_table may be strided or expanded views (a stride-0 seqlens of one length, a
@@ -58,7 +70,10 @@ from .kv_cache import _e4m3_value
 LOG2E = 1.4426950408889634
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): the kernels keep log-sum-exps in base 2
 MIN_SPLIT_KEYS = 256  # a split below this many keys costs more in its partial write and merge than it saves
+MIN_KEYS = tl.constexpr(MIN_SPLIT_KEYS)  # a multiple of every BLOCK_N
 MAX_SPLITS = 64
+PREFILL_ROWS = 64  # more rows (Sq * G) than this, with a host-known max_seqlen_k: the prefill kernel (see above)
+MERGE_SPLITS = 16  # splits the merge reads per step: a [16, BLOCK_D] fp32 tile over 4 warps (16 registers a thread)
 
 
 @triton.jit
@@ -135,7 +150,9 @@ def _attention_kernel(
     lo = tl.where(window_left >= 0, tl.maximum(first_query + length - seqlen_q - window_left, 0), 0)
     lo = tl.maximum(lo, first_key)
     hi = tl.where(window_right >= 0, tl.minimum(last_query + length - seqlen_q + window_right + 1, length), length)
-    chunk = tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), num_splits), BLOCK_N) * BLOCK_N
+    # Slices of at least MIN_KEYS keys (a multiple of BLOCK_N): the grid's num_splits is a bound from the host, and
+    # the splits past this sequence's cdiv(hi - lo, chunk) find an empty slice (the merge skips them).
+    chunk = tl.maximum(tl.cdiv(tl.cdiv(tl.maximum(hi - lo, 0), num_splits), BLOCK_N) * BLOCK_N, MIN_KEYS)
     start = lo + split * chunk
     end = tl.minimum(start + chunk, hi)
     lower = tl.maximum(tl.where(window_left >= 0, diagonal - window_left, 0), first_key)
@@ -208,27 +225,34 @@ def _merge_kernel(
     num_heads_q,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)  # row (b * Sq + i) * Hq + h of the output
     dims = tl.arange(0, BLOCK_D)
     dim_ok = dims < HEAD_DIM
-    lse_max = tl.load(part_lse + row)
-    for s in range(1, num_splits):
-        lse_max = tl.maximum(lse_max, tl.load(part_lse + s * num_rows + row))
-    lse_safe = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    m = tl.full([], float("-inf"), dtype=tl.float32)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     weight_sum = tl.zeros([], dtype=tl.float32)
-    for s in range(num_splits):
-        weight = tl.exp2(tl.load(part_lse + s * num_rows + row) - lse_safe)
-        acc += weight * tl.load(part_out + (s * num_rows + row) * HEAD_DIM + dims, mask=dim_ok, other=0.0)
-        weight_sum += weight
+    for s0 in range(0, num_splits, BLOCK_S):  # one pass: BLOCK_S splits' lse and partial rows loaded together
+        splits = s0 + tl.arange(0, BLOCK_S)
+        part_rows = splits.to(tl.int64) * num_rows + row
+        lse = tl.load(part_lse + part_rows, mask=splits < num_splits, other=float("-inf"))
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        rescale = tl.exp2(m - m_safe)
+        weight = tl.exp2(lse - m_safe)  # 0 for a split that saw no key (its partial row is not read)
+        seen = (lse > float("-inf"))[:, None] & dim_ok[None, :]
+        parts = tl.load(part_out + part_rows[:, None] * HEAD_DIM + dims[None, :], mask=seen, other=0.0)
+        acc = acc * rescale + tl.sum(weight[:, None] * parts, axis=0)
+        weight_sum = weight_sum * rescale + tl.sum(weight, axis=0)
+        m = m_new
     seen = weight_sum > 0.0
     result = acc / tl.where(seen, weight_sum, 1.0)
     tl.store(out + row * HEAD_DIM + dims, result.to(out.dtype.element_ty), mask=dim_ok)
     head = row % num_heads_q
     query = (row // num_heads_q) % seqlen_q
     b = row // num_heads_q // seqlen_q
-    lse = (lse_safe + tl.log2(tl.where(seen, weight_sum, 1.0))) * LN2
+    lse = (tl.where(seen, m, 0.0) + tl.log2(tl.where(seen, weight_sum, 1.0))) * LN2
     tl.store(lse_out + (b * num_heads_q + head) * seqlen_q + query, tl.where(seen, lse, float("inf")))
 
 
@@ -264,10 +288,15 @@ def _aligned(*caches: torch.Tensor) -> bool:
 
 def num_splits(programs: int, max_context: int, num_sms: int) -> int:
     """Context splits per (row tile, KV head): enough programs for about two waves over the SMs, each split at least
-    MIN_SPLIT_KEYS keys of the longest possible context (the cache capacity, a shape: no host sync)."""
+    MIN_SPLIT_KEYS keys of `max_context`, a host-known bound on the longest context (the caller's maximum length, or
+    the cache capacity: no host sync). The kernel then uses only the splits each sequence's real length needs."""
     if programs >= num_sms:
         return 1
-    return max(1, min(triton.cdiv(2 * num_sms, programs), max_context // MIN_SPLIT_KEYS, MAX_SPLITS))
+    return max(1, min(triton.cdiv(2 * num_sms, programs), triton.cdiv(max_context, MIN_SPLIT_KEYS), MAX_SPLITS))
+
+
+def _merge_block(splits: int) -> int:
+    return min(triton.next_power_of_2(splits), MERGE_SPLITS)
 
 
 def _num_sms(device: torch.device) -> int:
@@ -290,11 +319,13 @@ def paged_attention(
     splits: int,
     k_descale: torch.Tensor | None = None,
     v_descale: torch.Tensor | None = None,
+    max_seqlen_k: int = 0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Launcher; arguments as qwen_fast.ops.paged_attention's paged_attention op (checked there). `splits` > 0
-    overrides the heuristic (flash-attn's num_splits). Returns new tensors: out [B, Sq, Hq, D] in q's dtype and the
-    natural log-sum-exp lse fp32 [B, Hq, Sq]. With k_descale / v_descale (fp32 [B, Hkv], contiguous) the caches are
-    float8_e4m3fn."""
+    overrides the heuristic (flash-attn's num_splits). `max_seqlen_k` > 0: a host-known bound on seqlens (keys per
+    sequence), which sizes the split count (0: the block table's capacity). Returns new tensors: out [B, Sq, Hq, D]
+    in q's dtype and the natural log-sum-exp lse fp32 [B, Hq, Sq]. With k_descale / v_descale (fp32 [B, Hkv],
+    contiguous) the caches are float8_e4m3fn."""
     if k_descale is not None:  # the kernel decodes e4m3 bits
         k_cache, v_cache = k_cache.view(torch.uint8), v_cache.view(torch.uint8)
     batch, seqlen_q, num_heads_q, head_dim = q.shape
@@ -304,6 +335,11 @@ def paged_attention(
     lse = torch.empty(batch, num_heads_q, seqlen_q, dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
+    if seqlen_q * group > PREFILL_ROWS and max_seqlen_k > 0 and leftpad is None and k_descale is None:
+        from .attention import paged_prefill  # attention.py imports this module
+
+        return paged_prefill(q, k_cache, v_cache, seqlens, block_table, softmax_scale, window_left, window_right,
+                             softcap, max_seqlen_k)  # fmt: skip
     aligned = _aligned(k_cache, v_cache)
     if k_descale is not None and not aligned:  # element-wise fp8 loads spill registers (gpu_check, sm_80, D=256)
         raise ValueError(
@@ -313,6 +349,8 @@ def paged_attention(
     config = _config(seqlen_q * group, head_dim, q.dtype, aligned, k_descale is not None)
     m_tiles = triton.cdiv(seqlen_q * group, config["BLOCK_M"])
     max_context = block_table.shape[1] * k_cache.shape[1]
+    if max_seqlen_k > 0:
+        max_context = min(max_context, max_seqlen_k)
     if splits <= 0:
         splits = num_splits(batch * num_heads_kv * m_tiles, max_context, _num_sms(q.device))
     if splits > 1:
@@ -363,7 +401,7 @@ def paged_attention(
         num_rows = batch * seqlen_q * num_heads_q
         _merge_kernel[(num_rows,)](
             part_out, part_lse, out, lse, num_rows, splits, seqlen_q, num_heads_q,
-            HEAD_DIM=head_dim, BLOCK_D=config["BLOCK_D"], num_warps=1,
+            HEAD_DIM=head_dim, BLOCK_D=config["BLOCK_D"], BLOCK_S=_merge_block(splits), num_warps=4,
         )  # fmt: skip
     return out, lse
 
@@ -386,15 +424,16 @@ def _example_launch(dtype: torch.dtype, head_dim: int, seqlen_q: int, aligned: b
 
 def compile_specs() -> list[CompileSpec]:
     """The launches for every dtype and head dim, decode (Sq * G = 8 rows) and a 4-token chunk (32 rows), aligned
-    and unaligned caches, 16-bit and fp8 caches (aligned only: the launcher refuses the others), one split and the
-    three (the split kernel and the merge)."""
+    and unaligned caches, 16-bit and fp8 caches (aligned only: the launcher refuses the others), one split and
+    2, 3, 5 and 16 (the split kernel with `num_splits` 1, plain and a multiple of 16; the merge at each BLOCK_S)."""
     specs = []
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
     for dtype, head_dim, seqlen_q, aligned, fp8, splits in itertools.product(
-        (torch.float32, torch.float16, torch.bfloat16), (64, 128, 256), (1, 4), (True, False), (False, True), (1, 3)
+        dtypes, (64, 128, 256), (1, 4), (True, False), (False, True), (1, 2, 3, 5, 16)
     ):
         if fp8 and not aligned:
             continue
         label = f"D={head_dim} Sq={seqlen_q}" + ("" if aligned else " unaligned") + (" fp8 cache" if fp8 else "")
         launch = functools.partial(_example_launch, dtype, head_dim, seqlen_q, aligned, fp8, splits)
-        specs += launches(launch, label + (" one split" if splits == 1 else ""))
+        specs += launches(launch, f"{label} splits={splits}")
     return specs

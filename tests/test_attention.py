@@ -380,3 +380,37 @@ def test_softcap_saturates_without_nan(backend, device):
     assert out.isfinite().all() and lse.isfinite().all()
     assert_close(out, expected)
     assert_close(lse, expected_lse)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("seqlen_q, heads_q, causal, window_size", [(1, 8, True, (-1, -1)), (2, 8, False, (5, 3))])
+def test_decode_shaped_flash_attn_func_runs_split_k(monkeypatch, seqlen_q, heads_q, causal, window_size, dtype):
+    """Sq * G <= 16 (DynamicCache decode) goes to the split-K kernel (3 splits over 700 keys: 2 programs, the
+    interpreter's 4 "SMs"), with
+    flash_attn_func's results: out within the budget, lse as the reference's."""
+    from qwen_fast.kernels import paged_attention as paged
+
+    splits, split_count = [], paged.num_splits
+    monkeypatch.setattr(paged, "num_splits", lambda *a: splits.append(split_count(*a)) or splits[-1])
+    q, k, v = _qkv(2, seqlen_q, 700, heads_q, 1, 64, dtype)
+    with qwen_fast.use_backend("triton"), qwen_fast.record_backends() as calls:
+        out, lse, _ = qwen_fast.flash_attn_func(q, k, v, causal=causal, window_size=window_size, return_attn_probs=True)
+    assert calls == [("flash_attn_func", "triton")] and splits == [3]
+    _check(out, lambda *x: flash_attn_func(*x, causal=causal, window_size=window_size), (q, k, v))
+    assert_close(lse, flash_attn_func(q, k, v, causal=causal, window_size=window_size, return_attn_probs=True)[1])
+
+
+@pytest.mark.interpret
+def test_sm90_prefill_tile_matches_reference(monkeypatch):
+    """The sm_90 prefill tile (BLOCK_M 128, 8 warps at head dim 128) computes what the sm_80 one does: run it under
+    the interpreter by reporting compute capability 9.0."""
+    from qwen_fast.kernels import attention as kernels
+
+    assert kernels._config(torch.float16, 128, 200, True, 90)["BLOCK_M"] == 128
+    assert kernels._config(torch.float16, 128, 200, True, 80)["BLOCK_M"] == 64
+    monkeypatch.setattr(kernels, "_arch", lambda device: 90)
+    q, k, v = _qkv(1, 130, 130, 2, 1, 128, torch.float16)
+    with qwen_fast.use_backend("triton"):
+        out = qwen_fast.flash_attn_func(q, k, v, causal=True)
+    _check(out, lambda *x: flash_attn_func(*x, causal=True), (q, k, v))

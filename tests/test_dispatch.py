@@ -455,4 +455,4 @@ def test_backends_reports_every_op_and_backend():
         assert row["torch"] == "usable on cpu", name
     assert table["reshape_and_cache"]["cpu"] == "usable on cpu"
     text = qwen_fast.ops.report.format_backends(table)
-    assert text.splitlines()[0].split() == ["op", "cuda", "triton", "cpu", "torch"]
+    assert text.splitlines()[0].split() == ["op", "cuda", "triton", "flash_attn", "cpu", "torch"]

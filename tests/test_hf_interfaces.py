@@ -180,3 +180,30 @@ def test_register_is_idempotent_and_checks_the_name():
 def test_importing_qwen_fast_does_not_import_transformers():
     code = "import sys, qwen_fast; assert 'transformers' not in sys.modules; qwen_fast.register_transformers"
     subprocess.run([sys.executable, "-P", "-c", code], check=True)
+
+
+@pytest.mark.parametrize("source", ["position_ids", "max_length", "dict", "none"])
+def test_packed_sequences_pass_their_longest_length(monkeypatch, source):
+    """The varlen kernel's grid comes from the longest sequence, not the token count: read off position_ids on
+    the host, or transformers' max_length_q/k (continuous batching: a dict per layer type); the token count only
+    when neither is known. The output matches SDPA per sequence."""
+    seen = []
+    varlen = interfaces.flash_attn_varlen_func
+    monkeypatch.setattr(interfaces, "flash_attn_varlen_func", lambda *a, **kw: seen.append(a[5:7]) or varlen(*a, **kw))
+    q, k, v = torch.randn(1, 4, 18, 16), torch.randn(1, 2, 18, 16), torch.randn(1, 2, 18, 16)
+    module = torch.nn.Module()
+    module.is_causal = True
+    offsets = torch.tensor([0, 7, 18], dtype=torch.int32)
+    kwargs = {
+        "position_ids": {"position_ids": torch.cat((torch.arange(7), torch.arange(11)))[None]},
+        "max_length": {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets, "max_length_q": 11, "max_length_k": 11},
+        "dict": {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets, "max_length_q": 11,
+                 "max_length_k": {"full_attention": 11, "sliding_attention": 5}},
+        "none": {"cu_seq_lens_q": offsets, "cu_seq_lens_k": offsets},
+    }[source]  # fmt: skip
+    out, _ = interfaces.attention_forward(module, q, k, v, None, **kwargs)
+    assert seen == [(18, 18) if source == "none" else (11, 11)]
+    for start, end in ((0, 7), (7, 18)):
+        part = (t[:, :, start:end] for t in (q, k, v))
+        expected = torch.nn.functional.scaled_dot_product_attention(*part, is_causal=True, enable_gqa=True)
+        assert_close(out[:, start:end], expected.transpose(1, 2))

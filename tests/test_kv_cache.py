@@ -553,3 +553,84 @@ def test_triton_refuses_fp8_cache_rows_off_16_bytes():
     descale = torch.ones(1, 1)
     with qwen_fast.use_backend("triton"), pytest.raises(ValueError, match="fp8 caches whose rows start on 16 bytes"):
         qwen_fast.flash_attn_with_kvcache(q, padded, padded, cache_seqlens=3, k_descale=descale, v_descale=descale)
+
+
+@pytest.mark.interpret
+def test_triton_paged_attention_uses_the_splits_each_length_needs():
+    """A grid of 20 splits over lengths 5, 300 and 4200 (pages of 16, fp32): the programs use 1, 2 and 17 splits
+    (MIN_SPLIT_KEYS keys each), the others only write an lse of -inf; the merge reads 17 splits in two steps of
+    MERGE_SPLITS and skips the empty ones. Out and lse match the reference."""
+    from qwen_fast.kernels import paged_attention as kernels
+
+    lengths = torch.tensor([5, 300, 4200], dtype=torch.int32)
+    pages = -(-int(lengths.max()) // 16)
+    k_cache, v_cache = torch.randn(3 * pages, 16, 1, 16), torch.randn(3 * pages, 16, 1, 16)
+    table = torch.randperm(3 * pages, dtype=torch.int32).view(3, pages)
+    q = torch.randn(3, 1, 2, 16)
+    assert kernels.MERGE_SPLITS < 17 < 20
+    out, lse = kernels.paged_attention(q, k_cache, v_cache, lengths, table, None, 0.25, -1, 0, 0.0, 20)
+    expected, expected_lse = flash_attn_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=lengths, block_table=table, softmax_scale=0.25, causal=True,
+        return_softmax_lse=True,
+    )  # fmt: skip
+    assert_close(out, expected)
+    assert_close(lse, expected_lse)
+
+
+def test_paged_split_count_follows_the_host_bound():
+    """The split count comes from the host-known longest context (capped by the SMs and MAX_SPLITS), not the cache
+    capacity: 1 split for 256 keys, more as the bound grows."""
+    from qwen_fast.kernels.paged_attention import MAX_SPLITS, num_splits
+
+    assert num_splits(4, 256, 132) == 1
+    assert num_splits(4, 1024, 132) == 4
+    assert num_splits(4, 40960, 132) == MAX_SPLITS
+    assert num_splits(4, 4096, 132) == 16
+    assert num_splits(132, 40960, 132) == 1  # one wave already
+
+
+@pytest.mark.interpret
+def test_with_kvcache_passes_the_host_lengths_as_split_bound(monkeypatch):
+    """flash_attn_with_kvcache with host cache_seqlens sizes the triton kernel's splits from their maximum (plus the
+    new tokens), not from the block table's capacity."""
+    from qwen_fast.kernels import paged_attention as kernels
+
+    seen = []
+    split_count = kernels.num_splits
+    monkeypatch.setattr(kernels, "num_splits", lambda *a: seen.append(a[1]) or split_count(*a))
+    args = _sample("decode-paged16-g8")
+    with qwen_fast.use_backend("triton"), qwen_fast.record_backends() as calls:
+        qwen_fast.flash_attn_with_kvcache(**args)
+    assert calls[0] == ("flash_attn_with_kvcache", "triton")
+    longest = int(args["cache_seqlens"].max()) + args["k"].shape[1]
+    assert seen == [longest] and longest < args["block_table"].shape[1] * args["k_cache"].shape[1]
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("window_size", [(-1, -1), (9, 0)])
+def test_chunked_prefill_onto_a_cache_runs_the_prefill_kernel(monkeypatch, window_size, dtype):
+    """A 20-token chunk of 4 query heads per KV head (80 rows > PREFILL_ROWS) appended to sequences holding 5 and
+    40 tokens (pages of 16, scattered): the triton backend gathers the keys once and runs the varlen prefill kernel
+    (host lengths known), with flash_attn_with_kvcache's results and lse."""
+    from qwen_fast.kernels import attention as kernels
+
+    ran = []
+    prefill = kernels.paged_prefill
+    monkeypatch.setattr(kernels, "paged_prefill", lambda *a: ran.append(a[-1]) or prefill(*a))
+    lengths = torch.tensor([5, 40], dtype=torch.int32)
+    k_cache, v_cache = torch.randn(12, 16, 1, 64).to(dtype), torch.randn(12, 16, 1, 64).to(dtype)
+    table = torch.randperm(12, dtype=torch.int32)[:8].view(2, 4)
+    q = torch.randn(2, 20, 4, 64).to(dtype)
+    k, v = torch.randn(2, 20, 1, 64).to(dtype), torch.randn(2, 20, 1, 64).to(dtype)
+    caches = (k_cache.clone(), v_cache.clone())
+    kwargs = {"cache_seqlens": lengths, "block_table": table, "causal": True, "window_size": window_size}
+    with qwen_fast.use_backend("triton"), qwen_fast.record_backends() as calls:
+        out, lse = qwen_fast.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, **kwargs, return_softmax_lse=True)
+    assert ("flash_attn_with_kvcache", "triton") in calls and ran == [60]
+    expected, expected_lse = flash_attn_with_kvcache(q.float(), *(c.float() for c in caches), k.float(), v.float(),
+                                                     **kwargs, return_softmax_lse=True)  # fmt: skip
+    low = flash_attn_with_kvcache(q, *caches, k, v, **kwargs)
+    assert_within_budget(out, expected, low)
+    assert_close(lse, expected_lse, torch.float16 if dtype == torch.float16 else None)
+    assert torch.equal(k_cache, caches[0])  # the reference appended the same rows to its copies

@@ -195,10 +195,11 @@ def plan(ops: list[str], backends: list[str] | None, quick: bool, every_sample: 
             usable = [b for b in OPS[op].impls if OPS[op].problem(b, device) is None]
             if quick:
                 usable = [OPS[op].select(device)]
-            wanted = backends or (usable if quick else [b for b in usable if b != "torch"])
+            # torch is the reference; flash_attn another library (checked when named: bf16, its shapes permitting)
+            wanted = backends or (usable if quick else [b for b in usable if b not in ("torch", "flash_attn")])
             for backend in (b for b in usable if b in wanted):
                 if not every_sample:
-                    dtypes = SPECS[op].dtypes[:1]
+                    dtypes = (torch.bfloat16,) if backend == "flash_attn" else SPECS[op].dtypes[:1]
                     if backend == "triton" and device.type == "cuda" and torch.bfloat16 in SPECS[op].dtypes:
                         dtypes += (torch.bfloat16,)
                     cases += [(op, backend, device, None, dtype) for dtype in dict.fromkeys(dtypes)]

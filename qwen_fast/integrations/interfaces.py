@@ -139,19 +139,33 @@ def _run(module: nn.Module, hidden_states, top_k_index, top_k_weights, options: 
     return fused_experts(hidden_states, module.gate_up_proj, module.down_proj, top_k_weights, top_k_index, **options)
 
 
-def _packed_cu_seqlens(position_ids: torch.Tensor | None, batch: int, seq: int) -> torch.Tensor | None:
-    """int32 [N + 1] offsets of the sequences packed in one row (batch 1, positions that restart), else None.
+def _packed_cu_seqlens(position_ids: torch.Tensor | None, batch: int, seq: int) -> tuple[torch.Tensor, int] | None:
+    """(int32 [N + 1] offsets on position_ids' device, the longest sequence) of the sequences packed in one row
+    (batch 1, positions that restart), else None.
 
     A sequence starts wherever the position does not follow the previous one (transformers' rule for packed
-    sequences, find_packed_sequence_indices).
+    sequences, find_packed_sequence_indices). Read on the host: one copy of the positions (the one sync that finding
+    the starts needs anyway), which also gives the exact longest sequence for the kernel's grid.
     """
     if position_ids is None or tuple(position_ids.shape) != (1, seq) or batch != 1 or seq < 2:
         return None
-    starts = torch.nonzero(position_ids.reshape(-1).diff() != 1).reshape(-1) + 1
+    positions = position_ids.reshape(-1).cpu()
+    starts = torch.nonzero(positions.diff() != 1).reshape(-1) + 1
     if starts.numel() == 0:
         return None
-    ends = torch.tensor([0, seq], device=starts.device)
-    return torch.cat((ends[:1], starts, ends[1:])).to(torch.int32)
+    cu = torch.cat((torch.zeros(1, dtype=starts.dtype), starts, torch.tensor([seq]))).to(torch.int32)
+    return cu.to(position_ids.device), int(cu.diff().max())
+
+
+def _max_length(value: object, total: int) -> int:
+    """A bound on the longest packed sequence: transformers' max_length_q/k keyword (a host int, or continuous
+    batching's per-layer-type dict of them: their maximum), at most `total` tokens; `total` when absent or a tensor
+    (reading it would cost a host sync)."""
+    if isinstance(value, dict):
+        value = max(value.values(), default=None)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return min(value, total)
+    return total
 
 
 def attention_forward(
@@ -177,7 +191,8 @@ def attention_forward(
         dropout: must be 0 (transformers passes attention_dropout in training): refused otherwise.
         sliding_window: keys per query, the query's own included (None: all).
         kwargs: is_causal; position_ids (batch 1, restarting positions: packed sequences) or cu_seq_lens_q /
-            cu_seq_lens_k (padding-free batches), both run through flash_attn_varlen_func.
+            cu_seq_lens_k (padding-free batches, with max_length_q / max_length_k: host ints, or continuous
+            batching's dict of them per layer type), both run through flash_attn_varlen_func.
 
     Returns:
         ([B, S, Hq, D] in query's dtype, None). Query rows that are padding output 0.
@@ -201,15 +216,22 @@ def attention_forward(
     options = {"softmax_scale": scale, "causal": causal, "window_size": window}
 
     cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    rows_q, rows_k = q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:])
+    # max_seqlen_q/k size the kernel's grid: transformers' host ints max_length_q/k where it passes them (its flash
+    # path's contract: data collators, continuous batching; not with its block table, where they are a constant 1),
+    # else the token counts; for sequences recovered from position_ids, their exact longest.
+    trusted = kwargs.get("block_table") is None
+    max_q = _max_length(kwargs.get("max_length_q") if trusted else None, rows_q.shape[0])
+    max_k = _max_length(kwargs.get("max_length_k") if trusted else None, rows_k.shape[0])
     if attention_mask is None and cu_q is None:
-        cu_q = cu_k = _packed_cu_seqlens(kwargs.get("position_ids"), q.shape[0], q.shape[1])
+        packed = _packed_cu_seqlens(kwargs.get("position_ids"), q.shape[0], q.shape[1])
+        if packed is not None:
+            (cu_q, max_q), (cu_k, max_k) = packed, packed
     if attention_mask is None and cu_q is not None:
-        # Sequences packed along the rows: flash_attn_varlen_func on the flattened tokens. max_seqlen_q/k are upper
-        # bounds (flash-attn's contract): the token counts, known without a host sync.
-        rows_q, rows_k = q.reshape(-1, *q.shape[2:]), k.reshape(-1, *k.shape[2:])
+        # Sequences packed along the rows: flash_attn_varlen_func on the flattened tokens.
         out = flash_attn_varlen_func(
-            rows_q, rows_k, v.reshape(-1, *v.shape[2:]), cu_q.to(torch.int32), cu_k.to(torch.int32),
-            rows_q.shape[0], rows_k.shape[0], **options,
+            rows_q, rows_k, v.reshape(-1, *v.shape[2:]), cu_q.to(torch.int32), cu_k.to(torch.int32), max_q, max_k,
+            **options,
         )  # fmt: skip
         return out.view(q.shape), None
 

@@ -13,7 +13,9 @@ Per call, with hidden_states [B, S, H] and the model's rotary (cos, sin) [B, S, 
         qk_norm_rope_and_cache (q/k RMSNorm, RoPE, k and v into the pages in one pass; Qwen2: rotary_embedding, then
         reshape_and_cache) and flash_attn_with_kvcache over the pages in place (the plan's block_table and lengths):
         nothing is gathered, and the traced step holds only fixed-shape device tensors, so torch.compile compiles
-        it once; an eager prefill of an empty cache attends over its own rows with flash_attn_func instead;
+        it once; an eager prefill of an empty cache attends over its own rows with flash_attn_func instead, and
+        eager steps pass the host-known longest sequence (the decode kernel's split count; a chunk onto a
+        non-empty cache then runs the triton prefill kernel over the keys gathered once);
       - transformers' continuous batching (`generate_batch`, its paged cache and packed rows): the same fused write
         into its pages, then the varlen kernel for prefill chunks and flash_attn_with_kvcache over the pages in place
         for decode (qwen_fast/nn/batched_attention.py);
@@ -205,7 +207,10 @@ class GQAAttention(nn.Module):
             # prefill kernel attends over them where they are (the paged kernel's loop is shaped for few queries).
             rows_k = k_rows.view(k.shape)  # softcap 0 below; [0] drops the lse
             return FLASH_ATTN(device, q_rows.view(q.shape), rows_k, v, self.scaling, True, *window, 0.0, False)[0]
+        # Eager, the host knows the longest sequence: it sizes the decode kernel's splits and lets a chunk onto a
+        # non-empty cache run the prefill kernel (0 while compiling: the graph must not depend on lengths).
+        longest = 0 if torch.compiler.is_compiling() else max(cache._step_starts, default=0) + seq
         return FLASH_ATTN_WITH_KVCACHE(
             device, q_rows.view(q.shape), key_cache, value_cache, None, None, plan.seq_lens, plan.block_table,
-            self.scaling, True, window,
+            self.scaling, True, window, max_seqlen_k=longest,
         )  # fmt: skip

@@ -61,7 +61,7 @@ def batched_attention(module, cache, q_rows, k_rows, v_rows, rope, kwargs: dict,
         num = lengths.shape[0]
         out = FLASH_ATTN_WITH_KVCACHE(
             device, q_rows[:num, None], key_pages, value_pages, None, None, lengths, block_table, module.scaling,
-            True, window,
+            True, window, max_seqlen_k=max_k,
         )[:, 0]  # fmt: skip
         return out if num == q_rows.shape[0] else torch.cat((out, out.new_zeros(q_rows.shape[0] - num, *out.shape[1:])))
     keys = key_pages.view(-1, *key_pages.shape[2:]).index_select(0, read)

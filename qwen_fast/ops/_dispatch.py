@@ -1,4 +1,5 @@
-"""Backend choice: cuda (C++ extension), triton, cpu (C++ extension), torch (the reference).
+"""Backend choice: cuda (C++ extension), triton, flash_attn (the flash-attn package, optional: the three attention
+ops on CUDA, flash_attn_backend.py), cpu (C++ extension), torch (the reference).
 
 `auto` takes the first usable backend in the op's order for the tensors' device type. `QWEN_FAST_BACKEND=<name>` or
 `with qwen_fast.use_backend(name):` force one; forcing a backend the op lacks, or one that cannot run on the
@@ -15,7 +16,9 @@ A cached route is (backend, the per-call checks on the arguments it needs): none
 nothing.
 
 Per-call refusals (the choice is cached, these are not), one rule for all three: `auto` takes the torch reference,
-a forced kernel backend is an error naming the op, the reason and the backends that can run the call.
+a forced kernel backend is an error naming the op, the reason and the backends that can run the call. One more,
+`backend_limits`, is a backend's own (flash-attn's dtypes, head dims, page sizes): `auto` then runs the next usable
+backend of the op's order (triton), and forcing that backend is the same error.
 - kernel_limit: arguments past what the kernels take.
 - interpreter_limit: Triton's interpreter (CPU tensors, TRITON_INTERPRET=1) gets bfloat16 wrong in two ways: tl.dot
   multiplies the raw bits (results off by orders of magnitude: the attention and MoE GEMM kernels), and casts to bf16
@@ -39,6 +42,7 @@ per-call checks run while tracing; what they read (dtypes, requires_grad, grad m
 """
 
 import contextlib
+import importlib
 import os
 import warnings
 import weakref
@@ -50,7 +54,7 @@ from torch.compiler import is_dynamo_compiling
 
 from qwen_fast import _native
 
-BACKENDS = ("cuda", "triton", "cpu", "torch")
+BACKENDS = ("cuda", "triton", "flash_attn", "cpu", "torch")
 ENV = "QWEN_FAST_BACKEND"
 _env_backend = os.environ.get(ENV, "auto")  # validated when first used: a bad value fails every op call, by name
 _override: str | None = None  # the innermost use_backend(name)
@@ -125,6 +129,21 @@ def _triton_problem(device_type: str) -> str | None:
     return f"triton does not run on {device_type} tensors"
 
 
+def _flash_attn_problem(device: torch.device | str) -> str | None:
+    """Why the flash_attn backend (the flash-attn package's CUDA kernels, optional: see flash_attn_backend.py)
+    cannot run here, or None."""
+    device_type = device if isinstance(device, str) else device.type
+    if device_type != "cuda":
+        return f"the flash_attn backend runs CUDA tensors (flash-attn's kernels), got {device_type} tensors"
+    try:
+        importlib.import_module("flash_attn")
+    except ImportError as error:
+        return f"flash-attn is not importable ({error})"
+    if torch.cuda.is_available() and torch.cuda.get_device_capability(device)[0] < 8:
+        return "flash-attn 2 needs an sm_80 or newer GPU"
+    return None
+
+
 def _native_problem(op: str, backend: str, device_type: str) -> str | None:
     key = backend.upper()
     if device_type != backend:
@@ -189,7 +208,8 @@ class Op:
     composite such as fused_moe runs fused_experts'). `kernel_limit(*args, **kwargs)` says why the kernel backends
     (all but torch) cannot take a call's arguments, or None: `auto` then takes torch, and forcing one is an error.
     `interpreter_limit`: the dtypes its Triton kernel gets right under TRITON_INTERPRET=1 (None: every dtype the op
-    takes); the others are refused the same way (module docstring)."""
+    takes); the others are refused the same way (module docstring). `backend_limits[backend](*args, **kwargs)`:
+    why that one backend cannot take a call (auto then takes the next backend of its order)."""
 
     name: str
     impls: dict[str, Callable]
@@ -197,6 +217,7 @@ class Op:
     native_op: str = ""
     kernel_limit: Callable[..., str | None] | None = None
     interpreter_limit: InterpreterLimit | None = None
+    backend_limits: dict[str, Callable[..., str | None]] = field(default_factory=dict)
     _routes: dict[tuple[torch.device, str], tuple[str, Limits]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -211,6 +232,8 @@ class Op:
             return f"{self.name} has no {backend} backend (it has: {', '.join(self.impls)})"
         if backend == "torch":
             return None
+        if backend == "flash_attn":
+            return _flash_attn_problem(device)
         if backend == "triton":
             problem = _triton_problem(device_type)
             limit = self.interpreter_limit if device_type == "cpu" else None
@@ -234,6 +257,8 @@ class Op:
         if backend == "torch":
             return None
         limits = () if self.kernel_limit is None else (self.kernel_limit,)
+        if backend in self.backend_limits:
+            limits += (self.backend_limits[backend],)
         if backend == "triton" and device_type == "cpu" and self.interpreter_limit is not None:
             limits += (self._interpreter_check,)
         return limits
@@ -264,8 +289,30 @@ class Op:
         route = self._routes[device, forced] = (backend, self._limits(backend, device.type))
         return route
 
+    def _next_backend(self, backend: str, device: torch.device) -> str:
+        """The first usable backend after `backend` in auto's order for `device` (cached like a route)."""
+        key = (device, "after " + backend)
+        if key not in self._routes:
+            order = self.auto_order.get(device.type, ("torch",))
+            later = order[order.index(backend) + 1 :] if backend in order else ()
+            found = next((b for b in later if self.problem(b, device) is None), "torch")
+            self._routes[key] = (found, self._limits(found, device.type))
+        return self._routes[key][0]
+
     def _admit(self, backend: str, limits: tuple, forced: str, device: torch.device, args: tuple, kwargs: dict) -> str:
-        """`backend` when it can take these arguments; else torch under auto, and an error when it is forced."""
+        """`backend` when it can take these arguments; else torch under auto, and an error when it is forced. A
+        backend's own limit (backend_limits: an optional library's constraints) sends auto to the next backend of
+        its order instead."""
+        own = self.backend_limits.get(backend)
+        if own is not None and own in limits:
+            problem = own(*args, **kwargs)
+            if problem is not None:
+                if forced != "auto":
+                    raise self._forced_error(forced, device, problem)
+                backend = self._next_backend(backend, device)
+                limits = self._limits(backend, device.type)
+                if limits is None or not (limits or torch.is_grad_enabled()):
+                    return backend
         problem = self.kernel_limit(*args, **kwargs) if self.kernel_limit in limits else None
         kernels_too = problem is not None
         if problem is None and self._interpreter_check in limits:

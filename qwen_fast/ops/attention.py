@@ -6,6 +6,7 @@ import torch
 
 from qwen_fast.reference import attention as reference
 
+from . import flash_attn_backend
 from ._checks import (
     FLOAT_DTYPES,
     Require,
@@ -106,21 +107,34 @@ def _reference_flash_attn_varlen(q, k, v, cu_q, cu_k, max_q, max_k, softmax_scal
     return out, lse if return_lse else lse.new_empty(0)
 
 
-# Attention is Triton's job on CUDA (no CUDA C++ kernel); the C++ extension's flash loop on CPU. One native op,
-# flash_attn_varlen_func, serves both functions on CPU.
-ATTENTION_ORDER = {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")}
+# Attention is Triton's job on CUDA (no CUDA C++ kernel), or flash-attn's where it is installed and takes the call
+# (flash_attn_backend.py); the C++ extension's flash loop on CPU. One native op, flash_attn_varlen_func, serves both
+# functions on CPU.
+ATTENTION_ORDER = {"cuda": ("flash_attn", "triton", "torch"), "cpu": ("cpu", "torch")}
 FLASH_ATTN = Op(
     "flash_attn_func",
-    {"triton": _flash_attn_triton, "cpu": _flash_attn_native, "torch": _reference_flash_attn},
+    {
+        "triton": _flash_attn_triton,
+        "flash_attn": flash_attn_backend.flash_attn,
+        "cpu": _flash_attn_native,
+        "torch": _reference_flash_attn,
+    },
     ATTENTION_ORDER,
     native_op="flash_attn_varlen_func",
     interpreter_limit=INTERPRETER_DOT,
+    backend_limits={"flash_attn": flash_attn_backend.dense_limit},
 )
 FLASH_ATTN_VARLEN = Op(
     "flash_attn_varlen_func",
-    {"triton": _flash_attn_varlen_triton, "cpu": _flash_attn_varlen_native, "torch": _reference_flash_attn_varlen},
+    {
+        "triton": _flash_attn_varlen_triton,
+        "flash_attn": flash_attn_backend.flash_attn_varlen,
+        "cpu": _flash_attn_varlen_native,
+        "torch": _reference_flash_attn_varlen,
+    },
     ATTENTION_ORDER,
     interpreter_limit=INTERPRETER_DOT,
+    backend_limits={"flash_attn": flash_attn_backend.dense_limit},
 )
 
 

@@ -92,6 +92,11 @@ def on_host(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and tensor.numel() > 0 and not torch.compiler.is_compiling()
 
 
+def lengths_known(cache_seqlens) -> bool:
+    """Whether the host knows cache_seqlens' values without a sync (an int, None: the whole cache, a CPU tensor)."""
+    return not isinstance(cache_seqlens, torch.Tensor) or on_host(cache_seqlens)
+
+
 def check_lengths(cache_seqlens, num_new: int, capacity: int, paged: bool, table_shape, block_size: int) -> int:
     """cache_seqlens + num_new fits each sequence's capacity; returns the longest sequence after the append (the
     capacity when unknown). A paged overflow names block_table (flash-attn's convention: a RuntimeError)."""

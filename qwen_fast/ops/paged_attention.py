@@ -1,7 +1,8 @@
 """flash_attn_with_kvcache: append new K/V to a paged or contiguous cache and attend over it, with flash-attn 2.8.3's
 signature, defaults (causal=False) and conventions.
 
-Backends: triton (reshape_and_cache + the split-K paged attention of kernels/paged_attention.py; no host sync), cpu
+Backends: flash_attn (flash-attn 2's own kernels where installed and its constraints allow: ops/flash_attn_backend.py),
+triton (reshape_and_cache + the split-K paged attention of kernels/paged_attention.py; no host sync), cpu
 (csrc/cpu/paged_attention.cpp: append and attend in one op), torch (the reference). Every backend implements
 cache_leftpad, softcap, num_splits and the log-sum-exp itself. Two arguments are composed here, identically for
 every backend: cache_batch_idx (a contiguous cache is B_cache pages of S_max rows; sequence b's block table is
@@ -18,10 +19,11 @@ import torch
 
 from qwen_fast.reference import kv_cache as reference
 
+from . import flash_attn_backend
 from ._checks import traced
 from ._dispatch import INTERPRETER_DOT, Op
 from ._library import define_triton_op, launcher, native_op
-from .attention import check_attention_options
+from .attention import ATTENTION_ORDER, check_attention_options
 from .kv_cache import _reshape_and_cache_triton
 from .kvcache_checks import (
     check_index_values,
@@ -31,6 +33,7 @@ from .kvcache_checks import (
     check_rotary,
     check_used_blocks,
     fp8_cache,
+    lengths_known,
 )
 from .rope import ROTARY_EMBEDDING
 
@@ -38,8 +41,9 @@ from .rope import ROTARY_EMBEDDING
 
 
 def _fake_paged_attention(
-    q, k_cache, v_cache, seqlens, block_table, leftpad, scale, left, right, softcap, splits, k_descale, v_descale
-):
+    q, k_cache, v_cache, seqlens, block_table, leftpad, scale, left, right, softcap, splits, k_descale, v_descale,
+    max_seqlen_k,
+):  # fmt: skip
     check_kvcache_args(
         q, k_cache, v_cache, None, None, seqlens, block_table, None, leftpad, k_descale, v_descale, traced
     )
@@ -61,7 +65,7 @@ def _fake_flash_attn_with_kvcache(
 _paged_attention_triton = define_triton_op(
     "paged_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor seqlens, Tensor block_table, Tensor? leftpad, "
     "float softmax_scale, int window_left, int window_right, float softcap, int num_splits, Tensor? k_descale, "
-    "Tensor? v_descale) -> (Tensor, Tensor)",
+    "Tensor? v_descale, int max_seqlen_k) -> (Tensor, Tensor)",
     launcher("paged_attention", "paged_attention"),
     _fake_paged_attention,
 )
@@ -88,7 +92,7 @@ def _kernel_args(q, k_cache, cache_seqlens, block_table, cache_batch_idx, softma
 def _with_kvcache_triton(
     q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal, window_size,
     cache_batch_idx=None, cache_leftpad=None, softcap=0.0, num_splits=0, return_softmax_lse=False, k_descale=None,
-    v_descale=None,
+    v_descale=None, max_seqlen_k=0,
 ):  # fmt: skip
     seqlens, table, scale, left, right = _kernel_args(
         q, k_cache, cache_seqlens, block_table, cache_batch_idx, softmax_scale, causal, window_size
@@ -102,7 +106,7 @@ def _with_kvcache_triton(
         seqlens = seqlens + k.shape[1]
     out, lse = _paged_attention_triton(
         q, k_cache, v_cache, seqlens.int(), table, cache_leftpad, scale, left, right, float(softcap), num_splits,
-        k_descale, v_descale,
+        k_descale, v_descale, max_seqlen_k,
     )  # fmt: skip
     return (out, lse) if return_softmax_lse else out
 
@@ -110,7 +114,7 @@ def _with_kvcache_triton(
 def _with_kvcache_native(
     q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal, window_size,
     cache_batch_idx=None, cache_leftpad=None, softcap=0.0, num_splits=0, return_softmax_lse=False, k_descale=None,
-    v_descale=None,
+    v_descale=None, max_seqlen_k=0,
 ):  # fmt: skip
     seqlens, table, scale, left, right = _kernel_args(
         q, k_cache, cache_seqlens, block_table, cache_batch_idx, softmax_scale, causal, window_size
@@ -127,7 +131,7 @@ def _with_kvcache_native(
 def _with_kvcache_reference(
     q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal, window_size,
     cache_batch_idx=None, cache_leftpad=None, softcap=0.0, num_splits=0, return_softmax_lse=False, k_descale=None,
-    v_descale=None,
+    v_descale=None, max_seqlen_k=0,
 ):  # fmt: skip
     return reference.flash_attn_with_kvcache(
         q, k_cache, v_cache, k, v, cache_seqlens=cache_seqlens, cache_batch_idx=cache_batch_idx,
@@ -139,12 +143,20 @@ def _with_kvcache_reference(
 
 # Called by nn/ and cache/ unchecked: (device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale,
 # causal, window_size[, cache_batch_idx, cache_leftpad, softcap, num_splits, return_softmax_lse, k_descale,
-# v_descale]) with k_descale / v_descale fp32 [B, Hkv] for fp8 caches (given as their uint8 bits).
+# v_descale, max_seqlen_k]) with k_descale / v_descale fp32 [B, Hkv] for fp8 caches (given as their uint8 bits) and
+# max_seqlen_k a host-known bound on the keys per sequence after the append (0: unknown), which sizes the triton
+# kernel's split count without a host sync (a hint: the other backends do not need it).
 FLASH_ATTN_WITH_KVCACHE = Op(
     "flash_attn_with_kvcache",
-    {"triton": _with_kvcache_triton, "cpu": _with_kvcache_native, "torch": _with_kvcache_reference},
-    {"cuda": ("triton", "torch"), "cpu": ("cpu", "torch")},
+    {
+        "triton": _with_kvcache_triton,
+        "flash_attn": flash_attn_backend.flash_attn_with_kvcache,
+        "cpu": _with_kvcache_native,
+        "torch": _with_kvcache_reference,
+    },
+    ATTENTION_ORDER,
     interpreter_limit=INTERPRETER_DOT,
+    backend_limits={"flash_attn": flash_attn_backend.kvcache_limit},
 )
 
 
@@ -264,4 +276,5 @@ def flash_attn_with_kvcache(
     return FLASH_ATTN_WITH_KVCACHE(
         q.device, q, k_cache, v_cache, k, v, cache_seqlens, block_table, softmax_scale, causal, tuple(window_size),
         cache_batch_idx, cache_leftpad, softcap, num_splits, return_softmax_lse, k_descale, v_descale,
+        longest if lengths_known(cache_seqlens) else 0,
     )  # fmt: skip

@@ -17,6 +17,8 @@ def backend_status(op: Op, backend: str) -> str:
         return "usable on " + ", ".join(usable)
     if backend == "cuda" and _native.has_kernel(op.native_op or op.name, "CUDA"):
         return "built; no CUDA device here"
+    if backend == "flash_attn":  # the flash-attn package: why not on CUDA, or that it is there without a GPU
+        return op.problem(backend, torch.device("cuda")) or "installed; no CUDA device here"
     return op.problem(backend, torch.device("cuda" if backend == "cuda" else "cpu")) or "unusable"
 
 
