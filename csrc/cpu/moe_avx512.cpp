@@ -7,7 +7,9 @@
 // A tile: one routed row (A, in L1) x 16 consecutive weight rows (B, streamed; an expert's other routed rows read
 // them again from L1/L2), one 16-lane accumulator per weight row, reduced at the end into one vector of the 16 dot
 // products by a transpose-and-add tree (reduce16: about 3 instructions per weight row instead of a horizontal sum
-// of 4 levels each, which would cost as much as the products at I = 192). Per weight dtype, B as fp32:
+// of 4 levels each, which would cost as much as the products at I = 192). Where B is converted (every format but
+// bf16 with vdpbf16ps), an expert's routed rows go in pairs, 2 x 8 weight rows per tile, so that each conversion
+// serves two rows (the conversion, not the memory, bounds the 8-bit formats). Per weight dtype, B as fp32:
 //   fp32: loaded;  fp16: vcvtph2ps;  bf16 (isa avx512): widened (<< 16);  int8: sign-extend + vcvtdq2ps, the 16
 //   rows' channel scales applied to the 16 finished sums;
 //   float8_e4m3fn: the byte moved into an fp16 (sign to bit 15, exponent and mantissa to bits 13 .. 7), which is
@@ -97,56 +99,91 @@ QF_TARGET_AVX512 QF_VEC_INLINE __m512 load16(const W* p, __mmask16 mask) {
   }
 }
 
-template <typename W, bool kMasked>
-QF_TARGET_AVX512 QF_VEC_INLINE void fma_step(__m512 (&acc)[kRows], __m512 a, const W* const (&b)[kRows], int64_t k,
-                                             __mmask16 mask) {
+// r[j] = the sum of v[j]'s lanes, j < 8 (reduce16's first levels, then the two halves of what is left).
+QF_TARGET_AVX512 QF_VEC_INLINE __m256 reduce8(const __m512 (&v)[8]) {
+  __m512 t[4];
 #pragma GCC unroll 16
-  for (int j = 0; j < kRows; ++j) acc[j] = _mm512_fmadd_ps(a, load16<W, kMasked>(b[j] + k, mask), acc[j]);
+  for (int i = 0; i < 4; ++i) {
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  }
+  const __m512 u0 = _mm512_add_ps(_mm512_shuffle_ps(t[0], t[1], 0x44), _mm512_shuffle_ps(t[0], t[1], 0xee));
+  const __m512 u1 = _mm512_add_ps(_mm512_shuffle_ps(t[2], t[3], 0x44), _mm512_shuffle_ps(t[2], t[3], 0xee));
+  const __m512 w = _mm512_add_ps(_mm512_shuffle_f32x4(u0, u1, 0x88), _mm512_shuffle_f32x4(u0, u1, 0xdd));
+  return _mm512_castps512_ps256(_mm512_add_ps(_mm512_shuffle_f32x4(w, w, 0x88), _mm512_shuffle_f32x4(w, w, 0xdd)));
 }
 
-// The 16 dot products of the fp32 row a [len] with weight rows r0 .. r0 + 16 of m (the last `valid` - 1 repeated
-// past it), dequantized: fp32 activations, B converted in registers.
-template <typename W>
-QF_TARGET_AVX512 void dot16_f32(const float* a, const tiles::Matrix<W>& m, int64_t r0, int64_t valid, int64_t len,
-                                const char* next, float* out) {
-  constexpr int kLines = 16 * 16 * sizeof(W) / 64;  // cache lines of B one step reads: prefetched from `next`
-  const W* b[kRows];
+template <typename W, int MR, int NR, bool kMasked>
+QF_TARGET_AVX512 QF_VEC_INLINE void fma_step(__m512 (&acc)[MR][NR], const __m512 (&a)[MR], const W* const (&b)[NR],
+                                             int64_t k, __mmask16 mask) {
 #pragma GCC unroll 16
-  for (int j = 0; j < kRows; ++j) b[j] = m.data + (r0 + std::min<int64_t>(j, valid - 1)) * m.row_stride;
-  __m512 acc[kRows];
+  for (int j = 0; j < NR; ++j) {
+    const __m512 bv = load16<W, kMasked>(b[j] + k, mask);
 #pragma GCC unroll 16
-  for (int j = 0; j < kRows; ++j) acc[j] = _mm512_setzero_ps();
+    for (int i = 0; i < MR; ++i) acc[i][j] = _mm512_fmadd_ps(a[i], bv, acc[i][j]);
+  }
+}
+
+// out[i * ldo + j] = the dot products of the fp32 rows a[i] [len] (i < MR) with weight rows r0 + j of m (j < NR =
+// 16 / MR; the last `valid` - 1 repeated past it), dequantized: fp32 activations, B converted in registers once
+// for the MR rows (MR = 2: an expert's routed rows in pairs share each conversion, for 8 weight rows at a time).
+template <typename W, int MR>
+QF_TARGET_AVX512 void dot_f32(const float* const (&a)[MR], const tiles::Matrix<W>& m, int64_t r0, int64_t valid,
+                              int64_t len, const char* next, float* out, int64_t ldo) {
+  constexpr int NR = kRows / MR;
+  constexpr int kLines = NR * 16 * sizeof(W) / 64;  // cache lines of B one step reads: prefetched from `next`
+  const W* b[NR];
+#pragma GCC unroll 16
+  for (int j = 0; j < NR; ++j) b[j] = m.data + (r0 + std::min<int64_t>(j, valid - 1)) * m.row_stride;
+  __m512 acc[MR][NR];
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) acc[i][j] = _mm512_setzero_ps();
+  }
   const int64_t block = kFp8<W> ? m.bk : len;  // fp8: A times the block's scale, per block of bk columns
   for (int64_t k0 = 0; k0 < len; k0 += block) {
     const int64_t k1 = std::min(len, k0 + block);
     __m512 scale = _mm512_set1_ps(1.0f);
     if constexpr (kFp8<W>) scale = _mm512_set1_ps(m.scale_at(r0, k0) * 256.0f);
     int64_t k = k0;
+    __m512 av[MR];
     for (; k + 16 <= k1; k += 16) {
       if (next != nullptr) {
 #pragma GCC unroll 16
         for (int q = 0; q < kLines; ++q) _mm_prefetch(next + 64 * q, _MM_HINT_T0);
         next += 64 * kLines;
       }
-      __m512 av = _mm512_loadu_ps(a + k);
-      if constexpr (kFp8<W>) av = _mm512_mul_ps(av, scale);
-      fma_step<W, false>(acc, av, b, k, 0xffff);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) {
+        av[i] = _mm512_loadu_ps(a[i] + k);
+        if constexpr (kFp8<W>) av[i] = _mm512_mul_ps(av[i], scale);
+      }
+      fma_step<W, MR, NR, false>(acc, av, b, k, 0xffff);
     }
     if (k < k1) {
       const __mmask16 mask = static_cast<__mmask16>((1u << (k1 - k)) - 1);
-      __m512 av = _mm512_maskz_loadu_ps(mask, a + k);
-      if constexpr (kFp8<W>) av = _mm512_mul_ps(av, scale);
-      fma_step<W, true>(acc, av, b, k, mask);
+#pragma GCC unroll 16
+      for (int i = 0; i < MR; ++i) av[i] = _mm512_mul_ps(_mm512_maskz_loadu_ps(mask, a[i] + k), scale);
+      fma_step<W, MR, NR, true>(acc, av, b, k, mask);
     }
   }
-  __m512 sums = reduce16(acc);
+  float scales[NR];
   if constexpr (kInt8<W>) {  // per output channel
-    float scales[kRows];
-  #pragma GCC unroll 16
-    for (int j = 0; j < kRows; ++j) scales[j] = m.scale_at(r0 + std::min<int64_t>(j, valid - 1), 0);
-    sums = _mm512_mul_ps(sums, _mm512_loadu_ps(scales));
+#pragma GCC unroll 16
+    for (int j = 0; j < NR; ++j) scales[j] = m.scale_at(r0 + std::min<int64_t>(j, valid - 1), 0);
   }
-  _mm512_storeu_ps(out, sums);
+#pragma GCC unroll 16
+  for (int i = 0; i < MR; ++i) {
+    if constexpr (NR == 16) {
+      __m512 sums = reduce16(acc[i]);
+      if constexpr (kInt8<W>) sums = _mm512_mul_ps(sums, _mm512_loadu_ps(scales));
+      _mm512_storeu_ps(out + i * ldo, sums);
+    } else {
+      __m256 sums = reduce8(acc[i]);
+      if constexpr (kInt8<W>) sums = _mm256_mul_ps(sums, _mm256_loadu_ps(scales));
+      _mm256_storeu_ps(out + i * ldo, sums);
+    }
+  }
 }
 
 template <bool kMasked>
@@ -159,7 +196,7 @@ QF_TARGET_AVX512_BF16 QF_VEC_INLINE void dot_step(__m512 (&acc)[kRows], __m512i 
   }
 }
 
-// dot16_f32 for bf16 activations and weights: vdpbf16ps, 32 products per instruction.
+// dot_f32 (one row) for bf16 activations and weights: vdpbf16ps, 32 products per instruction.
 QF_TARGET_AVX512_BF16 void dot16_bf16(const c10::BFloat16* a, const tiles::Matrix<c10::BFloat16>& m, int64_t r0,
                                       int64_t valid, int64_t len, const char* next, float* out) {
   constexpr int kLines = 16 * 32 * 2 / 64;
@@ -193,7 +230,8 @@ QF_VEC_INLINE void dot16(const A* a, const tiles::Matrix<W>& m, int64_t r0, int6
                          const W* next, float* out) {
   const char* ahead = reinterpret_cast<const char*>(next);
   if constexpr (std::is_same_v<A, float>) {
-    dot16_f32(a, m, r0, valid, len, ahead, out);
+    const float* rows[1] = {a};
+    dot_f32<W, 1>(rows, m, r0, valid, len, ahead, out, 0);
   } else {
     dot16_bf16(a, m, r0, valid, len, ahead, out);
   }
@@ -231,8 +269,25 @@ QF_VEC_INLINE void gate_up(const Work<T, W>& w, int64_t e, int64_t n0, int64_t n
   const int64_t next_e = n0 + kGateBlock < w.inter ? e : next_active(w, e, experts);
   const W* next_gate = next_e < 0 ? nullptr
                                   : w.w13[next_e].data + (next_e == e ? n0 + kGateBlock : 0) * w.w13[next_e].row_stride;
-  float gate[kGateBlock], up[kGateBlock];
-  for (int64_t s = w.start[e]; s < w.start[e + 1]; ++s) {
+  float gate[2 * kGateBlock], up[2 * kGateBlock];
+  int64_t s = w.start[e];
+  if constexpr (!kBf16Dot) {  // routed rows in pairs: each weight conversion serves both
+    for (; s + 2 <= w.start[e + 1]; s += 2) {
+      const float* a[2] = {w.x + w.token[s] * w.ldx, w.x + w.token[s + 1] * w.ldx};
+      const bool first = s == w.start[e];
+      for (int64_t half = 0; half < nb; half += kRows / 2) {
+        const int64_t valid = std::min<int64_t>(kRows / 2, nb - half);
+        const W* up_rows = m.data + (w.inter + n0 + half) * m.row_stride;
+        dot_f32<W, 2>(a, m, n0 + half, valid, w.hidden, first ? reinterpret_cast<const char*>(up_rows) : nullptr,
+                      gate + half, kGateBlock);
+        const W* next = half + kRows / 2 < nb ? m.data + (n0 + half + kRows / 2) * m.row_stride : next_gate;
+        dot_f32<W, 2>(a, m, w.inter + n0 + half, valid, w.hidden,
+                      first ? reinterpret_cast<const char*>(next) : nullptr, up + half, kGateBlock);
+      }
+      store_acts(w, s, 2, n0, nb, gate, up);
+    }
+  }
+  for (; s < w.start[e + 1]; ++s) {
     const A* a;
     if constexpr (kBf16Dot) {
       a = w.xb + w.token[s] * w.ldxb;
@@ -251,8 +306,24 @@ QF_VEC_INLINE void gate_up(const Work<T, W>& w, int64_t e, int64_t n0, int64_t n
 template <bool kBf16Dot, typename A, typename T, typename W>
 QF_VEC_INLINE void down(const Work<T, W>& w, int64_t e, int64_t h0, int64_t nb, int64_t experts) {
   const tiles::Matrix<W>& m = w.w2[e];
-  float out[kDownBlock];
-  for (int64_t s = w.start[e]; s < w.start[e + 1]; ++s) {
+  auto next_rows = [&](int64_t s, int64_t c) -> const W* {  // the rows after h0 + c + count, on the first pass
+    if (s != w.start[e]) return nullptr;
+    const int64_t next_e = h0 + c < w.hidden ? e : next_active(w, e, experts);
+    return next_e < 0 ? nullptr : w.w2[next_e].data + (next_e == e ? h0 + c : 0) * w.w2[next_e].row_stride;
+  };
+  float out[2 * kDownBlock];
+  int64_t s = w.start[e];
+  if constexpr (!kBf16Dot) {  // routed rows in pairs, 8 w2 rows at a time
+    for (; s + 2 <= w.start[e + 1]; s += 2) {
+      const float* a[2] = {w.act + s * w.inter, w.act + (s + 1) * w.inter};
+      for (int64_t c = 0; c < nb; c += kRows / 2) {
+        const char* next = reinterpret_cast<const char*>(next_rows(s, c + kRows / 2));
+        dot_f32<W, 2>(a, m, h0 + c, std::min<int64_t>(kRows / 2, nb - c), w.inter, next, out + c, kDownBlock);
+      }
+      store_ys(w, s, 2, h0, nb, out, kDownBlock);
+    }
+  }
+  for (; s < w.start[e + 1]; ++s) {
     const A* a;
     if constexpr (kBf16Dot) {
       a = w.actb + s * w.inter;
@@ -260,12 +331,7 @@ QF_VEC_INLINE void down(const Work<T, W>& w, int64_t e, int64_t h0, int64_t nb, 
       a = w.act + s * w.inter;
     }
     for (int64_t c = 0; c < nb; c += kRows) {
-      const W* next = nullptr;
-      if (s == w.start[e]) {
-        const int64_t next_e = h0 + c + kRows < w.hidden ? e : next_active(w, e, experts);
-        if (next_e >= 0) next = w.w2[next_e].data + (next_e == e ? h0 + c + kRows : 0) * w.w2[next_e].row_stride;
-      }
-      dot16(a, m, h0 + c, std::min<int64_t>(kRows, nb - c), w.inter, next, out + c);
+      dot16(a, m, h0 + c, std::min<int64_t>(kRows, nb - c), w.inter, next_rows(s, c + kRows), out + c);
     }
     store_ys(w, s, 1, h0, nb, out, kDownBlock);
   }
