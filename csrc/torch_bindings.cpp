@@ -3,6 +3,8 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/isa.h"
+
 TORCH_LIBRARY(qwen_fast, m) {
   m.def(
       "reshape_and_cache(Tensor key, Tensor value, Tensor(a!) key_cache, Tensor(b!) value_cache, "
@@ -33,9 +35,23 @@ TORCH_LIBRARY(qwen_fast, m) {
       "int[]? block_shape=None) -> Tensor");
 }
 
+// qwen_fast._C.cpu_isa() -> the instruction set the CPU kernels use now (cpu/isa.h: "baseline", "avx2", "avx512" or
+// "avx512_bf16"); ValueError for a QWEN_FAST_CPU_ISA this CPU cannot run.
+static PyObject* cpu_isa(PyObject*, PyObject*) {
+  try {
+    return PyUnicode_FromString(qwen_fast::isa_name(qwen_fast::cpu_isa()));
+  } catch (const c10::Error& error) {
+    PyErr_SetString(PyExc_ValueError, error.what_without_backtrace());
+    return nullptr;
+  }
+}
+
 // A plain Python module, so that `import qwen_fast._C` loads the library and runs the registrations above.
 PyMODINIT_FUNC PyInit__C(void) {
+  static PyMethodDef methods[] = {
+      {"cpu_isa", cpu_isa, METH_NOARGS, "The instruction set the CPU kernels use now (QWEN_FAST_CPU_ISA lowers it)."},
+      {nullptr, nullptr, 0, nullptr}};
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "qwen_fast native ops (see torch.ops.qwen_fast)", -1,
-                               nullptr};
+                               methods};
   return PyModule_Create(&module);
 }

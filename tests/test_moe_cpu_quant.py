@@ -18,16 +18,14 @@ FP8 = torch.float8_e4m3fn
 pytestmark = pytest.mark.skipif(qwen_fast._native.LOAD_ERROR is not None, reason="the C++ extension is not built")
 
 
-def _quantize(weight: torch.Tensor, fmt: str, block_shape=None):
+def quantize(weight: torch.Tensor, fmt: str, block_shape=None):
     """(w, scale): fp8 with one fp32 scale per [bn, bk] block (amax -> 448), or int8 per row (amax -> 127)."""
     if fmt == "int8":
         scale = weight.abs().amax(-1) / 127
         return torch.round(weight / scale[..., None]).clamp(-127, 127).to(torch.int8), scale
     bn, bk = block_shape
-    scale = torch.empty(*weight.shape[:-2], -(-weight.shape[-2] // bn), -(-weight.shape[-1] // bk))
-    for i in range(scale.shape[-2]):
-        for j in range(scale.shape[-1]):
-            scale[..., i, j] = weight[..., i * bn : (i + 1) * bn, j * bk : (j + 1) * bk].abs().amax((-2, -1)) / 448
+    blocks = torch.nn.functional.pad(weight, (0, -weight.shape[-1] % bk, 0, -weight.shape[-2] % bn))
+    scale = blocks.unflatten(-1, (-1, bk)).unflatten(-3, (-1, bn)).abs().amax((-3, -1)) / 448
     return (weight / _expand(scale, weight.shape, block_shape)).to(FP8), scale
 
 
@@ -38,7 +36,8 @@ def _expand(scale, shape, block_shape):
     return scale.repeat_interleave(bn, -2).repeat_interleave(bk, -1)[..., : shape[-2], : shape[-1]]
 
 
-def _dequantize(w, scale, block_shape, dtype):
+def dequantize(w, scale, block_shape, dtype):
+    """The reference's weights: float(w) * scale in fp32, rounded to the activation dtype."""
     return (w.float() * _expand(scale, w.shape, block_shape)).to(dtype)
 
 
@@ -58,14 +57,14 @@ def _inputs(case, fmt, block_shape, dtype, hidden=72, inter=40):
     x = torch.randn(num_tokens, hidden).to(dtype)
     w13 = torch.randn(num_experts, 2 * inter, hidden) / hidden**0.5
     w2 = torch.randn(num_experts, hidden, inter) / inter**0.5
-    (q13, s13), (q2, s2) = _quantize(w13, fmt, block_shape), _quantize(w2, fmt, block_shape)
+    (q13, s13), (q2, s2) = quantize(w13, fmt, block_shape), quantize(w2, fmt, block_shape)
     return x, (q13, s13), (q2, s2), torch.rand(ids.shape), ids
 
 
 def _check(x, q13, s13, q2, s2, weights, ids, block_shape):
     out = torch.ops.qwen_fast.fused_experts(x, q13, q2, weights, ids, None, "silu", s13, s2, block_shape)
     assert out.shape == x.shape and out.dtype == x.dtype
-    deq13, deq2 = _dequantize(q13, s13, block_shape, x.dtype), _dequantize(q2, s2, block_shape, x.dtype)
+    deq13, deq2 = dequantize(q13, s13, block_shape, x.dtype), dequantize(q2, s2, block_shape, x.dtype)
     assert_close(out, experts(x, deq13, deq2, weights, ids))
     return out
 

@@ -6,8 +6,8 @@
 //
 // 1. Counting sort of the flat pairs i = t * k + j by expert (stable: ascending i within an expert), serial, O(T*k).
 //    hidden_states as fp32 rows [T, H] (read in place when already fp32 with unit column stride).
-// 2. Gate/up + SwiGLU (or GeGLU: activation "gelu"). Work item = (active expert e, block of kGateBlock intermediate columns n). For each tile of
-//    the expert's routed rows the item computes gate (w13[e, n]) and up (w13[e, I + n]) together and applies SwiGLU
+// 2. Gate/up + SwiGLU (or GeGLU: activation "gelu"). Work item = (active expert e, block of kGateBlock
+//    intermediate columns n). For each tile of the expert's routed rows the item computes gate (w13[e, n]) and up (w13[e, I + n]) together and applies SwiGLU
 //    with the reference's roundings: gate and up rounded to the dtype (as a GEMM in that dtype rounds its output),
 //    silu in fp32 rounded to the dtype, the product in fp32 rounded to the dtype. act [P, I] (fp32 holding values
 //    exact in the dtype) is written in expert-sorted pair order.
@@ -15,16 +15,19 @@
 //    expert's act rows, rounded to the dtype, written to y [P, H] (fp32) at the pairs' flat indices.
 // 4. Combine, parallel over tokens: out[t] = sum_{j=0..k-1} float(w[t, j]) * y[t*k + j] in fp32, j ascending, then
 //    one rounding to the dtype.
-// Tile form per expert: fewer than kOuterMinRows rows -> dot tiles (weight rows read in place when fp32, else
-// converted per item; 4 rows x 2 columns of 8-lane accumulators); more -> the item packs its weight block
-// transposed into [len, 16] panels once and runs 6 x 16 outer-product tiles over all the rows (the packing pass is
-// repaid from about 32 rows on; measured on the bench shapes).
+// Tile form per expert: fewer than kOuterMinRows rows -> dot tiles: on CPUs with AVX-512 the tiles of
+// moe_avx512.cpp (weight rows read in place in their dtype, converted in registers; bf16 with vdpbf16ps), else the
+// generic ones (weight rows read in place when fp32, else converted per item; 4 rows x 2 columns of 8-lane
+// accumulators); more -> the item packs its weight block transposed into [len, 16] panels once and runs 6 x 16
+// outer-product tiles over all the rows (the packing pass is repaid from about 32 rows on; measured on the bench
+// shapes). Quantized weights (int8, float8_e4m3fn) are dequantized with their scales where they are converted.
 //
 // Threads: steps 2 and 3 split their items over the threads in contiguous ranges of about equal cost (rows + a
 // per-item weight cost), so two threads share the work even when one or two experts are active. Determinism: each
 // element of act, y and out is computed by exactly one item or token, in an order fixed by the shapes alone, so the
-// result has the same bits run to run and for every thread count (tested). Between machines it can differ in the
-// last bit: QF_CPU_CLONES picks the AVX2 + FMA code or the baseline code per machine.
+// result has the same bits run to run and for every thread count (tested). Between instruction sets it can differ
+// in the last bits: cpu_isa() (isa.h) picks the AVX-512, AVX2 + FMA or baseline code per machine, and
+// QWEN_FAST_CPU_ISA can lower it.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch_v2.h>
 #include <ATen/Parallel.h>
@@ -33,22 +36,22 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../ops.h"
+#include "isa.h"
 #include "moe_tiles.h"
+#include "moe_work.h"
 #include "vec.h"
 
 namespace qwen_fast {
 namespace {
 
-constexpr int64_t kGateBlock = 16;     // intermediate columns per gate/up item: its fp32 panels are 2 * 16 * H floats
-constexpr int64_t kDownBlock = 32;     // hidden columns per down item: its fp32 panels are 32 * I floats
-constexpr int64_t kDownTile = 2;       // hidden columns per down dot tile (the N)
-constexpr int64_t kOuterMinRows = 32;  // an expert with this many rows packs its weights for outer_tile
-constexpr int64_t kItemCost = 2;       // weight streaming of an item, in units of one routed row's FMAs
-static_assert(kGateBlock % vec::kLanes == 0 && kDownBlock % tiles::kPanelCols == 0, "whole panels per block");
+using namespace moe;  // NOLINT: the shared pieces of this kernel (moe_work.h)
 
+constexpr int64_t kDownTile = 2;  // hidden columns per down dot tile (the N)
+constexpr int64_t kItemCost = 2;  // weight streaming of an item, in units of one routed row's FMAs
 void check_fused_experts(const at::Tensor& hidden, const at::Tensor& w13, const at::Tensor& w2,
                          const at::Tensor& topk_weights, const at::Tensor& topk_ids) {
   TORCH_CHECK(hidden.dim() == 2, "fused_experts: hidden_states must be [T, H], got ", hidden.sizes());
@@ -132,43 +135,6 @@ tiles::Matrix<W> expert_matrix(const at::Tensor& w, int64_t e, const c10::option
   return m;
 }
 
-enum class Stage { kGateUp, kDown, kCombine };
-
-// Everything one call's stages read and write. Pairs are numbered by their sorted position s (grouped by expert,
-// expert e owning s in [start[e], start[e + 1])); pair[s] is the flat index t * k + j, token[s] = t.
-template <typename T, typename W>
-struct Work {
-  const tiles::Matrix<W>* w13;  // [E] matrices [2I, H]
-  const tiles::Matrix<W>* w2;   // [E] matrices [H, I]
-  int64_t hidden, inter, topk;
-  const float* x;  // [T, H] fp32 token rows, ldx apart
-  int64_t ldx;
-  const int64_t* start;   // [E + 1]
-  const int64_t* pair;    // [P]
-  const int64_t* token;   // [P]
-  const int64_t* active;  // experts with pairs, ascending
-  const float* weight;    // [T, k] fp32 routing weights
-  float* act;             // [P, I] by sorted position
-  float* y;               // [P, H] by flat pair index
-  T* out;                 // [T, H]
-  bool gelu;              // activation: gelu (exact, erf) instead of silu
-};
-
-// gelu(x) = x / 2 * (1 + erf(x / sqrt(2))) (the exact GELU, torch's approximate="none"), lane by lane.
-QF_VEC_INLINE vec::Vec gelu(vec::Vec x) {
-  vec::Vec out;
-  for (int64_t i = 0; i < vec::kLanes; ++i) out[i] = 0.5f * x[i] * (1.0f + std::erf(x[i] * 0.70710678118654752f));
-  return out;
-}
-
-// act = T(T(act_fn(T(gate))) * T(up)), act_fn silu or gelu: the reference's roundings (each GEMM output, the
-// activation, the product).
-template <typename T>
-QF_VEC_INLINE vec::Vec gated(vec::Vec gate, vec::Vec up, bool use_gelu) {
-  gate = vec::round_to<T>(gate);
-  return vec::round_to<T>(vec::round_to<T>(use_gelu ? gelu(gate) : vec::silu(gate)) * vec::round_to<T>(up));
-}
-
 // Step 2 for expert e, intermediate columns n0 .. n0 + nb (nb <= kGateBlock). scratch: see kGateScratch.
 template <typename T, typename W>
 QF_VEC_INLINE void gate_up_item(const Work<T, W>& w, int64_t e, int64_t n0, int64_t nb, float* scratch) {
@@ -196,8 +162,7 @@ QF_VEC_INLINE void gate_up_item(const Work<T, W>& w, int64_t e, int64_t n0, int6
         const int64_t count = std::min(vec::kLanes, nb - g * vec::kLanes);
         for (int64_t i = 0; i < m; ++i) {
           const float* row = tile + i * tiles::kPanelCols;
-          const vec::Vec act = gated<T>(vec::load(row), vec::load(row + vec::kLanes), w.gelu);
-          vec::store_as(w.act + (s0 + i) * inter + n0 + g * vec::kLanes, act, count);
+          store_act(w, s0 + i, n0 + g * vec::kLanes, vec::load(row), vec::load(row + vec::kLanes), count);
         }
       }
     }
@@ -216,29 +181,15 @@ QF_VEC_INLINE void gate_up_item(const Work<T, W>& w, int64_t e, int64_t n0, int6
       const float* cols[2] = {gate_w + n * ld_gate, up_w + n * ld_up};
       tiles::dot_rows<2>(m, x, cols, hidden, gate_buf + n, kGateBlock, up_buf - gate_buf);
     }
-    for (int64_t i = 0; i < m; ++i) {
-      for (int64_t v = 0; v < nb; v += vec::kLanes) {
-        const vec::Vec act =
-            gated<T>(vec::load(gate_buf + i * kGateBlock + v), vec::load(up_buf + i * kGateBlock + v), w.gelu);
-        vec::store_as(w.act + (s0 + i) * inter + n0 + v, act, std::min(vec::kLanes, nb - v));
-      }
-    }
+    store_acts(w, s0, m, n0, nb, gate_buf, up_buf);
   }
 }
 
 // Step 3 for expert e, hidden columns h0 .. h0 + nb (nb <= kDownBlock). scratch: see kDownScratch.
 template <typename T, typename W>
 QF_VEC_INLINE void down_item(const Work<T, W>& w, int64_t e, int64_t h0, int64_t nb, float* scratch) {
-  const int64_t hidden = w.hidden, inter = w.inter, begin = w.start[e], end = w.start[e + 1];
+  const int64_t inter = w.inter, begin = w.start[e], end = w.start[e + 1];
   float* tile = scratch + kDownBlock * inter;  // [rows, kDownBlock] or [kOuterRows, 16]
-  auto store_rows = [&](int64_t s0, int64_t m, int64_t c0, int64_t count, int64_t ld) {
-    for (int64_t i = 0; i < m; ++i) {
-      float* y = w.y + w.pair[s0 + i] * hidden + h0 + c0;
-      for (int64_t v = 0; v < count; v += vec::kLanes) {
-        vec::store_as(y + v, vec::round_to<T>(vec::load(tile + i * ld + v)), std::min(vec::kLanes, count - v));
-      }
-    }
-  };
   if (end - begin >= kOuterMinRows) {
     const int64_t groups = (nb + tiles::kPanelCols - 1) / tiles::kPanelCols;
     for (int64_t g = 0; g < groups; ++g) {
@@ -255,7 +206,7 @@ QF_VEC_INLINE void down_item(const Work<T, W>& w, int64_t e, int64_t h0, int64_t
       for (int64_t g = 0; g < groups; ++g) {
         tiles::outer_rows(m, a, scratch + g * inter * tiles::kPanelCols, inter, tile);
         const int64_t c0 = g * tiles::kPanelCols;
-        store_rows(s0, m, c0, std::min(tiles::kPanelCols, nb - c0), tiles::kPanelCols);
+        store_ys(w, s0, m, h0 + c0, std::min(tiles::kPanelCols, nb - c0), tile, tiles::kPanelCols);
       }
     }
     return;
@@ -276,7 +227,7 @@ QF_VEC_INLINE void down_item(const Work<T, W>& w, int64_t e, int64_t h0, int64_t
       const float* col = down_w + n * ld;
       tiles::dot_rows<1>(m, a, &col, inter, tile + n, kDownBlock, 1);
     }
-    store_rows(s0, m, 0, nb, kDownBlock);
+    store_ys(w, s0, m, h0, nb, tile, kDownBlock);
   }
 }
 
@@ -308,19 +259,29 @@ QF_VEC_INLINE void run_stage_impl(const Work<T, W>& w, Stage stage, int64_t lo, 
                                                      : kDownBlock * (w.inter + tiles::kOuterRows));
   for (int64_t item = lo; item < hi; ++item) {
     const int64_t e = w.active[item / blocks], c0 = (item % blocks) * block, nb = std::min(block, cols - c0);
+    const bool dot_form = w.start[e + 1] - w.start[e] < kOuterMinRows;
     if (stage == Stage::kGateUp) {
-      gate_up_item(w, e, c0, nb, scratch.data());
-    } else {
+      if (!(dot_form && w.isa >= Isa::kAvx512 && avx512::gate_up_item(w, e, c0, nb))) {
+        gate_up_item(w, e, c0, nb, scratch.data());
+      }
+    } else if (!(dot_form && w.isa >= Isa::kAvx512 && avx512::down_item(w, e, c0, nb))) {
       down_item(w, e, c0, nb, scratch.data());
     }
   }
 }
 
-// One non-template entry per (activation dtype, weight dtype), each compiled for AVX2 + FMA and for the baseline
-// (QF_CPU_CLONES).
-#define QF_DEFINE_RUN_STAGE(T, W)                                                        \
-  QF_CPU_CLONES void run_stage(const Work<T, W>& w, Stage stage, int64_t lo, int64_t hi) { \
-    run_stage_impl(w, stage, lo, hi);                                                    \
+// One non-template entry per (activation dtype, weight dtype), compiled for the baseline and for AVX2 + FMA
+// (x86-64-v3); run_stage takes the one the call's instruction set allows (the AVX-512 tiles are items of their own,
+// called from either).
+#define QF_DEFINE_RUN_STAGE(T, W)                                                                     \
+  void run_stage_baseline(const Work<T, W>& w, Stage stage, int64_t lo, int64_t hi) {                 \
+    run_stage_impl(w, stage, lo, hi);                                                                 \
+  }                                                                                                   \
+  QF_TARGET_AVX2 void run_stage_avx2(const Work<T, W>& w, Stage stage, int64_t lo, int64_t hi) {      \
+    run_stage_impl(w, stage, lo, hi);                                                                 \
+  }                                                                                                   \
+  void run_stage(const Work<T, W>& w, Stage stage, int64_t lo, int64_t hi) {                          \
+    return w.isa >= Isa::kAvx2 ? run_stage_avx2(w, stage, lo, hi) : run_stage_baseline(w, stage, lo, hi); \
   }
 #define QF_DEFINE_RUN_STAGES(T)                 \
   QF_DEFINE_RUN_STAGE(T, T)                     \
@@ -403,6 +364,7 @@ at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& 
     if (start[e + 1] > start[e]) active.push_back(e);
   }
 
+  const Isa isa = cpu_isa();
   const at::Tensor weights = topk_weights.to(at::kFloat).contiguous();
   const bool x_in_place = hidden_states.scalar_type() == at::kFloat && hidden_states.stride(1) == 1;
   const at::Tensor x32 = x_in_place ? hidden_states : hidden_states.to(at::kFloat).contiguous();
@@ -417,10 +379,19 @@ at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& 
         up[e] = expert_matrix<W>(w13, e, w13_scale, block_shape);
         down[e] = expert_matrix<W>(w2, e, w2_scale, block_shape);
       }
-      const Work<scalar_t, W> work{up.data(), down.data(), hidden, inter, topk, x32.const_data_ptr<float>(),
+      const bool bf16_dot = std::is_same_v<W, c10::BFloat16> && isa >= Isa::kAvx512Bf16;
+      at::Tensor xb, actb;
+      if (bf16_dot) {
+        xb = hidden_states.stride(1) == 1 ? hidden_states : hidden_states.contiguous();
+        actb = at::empty({routed, inter}, act.options().dtype(at::kBFloat16));
+      }
+      const Work<scalar_t, W> work{up.data(), down.data(), hidden, inter, topk, num_experts, x32.const_data_ptr<float>(),
                                    x32.stride(0), start.data(), pair.data(), token.data(), active.data(),
                                    weights.const_data_ptr<float>(), act.mutable_data_ptr<float>(),
-                                   y.mutable_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), activation == "gelu"};
+                                   y.mutable_data_ptr<float>(), out.mutable_data_ptr<scalar_t>(), activation == "gelu",
+                                   isa, bf16_dot ? xb.const_data_ptr<c10::BFloat16>() : nullptr,
+                                   bf16_dot ? xb.stride(0) : 0,
+                                   bf16_dot ? actb.mutable_data_ptr<c10::BFloat16>() : nullptr};
       run_items(work, Stage::kGateUp, active, (inter + kGateBlock - 1) / kGateBlock);  // 2.
       run_items(work, Stage::kDown, active, (hidden + kDownBlock - 1) / kDownBlock);  // 3.
       at::parallel_for(0, num_tokens, 16, [&](int64_t lo, int64_t hi) { run_stage(work, Stage::kCombine, lo, hi); });

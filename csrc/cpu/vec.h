@@ -2,10 +2,11 @@
 // conversions from the model dtypes, rounding to them, and exp/silu.
 //
 // Why not at::vec::Vectorized: the extension is built without -mavx2, so ATen's headers give it the generic
-// (scalar-loop) Vectorized. Instead the hot functions of a kernel are compiled twice with QF_CPU_CLONES
-// (GCC target_clones: x86-64-v3 = AVX2 + FMA + F16C, and the baseline), the loader picks one per machine, and every
-// helper here is always_inline so that it takes the instruction set of the clone it lands in. Results can differ
-// in the last bit between the two clones (FMA contraction), never between runs or thread counts on one machine.
+// (scalar-loop) Vectorized. Instead the hot functions of a kernel are compiled twice, for x86-64-v3 (AVX2 + FMA +
+// F16C) and the baseline: with QF_CPU_CLONES (GCC target_clones, the loader picks one per machine), or as explicit
+// variants that cpu_isa() (isa.h) picks at run time (fused_experts: QWEN_FAST_CPU_ISA can lower the level). Every
+// helper here is always_inline so that it takes the instruction set of the function it lands in. Results can
+// differ in the last bit between the two (FMA contraction), never between runs or thread counts on one machine.
 #pragma once
 
 #include <c10/util/BFloat16.h>
