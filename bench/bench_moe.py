@@ -14,7 +14,8 @@ layer's shapes, where the active experts' weights are far larger than any cache,
 by reading them: on CUDA Qwen3-30B-A3B's and Qwen3-235B-A22B's layers on the triton backend, on CPU Qwen3-30B-A3B's
 H, I and k with 32 of its 128 experts on the cpu backend, bf16 activations. extra_info adds the format and
 bytes_per_token: the weight and scale bytes of the experts the call routes to, per token (at T = 1: k experts);
-8-bit experts read half of bf16's, so the bound on their speed-up is 2x.
+8-bit experts read half of bf16's, so the bound on their speed-up is 2x. Successive calls cycle through 16
+routings over all E experts, so the weights come from memory rather than from a cache.
 
 test_moe_block times the whole routed layer, the unit a model runs: qwen_fast.nn.SparseMoeBlock.from_hf(block)
 (router logits, fused_topk, fused_experts on the forced backend), against
@@ -23,6 +24,7 @@ by default ("grouped_mm") and with "eager", all on the same weight tensors.
 """
 
 import functools
+import itertools
 
 import pytest
 import torch
@@ -166,6 +168,7 @@ if DEVICE == "cuda":
 else:
     QUANT_SHAPES = {"Qwen3-30B-A3B/E32": (32, 8, 2048, 768)}  # the real layer's k, H and I, 32 of its 128 experts
     QUANT_TOKENS, QUANT_BACKEND = [1, 4, 16], "cpu"
+ROUTINGS = 16  # routings cycled through per case (test_fused_experts_quantized)
 
 
 @functools.cache
@@ -200,15 +203,22 @@ def test_fused_experts_quantized(benchmark, shape, num_tokens, fmt):
     num_experts, topk, hidden, _ = QUANT_SHAPES[shape]
     generator = torch.Generator(DEVICE).manual_seed(num_tokens)
     x = torch.randn(num_tokens, hidden, device=DEVICE, generator=generator).bfloat16()
-    logits = torch.randn(num_tokens, num_experts, device=DEVICE, generator=generator)
-    weights, ids = qwen_fast.reference.topk_routing(logits, topk)
-    with qwen_fast.use_backend(QUANT_BACKEND), qwen_fast.record_backends() as calls:
-        _time(benchmark, lambda: qwen_fast.fused_experts(x, w13, w2, weights, ids, **quant), (x, w13, w2, weights, ids),
-              f"qwen_fast.{QUANT_BACKEND}")  # fmt: skip
-    assert calls and {b for _, b in calls} == {QUANT_BACKEND}
+    # Each call routes to other experts (a cycle of ROUTINGS routings over all E): the weights come from memory, as
+    # in a model's decode, not from a cache that one fixed routing would keep them in.
+    logits = torch.randn(ROUTINGS, num_tokens, num_experts, device=DEVICE, generator=generator)
+    routings = [qwen_fast.reference.topk_routing(row, topk) for row in logits]
+    calls = itertools.cycle(routings)
+
+    def run():
+        weights, ids = next(calls)
+        return qwen_fast.fused_experts(x, w13, w2, weights, ids, **quant)
+
+    with qwen_fast.use_backend(QUANT_BACKEND), qwen_fast.record_backends() as trace:
+        _time(benchmark, run, (x, w13, w2, *routings[0]), f"qwen_fast.{QUANT_BACKEND}")
+    assert trace and {b for _, b in trace} == {QUANT_BACKEND}
     scales = [quant[name] for name in ("w1_scale", "w2_scale") if name in quant]
     per_expert = sum(t[0].nbytes for t in (w13, w2, *scales))
-    active = int(torch.unique(ids).numel())
+    active = sum(int(torch.unique(ids).numel()) for _, ids in routings) / ROUTINGS
     benchmark.extra_info.update(
         shape=f"{shape} T={num_tokens} bfloat16",
         format=fmt,
