@@ -30,6 +30,7 @@ TORCH_LIBRARY(qwen_fast, m) {
   m.def(
       "fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
       "Tensor? expert_map=None, str activation=\"silu\") -> Tensor");
+  m.def("linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor");
 }
 
 // A plain Python module, so that `import qwen_fast._C` loads the library and runs the registrations above.
