@@ -5,14 +5,14 @@
 // 21 GB/s; q/k/v/o, the routers and the LM head were 37-45% of a batch-1 decode step.
 //
 // Algorithm. The input rows are converted once to fp32 [M, K] (read in place when already fp32 with unit column
-// stride). Work item = a block of kBlock weight rows n0 .. n0 + kBlock: tiles::float_rows gives them as fp32 rows
-// (in place for fp32 with unit column stride, else converted into the thread's scratch [kBlock, K]), then for
-// each tile of up to kDotRows input rows, tiles::dot_rows computes the [m, kBlock] products as 8-lane fp32
-// accumulators, kTileN (1-2 input rows) or 2 (3-4 rows) weight rows at a time (4 x 2 = 8 accumulators + 4 input
-// vectors: within AVX2's 16 registers; kTileN weight streams in flight at M = 1). The block's [m, kBlock] results
-// get the bias (fp32) and are rounded to the dtype once. A block of weights is read from memory once and from
-// cache for the next row tiles: the kernel is right for any M, and at M <= 16 (the Op's kernel_limit; from there
-// ATen's packed GEMM is faster) it streams the weights once.
+// stride). Work item = a block of kBlock weight rows (output columns). tiles::float_rows gives its weight rows as
+// fp32, kTileN at a time (in place when fp32 with unit column stride, else converted into the thread's scratch
+// [kTileN, K], small enough to stay in L1/L2 while it is used); then for each tile of up to kDotRows input rows the
+// dot tiles compute the products as 8-lane fp32 accumulators: kTileN weight rows per tile for 1-2 input rows
+// (kTileN weight streams in flight at M = 1), 2 for 3-4 rows (4 x 2 = 8 accumulators + 4 input vectors: within
+// AVX2's 16 registers). The block's [M, kBlock] results get the bias (fp32) and are rounded to the dtype once. Each
+// weight row is read from memory once and from cache for the next row tiles: the kernel is right for any M, and the
+// fast path up to M = 16 (qwen_fast/ops/linear.py MAX_ROWS; from there ATen's packed GEMM is faster).
 //
 // Threads: the blocks are split over at::parallel_for in contiguous ranges (at least kMinWork weight elements per
 // task, so tiny layers stay on one thread). Determinism: each output element is one dot product, computed by one
@@ -33,7 +33,7 @@
 namespace qwen_fast {
 namespace {
 
-constexpr int64_t kBlock = 16;          // weight rows per work item: 16 x K fp32 scratch (128 KB at K = 2048)
+constexpr int64_t kBlock = 16;          // weight rows (output columns) per work item
 constexpr int64_t kTileN = 4;           // weight rows per dot tile for 1-2 input rows
 constexpr int64_t kMinWork = 1 << 16;   // weight elements per parallel task, at least
 static_assert(kBlock % kTileN == 0 && kBlock % vec::kLanes == 0, "whole tiles and vectors per block");
@@ -47,53 +47,51 @@ struct LinearWork {
   T* out;             // [M, N] contiguous
 };
 
-// Output columns n0 .. n0 + nb (nb <= kBlock) of every row. scratch: kBlock * K floats (converted weights).
+// Output columns n0 .. n0 + nb (nb <= kBlock) of every row, kTileN weight rows at a time: tiles::float_rows gives
+// them as fp32 rows (in place for fp32, else converted into scratch [kTileN, K], which stays in L1/L2 while every
+// row tile reads it), then the dot tiles of each input row tile write tile [rows, kBlock]; last, bias and one
+// rounding per output element.
 template <typename T>
-QF_VEC_INLINE void linear_block(const LinearWork<T>& w, int64_t n0, int64_t nb, float* scratch) {
-  int64_t ld;
-  const float* b = tiles::float_rows(w.weight, n0, nb, w.k, scratch, &ld);
-  float tile[tiles::kDotRows * kBlock] = {};
-  for (int64_t i0 = 0; i0 < w.rows; i0 += tiles::kDotRows) {
-    const int64_t m = std::min(tiles::kDotRows, w.rows - i0);
-    const float* a[tiles::kDotRows];
-    for (int64_t i = 0; i < m; ++i) a[i] = w.x + (i0 + i) * w.ldx;
-    int64_t n = 0;
-    if (m <= 2) {
-      for (; n + kTileN <= nb; n += kTileN) {
-        const float* cols[kTileN];
-        for (int64_t j = 0; j < kTileN; ++j) cols[j] = b + (n + j) * ld;
-        if (m == 1) {
-          tiles::dot_tile<1, kTileN>(a, cols, w.k, tile + n, kBlock, 1);
-        } else {
-          tiles::dot_tile<2, kTileN>(a, cols, w.k, tile + n, kBlock, 1);
-        }
+QF_VEC_INLINE void linear_block(const LinearWork<T>& w, int64_t n0, int64_t nb, float* scratch, float* tile) {
+  for (int64_t j0 = 0; j0 < nb; j0 += kTileN) {
+    const int64_t nj = std::min(kTileN, nb - j0);
+    int64_t ld;
+    const float* b = tiles::float_rows(w.weight, n0 + j0, nj, w.k, scratch, &ld);
+    const float* cols[kTileN];
+    for (int64_t j = 0; j < nj; ++j) cols[j] = b + j * ld;
+    for (int64_t i0 = 0; i0 < w.rows; i0 += tiles::kDotRows) {
+      const int64_t m = std::min(tiles::kDotRows, w.rows - i0);
+      const float* a[tiles::kDotRows];
+      for (int64_t i = 0; i < m; ++i) a[i] = w.x + (i0 + i) * w.ldx;
+      float* c = tile + i0 * kBlock + j0;
+      if (nj == kTileN && m == 1) {
+        tiles::dot_tile<1, kTileN>(a, cols, w.k, c, kBlock, 1);
+      } else if (nj == kTileN && m == 2) {
+        tiles::dot_tile<2, kTileN>(a, cols, w.k, c, kBlock, 1);
+      } else {  // 3-4 rows: 2 weight rows per tile (8 accumulators); the odd last weight row alone
+        int64_t j = 0;
+        for (; j + 2 <= nj; j += 2) tiles::dot_rows<2>(m, a, cols + j, w.k, c + j, kBlock, 1);
+        if (j < nj) tiles::dot_rows<1>(m, a, cols + j, w.k, c + j, kBlock, 1);
       }
     }
-    for (; n + 2 <= nb; n += 2) {
-      const float* cols[2] = {b + n * ld, b + (n + 1) * ld};
-      tiles::dot_rows<2>(m, a, cols, w.k, tile + n, kBlock, 1);
-    }
-    for (; n < nb; ++n) {
-      const float* col = b + n * ld;
-      tiles::dot_rows<1>(m, a, &col, w.k, tile + n, kBlock, 1);
-    }
-    for (int64_t i = 0; i < m; ++i) {
-      for (int64_t v = 0; v < nb; v += vec::kLanes) {
-        const int64_t count = std::min(vec::kLanes, nb - v);
-        vec::Vec acc = vec::load(tile + i * kBlock + v);
-        if (w.bias != nullptr) acc += vec::load_partial(w.bias + n0 + v, count);
-        vec::store_as(w.out + (i0 + i) * w.n + n0 + v, acc, count);
-      }
+  }
+  for (int64_t i = 0; i < w.rows; ++i) {
+    for (int64_t v = 0; v < nb; v += vec::kLanes) {
+      const int64_t count = std::min(vec::kLanes, nb - v);
+      vec::Vec acc = vec::load(tile + i * kBlock + v);
+      if (w.bias != nullptr) acc += vec::load_partial(w.bias + n0 + v, count);
+      vec::store_as(w.out + i * w.n + n0 + v, acc, count);
     }
   }
 }
 
 template <typename T>
 QF_VEC_INLINE void linear_blocks_impl(const LinearWork<T>& w, int64_t lo, int64_t hi) {
-  std::vector<float> scratch(std::is_same_v<T, float> && w.weight.col_stride == 1 ? 0 : kBlock * w.k);
+  std::vector<float> scratch(std::is_same_v<T, float> && w.weight.col_stride == 1 ? 0 : kTileN * w.k);
+  std::vector<float> tile(w.rows * kBlock, 0.0f);  // zeros: the columns past a last partial block are loaded, unused
   for (int64_t block = lo; block < hi; ++block) {
     const int64_t n0 = block * kBlock;
-    linear_block(w, n0, std::min(kBlock, w.n - n0), scratch.data());
+    linear_block(w, n0, std::min(kBlock, w.n - n0), scratch.data(), tile.data());
   }
 }
 

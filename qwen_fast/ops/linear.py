@@ -1,12 +1,12 @@
 """linear: the decode step's dense projections (q/k/v/o, the LM head) at a few rows, F.linear's signature.
 
-On CPU tensors the cpu backend's kernel (csrc/cpu/linear.cpp) reads the weights once, in place, in the model
-dtype, with fp32 accumulation, split over the threads by output column. The contract for many rows: the kernel is
-right for any row count, and it is the fast path up to MAX_ROWS rows (decode); from about there on ATen's packed
-GEMM is faster, so qwen_fast's modules call the op only for at most MAX_ROWS rows and F.linear above (prefill), and
-a forced cpu backend runs a whole model. The op itself takes every row count on every backend: no per-call limit,
-whose check would cost two Python calls per projection in the decode step. On CUDA the torch backend (cuBLAS) is the
-op's only one: a GEMV there is cuBLAS's job.
+On CPU tensors the cpu backend's kernel (csrc/cpu/linear.cpp) reads the weights once, in place, in the model dtype, with
+fp32 accumulation, split over the threads by output column. The contract for many rows: the kernel is right for any row
+count, and it is the fast path up to MAX_ROWS rows (decode); from about there on ATen's packed GEMM is faster, so
+qwen_fast's modules call the op only for at most MAX_ROWS rows (in fp32 for now: qwen_fast/nn/linear.py DECODE_ROWS) and
+F.linear above (prefill), and a forced cpu backend runs a whole model. The op itself takes every row count on every
+backend: no per-call limit, whose check would cost two Python calls per projection in the decode step. On CUDA the torch
+backend (cuBLAS) is the op's only one: a GEMV there is cuBLAS's job.
 """
 
 import torch
