@@ -56,6 +56,10 @@ at::Tensor fused_experts_cpu(const at::Tensor& hidden_states, const at::Tensor& 
                              const c10::optional<at::Tensor>& w13_scale, const c10::optional<at::Tensor>& w2_scale,
                              at::OptionalIntArrayRef block_shape);
 
+// input [*, K] . weight [N, K]^T (+ bias [N]) -> [*, N], all in one dtype (fp32/bf16/fp16), fp32 accumulation and
+// one rounding (qwen_fast/reference/linear.py); weights read in place. The decode projections' kernel (M <= 16).
+at::Tensor linear_cpu(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+
 // RoPE of query [T, Hq, D] and key [T, Hkv, D] by positions [T] (int64) with cos_sin_cache [max_position, D]
 // ([cos | sin], fp32 or query's dtype) -> new (query, key). Roundings: rope.h.
 std::tuple<at::Tensor, at::Tensor> rotary_embedding_cpu(const at::Tensor& positions, const at::Tensor& query,

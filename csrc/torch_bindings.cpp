@@ -33,6 +33,7 @@ TORCH_LIBRARY(qwen_fast, m) {
       "fused_experts(Tensor hidden_states, Tensor w13, Tensor w2, Tensor topk_weights, Tensor topk_ids, "
       "Tensor? expert_map=None, str activation=\"silu\", Tensor? w13_scale=None, Tensor? w2_scale=None, "
       "int[]? block_shape=None) -> Tensor");
+  m.def("linear(Tensor input, Tensor weight, Tensor? bias=None) -> Tensor");
 }
 
 // qwen_fast._C.cpu_isa() -> the instruction set the CPU kernels use now (cpu/isa.h: "baseline", "avx2", "avx512" or

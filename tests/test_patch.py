@@ -16,6 +16,7 @@ from qwen_fast.integrations.patch import FAMILIES as PATCH_FAMILIES
 BACKENDS = ["cpu", pytest.param("triton", marks=pytest.mark.interpret)]
 ROUTE = {f.model_type: f.route for f in PATCH_FAMILIES}  # "module", "interface" or "" (attention not served)
 SERVED = {family for family, route in ROUTE.items() if route}
+LM_HEAD = "1 x Linear (lm_head) -> qwen_fast.nn.Linear"  # every patched model's LM head (qwen_fast.nn.Linear)
 PAGED = [family for family in FAMILIES if family != "deepseek_v3"]  # MLA caches one latent head: see test below
 
 
@@ -135,7 +136,7 @@ def test_partial_patch_lists_what_was_not_patched(caplog):
     model = tiny_model("deepseek_v3")
     with caplog.at_level(logging.WARNING, logger="qwen_fast"):
         handle = qwen_fast.patch(model)
-    assert handle.patched == ["1 x DeepseekV3MoE -> qwen_fast.nn.SparseMoeBlock"]
+    assert handle.patched == ["1 x DeepseekV3MoE -> qwen_fast.nn.SparseMoeBlock", LM_HEAD]
     assert handle.not_patched == [
         "2 x DeepseekV3Attention: multi-head latent attention (q/k and v head dims differ) is not implemented"
     ]
@@ -145,9 +146,9 @@ def test_partial_patch_lists_what_was_not_patched(caplog):
 def test_moe_only_and_attention_only():
     model = tiny_model("qwen3_moe")
     with qwen_fast.patch(model, attention=False) as handle:
-        assert handle.patched == ["2 x Qwen3MoeSparseMoeBlock -> qwen_fast.nn.SparseMoeBlock"]
+        assert handle.patched == ["2 x Qwen3MoeSparseMoeBlock -> qwen_fast.nn.SparseMoeBlock", LM_HEAD]
     with qwen_fast.patch(model, moe=False) as handle:
-        assert handle.patched == ["2 x Qwen3MoeAttention -> qwen_fast.nn.GQAAttention"]
+        assert handle.patched == ["2 x Qwen3MoeAttention -> qwen_fast.nn.GQAAttention", LM_HEAD]
 
 
 def test_unsupported_model_is_a_clear_error():

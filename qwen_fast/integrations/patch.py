@@ -3,10 +3,11 @@
 The model is walked once and each module whose class a family file names (qwen_fast/families/<family>.py) is
 handled as that family says: MoE blocks become `qwen_fast.nn.SparseMoeBlock`, Qwen attention becomes
 `qwen_fast.nn.GQAAttention` (both share the original's parameters: nothing is copied), and Mixtral/OLMoE attention
-switches the model to the "qwen_fast" attention implementation. Nothing global changes: the swaps live in this model
-only, and `PatchHandle.undo()` puts the original module objects back and restores the attention implementation.
-Matching is by class, not by model type, so a model that embeds a supported decoder (a multimodal wrapper) is
-patched too.
+switches the model to the "qwen_fast" attention implementation. The LM head, when it is a plain nn.Linear, becomes a
+`qwen_fast.nn.Linear` sharing its weight (the linear op at decode sizes on CPU, F.linear otherwise). Nothing global
+changes: the swaps live in this model only, and `PatchHandle.undo()` puts the original module objects back and
+restores the attention implementation. Matching is by class, not by model type, so a model that embeds a supported
+decoder (a multimodal wrapper) is patched too.
 """
 
 import logging
@@ -15,8 +16,8 @@ from collections import Counter
 from torch import nn
 
 from qwen_fast.families import FAMILIES, Family
-from qwen_fast.nn import GQAAttention, SparseMoeBlock
-from qwen_fast.nn._hf import carry_hooks
+from qwen_fast.nn import GQAAttention, Linear, SparseMoeBlock
+from qwen_fast.nn._hf import carry_hooks, is_distributed
 
 logger = logging.getLogger("qwen_fast")
 
@@ -123,6 +124,7 @@ def patch(model: nn.Module, moe: bool = True, attention: bool = True, *, hf_pari
         qwen_fast.patch(Qwen3MoeForCausalLM):
           patched: 2 x Qwen3MoeAttention -> qwen_fast.nn.GQAAttention
           patched: 2 x Qwen3MoeSparseMoeBlock -> qwen_fast.nn.SparseMoeBlock
+          patched: 1 x Linear (lm_head) -> qwen_fast.nn.Linear
         >>> handle.undo()
     """
     if not isinstance(model, nn.Module):
@@ -156,6 +158,10 @@ def patch(model: nn.Module, moe: bool = True, attention: bool = True, *, hf_pari
             not_patched[f"{cls} from {type(module).__module__}: not transformers' class of that name"] += 1
         elif cls.endswith(_LOOKS_PATCHABLE) and not isinstance(module, (SparseMoeBlock, GQAAttention)):
             not_patched[f"{cls}: not a class qwen_fast supports"] += 1
+    head = _lm_head(model) if swaps or interface else None
+    if head is not None:
+        swaps.append((head, Linear.from_hf(model.get_submodule(head))))
+        patched[f"Linear ({head}) -> qwen_fast.nn.Linear"] += 1
     for name, new in swaps:
         _swap(model, name, new, handle)
     if any(getattr(new, "_parallel_experts", False) for _, new in swaps):
@@ -199,6 +205,16 @@ def _family(module: nn.Module) -> Family | None:
     if family is None or cls.__module__ != family.module:
         return None
     return family
+
+
+def _lm_head(model: nn.Module) -> str | None:
+    """The name of `model`'s output embeddings when they are a plain nn.Linear that tensor parallelism does not run
+    (qwen_fast.nn.Linear serves it then), else None."""
+    get = getattr(model, "get_output_embeddings", None)
+    head = get() if callable(get) else None
+    if type(head) is not nn.Linear or is_distributed(head):
+        return None
+    return next((name for name, module in model.named_modules() if module is head), None)
 
 
 def _swap(model: nn.Module, name: str, new: nn.Module, handle: PatchHandle) -> None:

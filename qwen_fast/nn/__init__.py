@@ -7,11 +7,13 @@
   DeepSeek-V3 shares the block's parameters (no copy).
 - GQAAttention: Qwen3 / Qwen3-MoE / Qwen2 / Qwen2-MoE attention on qwen_fast's attention ops; reads the pages of a
   qwen_fast.PagedKVCache directly.
+- Linear: an nn.Linear that runs qwen_fast's linear op at decode sizes on CPU (the LM head of a patched model).
 """
 
 from .attention import GQAAttention
 from .experts import MoEExperts
+from .linear import Linear
 from .moe_block import SparseMoeBlock
 from .router import TopKRouter
 
-__all__ = ["GQAAttention", "MoEExperts", "SparseMoeBlock", "TopKRouter"]
+__all__ = ["GQAAttention", "Linear", "MoEExperts", "SparseMoeBlock", "TopKRouter"]

@@ -24,10 +24,12 @@ Per call, with hidden_states [B, S, H] and the model's rotary (cos, sin) [B, S, 
         read) and packs padded batches for flash_attn_varlen_func with fixed shapes; padding queries output 0.
     out      = o_proj(attention)
 
-The ops run through their op entries (qwen_fast.ops.FLASH_ATTN_WITH_KVCACHE, ...): they pick their backend like every
-qwen_fast op (`qwen_fast.use_backend`), without the functional API's per-call input checks, since the module builds
-their arguments itself. A 4D mask that is not "causal (with the layer's window) and key padding" is refused with an
-error rather than approximated. The module is for inference: attention dropout is not applied.
+The projections go through qwen_fast.nn.linear.project: the linear op at decode sizes on CPU (M <= 16 rows),
+transformers' nn.Linear otherwise. The ops run through their op entries (qwen_fast.ops.FLASH_ATTN_WITH_KVCACHE,
+...): they pick their backend like every qwen_fast op (`qwen_fast.use_backend`), without the functional API's
+per-call input checks, since the module builds their arguments itself. A 4D mask that is not "causal (with the
+layer's window) and key padding" is refused with an error rather than approximated. The module is for inference:
+attention dropout is not applied.
 """
 
 import torch
@@ -45,6 +47,7 @@ from qwen_fast.reference.norm import rms_norm
 from . import _hf
 from .batched_attention import batched_attention, is_continuous_batching
 from .cached_attention import attend
+from .linear import project
 
 
 class HeadRMSNorm(nn.Module):
@@ -153,26 +156,27 @@ class GQAAttention(nn.Module):
         -> ([B, S, H], None)."""
         cache = cache if cache is not None else past_key_values
         batch, seq, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(batch, seq, -1, self.head_dim)
-        k = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim)
-        v = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim)
+        q = project(self.q_proj, hidden_states).view(batch, seq, -1, self.head_dim)
+        k = project(self.k_proj, hidden_states).view(batch, seq, -1, self.head_dim)
+        v = project(self.v_proj, hidden_states).view(batch, seq, -1, self.head_dim)
         window = (-1, -1) if self.sliding_window is None else (self.sliding_window - 1, 0)
         if attention_mask is None and hasattr(cache, "plan_layer"):  # a qwen_fast.PagedKVCache
-            return self.o_proj(self._paged(cache, q, k, v, position_embeddings, window).reshape(batch, seq, -1)), None
+            out = self._paged(cache, q, k, v, position_embeddings, window)
+            return project(self.o_proj, out.reshape(batch, seq, -1)), None
 
         table, positions = rope_rows(*position_embeddings, batch)
         table = table.contiguous()
         q_rows, k_rows, v_rows = (t.reshape(batch * seq, -1, self.head_dim) for t in (q, k, v))
         if is_continuous_batching(cache, kwargs):  # transformers' generate_batch: its pages, read in place
             out = batched_attention(self, cache, q_rows, k_rows, v_rows, (table, positions), kwargs, window)
-            return self.o_proj(out.reshape(batch, seq, -1)), None
+            return project(self.o_proj, out.reshape(batch, seq, -1)), None
         q, k = self.norm_and_rope(q_rows, k_rows, positions, table)
         q, k = q.view(batch, seq, -1, self.head_dim), k.view(batch, seq, -1, self.head_dim)
         if cache is not None:
             k, v = cache.update(k.transpose(1, 2), v.transpose(1, 2), self.layer_idx)
             k, v = k.transpose(1, 2), v.transpose(1, 2)
         out = attend(q, k, v, attention_mask, position_ids, self.scaling, True, window)
-        return self.o_proj(out.reshape(batch, seq, -1)), None
+        return project(self.o_proj, out.reshape(batch, seq, -1)), None
 
     def norm_and_rope(self, q_rows, k_rows, positions, table) -> tuple[torch.Tensor, torch.Tensor]:
         """q/k rows [N, heads, D] after the q/k RMSNorm (Qwen3 families) and RoPE (rows `positions` of `table`)."""

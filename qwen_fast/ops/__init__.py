@@ -3,6 +3,7 @@
 from ._dispatch import BACKENDS, Op, forced_backend, record_backends, reread_environment, use_backend
 from .attention import FLASH_ATTN, FLASH_ATTN_VARLEN, flash_attn_func, flash_attn_varlen_func
 from .kv_cache import RESHAPE_AND_CACHE, reshape_and_cache, reshape_and_cache_flash
+from .linear import LINEAR, linear
 from .moe import FUSED_EXPERTS, FUSED_MOE, fused_experts, fused_moe
 from .moe_align import MOE_ALIGN_BLOCK_SIZE, moe_align_block_size
 from .paged_attention import FLASH_ATTN_WITH_KVCACHE, flash_attn_with_kvcache
@@ -23,6 +24,7 @@ OPS: dict[str, Op] = {
         RESHAPE_AND_CACHE,
         ROTARY_EMBEDDING,
         QK_NORM_ROPE_AND_CACHE,
+        LINEAR,
     )
 }
 
@@ -38,6 +40,7 @@ __all__ = [
     "fused_moe",
     "fused_topk",
     "grouped_topk",
+    "linear",
     "moe_align_block_size",
     "qk_norm_rope_and_cache",
     "record_backends",

@@ -7,6 +7,7 @@ every kernel is tested against them, and they are tested against transformers' o
 
 from .attention import flash_attn_func, flash_attn_varlen_func
 from .kv_cache import flash_attn_with_kvcache, reshape_and_cache, reshape_and_cache_flash
+from .linear import linear
 from .moe import fused_experts, fused_moe
 from .moe_align import moe_align_block_size
 from .norm import rms_norm
@@ -24,6 +25,7 @@ __all__ = [
     "fused_experts",
     "fused_moe",
     "fused_topk",
+    "linear",
     "moe_align_block_size",
     "qk_norm_rope_and_cache",
     "quantize_fp8",

@@ -5,6 +5,7 @@ argument builders, awkward shapes and strided views included), its dtypes, and h
 
 from .attention import FLASH_ATTN, FLASH_ATTN_VARLEN, FLASH_ATTN_WITH_KVCACHE, RESHAPE_AND_CACHE
 from .inputs import Inputs, OpSpec, Sample
+from .linear import LINEAR
 from .moe import FUSED_EXPERTS, FUSED_MOE, FUSED_TOPK, MOE_ALIGN_BLOCK_SIZE
 from .rope import QK_NORM_ROPE_AND_CACHE, ROTARY_EMBEDDING
 
@@ -19,6 +20,7 @@ SPECS: dict[str, OpSpec] = {
     "reshape_and_cache": RESHAPE_AND_CACHE,
     "rotary_embedding": ROTARY_EMBEDDING,
     "qk_norm_rope_and_cache": QK_NORM_ROPE_AND_CACHE,
+    "linear": LINEAR,
 }
 
 __all__ = ["SPECS", "Inputs", "OpSpec", "Sample"]
