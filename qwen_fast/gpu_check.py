@@ -1,7 +1,7 @@
 """Static GPU check, no GPU needed: compile every Triton kernel config for sm_80 and sm_90, read the extension's
 CUDA kernels with cuobjdump, print registers / shared memory / spills per kernel, exit non-zero on any problem.
 
-    python -m qwen_fast.gpu_check [--arch 80 90] [--require-cuda] [--modules moe_gemm ...]
+    python -m qwen_fast.gpu_check [--arch 80 90] [--require-cuda] [--modules moe_gemm ...] [--jobs N]
 
 A problem is: a Triton config that fails to compile, a kernel that uses local memory or stack (a register spill at
 REG 255, or a local array), shared memory past the arch's limit, or with --require-cuda an extension that lacks
@@ -13,12 +13,15 @@ specialisation; a launch is compiled for the archs its config is for (every conf
 
 import argparse
 import importlib
+import multiprocessing
+import os
 import pkgutil
 import re
 import shutil
 import subprocess
 import sys
 import tempfile
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,12 +114,26 @@ def describe(spec, arch: int) -> str:
     return f"{spec.label} {pointers} {constants} warps={spec.num_warps} stages={spec.num_stages}".strip()
 
 
-def triton_usages(archs: list[int], modules: list[str] | None = None) -> tuple[list[Usage], list[str]]:
+_JOBS: list = []  # (spec, arch, name) of triton_usages, read by its forked workers by index
+
+
+def _compile_job(index: int) -> tuple[list[Usage], str | None]:
+    """(the usages, None) of _JOBS[index], or ([], the failure): any compiler error is a finding, with the config."""
+    spec, arch, name = _JOBS[index]
+    try:
+        return spec_usages(spec, arch, name, cuobjdump()), None
+    except Exception as error:
+        return [], f"{name} sm_{arch}: failed to compile: {str(error).splitlines()[0]}"
+
+
+def triton_usages(archs: list[int], modules: list[str] | None = None, jobs: int = 1) -> tuple[list[Usage], list[str]]:
+    """Compile every distinct recorded launch of the kernels/ modules (all, or `modules`) for each arch, on `jobs`
+    forked processes (the specs hold kernels and meta tensors: the workers inherit them instead of unpickling)."""
     import qwen_fast.kernels as kernels_package
     from qwen_fast.kernels.compile_spec import unique
 
-    usages, failures = [], []
-    tool = cuobjdump()
+    cuobjdump()  # fail early without one
+    _JOBS.clear()
     for info in pkgutil.iter_modules(kernels_package.__path__):
         if modules and info.name not in modules:
             continue
@@ -124,12 +141,14 @@ def triton_usages(archs: list[int], modules: list[str] | None = None) -> tuple[l
         specs = getattr(module, "compile_specs", list)()
         for arch in archs:
             for spec in unique(specs, arch):
-                name = f"{info.name}.{spec.name}[{describe(spec, arch)}]"
-                try:
-                    usages += spec_usages(spec, arch, name, tool)
-                except Exception as error:  # any compiler error is a finding, reported with the config
-                    failures.append(f"{name} sm_{arch}: failed to compile: {str(error).splitlines()[0]}")
-    return usages, failures
+                _JOBS.append((spec, arch, f"{info.name}.{spec.name}[{describe(spec, arch)}]"))
+    if jobs > 1:
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("fork")) as pool:
+            results = list(pool.map(_compile_job, range(len(_JOBS)), chunksize=4))
+    else:
+        results = [_compile_job(index) for index in range(len(_JOBS))]
+    usages = [usage for found, _ in results for usage in found]
+    return usages, [failure for _, failure in results if failure is not None]
 
 
 def native_usages(archs: list[int], require_cuda: bool) -> tuple[list[Usage], list[str]]:
@@ -154,9 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], help="SM versions (default: 80 90)")
     parser.add_argument("--require-cuda", action="store_true", help="fail unless _C has SASS for every --arch")
     parser.add_argument("--modules", nargs="+", metavar="NAME", help="only these kernels/ modules (e.g. moe_gemm)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes (default: the CPUs)")
     args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be at least 1, got {args.jobs}")
 
-    triton_found, triton_failed = triton_usages(args.arch, args.modules)
+    triton_found, triton_failed = triton_usages(args.arch, args.modules, args.jobs)
     native_found, native_failed = native_usages(args.arch, args.require_cuda)
     problems = triton_failed + native_failed
     print(f"{'arch':<5} {'REG':>4} {'SHARED':>7} {'STACK':>6} {'LOCAL':>6}  kernel")

@@ -15,7 +15,7 @@ import functools
 import pytest
 import torch
 from backends import backend_params
-from numerics import assert_close
+from numerics import assert_close, assert_within_budget
 from tiny_models import MOE_FAMILIES, tiny_model
 from transformers import Qwen3MoeConfig
 from transformers.integrations.finegrained_fp8 import ALL_FP8_EXPERTS_FUNCTIONS, Fp8Dequantize, FP8Experts
@@ -154,6 +154,28 @@ def test_backends_match_reference(backend, device, dtype, num_tokens, fmt):
     block = quant.get("block_shape")
     deq = [dequantize(w, s, block).to(dtype) for w, s in zip(weights_q, _scale_args(quant)[:2], strict=True)]
     assert torch.equal(expected, reference_experts(x, *deq, topk_weights, ids))
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "int8"])
+@pytest.mark.parametrize("seed", range(4))
+def test_cpu_bf16_many_routes_within_budget(fmt, seed):
+    """The cpu kernel dequantizes in fp32 and never rounds W to bf16, as the reference does (transformers' load-time
+    dequantization): with k = 8 of 61 experts on 64 tokens the two round in different places by more than the
+    bf16 table allows. Both are then held to the fp32 truth (the reference on fp32 activations and the fp32
+    dequantized weights) by flash-attn's budget: the kernel within twice the reference's own bf16 error."""
+    torch.manual_seed(seed)
+    w13, w2 = _weights(61)
+    weights_q, quant = _quantized(fmt, w13, w2)
+    x = torch.randn(64, H)
+    topk_weights, ids = qwen_fast.reference.topk_routing(torch.randn(64, 61), 8)
+    with qwen_fast.record_backends() as trace, qwen_fast.use_backend("cpu"):
+        out = qwen_fast.fused_experts(x.bfloat16(), *weights_q, topk_weights, ids, **quant)
+    assert trace == [("fused_experts", "cpu")]
+    scales = _scale_args(quant)
+    truth = reference_experts(x, *weights_q, topk_weights, ids, None, "silu", *scales)
+    assert truth.dtype == torch.float32
+    reference_bf16 = reference_experts(x.bfloat16(), *weights_q, topk_weights, ids, None, "silu", *scales)
+    assert_within_budget(out, truth, reference_bf16)
 
 
 @pytest.mark.parametrize("backend,device", backend_params("fused_experts", kernels_only=True))
