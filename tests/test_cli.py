@@ -93,7 +93,7 @@ def test_check_reports_a_crash():
 
 
 @pytest.mark.interpret
-@pytest.mark.parametrize("op", list(selftest.CASES))
+@pytest.mark.parametrize("op", [op for op in selftest.CASES if "triton" in qwen_fast.ops.OPS[op].impls])
 def test_check_triton_under_the_interpreter(op):
     result = selftest.run_case(op, "triton", torch.device("cpu"))
     assert result.status == "PASS" and result.ran == ["triton"], result

@@ -42,10 +42,12 @@ def test_op_matches_reference(op, backend, device, sample, dtype):
 
 
 def test_the_table_covers_every_op_and_backend():
-    """Every public op has samples, and every backend it has runs some of them on some device."""
+    """Every public op has samples, and every backend it has runs some of them on some device; except the optional
+    flash_attn backend (flash-attn's own package, CUDA only, not installable here: tests/test_flash_attn_backend.py
+    tests its selection and argument mapping with a stand-in module)."""
     assert set(SPECS) == set(OPS)
     ran = {(op, backend) for op, backend, *_ in (p.values for p in _cases())}
-    assert ran == {(op, backend) for op in OPS for backend in OPS[op].impls}
+    assert ran == {(op, backend) for op in OPS for backend in OPS[op].impls if backend != "flash_attn"}
 
 
 # --- torch.library.opcheck of the registered ops the public functions call -------------------------------------------
