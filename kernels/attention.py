@@ -221,18 +221,18 @@ def _config(dtype: torch.dtype, padded_head_dim: int, num_rows: int, even_d: boo
     whether D is a power of 2 and the GPU's compute capability major * 10 + minor (see the module docstring for why
     each tile is what it is)."""
     if dtype == torch.float32:  # exact fp32 dots on FMA units, operands in registers: 32-row tiles spilled
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8 if padded_head_dim == 256 else 4, "num_stages": 1}
-    if not even_d:  # scalar loads (strides not provably 16-aligned): 32 x 32, 8 warps at HEAD_DIM 128
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4 if padded_head_dim <= 64 else 8, "num_stages": 2}
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1, "maxnreg": 128}
+    if not even_d:  # scalar loads (strides not provably 16-aligned): 32 x 32; 8 warps spilled at 64, 4 at 32 (sm_90)
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4 if padded_head_dim == 64 else 8, "num_stages": 2}
     if num_rows <= 16:  # decode / tiny chunks: one m16 tile of rows
-        return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-    if padded_head_dim <= 64:  # 8 warps used stack at HEAD_DIM 32 on sm_80
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if padded_head_dim <= 32 else 8, "num_stages": 2}
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8 if padded_head_dim == 256 else 4, "num_stages": 2}
+    if padded_head_dim <= 64:  # 8 warps used stack at HEAD_DIM 32 on sm_80, 4 spilled at 16 (varlen)
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if padded_head_dim == 32 else 8, "num_stages": 2}
     if padded_head_dim <= 128:
         if arch >= 90:  # two warpgroups of 64 rows each (wgmma), where 64 rows made both compute the same rows
             return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}  # sm_80: warps split the columns
-    return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2}  # 32 keys spilled (16 B) on sm_80
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -260,21 +260,26 @@ def _config(num_rows: int, head_dim: int, dtype: torch.dtype, aligned: bool, fp8
     """Tiles that compile without register spills on sm_80 and sm_90 (measured with gpu_check; see the header).
     An fp8 cache (aligned rows only) adds the decoded tiles: fp32 queries then take 4 warps and one stage."""
     block_d = triton.next_power_of_2(head_dim)
-    block_m = 32 if num_rows > 16 and aligned and dtype != torch.float32 else 16
-    if dtype == torch.float32 or not aligned:
+    wide_fp8 = fp8 and block_d > 128 and num_rows > 16  # 32 x 16 and 16 x 32 tiles spilled: 16 x 16
+    block_m = 32 if num_rows > 16 and aligned and dtype != torch.float32 and not wide_fp8 else 16
+    if dtype == torch.float32 or not aligned or wide_fp8:
         block_n = 16
     else:
         block_n = (64 if block_m == 16 else 32) // (2 if block_d > 128 else 1)
-    if dtype == torch.float32:  # fp32 tiles hold twice the bytes; element-wise loads hold a pointer per element
-        num_warps = 8 if block_d > (128 if aligned else 64) else 4
+    maxnreg = None
+    if dtype == torch.float32:  # ptxas's own register caps (64-80 a thread) spilled: 8 warps, an explicit budget
+        num_warps, maxnreg = 8, 128
+    elif block_d <= 16 or (block_d >= 128 and (block_m == 32 or fp8)):
+        num_warps = 8
     else:
-        num_warps = 8 if block_m == 32 and block_d > 128 else 4
-    num_stages = 1 if dtype == torch.float32 and not aligned else 2
+        num_warps = 4
+    num_stages = 1 if dtype == torch.float32 and (not aligned or block_d > 128) else 2
     if fp8 and dtype == torch.float32:
-        num_warps, num_stages = 4, 1
+        num_warps, num_stages, maxnreg = 4, 1, None
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "ALIGNED": aligned} | {
         "num_warps": num_warps,
         "num_stages": num_stages,
+        "maxnreg": maxnreg,
     }
 
 
@@ -396,6 +401,7 @@ def paged_attention(
         FP8_KV=k_descale is not None,
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
+        maxnreg=config["maxnreg"],
     )
     if splits > 1:
         num_rows = batch * seqlen_q * num_heads_q

@@ -409,7 +409,7 @@ def test_sm90_prefill_tile_matches_reference(monkeypatch):
 
     assert kernels._config(torch.float16, 128, 200, True, 90)["BLOCK_M"] == 128
     assert kernels._config(torch.float16, 128, 200, True, 80)["BLOCK_M"] == 64
-    monkeypatch.setattr(kernels, "_arch", lambda device: 90)
+    monkeypatch.setattr(kernels, "device_arch", lambda device: 90)
     q, k, v = _qkv(1, 130, 130, 2, 1, 128, torch.float16)
     with qwen_fast.use_backend("triton"):
         out = qwen_fast.flash_attn_func(q, k, v, causal=True)
