@@ -35,18 +35,25 @@ Head dims: any multiple of 8 up to 256, padded to HEAD_DIM = the next power of 2
 stores (EVEN_D skips the masks when D is a power of 2). fp32 dots use input_precision "ieee" (no TF32), so the fp32
 backend meets the fp32 tolerance.
 
-Tiles (_config), chosen so that no config spills on sm_80 or sm_90 (Triton 3.8, checked statically):
-16-bit, D a power of 2: 128 x 64 tiles (rows x keys) with 8 warps up to HEAD_DIM 64, 64 x 64 at 128, 32 x 32 at
-256 (128-row tiles spilled at HEAD_DIM 128: the Q tile, the fp32 accumulator and the score tile need 255+ registers
-a thread). fp32 (exact "ieee" dots on FMA units, operands in registers): 16 x 16 everywhere, 8 warps at HEAD_DIM
-256 (32-row tiles used local memory on sm_80 in the varlen layout). Short 16-bit queries (Sq * G <= 16 rows: decode)
-take a 16 x 32 tile, so that no program is mostly empty rows. Head dims that are not a power of 2 (D = 72, 200,
-...) have strides the JIT cannot prove 16-aligned, so the loads are scalar and every element needs its own pointer:
-16-bit uses 32 x 32 tiles there; where even 16 x 16 spilled (masked HEAD_DIM 256, and 128 in fp32) the launcher
-runs the kernel on zero-padded copies of q/k/v instead (exact: zero dims add nothing to q.k) and drops the padded
-output columns. compile_specs() lists every config, in the aligned specialization that contiguous (or per-head
-sliced) tensors get from the JIT, and `python -m qwen_fast.gpu_check` compiles each for sm_80 and sm_90 and fails
-on spills.
+Tiles (_config), chosen so that no config spills on sm_80 or sm_90 (Triton 3.8, checked statically). Given no
+register budget, ptxas caps a thread at an occupancy step (64, 80, 96, 128 or 168 registers for 128 threads) and
+spills a few bytes past it rather than take more; the tiles below are those that fit under its caps, and where none
+did, `maxnreg` gives ptxas an explicit budget (.maxnreg: it then allocates what the kernel needs, up to the budget).
+16-bit, D a power of 2: 128 x 64 tiles (rows x keys) with 8 warps up to HEAD_DIM 64 (4 at HEAD_DIM 32: 8 used stack on
+sm_80; 4 spilled at 16 in the varlen layout, 168 registers), 64 x 64 at 128, 32 x 16 with 8 warps at 256 (128-row
+tiles spilled at HEAD_DIM 128: the Q tile, the fp32 accumulator and the score tile need 255+ registers a thread;
+32 x 32 spilled 16 B at 256 on sm_80, where 32 x 16 stays under the 128-register cap that fits two programs an SM).
+fp32 (exact "ieee" dots on FMA units, operands in registers): 16 x 16 everywhere with 8 warps and maxnreg 128 (4 warps
+spilled at HEAD_DIM 64 and 8 at 256 with EXTRAS under ptxas's own caps; with the budget they take 64-110 registers;
+32-row tiles used local memory on sm_80 in the varlen layout). Short 16-bit queries (Sq * G <= 16 rows: decode) take
+a 16 x 32 tile, so that no program is mostly empty rows, with 8 warps at HEAD_DIM 256 (4 spilled 12 B at 168
+registers). Head dims that are not a power of 2 (D = 72, 200, ...) have strides the JIT cannot prove 16-aligned, so
+the loads are scalar and every element needs its own pointer: 16-bit uses 32 x 32 tiles there, 8 warps except at
+HEAD_DIM 64 (4 warps spilled at HEAD_DIM 32 on sm_90, 8 at 64); where even 16 x 16 spilled (masked HEAD_DIM 256, and
+128 in fp32) the launcher runs the kernel on zero-padded copies of q/k/v instead (exact: zero dims add nothing to
+q.k) and drops the padded output columns. compile_specs() lists every config, in the aligned specialization that
+contiguous (or per-head sliced) tensors get from the JIT, and `python -m qwen_fast.gpu_check` compiles each for sm_80
+and sm_90 and fails on spills.
 """
 
 import functools
@@ -217,22 +224,22 @@ def _copies_padded(dtype: torch.dtype, padded_head_dim: int, even_d: bool) -> bo
 
 
 def _config(dtype: torch.dtype, padded_head_dim: int, num_rows: int, even_d: bool, arch: int = 80) -> dict:
-    """BLOCK_M, BLOCK_N, warps, stages for one dtype, padded head dim, the rows of the longest sequence (Sq * G),
-    whether D is a power of 2 and the GPU's compute capability major * 10 + minor (see the module docstring for why
-    each tile is what it is)."""
+    """BLOCK_M, BLOCK_N, warps, stages (and for fp32 maxnreg) for one dtype, padded head dim, the rows of the longest
+    sequence (Sq * G), whether D is a power of 2 and the GPU's compute capability major * 10 + minor (see the module
+    docstring for why each tile is what it is)."""
     if dtype == torch.float32:  # exact fp32 dots on FMA units, operands in registers: 32-row tiles spilled
-        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8 if padded_head_dim == 256 else 4, "num_stages": 1}
-    if not even_d:  # scalar loads (strides not provably 16-aligned): 32 x 32, 8 warps at HEAD_DIM 128
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4 if padded_head_dim <= 64 else 8, "num_stages": 2}
+        return {"BLOCK_M": 16, "BLOCK_N": 16, "num_warps": 8, "num_stages": 1, "maxnreg": 128}
+    if not even_d:  # scalar loads (strides not provably 16-aligned): 32 x 32; 8 warps spilled at 64, 4 at 32 (sm_90)
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4 if padded_head_dim == 64 else 8, "num_stages": 2}
     if num_rows <= 16:  # decode / tiny chunks: one m16 tile of rows
-        return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 4, "num_stages": 2}
-    if padded_head_dim <= 64:  # 8 warps used stack at HEAD_DIM 32 on sm_80
-        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if padded_head_dim <= 32 else 8, "num_stages": 2}
+        return {"BLOCK_M": 16, "BLOCK_N": 32, "num_warps": 8 if padded_head_dim == 256 else 4, "num_stages": 2}
+    if padded_head_dim <= 64:  # 8 warps used stack at HEAD_DIM 32 on sm_80, 4 spilled at 16 (varlen)
+        return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 4 if padded_head_dim == 32 else 8, "num_stages": 2}
     if padded_head_dim <= 128:
         if arch >= 90:  # two warpgroups of 64 rows each (wgmma), where 64 rows made both compute the same rows
             return {"BLOCK_M": 128, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
         return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}  # sm_80: warps split the columns
-    return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 2}
+    return {"BLOCK_M": 32, "BLOCK_N": 16, "num_warps": 8, "num_stages": 2}  # 32 keys spilled (16 B) on sm_80
 
 
 def _precision(dtype: torch.dtype) -> str:

@@ -49,12 +49,18 @@ Offsets are int64 (page * page stride passes 2^31 for large pools). Every tensor
 dims contiguous): seqlens and block_table may be strided or expanded views (a stride-0 seqlens of one length, a
 block table sliced out of a wider one). fp32 tl.dot uses input_precision "ieee".
 Tiles (_config), each the largest that compiled without register spills on sm_80 and sm_90 (gpu_check; the gathered
-K/V tiles hold one pointer per 16-byte vector, which costs registers that a dense flash-attention tile does not):
+K/V tiles hold one pointer per 16-byte vector, which costs registers that a dense flash-attention tile does not).
+Given no register budget, ptxas caps a thread at an occupancy step (64, 80, 128, 168 registers for 128 threads) and
+spills a few bytes past it; the warps below keep every config under those caps, and fp32 passes `maxnreg` (an
+explicit budget: ptxas then allocates what the kernel needs, 64-128 registers, instead of spilling at 64 or 80).
 16-bit caches whose rows start on 16 bytes (every contiguous cache of D % 8 == 0; the launcher checks and the kernel is
 told with tl.multiple_of, so loads are 16-byte vectors): BLOCK_M 16 (Sq * G <= 16) x BLOCK_N 64 keys, or BLOCK_M 32
-x BLOCK_N 32, halved BLOCK_N for D = 256. fp32, or rows not 16-byte aligned (element loads): BLOCK_M 16 x BLOCK_N 16
-(the tl.dot minimum), more warps where needed. Every config is listed in compile_specs() and compiled for sm_80 and
-sm_90 by `python -m qwen_fast.gpu_check` (head dims 64, 128, 256).
+x BLOCK_N 32, halved BLOCK_N for D = 256; 8 warps for 32-row tiles at D >= 128, for fp8 caches at D >= 128 and at
+D = 16 (4 spilled at 128, 168 and 96 registers); fp8 caches at D = 256 with more than 16 rows take 16 x 16 tiles
+(32 x 16 and 16 x 32 spilled at 128 registers). fp32, or rows not 16-byte aligned (element loads): BLOCK_M 16 x
+BLOCK_N 16 (the tl.dot minimum); fp32 with 8 warps, maxnreg 128, and one stage at D = 256 (two stages took 128+
+registers there). Every config is listed in compile_specs() and compiled for sm_80 and sm_90 by
+`python -m qwen_fast.gpu_check` (head dims 64, 128, 256).
 """
 
 import functools
@@ -257,24 +263,30 @@ def _merge_kernel(
 
 
 def _config(num_rows: int, head_dim: int, dtype: torch.dtype, aligned: bool, fp8: bool = False) -> dict:
-    """Tiles that compile without register spills on sm_80 and sm_90 (measured with gpu_check; see the header).
-    An fp8 cache (aligned rows only) adds the decoded tiles: fp32 queries then take 4 warps and one stage."""
+    """Tiles, warps, stages and register budget (maxnreg, None: ptxas's choice) that compile without register
+    spills on sm_80 and sm_90 (measured with gpu_check; see the header). An fp8 cache (aligned rows only) adds the
+    decoded tiles: fp32 queries then take 4 warps and one stage."""
     block_d = triton.next_power_of_2(head_dim)
-    block_m = 32 if num_rows > 16 and aligned and dtype != torch.float32 else 16
-    if dtype == torch.float32 or not aligned:
+    wide_fp8 = fp8 and block_d > 128 and num_rows > 16  # 32 x 16 and 16 x 32 tiles spilled: 16 x 16
+    block_m = 32 if num_rows > 16 and aligned and dtype != torch.float32 and not wide_fp8 else 16
+    if dtype == torch.float32 or not aligned or wide_fp8:
         block_n = 16
     else:
         block_n = (64 if block_m == 16 else 32) // (2 if block_d > 128 else 1)
-    if dtype == torch.float32:  # fp32 tiles hold twice the bytes; element-wise loads hold a pointer per element
-        num_warps = 8 if block_d > (128 if aligned else 64) else 4
+    maxnreg = None
+    if dtype == torch.float32:  # ptxas's own register caps (64-80 a thread) spilled: 8 warps, an explicit budget
+        num_warps, maxnreg = 8, 128
+    elif block_d <= 16 or (block_d >= 128 and (block_m == 32 or fp8)):
+        num_warps = 8
     else:
-        num_warps = 8 if block_m == 32 and block_d > 128 else 4
-    num_stages = 1 if dtype == torch.float32 and not aligned else 2
+        num_warps = 4
+    num_stages = 1 if dtype == torch.float32 and (not aligned or block_d > 128) else 2
     if fp8 and dtype == torch.float32:
-        num_warps, num_stages = 4, 1
+        num_warps, num_stages, maxnreg = 4, 1, None
     return {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_D": block_d, "ALIGNED": aligned} | {
         "num_warps": num_warps,
         "num_stages": num_stages,
+        "maxnreg": maxnreg,
     }
 
 
@@ -396,6 +408,7 @@ def paged_attention(
         FP8_KV=k_descale is not None,
         num_warps=config["num_warps"],
         num_stages=config["num_stages"],
+        maxnreg=config["maxnreg"],
     )
     if splits > 1:
         num_rows = batch * seqlen_q * num_heads_q

@@ -414,3 +414,16 @@ def test_sm90_prefill_tile_matches_reference(monkeypatch):
     with qwen_fast.use_backend("triton"):
         out = qwen_fast.flash_attn_func(q, k, v, causal=True)
     _check(out, lambda *x: flash_attn_func(*x, causal=True), (q, k, v))
+
+
+def test_head_dim_256_prefill_tile_matches_reference():
+    """The 16-bit prefill tile at head dim 256 (32 rows x 16 keys, chosen in place of 32 x 32, which spilled on
+    sm_80): two row tiles, full and masked key tiles, causal (fp16: the interpreter cannot run bf16 dots)."""
+    from qwen_fast.kernels import attention as kernels
+
+    assert kernels._config(torch.float16, 256, 40, True, 80)["BLOCK_N"] == 16
+    q, k, v = _qkv(1, 20, 37, 2, 1, 256, torch.float16)
+    with qwen_fast.use_backend("triton"), qwen_fast.record_backends() as calls:
+        out = qwen_fast.flash_attn_func(q, k, v, causal=True)
+    assert ("flash_attn_func", "triton") in calls
+    _check(out, lambda *x: flash_attn_func(*x, causal=True), (q, k, v))
