@@ -111,7 +111,8 @@ def describe(spec, arch: int) -> str:
         f"{names[path[0]]}={value}" for path, value in source.constants.items() if value is not None and len(path) == 1
     )
     pointers = ",".join(dict.fromkeys(t for t in source.signature.values() if t.startswith("*")))
-    return f"{spec.label} {pointers} {constants} warps={spec.num_warps} stages={spec.num_stages}".strip()
+    budget = f" maxnreg={spec.kwargs['maxnreg']}" if spec.kwargs.get("maxnreg") else ""
+    return f"{spec.label} {pointers} {constants} warps={spec.num_warps} stages={spec.num_stages}{budget}".strip()
 
 
 _JOBS: list = []  # (spec, arch, name) of triton_usages, read by its forked workers by index
