@@ -47,11 +47,11 @@ from pathlib import Path
 
 import torch
 import triton
-from qwen_fast.kernels import moe_gemm
-from qwen_fast.kernels.compile_spec import device_arch, num_sms, specialization_key, unique
 
 import qwen_fast
 from qwen_fast import configs, gpu_check
+from qwen_fast.kernels import moe_gemm
+from qwen_fast.kernels.compile_spec import device_arch, num_sms, specialization_key, unique
 from qwen_fast.ops.moe import triton_fused_experts
 
 ROOT = Path(__file__).resolve().parents[1]

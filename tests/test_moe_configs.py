@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 import torch
 from numerics import assert_close
-from qwen_fast.kernels import moe_gemm
 
 import qwen_fast
 from qwen_fast import configs
+from qwen_fast.kernels import moe_gemm
 from qwen_fast.ops.moe_align import choose_block_size
 from qwen_fast.reference.moe import fused_experts
 
